@@ -1,0 +1,182 @@
+"""Architectures of a zoo: MLP, CNN (no BatchNorm) and GRU classifiers.
+
+Every model of a zoo is built from one :class:`ArchConfig`, so all models share the same
+parameter names and shapes. The layouts are kept plain (``nn.Sequential`` of Linear/Conv2d,
+activations, pooling, Flatten) because the chain normalization rule walks them in order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+KINDS = ("mlp", "cnn", "rnn")
+ACTIVATIONS = ("relu", "leaky_relu")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The architecture shared by every model of a zoo.
+
+    kind: ``mlp`` | ``cnn`` | ``rnn``.
+    widths: hidden widths of the MLP.
+    channels: output channels of each CNN block (3x3 conv, padding 1, activation, 2x2 max-pool).
+    head_widths: hidden linear layers of the CNN between its flatten and its output layer.
+    hidden, num_layers: GRU hidden size and depth (the RNN reads image rows as a sequence).
+    input_shape: (C, H, W) of one sample; num_classes: outputs of the linear head.
+    """
+
+    kind: str = "mlp"
+    widths: tuple[int, ...] = (32, 32)
+    channels: tuple[int, ...] = (8, 16)
+    head_widths: tuple[int, ...] = ()
+    hidden: int = 32
+    num_layers: int = 1
+    activation: str = "relu"
+    negative_slope: float = 0.01
+    input_shape: tuple[int, int, int] = (1, 8, 8)
+    num_classes: int = 2
+    name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "head_widths", tuple(int(c) for c in self.head_widths))
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        if self.kind not in KINDS:
+            raise ValueError(f"arch.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"arch.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ValueError(f"arch.input_shape must be (C, H, W) of positive ints, got {self.input_shape!r}")
+        for key in ("widths", "channels", "head_widths"):
+            if any(v < 1 for v in getattr(self, key)):
+                raise ValueError(f"arch.{key} must hold positive ints, got {getattr(self, key)!r}")
+        if self.kind == "mlp" and not self.widths:
+            raise ValueError("arch.widths must name at least one hidden layer for an mlp")
+        if self.kind == "cnn":
+            if not self.channels:
+                raise ValueError("arch.channels must name at least one block for a cnn")
+            _, h, w = self.input_shape
+            if min(h, w) < 2 ** len(self.channels):
+                raise ValueError(
+                    f"arch.channels: {len(self.channels)} pooling blocks need an input of at "
+                    f"least {2 ** len(self.channels)}x{2 ** len(self.channels)}, got {h}x{w}"
+                )
+        if self.hidden < 1 or self.num_layers < 1:
+            raise ValueError(f"arch.hidden and arch.num_layers must be >= 1, got {self.hidden}, {self.num_layers}")
+        if self.num_classes < 2:
+            raise ValueError(f"arch.num_classes must be >= 2, got {self.num_classes}")
+        if not self.name:
+            object.__setattr__(self, "name", self.kind)
+
+    def with_task_shape(self, input_shape: tuple[int, int, int], num_classes: int) -> ArchConfig:
+        """A copy sized for a task's samples (input_shape) and labels (num_classes)."""
+        from dataclasses import replace
+
+        return replace(self, input_shape=tuple(input_shape), num_classes=int(num_classes))
+
+
+def _activation(cfg: ArchConfig) -> nn.Module:
+    if cfg.activation == "relu":
+        return nn.ReLU()
+    return nn.LeakyReLU(cfg.negative_slope)
+
+
+class GRU(nn.Module):
+    """A batch-first GRU written with plain matmuls (vmap-able, same maths as ``nn.GRU``).
+
+    Parameter names, shapes, gate order (r, z, n) and default initialization match
+    ``torch.nn.GRU``, so ``nn.GRU(...).load_state_dict(gru.state_dict())`` gives the same map.
+    Input (B, T, input_size) -> output (B, T, hidden), last hidden (num_layers, B, hidden).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        for k in range(num_layers):
+            n_in = input_size if k == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(3 * hidden_size, n_in)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(3 * hidden_size, hidden_size)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(3 * hidden_size)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(3 * hidden_size)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, steps, _ = x.shape
+        h_last = []
+        for k in range(self.num_layers):
+            w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
+            b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+            gi_all = x @ w_ih.T + b_ih  # (B, T, 3H): input projections of every step at once
+            h = x.new_zeros(batch, self.hidden_size)
+            outs = []
+            for t in range(steps):
+                gi, gh = gi_all[:, t], h @ w_hh.T + b_hh
+                i_r, i_z, i_n = gi.chunk(3, dim=-1)
+                h_r, h_z, h_n = gh.chunk(3, dim=-1)
+                r = torch.sigmoid(i_r + h_r)
+                z = torch.sigmoid(i_z + h_z)
+                n = torch.tanh(i_n + r * h_n)
+                h = (1 - z) * n + z * h
+                outs.append(h)
+            x = torch.stack(outs, dim=1)
+            h_last.append(h)
+        return x, torch.stack(h_last, dim=0)
+
+
+class RNNClassifier(nn.Module):
+    """GRU over the rows of an image (T = H steps of C*W features), linear head on the last state."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        c, h, w = cfg.input_shape
+        self.gru = GRU(c * w, cfg.hidden, cfg.num_layers)
+        self.head = nn.Linear(cfg.hidden, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        c, h, w = x.shape[-3:] if x.dim() == 4 else (1, *x.shape[-2:])
+        seq = x.reshape(batch, c, h, w).permute(0, 2, 1, 3).reshape(batch, h, c * w)
+        _, h_last = self.gru(seq)
+        return self.head(h_last[-1])
+
+
+def build(cfg: ArchConfig) -> nn.Module:
+    """A freshly initialized model for ``cfg`` (torch's default init; seed it with torch.manual_seed).
+
+    Input (B, C, H, W) -> logits (B, num_classes). MLP and CNN are ``nn.Sequential``.
+    """
+    if not isinstance(cfg, ArchConfig):
+        raise TypeError(f"build() takes an ArchConfig, got {type(cfg).__name__}")
+    c, h, w = cfg.input_shape
+    if cfg.kind == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        n_in = c * h * w
+        for width in cfg.widths:
+            layers += [nn.Linear(n_in, width), _activation(cfg)]
+            n_in = width
+        layers.append(nn.Linear(n_in, cfg.num_classes))
+        return nn.Sequential(*layers)
+    if cfg.kind == "cnn":
+        layers = []
+        n_in = c
+        for ch in cfg.channels:
+            layers += [nn.Conv2d(n_in, ch, kernel_size=3, padding=1), _activation(cfg), nn.MaxPool2d(2)]
+            n_in, h, w = ch, h // 2, w // 2
+        layers.append(nn.Flatten())
+        n_in = n_in * h * w
+        for width in cfg.head_widths:
+            layers += [nn.Linear(n_in, width), _activation(cfg)]
+            n_in = width
+        layers.append(nn.Linear(n_in, cfg.num_classes))
+        return nn.Sequential(*layers)
+    return RNNClassifier(cfg)
