@@ -1,0 +1,28 @@
+"""Permutation p-value shared by PERMANOVA and hypothesis-training-testing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Relative tolerance for "null >= observed": a permuted statistic that equals the observed one up
+# to float rounding (e.g. the identity permutation, or a permutation that only swaps two members
+# of the same group) must count as a tie, as it would in exact arithmetic.
+_RTOL = 1e-9
+
+
+def p_value(observed: float, null: np.ndarray) -> float:
+    """Permutation p-value (1 + #{null >= observed}) / (1 + B) for a (B,) null; never 0.
+
+    Ties are counted with a relative tolerance of 1e-9 (float rounding of equal statistics).
+    NaN entries of the null count as not exceeding; a NaN observed value gives NaN.
+    """
+    null = np.asarray(null, dtype=np.float64).ravel()
+    observed = float(observed)
+    if np.isnan(observed):
+        return float("nan")
+    b = null.size
+    if b == 0:
+        raise ValueError("p_value needs at least one null value, got an empty null")
+    tol = _RTOL * max(abs(observed), 1.0) if np.isfinite(observed) else 0.0
+    exceed = int(np.count_nonzero(null >= observed - tol))
+    return (1.0 + exceed) / (1.0 + b)
