@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from distsim.stats._pvalue import p_value
@@ -13,8 +14,10 @@ __all__ = ["p_value", *_HTT_NAMES]
 
 def __getattr__(name: str) -> Any:
     # htt.py pulls in the learners; import it on first use so the package imports without it.
+    # Importing the submodule binds `distsim.stats.htt` to the module: rebind the public names
+    # so that `from distsim.stats import htt` is the function.
     if name in _HTT_NAMES:
-        from distsim.stats import htt as _htt_module
-
-        return getattr(_htt_module, name)
+        module = importlib.import_module("distsim.stats.htt")
+        globals().update({n: getattr(module, n) for n in _HTT_NAMES})
+        return globals()[name]
     raise AttributeError(f"module 'distsim.stats' has no attribute {name!r}")
