@@ -1,0 +1,354 @@
+"""Permutation-invariant weight features of chain-normalized networks (arXiv 2208.04369).
+
+``chain-gram`` (the method): with chain-normalized weights, M_1 = Ŵ_1 and M_l = Ŵ_l M_{l-1} map
+input pixels to the units of layer l. Biases ride along in homogeneous coordinates: M_l is the
+(units x (P+1)) matrix [linear part | offset], the offset being the layer's response to a zero
+input with activations linearized, so the feature sees the whole affine chain. A conv is applied
+as its exact linear map on the flattened input, max pooling is taken as its linear average
+(avg pooling as itself), flatten feeds the head, and activations are dropped (linearized).
+Permuting the units of any layer <= l permutes the rows of M_l, so the Gram G_l = M_l^T M_l
+((P+1) x (P+1), over input pixels) is invariant to them; for a conv the rows are
+(channel, position) pairs, so G_l is invariant to channel permutations. Feature = upper triangle
+of G_l including the diagonal, row-major; at the last layer ('out', outputs are ordered) it is
+M_L itself flattened (output-major).
+
+GRU (not function-preserving, see distsim.normalize): ``gru_ih`` = per-gate Grams A_g^T A_g of the
+row-normalized input map A_g = [Ŵ_ih_g | b̂_ih_g] (gates r, z, n; each (in+1) x (in+1), upper
+triangles concatenated) — per gate rather than summed, because the three blocks are separately
+invariant and together say more. For a deeper GRU, ``gru_ih_l{k}`` chains through the candidate
+gate: A_g(k) = Ŵ_ih_g(k) N(k-1) + [0 | b̂_ih_g(k)], N = A_n. ``out`` = head weight times each gate
+map of the last layer, W_head A_g (classes x (in+1) each, ordered), followed by the head bias.
+
+``raw`` (the paper's unaligned control): unnormalized weights and biases of every layer up to the
+asked one, flattened in layer order (GRU: W_ih, b_ih of layers <= k; ``out``: every parameter).
+
+``dim``: a seeded Gaussian projection R (D x dim, entries N(0, 1/dim)) generated from ``seed``
+and D only, in row blocks of 8192 (block b from ``numpy.random.default_rng([seed, b])``), so it is
+the same matrix for every model of a study and any batching.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distsim.models import ArchConfig
+from distsim.normalize import (
+    Plan,
+    StateDict,
+    layer_plan,
+    normalize_stacked,
+    plan_for,
+    stack_state_dicts,
+)
+
+METHODS = ("chain-gram", "raw")
+_PROJECTION_BLOCK = 8192
+_CACHE_BYTES = 256 * 2**20  # cache a projection matrix up to this size; stream larger ones
+_CHAIN_BYTES = 256 * 2**20  # memory for the chain tensors of one chunk of models
+
+
+def feature_layers(arch_config: ArchConfig) -> list[str]:
+    """Layer names a feature can be taken at, in order (mlp: fc1.., out; cnn: conv1.., fc1.., out;
+    rnn: gru_ih, gru_ih_l1.., out)."""
+    return list(plan_for(arch_config).layers)
+
+
+def _layer_index(plan: Plan, layer: str | int | None) -> int:
+    n = len(plan.layers)
+    if layer is None:
+        return n - 1
+    if isinstance(layer, str):
+        if layer not in plan.layers:
+            raise ValueError(f"layer {layer!r} is not one of {list(plan.layers)}")
+        return plan.layers.index(layer)
+    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and -n <= layer < n:
+        return int(layer) % n
+    raise ValueError(f"layer must be None, one of {list(plan.layers)} or an int in [{-n}, {n}), got {layer!r}")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+# ---------------------------------------------------------------- shapes of a sequential walk
+
+
+def _out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False) -> int:
+    span = n + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _unit_shapes(plan: Plan, shapes: Mapping[str, tuple[int, ...]], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shape of one sample after every step (unbatched); raises ValueError if they do not fit."""
+    shape, out = tuple(input_shape), []
+    for step in plan.steps:
+        if step.op == "linear":
+            n_in = math.prod(shape)
+            w = shapes[step.weight]
+            if len(shape) != 1 or w[-1] != n_in:
+                raise ValueError(f"layer {step.name} expects {w[-1]} inputs, the walk gives shape {shape}")
+            shape = (w[-2],)
+        elif step.op == "conv":
+            w = shapes[step.weight]
+            if len(shape) != 3 or shape[0] != w[-3]:
+                raise ValueError(f"layer {step.name} expects {w[-3]} channels, the walk gives shape {shape}")
+            hw = [_out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i], step.dilation[i]) for i in (0, 1)]
+            shape = (w[-4], *hw)
+        elif step.op in ("maxpool", "avgpool"):
+            hw = [_out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i], 1, step.ceil_mode) for i in (0, 1)]
+            shape = (shape[0], *hw)
+        elif step.op == "flatten":
+            shape = (math.prod(shape),)
+        if min(shape) < 1:
+            raise ValueError(f"input shape {tuple(input_shape)} is too small for this network")
+        out.append(shape)
+    return out
+
+
+def infer_input_shape(model: nn.Module, plan: Plan | None = None) -> tuple[int, ...]:
+    """Input shape of a sequential model: (P,) for an MLP; for a CNN the smallest square (C, H, H)
+    whose walk fits its head (pass ``input_shape`` to weight_features when that is not the one)."""
+    plan = plan or layer_plan(model)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    first = next(s for s in plan.steps if s.op in ("linear", "conv"))
+    if first.op == "linear":
+        return (shapes[first.weight][1],)
+    channels = shapes[first.weight][1]
+    for size in range(1, 1025):
+        try:
+            _unit_shapes(plan, shapes, (channels, size, size))
+            return (channels, size, size)
+        except ValueError:
+            continue
+    raise ValueError("cannot infer the input shape of this CNN; pass input_shape=(C, H, W)")
+
+
+# ---------------------------------------------------------------- chain-gram
+
+
+def _upper(g: torch.Tensor) -> torch.Tensor:
+    """(K, J, J) symmetric -> (K, J(J+1)/2): upper triangle with the diagonal, row-major."""
+    i, j = torch.triu_indices(g.shape[-1], g.shape[-1])
+    return g[:, i, j]
+
+
+def _sequential_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
+    """(K, P+1, units) homogeneous chain map M_l^T at parametric layer ``upto`` (after its bias).
+
+    Row j < P is the linearized response of layer l to input pixel j, row P the response to a
+    zero input (biases only).
+    """
+    k = next(iter(p.values())).shape[0]
+    n = math.prod(input_shape)
+    dtype = next(iter(p.values())).dtype
+    x = torch.eye(n + 1, n, dtype=dtype).expand(k, n + 1, n).reshape(k, n + 1, *input_shape)
+    index = -1
+    for step in plan.steps:
+        if step.op == "linear":
+            x = torch.einsum("kjn,kon->kjo", x.reshape(k, n + 1, -1), p[step.weight])
+        elif step.op == "conv":
+            w = p[step.weight]
+            _, j, c, h, wd = x.shape
+            y = F.conv2d(
+                x.transpose(0, 1).reshape(j, k * c, h, wd),
+                w.reshape(k * w.shape[1], *w.shape[2:]),
+                stride=step.stride,
+                padding=step.padding,
+                dilation=step.dilation,
+                groups=k,
+            )
+            x = y.reshape(j, k, w.shape[1], *y.shape[-2:]).transpose(0, 1)
+        elif step.op in ("maxpool", "avgpool"):
+            _, j, c, h, wd = x.shape
+            y = F.avg_pool2d(
+                x.reshape(k * j, c, h, wd),
+                step.kernel,
+                step.stride,
+                step.padding,
+                ceil_mode=step.ceil_mode,
+                count_include_pad=step.count_include_pad,
+            )
+            x = y.reshape(k, j, c, *y.shape[-2:])
+        elif step.op == "flatten":
+            x = x.reshape(k, n + 1, -1)
+        if step.op in ("linear", "conv"):
+            if step.bias:
+                x = x.clone()
+                b = p[step.bias]
+                x[:, n] += b if step.op == "linear" else b[:, :, None, None]
+            index += 1
+            if index == upto:
+                return x.reshape(k, n + 1, -1)
+    raise AssertionError("unreachable: layer index beyond the plan")
+
+
+def _rnn_chain(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Tensor:
+    """(K, D) chain-gram feature of a GRU classifier at layer ``upto`` (see the module docstring)."""
+    g, h = plan.gru_prefix, plan.hidden
+    candidate = None
+    for layer in range(plan.num_layers):
+        w, b = p[f"{g}weight_ih_l{layer}"], p[f"{g}bias_ih_l{layer}"]
+        if candidate is None:
+            a = torch.cat([w, b[..., None]], dim=-1)  # (K, 3H, in+1)
+        else:
+            a = (w @ candidate).clone()  # (K, 3H, in+1)
+            a[..., -1] += b
+        gates = a.split(h, dim=1)  # r, z, n: (K, H, in+1) each
+        if layer == upto:
+            return torch.cat([_upper(q.transpose(1, 2) @ q) for q in gates], dim=1)
+        candidate = gates[2]
+    head_w, head_b = p[f"{plan.head_prefix}weight"], p[f"{plan.head_prefix}bias"]
+    kk = head_w.shape[0]
+    return torch.cat([(head_w @ q).reshape(kk, -1) for q in gates] + [head_b], dim=1)
+
+
+def _raw(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Tensor:
+    """(K, D) unnormalized parameters of the layers <= ``upto``, flattened in layer order."""
+    if plan.kind == "sequential":
+        keys = [k for s in plan.parametric[: upto + 1] for k in (s.weight, s.bias) if k]
+    elif upto < plan.num_layers:
+        keys = [f"{plan.gru_prefix}{w}_l{layer}" for layer in range(upto + 1) for w in ("weight_ih", "bias_ih")]
+    else:
+        keys = [
+            f"{plan.gru_prefix}{w}_l{layer}"
+            for layer in range(plan.num_layers)
+            for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
+        keys += [f"{plan.head_prefix}weight", f"{plan.head_prefix}bias"]
+    k = p[keys[0]].shape[0]
+    return torch.cat([p[key].reshape(k, -1) for key in keys], dim=1)
+
+
+def _features(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], method: str, upto: int) -> torch.Tensor:
+    """(K, D) float64 features of a stack of K models."""
+    if method == "raw":
+        return _raw(plan, stacked, upto).to(torch.float64)
+    p = normalize_stacked(plan, {k: v.to(torch.float64) for k, v in stacked.items()})
+    if plan.kind == "rnn":
+        return _rnn_chain(plan, p, upto)
+    m = _sequential_chain(plan, p, input_shape, upto)  # (K, P+1, units)
+    if upto == len(plan.layers) - 1:
+        return m.transpose(1, 2).reshape(m.shape[0], -1)
+    return _upper(m @ m.transpose(1, 2))
+
+
+# ---------------------------------------------------------------- seeded projection
+
+
+def _projection_block(seed: int, block: int, rows: int, dim: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, block])
+    return rng.standard_normal((rows, dim), dtype=np.float32) / np.float32(math.sqrt(dim))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_projection(n_features: int, dim: int, seed: int) -> np.ndarray:
+    blocks = [
+        _projection_block(seed, b, min(_PROJECTION_BLOCK, n_features - start), dim)
+        for b, start in enumerate(range(0, n_features, _PROJECTION_BLOCK))
+    ]
+    r = np.concatenate(blocks, axis=0)
+    r.setflags(write=False)
+    return r
+
+
+def projection_matrix(n_features: int, dim: int, seed: int = 0) -> np.ndarray:
+    """(n_features, dim) float32 Gaussian projection N(0, 1/dim), a function of its arguments only."""
+    if n_features < 1 or dim < 1:
+        raise ValueError(f"n_features and dim must be >= 1, got {n_features}, {dim}")
+    return _cached_projection(int(n_features), int(dim), int(seed))
+
+
+def project(features: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
+    """(K, D) -> (K, dim) float32 with the study's seeded projection (streamed when R is large)."""
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"dim must be None or a positive int, got {dim!r}")
+    x = np.asarray(features, dtype=np.float32)
+    n = x.shape[1]
+    if n * dim * 4 <= _CACHE_BYTES:
+        return x @ projection_matrix(n, dim, seed)
+    out = np.zeros((x.shape[0], dim), dtype=np.float32)
+    for b, start in enumerate(range(0, n, _PROJECTION_BLOCK)):
+        stop = min(start + _PROJECTION_BLOCK, n)
+        out += x[:, start:stop] @ _projection_block(seed, b, stop - start, dim)
+    return out
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def _chunk_size(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...]) -> int:
+    """Models per chunk so that the float64 chain tensors stay within _CHAIN_BYTES."""
+    if plan.kind != "sequential":
+        return 4096
+    shapes = {k: tuple(v.shape[1:]) for k, v in stacked.items()}
+    units = max(math.prod(s) for s in [tuple(input_shape), *_unit_shapes(plan, shapes, input_shape)])
+    per_model = 8 * 3 * (math.prod(input_shape) + 1) * units  # a few live copies during a step
+    return max(1, _CHAIN_BYTES // per_model)
+
+
+def _compute(plan, stacked, input_shape, method, layer, dim, seed) -> np.ndarray:
+    _check_method(method)
+    upto = _layer_index(plan, layer)
+    if plan.kind == "sequential":
+        _unit_shapes(plan, {k: tuple(v.shape[1:]) for k, v in stacked.items()}, input_shape)
+    k = next(iter(stacked.values())).shape[0]
+    step = _chunk_size(plan, stacked, input_shape)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, k, step):
+            chunk = {name: v[start : start + step] for name, v in stacked.items()}
+            parts.append(_features(plan, chunk, input_shape, method, upto).to(torch.float32).numpy())
+    x = np.concatenate(parts, axis=0)
+    return x if dim is None else project(x, dim, seed)
+
+
+def weight_features(
+    model: nn.Module,
+    method: str = "chain-gram",
+    layer: str | int | None = None,
+    dim: int | None = None,
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """1-D float32 feature of one model at ``layer`` (name or index; None = last).
+
+    ``dim``: seeded random projection to ``dim`` values (the same matrix for every model given
+    ``seed``). ``input_shape`` (C, H, W): only needed for a CNN whose input is not the smallest
+    square that fits its head (see infer_input_shape).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"weight_features takes an nn.Module, got {type(model).__name__}")
+    plan = layer_plan(model)
+    stacked = {k: v.detach()[None] for k, v in model.state_dict().items()}
+    shape = tuple(input_shape) if input_shape is not None else (infer_input_shape(model, plan) if plan.kind == "sequential" else ())
+    return _compute(plan, stacked, shape, method, layer, dim, seed)[0]
+
+
+def weight_features_batch(
+    state_dicts: Sequence[StateDict] | StateDict,
+    arch_config: ArchConfig,
+    method: str = "chain-gram",
+    layer: str | int | None = None,
+    dim: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """(K, D) float32 features of K models of ``arch_config``, vectorised over K.
+
+    ``state_dicts``: a list of K state dicts or a stacked dict of (K, ...) tensors.
+    Row i equals ``weight_features(model_i, method, layer, dim, seed)``.
+    """
+    plan = plan_for(arch_config)
+    stacked = stack_state_dicts(state_dicts)
+    input_shape = tuple(arch_config.input_shape) if plan.kind == "sequential" else ()
+    return _compute(plan, stacked, input_shape, method, layer, dim, seed)

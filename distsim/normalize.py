@@ -1,0 +1,294 @@
+"""Chain normalization rule: remove the rescaling symmetry of ReLU networks (arXiv 2208.04369).
+
+Walk the layers in order; for every hidden unit i of layer l take s_i = ||(W_l[i, ...], b_l[i])||,
+divide the unit's incoming weights and bias by s_i and multiply the slice of W_{l+1} that reads
+unit i (a column of a linear layer, an input-channel slice of a conv, the block of flattened
+columns of a linear layer after conv + flatten) by s_i. ReLU/LeakyReLU are positively
+homogeneous and max/avg pooling commute with a positive per-channel scale, so the network's
+function is unchanged and every hidden unit's incoming vector has unit norm afterwards. GRU gates
+are not homogeneous: there every gate row (W_ih[i], W_hh[i], b_ih[i], b_hh[i]) is normalized
+without pushing the scale on, and the result is flagged ``function_preserving = False``.
+
+Everything runs on stacks of K models (leading K dimension), so a pack of trained weights is
+normalized at once: ``chain_normalize_state(state_dicts, arch_config)``. The walk of the layers
+(``Plan``) is shared with :mod:`distsim.features`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distsim.models import GRU, ArchConfig, RNNClassifier, build
+
+SUPPORTED = (
+    "nn.Sequential of Linear, Conv2d (groups=1, zero padding), ReLU, LeakyReLU, MaxPool2d, "
+    "AvgPool2d, Flatten, Identity, Dropout; distsim.models.RNNClassifier; distsim.models.GRU; "
+    "nn.GRU (unidirectional, no projection)"
+)
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One module of a sequential walk: a parametric layer or a parameter-free op.
+
+    op: linear | conv | act | maxpool | avgpool | flatten | identity.
+    name: feature-layer name of a parametric layer (fc1, conv2, out); weight/bias: state-dict keys.
+    kernel/stride/padding/dilation: conv and pooling geometry (pairs).
+    """
+
+    op: str
+    name: str = ""
+    weight: str = ""
+    bias: str | None = None
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The layer walk of a supported model.
+
+    kind "sequential": ``steps`` in forward order. kind "rnn": GRU parameters under ``gru_prefix``
+    (weight_ih_l{k} ...), ``num_layers``, ``hidden``, optional linear head under ``head_prefix``.
+    ``layers``: feature-layer names in order (see distsim.features.feature_layers).
+    """
+
+    kind: str
+    layers: tuple[str, ...]
+    steps: tuple[Step, ...] = ()
+    gru_prefix: str = ""
+    head_prefix: str | None = None
+    num_layers: int = 0
+    hidden: int = 0
+
+    @property
+    def parametric(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.op in ("linear", "conv"))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _sequential_steps(seq: nn.Sequential, prefix: str) -> list[Step]:
+    steps: list[Step] = []
+    for child_name, m in seq.named_children():
+        name = f"{prefix}{child_name}"
+        if isinstance(m, nn.Sequential):
+            steps += _sequential_steps(m, f"{name}.")
+        elif isinstance(m, nn.Linear):
+            steps.append(Step("linear", weight=f"{name}.weight", bias=f"{name}.bias" if m.bias is not None else None))
+        elif isinstance(m, nn.Conv2d):
+            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ValueError(
+                    f"unsupported module {name!r} ({m!r}): Conv2d needs groups=1, numeric zero padding"
+                )
+            steps.append(
+                Step(
+                    "conv",
+                    weight=f"{name}.weight",
+                    bias=f"{name}.bias" if m.bias is not None else None,
+                    kernel=_pair(m.kernel_size),
+                    stride=_pair(m.stride),
+                    padding=_pair(m.padding),
+                    dilation=_pair(m.dilation),
+                )
+            )
+        elif isinstance(m, (nn.ReLU, nn.LeakyReLU)):
+            steps.append(Step("act"))
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != (1, 1):
+                raise ValueError(f"unsupported module {name!r} ({m!r}): MaxPool2d needs dilation=1")
+            if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
+                raise ValueError(f"unsupported module {name!r} ({m!r}): AvgPool2d divisor_override")
+            op = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
+            stride = m.stride if m.stride is not None else m.kernel_size
+            steps.append(
+                Step(
+                    op,
+                    kernel=_pair(m.kernel_size),
+                    stride=_pair(stride),
+                    padding=_pair(m.padding),
+                    ceil_mode=bool(m.ceil_mode),
+                    count_include_pad=bool(getattr(m, "count_include_pad", True)),
+                )
+            )
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise ValueError(f"unsupported module {name!r} ({m!r}): Flatten must be Flatten(1, -1)")
+            steps.append(Step("flatten"))
+        elif isinstance(m, (nn.Identity, nn.Dropout)):
+            steps.append(Step("identity"))
+        else:
+            raise ValueError(
+                f"chain normalization does not support module {name!r} ({type(m).__name__}); supported: {SUPPORTED}"
+            )
+    return steps
+
+
+def _name_layers(steps: list[Step]) -> tuple[Step, ...]:
+    """Give parametric steps their feature-layer names: conv1.., fc1.., and 'out' for the last."""
+    last = max((i for i, s in enumerate(steps) if s.op in ("linear", "conv")), default=None)
+    if last is None:
+        raise ValueError("chain normalization needs at least one Linear or Conv2d layer")
+    counts = {"conv": 0, "linear": 0}
+    named = []
+    for i, s in enumerate(steps):
+        if s.op in counts:
+            counts[s.op] += 1
+            label = "out" if i == last else f"{'conv' if s.op == 'conv' else 'fc'}{counts[s.op]}"
+            s = Step(**{**s.__dict__, "name": label})
+        named.append(s)
+    return tuple(named)
+
+
+def _gru_plan(gru: nn.Module, prefix: str, head_prefix: str | None) -> Plan:
+    if isinstance(gru, nn.GRU) and (gru.bidirectional or getattr(gru, "proj_size", 0) or not gru.bias):
+        raise ValueError(f"unsupported module {prefix or 'gru'!r} ({gru!r}): needs a unidirectional GRU with biases")
+    layers = ["gru_ih"] + [f"gru_ih_l{k}" for k in range(1, gru.num_layers)]
+    if head_prefix is not None:
+        layers.append("out")
+    return Plan("rnn", tuple(layers), gru_prefix=prefix, head_prefix=head_prefix, num_layers=gru.num_layers, hidden=gru.hidden_size)
+
+
+def layer_plan(model: nn.Module) -> Plan:
+    """The layer walk of ``model``; raises ValueError naming the first unsupported module."""
+    if isinstance(model, RNNClassifier):
+        if not isinstance(model.gru, (GRU, nn.GRU)) or not isinstance(model.head, nn.Linear):
+            raise ValueError(f"RNNClassifier needs a GRU .gru and a Linear .head, got {model.gru!r}, {model.head!r}")
+        return _gru_plan(model.gru, "gru.", "head.")
+    if isinstance(model, (GRU, nn.GRU)):
+        return _gru_plan(model, "", None)
+    if isinstance(model, nn.Sequential):
+        steps = _name_layers(_sequential_steps(model, ""))
+        return Plan("sequential", tuple(s.name for s in steps if s.name), steps=steps)
+    raise ValueError(f"chain normalization does not support {type(model).__name__}; supported: {SUPPORTED}")
+
+
+def plan_for(arch_config: ArchConfig) -> Plan:
+    """The layer walk of every model built from ``arch_config`` (built once on the meta device)."""
+    if not isinstance(arch_config, ArchConfig):
+        raise TypeError(f"arch_config must be an ArchConfig, got {type(arch_config).__name__}")
+    return _cached_plan(arch_config)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(arch_config: ArchConfig) -> Plan:
+    with torch.device("meta"):
+        return layer_plan(build(arch_config))
+
+
+def stack_state_dicts(params: Sequence[StateDict] | StateDict) -> dict[str, torch.Tensor]:
+    """A list of K state dicts (or an already stacked dict) -> dict of (K, ...) tensors."""
+    if isinstance(params, Mapping):
+        stacked = {k: torch.as_tensor(v) for k, v in params.items()}
+        sizes = {v.shape[0] if v.dim() else None for v in stacked.values()}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(f"a stacked state dict needs one leading K dimension on every tensor, got sizes {sizes}")
+        return stacked
+    if not isinstance(params, Sequence) or len(params) == 0:
+        raise ValueError("state_dicts must be a non-empty list of state dicts or a stacked dict")
+    keys = list(params[0].keys())
+    for i, sd in enumerate(params):
+        if list(sd.keys()) != keys:
+            raise ValueError(f"state dict {i} has keys {sorted(sd.keys())}, expected {sorted(keys)}")
+    return {k: torch.stack([torch.as_tensor(sd[k]) for sd in params]) for k in keys}
+
+
+def _check_keys(plan: Plan, stacked: Mapping[str, torch.Tensor]) -> None:
+    if plan.kind == "sequential":
+        needed = [k for s in plan.parametric for k in (s.weight, s.bias) if k]
+    else:
+        needed = [
+            f"{plan.gru_prefix}{w}_l{k}" for k in range(plan.num_layers) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
+        if plan.head_prefix is not None:
+            needed += [f"{plan.head_prefix}weight", f"{plan.head_prefix}bias"]
+    missing = [k for k in needed if k not in stacked]
+    if missing:
+        raise ValueError(f"state dict lacks {missing} (has {sorted(stacked)})")
+
+
+def _safe(s: torch.Tensor) -> torch.Tensor:
+    """Norms with all-zero units left as they are (scale 1) instead of dividing by zero."""
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _normalize_sequential(plan: Plan, p: dict[str, torch.Tensor]) -> None:
+    layers = plan.parametric
+    for cur, nxt in itertools.pairwise(layers):
+        w = p[cur.weight]  # (K, out, in[, kh, kw])
+        k, out = w.shape[:2]
+        sq = w.reshape(k, out, -1).square().sum(-1)
+        if cur.bias:
+            sq = sq + p[cur.bias].square()
+        s = _safe(sq.sqrt())  # (K, out)
+        p[cur.weight] = w / s.reshape(k, out, *[1] * (w.dim() - 2))
+        if cur.bias:
+            p[cur.bias] = p[cur.bias] / s
+        wn = p[nxt.weight]  # (K, out_next, in_next[, kh, kw])
+        if nxt.op == "conv":
+            p[nxt.weight] = wn * s[:, None, :, None, None]
+        elif wn.shape[2] == out:
+            p[nxt.weight] = wn * s[:, None, :]
+        elif cur.op == "conv" and wn.shape[2] % out == 0:  # conv -> flatten -> linear: a block per channel
+            kk, o2, n_in = wn.shape
+            p[nxt.weight] = (wn.reshape(kk, o2, out, n_in // out) * s[:, None, :, None]).reshape(kk, o2, n_in)
+        else:
+            raise ValueError(f"layer {nxt.name} reads {wn.shape[2]} inputs, which do not match the {out} units of {cur.name}")
+
+
+def _normalize_gru(plan: Plan, p: dict[str, torch.Tensor]) -> None:
+    for k in range(plan.num_layers):
+        names = [f"{plan.gru_prefix}{w}_l{k}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        s = _safe(sum(p[n].reshape(*p[n].shape[:2], -1).square().sum(-1) for n in names).sqrt())  # (K, 3H)
+        for n in names:
+            p[n] = p[n] / s.reshape(*s.shape, *[1] * (p[n].dim() - 2))
+
+
+def normalize_stacked(plan: Plan, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chain-normalize a dict of (K, ...) tensors laid out as ``plan``; same keys and dtypes out.
+
+    The arithmetic runs in float64 (the norms of long rows), results are cast back.
+    """
+    _check_keys(plan, stacked)
+    p = {k: v.detach().to(torch.float64) if v.is_floating_point() else v for k, v in stacked.items()}
+    (_normalize_sequential if plan.kind == "sequential" else _normalize_gru)(plan, p)
+    return {k: p[k].to(v.dtype) for k, v in stacked.items()}
+
+
+def chain_normalize_state(
+    state_dicts: Sequence[StateDict] | StateDict, arch_config: ArchConfig
+) -> dict[str, torch.Tensor]:
+    """Normalize a pack of K models of ``arch_config`` at once: list of state dicts or a stacked
+    dict of (K, ...) tensors -> stacked dict of (K, ...) normalized tensors."""
+    return normalize_stacked(plan_for(arch_config), stack_state_dicts(state_dicts))
+
+
+def chain_normalize(model: nn.Module) -> nn.Module:
+    """A chain-normalized deep copy of ``model`` with attribute ``function_preserving`` (bool).
+
+    MLP/CNN (ReLU/LeakyReLU): same outputs, unit-norm hidden units. GRU: rows only, flag False.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"chain_normalize takes an nn.Module, got {type(model).__name__}")
+    plan = layer_plan(model)
+    state = model.state_dict()
+    normed = normalize_stacked(plan, {k: v[None] for k, v in state.items()})
+    out = copy.deepcopy(model)
+    out.load_state_dict({k: v[0] for k, v in normed.items()})
+    out.function_preserving = plan.kind == "sequential"
+    return out

@@ -1,0 +1,196 @@
+"""Invariant weight features: symmetry invariance (property tests), the chain maths, batching, projection."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import distsim.features as features_module
+from distsim.features import (
+    METHODS,
+    feature_layers,
+    project,
+    weight_features,
+    weight_features_batch,
+)
+from distsim.models import ArchConfig, build
+
+torch.set_num_threads(1)
+
+MLP = ArchConfig(kind="mlp", widths=(12, 9), activation="leaky_relu", negative_slope=0.05)
+CNN = ArchConfig(kind="cnn", channels=(4, 5), head_widths=(6,), num_classes=3)
+RNN = ArchConfig(kind="rnn", hidden=5, num_layers=2, num_classes=3)
+
+
+def _model(cfg: ArchConfig, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build(cfg)
+
+
+def _permute_and_rescale(model: nn.Sequential, seed: int) -> nn.Sequential:
+    """Same function: permute every hidden layer's units and scale each by a in [0.1, 10], with the
+    next layer's column / input-channel / flattened block compensating (1/a, same permutation)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    layers = [m for m in out if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        for cur, nxt in itertools.pairwise(layers):
+            n = cur.weight.shape[0]
+            perm, a = torch.randperm(n, generator=gen), torch.rand(n, generator=gen) * 9.9 + 0.1
+            shape = (n,) + (1,) * (cur.weight.dim() - 1)
+            cur.weight.copy_(cur.weight[perm] * a.reshape(shape))
+            cur.bias.copy_(cur.bias[perm] * a)
+            w = nxt.weight
+            if isinstance(nxt, nn.Conv2d):
+                w.copy_(w[:, perm] / a[None, :, None, None])
+            else:
+                block = w.reshape(w.shape[0], n, -1)  # (out, channels, positions); positions=1 after a linear
+                w.copy_((block[:, perm] / a[None, :, None]).reshape(w.shape))
+    return out
+
+
+def _permute_gru(model: nn.Module, seed: int) -> nn.Module:
+    """Same function: permute each GRU layer's hidden units (the r, z, n blocks consistently)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    gru, h = out.gru, out.gru.hidden_size
+    with torch.no_grad():
+        for k in range(gru.num_layers):
+            perm = torch.randperm(h, generator=gen)
+            rows = torch.cat([perm, perm + h, perm + 2 * h])
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                p = getattr(gru, f"{name}_l{k}")
+                p.copy_(p[rows])
+            w_hh = getattr(gru, f"weight_hh_l{k}")
+            w_hh.copy_(w_hh[:, perm])
+            reader = getattr(gru, f"weight_ih_l{k + 1}") if k + 1 < gru.num_layers else out.head.weight
+            reader.copy_(reader[:, perm])
+    return out
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), cfg=st.sampled_from([MLP, CNN]))
+def test_chain_gram_invariant_to_permutations_and_rescalings(seed: int, cfg: ArchConfig) -> None:
+    model = _model(cfg, seed)
+    moved = _permute_and_rescale(model, seed + 1)
+    x = torch.randn(4, *cfg.input_shape)
+    with torch.no_grad():  # the transform is a true symmetry
+        assert torch.allclose(moved(x), model(x), rtol=1e-4, atol=1e-5)
+    for layer in feature_layers(cfg):
+        assert _rel(weight_features(moved, "chain-gram", layer), weight_features(model, "chain-gram", layer)) < 1e-4
+    for layer in feature_layers(cfg)[:-1]:  # raw parameters of the moved hidden layers change
+        assert _rel(weight_features(moved, "raw", layer), weight_features(model, "raw", layer)) > 1e-2
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_gru_features_invariant_to_hidden_permutations(seed: int) -> None:
+    model = _model(RNN, seed)
+    moved = _permute_gru(model, seed + 1)
+    x = torch.randn(3, *RNN.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(moved(x), model(x), atol=1e-5)
+    for layer in feature_layers(RNN):
+        assert _rel(weight_features(moved, "chain-gram", layer), weight_features(model, "chain-gram", layer)) < 1e-4
+        assert _rel(weight_features(moved, "raw", layer), weight_features(model, "raw", layer)) > 1e-2
+
+
+def _linearized(model: nn.Sequential) -> nn.Sequential:
+    """Activations removed, max pooling replaced by its average: the map the chain describes."""
+    layers = []
+    for m in copy.deepcopy(model):
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
+            continue
+        layers.append(nn.AvgPool2d(m.kernel_size, m.stride) if isinstance(m, nn.MaxPool2d) else m)
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_last_layer_chain_is_the_affine_input_output_map(cfg: ArchConfig) -> None:
+    """M_L = [linear part | offset] of the linearized network, in input-pixel coordinates."""
+    model = _model(cfg, 0)
+    m = weight_features(model, "chain-gram").reshape(cfg.num_classes, -1)
+    x = torch.randn(5, *cfg.input_shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _linearized(model).double()(x).numpy()
+    flat = x.reshape(5, -1).numpy()
+    np.testing.assert_allclose(flat @ m[:, :-1].T + m[:, -1], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_hidden_layer_feature_is_the_gram_upper_triangle() -> None:
+    model = _model(MLP, 0)
+    w1 = model[1]
+    m1 = torch.cat([w1.weight, w1.bias[:, None]], 1).detach().double()
+    m1 = m1 / m1.norm(dim=1, keepdim=True)
+    g = (m1.T @ m1).numpy()
+    i, j = np.triu_indices(g.shape[0])
+    np.testing.assert_allclose(weight_features(model, "chain-gram", "fc1"), g[i, j], rtol=1e-5, atol=1e-6)
+    assert weight_features(model, "chain-gram", 0).shape == (65 * 66 // 2,)
+
+
+@pytest.mark.parametrize("cfg", [MLP, CNN, RNN], ids=["mlp", "cnn", "rnn"])
+def test_batch_equals_single_and_stacked(cfg: ArchConfig) -> None:
+    models = [_model(cfg, s) for s in range(3)]
+    states = [m.state_dict() for m in models]
+    stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+    for method in METHODS:
+        for layer in feature_layers(cfg):
+            for dim in (None, 16):
+                batch = weight_features_batch(states, cfg, method, layer, dim=dim, seed=5)
+                assert batch.dtype == np.float32 and batch.ndim == 2 and batch.shape[0] == 3
+                np.testing.assert_array_equal(weight_features_batch(stacked, cfg, method, layer, dim=dim, seed=5), batch)
+                for i, m in enumerate(models):
+                    single = weight_features(m, method, layer, dim=dim, seed=5)
+                    np.testing.assert_allclose(single, batch[i], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_chunking_matches_one_chunk(monkeypatch) -> None:
+    states = [_model(CNN, s).state_dict() for s in range(5)]
+    whole = weight_features_batch(states, CNN, layer="conv2")
+    monkeypatch.setattr(features_module, "_CHAIN_BYTES", 1)  # one model per chunk
+    np.testing.assert_allclose(weight_features_batch(states, CNN, layer="conv2"), whole, rtol=1e-6)
+
+
+def test_projection_is_seeded_shared_and_streamable(monkeypatch) -> None:
+    x = np.random.default_rng(0).standard_normal((4, 20000)).astype(np.float32)
+    a, b, c = project(x, 32, seed=1), project(x[:2], 32, seed=1), project(x, 32, seed=2)
+    np.testing.assert_array_equal(a[:2], b)  # the same matrix whatever the batch
+    assert not np.allclose(a, c)
+    # distances are preserved in expectation (JL): a loose check at dim 32
+    d_in, d_out = np.linalg.norm(x[0] - x[1]), np.linalg.norm(a[0] - a[1])
+    assert 0.5 < d_out / d_in < 1.5
+    monkeypatch.setattr(features_module, "_CACHE_BYTES", 0)  # stream the blocks instead
+    np.testing.assert_allclose(project(x, 32, seed=1), a, rtol=1e-4, atol=1e-4)
+
+
+def test_feature_layers_and_errors() -> None:
+    assert feature_layers(MLP) == ["fc1", "fc2", "out"]
+    assert feature_layers(CNN) == ["conv1", "conv2", "fc1", "out"]
+    assert feature_layers(ArchConfig(kind="rnn")) == ["gru_ih", "out"]
+    assert feature_layers(RNN) == ["gru_ih", "gru_ih_l1", "out"]
+    model = _model(MLP, 0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        weight_features(model, method="gram")
+    with pytest.raises(ValueError, match="not one of"):
+        weight_features(model, layer="conv1")
+    with pytest.raises(ValueError, match="int in"):
+        weight_features(model, layer=3)
+    with pytest.raises(ValueError, match="dim must be"):
+        weight_features(model, dim=0)
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        weight_features(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)))
+    with pytest.raises(TypeError, match="ArchConfig"):
+        weight_features_batch([model.state_dict()], {"kind": "mlp"})
+    with pytest.raises(ValueError, match="expects 64 inputs"):
+        weight_features_batch([model.state_dict()], MLP.with_task_shape((1, 4, 4), 2))
