@@ -1,0 +1,216 @@
+"""Hypothesis-training-testing: calibration, power, batched == naive re-fits, chance, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distsim.stats import HTTResult, htt, htt_null_chunk
+
+H = importlib.import_module("distsim.stats.htt")
+
+
+def _zoo(n_tasks, n_seeds, dim, effect, seed=0, rank=None):
+    """Features (N, dim) with task means of size `effect` (in a rank-`rank` subspace if given)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_tasks), n_seeds)
+    if rank is None:
+        means = rng.normal(size=(n_tasks, dim))
+    else:
+        means = rng.normal(size=(n_tasks, rank)) @ rng.normal(size=(rank, dim)) / np.sqrt(rank)
+    return rng.normal(size=(len(labels), dim)) + effect * means[labels], labels
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize(
+    ("protocol", "n_tasks", "n_seeds"), [("closed-set", 5, 8), ("open-set", 6, 8)]
+)
+def test_null_calibration(protocol, n_tasks, n_seeds):
+    """Features independent of labels: P(p <= 0.05) over 120 replicates lies in [0.01, 0.10]."""
+    pvals, null_means, chances = [], [], []
+    for rep in range(120):
+        X, y = _zoo(n_tasks, n_seeds, 16, effect=0.0, seed=1000 + rep)
+        res = htt(X, y, protocol, permutations=39, seed=rep)
+        pvals.append(res.p_value)
+        null_means.append(res.null_mean)
+        chances.append(res.chance)
+    pvals = np.array(pvals)
+    assert 0.01 <= np.mean(pvals <= 0.05) <= 0.10
+    assert 0.25 <= np.mean(pvals <= 0.5) <= 0.75  # not degenerate at either end
+    # the permutation null sits at the analytic chance level
+    assert abs(np.mean(null_means) - np.mean(chances)) < 0.02
+
+
+# ----------------------------------------------------------------------------- power
+
+
+def test_closed_set_clear_effect_reaches_floor():
+    X, y = _zoo(8, 10, 50, effect=1.0)
+    res = htt(X, y, "closed-set", permutations=99, seed=1)
+    assert isinstance(res, HTTResult) and res.metric == "accuracy"
+    assert res.statistic >= 0.95
+    assert res.p_value == pytest.approx(1 / 100)
+    assert res.chance == pytest.approx(1 / 8)
+    assert abs(res.null_mean - 1 / 8) < 0.05
+    assert res.effect_size > 5
+    assert res.null.shape == (99,) and res.permutations == 99
+    assert res.extra["n_train"] == 8 * 6 and res.extra["n_test"] == 8 * 4
+
+
+def test_open_set_clear_effect_reaches_floor():
+    # held-out tasks share the training tasks' subspace, so a learned projection generalizes
+    X, y = _zoo(12, 10, 40, effect=3.0, rank=3)
+    res = htt(X, y, "open-set", permutations=49, seed=2, n_query=2)
+    assert res.metric == "mAP"
+    assert res.statistic >= 0.9
+    assert res.p_value == pytest.approx(1 / 50)
+    assert res.extra["cmc@1"] >= 0.9 and res.extra["cmc@10"] == 1.0
+    assert res.extra["n_train_tasks"] == 7 and res.extra["n_query"] == 5 * 2
+    assert res.chance < 0.5 and res.extra["chance_cmc@1"] == pytest.approx(0.2)
+
+
+def test_softmax_learner_finds_clear_effect():
+    X, y = _zoo(6, 10, 40, effect=1.0, seed=3)
+    res = htt(X, y, "closed-set", permutations=29, seed=0, learner="softmax")
+    assert res.statistic >= 0.95
+    assert res.p_value == pytest.approx(1 / 30)
+    assert res.extra["learner"] == "softmax" and res.extra["n_iter"] == 100
+    weak = htt(X, y, "closed-set", permutations=29, seed=0, learner="softmax", n_iter=1)
+    assert weak.statistic != res.statistic or weak.null_mean != res.null_mean
+
+
+# ----------------------------------------------------------------------------- batched == naive
+
+
+@pytest.mark.parametrize("learner", ["lda", "softmax"])
+@pytest.mark.parametrize(("protocol", "k"), [("closed-set", None), ("closed-set", 2), ("open-set", None)])
+def test_batched_null_equals_loop_of_full_refits(protocol, learner, k):
+    """The batched learner gives the same statistic as a full re-fit, permutation by permutation."""
+    X, y = _zoo(6, 8, 30, effect=0.4, seed=5)
+    kw = dict(protocol=protocol, permutations=12, seed=7, learner=learner, k=k, n_iter=30)
+    batched = htt_null_chunk(X, y, **kw)
+    naive = htt_null_chunk(X, y, batched=False, **kw)
+    assert batched.shape == (12,)
+    assert len(np.unique(batched)) > 3  # the statistic varies over permutations
+    np.testing.assert_allclose(batched, naive, rtol=0, atol=1e-9)
+    a = htt(X, y, **kw)
+    b = htt(X, y, batched=False, **kw)
+    assert a.statistic == pytest.approx(b.statistic, abs=1e-9) and a.p_value == b.p_value
+
+
+def test_chunks_combine_into_htt_null(monkeypatch):
+    X, y = _zoo(5, 6, 12, effect=0.3, seed=8)
+    res = htt(X, y, permutations=20, seed=4)
+    np.testing.assert_array_equal(res.null, htt_null_chunk(X, y, permutations=20, seed=4))
+    other = htt_null_chunk(X, y, permutations=20, seed=5, split_seed=4)
+    assert not np.array_equal(other, res.null)  # another chunk: fresh permutations, same split
+    monkeypatch.setattr(H, "_CHUNK_BYTES", 1)  # one permutation per internal chunk
+    np.testing.assert_array_equal(res.null, htt_null_chunk(X, y, permutations=20, seed=4))
+
+
+def test_deterministic_and_label_types():
+    X, y = _zoo(6, 6, 10, effect=0.5, seed=9)
+    names = [f"digits:{t}" for t in y]  # sorts like the integer codes
+    a = htt(X, y, "open-set", permutations=15, seed=3)
+    b = htt(X, names, "open-set", permutations=15, seed=3)
+    assert a.statistic == b.statistic and a.p_value == b.p_value
+    np.testing.assert_array_equal(a.null, b.null)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.statistic = 1.0
+
+
+# ----------------------------------------------------------------------------- split & permutations
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.integers(2, 7), min_size=4, max_size=7),
+    protocol=st.sampled_from(H.PROTOCOLS),
+    seed=st.integers(0, 10**6),
+)
+def test_permutations_keep_roles_and_counts(counts, protocol, seed):
+    codes = np.repeat(np.arange(len(counts)), counts)
+    names = np.arange(len(counts))
+    split = H._make_split(codes, len(counts), names, protocol, seed, 0.6, 0.6, None)
+    roles = split.blocks
+    assert np.array_equal(np.sort(np.concatenate(list(roles.values()))), np.arange(len(codes)))
+    if protocol == "closed-set":  # every task on both sides
+        assert set(codes[roles["train"]]) == set(codes[roles["test"]]) == set(names)
+    else:  # disjoint task sets; every held-out task has a query and a gallery
+        assert not set(codes[roles["train"]]) & set(codes[roles["query"]])
+        assert set(codes[roles["query"]]) == set(codes[roles["gallery"]])
+    perms = H._permuted_labels(split, 5, seed)
+    for role, idx in roles.items():
+        assert perms[role].shape == (5, len(idx))
+        for row in perms[role]:  # a permutation within the block: same per-task counts
+            assert np.array_equal(np.sort(row), np.sort(codes[idx]))
+
+
+# ----------------------------------------------------------------------------- chance levels
+
+
+@settings(max_examples=30, deadline=None)
+@given(g=st.integers(2, 9), data=st.data())
+def test_expected_ap_and_cmc_are_exact(g, data):
+    """E[AP] and P(hit in top r) under a random ranking, against enumeration of all rankings."""
+    r = data.draw(st.integers(1, g))
+    aps, hits = [], {rank: [] for rank in (1, 3)}
+    for pos in itertools.combinations(range(1, g + 1), r):  # relevant ranks, all equally likely
+        aps.append(np.mean([(i + 1) / p for i, p in enumerate(pos)]))
+        for rank in hits:
+            hits[rank].append(pos[0] <= rank)
+    assert H._expected_ap(r, g) == pytest.approx(np.mean(aps), rel=1e-12)
+    for rank in hits:
+        assert H._expected_cmc(r, g, rank) == pytest.approx(np.mean(hits[rank]), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _bad(**over):
+    X, y = _zoo(4, 4, 5, effect=0.0)
+    kw = dict(features=X, tasks=y, protocol="closed-set", permutations=9)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (_bad(features=np.zeros(16)), ValueError, "2-D"),
+        (_bad(features=np.full((16, 5), np.nan)), ValueError, "finite"),
+        (_bad(features=np.zeros((16, 5), dtype=complex)), TypeError, "real"),
+        (_bad(tasks=np.zeros(15)), ValueError, "one label per row"),
+        (_bad(protocol="closed"), ValueError, "protocol"),
+        (_bad(learner="svm"), ValueError, "learner"),
+        (_bad(permutations=0), ValueError, "permutations must be >= 1"),
+        (_bad(permutations=9.0), TypeError, "permutations"),
+        (_bad(tasks=np.zeros(16)), ValueError, "at least 2 tasks"),
+        (_bad(protocol="open-set", tasks=np.repeat(np.arange(3), [6, 5, 5])), ValueError,
+         "at least 4 tasks"),
+        (_bad(tasks=np.r_[np.repeat(np.arange(3), 5), 7]), ValueError, "task 7 has 1"),
+        (_bad(train_fraction=1.0), ValueError, "train_fraction"),
+        (_bad(protocol="open-set", train_task_fraction=0.0), ValueError, "train_task_fraction"),
+        (_bad(protocol="open-set", n_query=4), ValueError, "n_query=4 leaves no gallery"),
+        (_bad(k=4), ValueError, r"k must be None or an int in \[1, 3\]"),
+        (_bad(ridge=-1.0), ValueError, "ridge"),
+        (_bad(learner="softmax", n_iter=0), ValueError, "n_iter"),
+        (_bad(seed=-1), ValueError, "seed"),
+    ],
+)
+def test_errors_name_the_value(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        htt(**kwargs)
+
+
+def test_null_chunk_allows_zero_permutations():
+    X, y = _zoo(4, 4, 5, effect=0.0)
+    assert htt_null_chunk(X, y, permutations=0).shape == (0,)
