@@ -24,7 +24,11 @@ File layout (sections; keys not listed take the defaults of the named dataclass)
                  names), dim (random-projection size, omit for none), seed (default study.seed)
     [tests]      protocols (list of closed-set|open-set), permutations (>= 1),
                  permanova_permutations (>= 0; 0 skips PERMANOVA), learner lda|softmax,
-                 chunk_size (permutations per Ray task, >= 1), seed (default study.seed)
+                 chunk_size (permutations per Ray task, >= 1), seed (default study.seed),
+                 train_fraction (closed-set: share of each task's models that train, paper
+                 0.6), train_task_fraction (open-set: share of tasks that train, paper 0.6),
+                 n_query (open-set queries per held-out task; omit for 20%), k (embedding
+                 dims; omit for tasks - 1).  TestSpec.htt_kwargs() -> kwargs for stats.htt
     [pairs]      top_k (>= 1), block (rows per distance block, >= 1), metric euclidean|cosine
 
 Public API (stable; additions only):
@@ -134,6 +138,15 @@ class TestSpec:
     learner: str = "lda"
     chunk_size: int = 50
     seed: int = 0
+    train_fraction: float = 0.6
+    train_task_fraction: float = 0.6
+    n_query: int | None = None
+    k: int | None = None
+
+    def htt_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of distsim.stats.htt beyond features/tasks/protocol/permutations/seed."""
+        return {"learner": self.learner, "train_fraction": self.train_fraction,
+                "train_task_fraction": self.train_task_fraction, "n_query": self.n_query, "k": self.k}
 
 
 @dataclass(frozen=True)
@@ -627,11 +640,9 @@ def _features_section(table: dict, archs: tuple[ArchConfig, ...], study_seed: in
         layers = _coerce(layers, tuple[str, ...], "features.layers")
         if not layers:
             raise ConfigError("features.layers: the list of layer names is empty", "features.layers")
-        try:
-            from distsim.features import feature_layers
-        except ImportError:  # features.py not there yet: names are checked at launch
-            feature_layers = None
-        known = layers if feature_layers is None else {name for a in archs for name in feature_layers(a)}
+        from distsim.features import feature_layers
+
+        known = {name for a in archs for name in feature_layers(a)}
         unknown = [name for name in layers if name not in known]
         if unknown:
             raise ConfigError(f"features.layers: {unknown[0]!r} is not a layer of any arch; known: "
@@ -655,4 +666,12 @@ def _tests_section(table: dict, study_seed: int) -> TestSpec:
         raise ConfigError(f"tests.learner: must be one of {', '.join(LEARNERS)}, got {learner!r}", "tests.learner")
     chunk = _get(table, "chunk_size", int, "tests", default=TestSpec.chunk_size, lo=1)
     seed = _get(table, "seed", int, "tests", default=study_seed, lo=0)
-    return TestSpec(tuple(protocols), permutations, permanova, learner, chunk, seed)
+    fractions = {}
+    for key in ("train_fraction", "train_task_fraction"):
+        value = _get(table, key, float, "tests", default=getattr(TestSpec, key), lo=0.0, lo_open=True)
+        if value >= 1.0:
+            raise ConfigError(f"tests.{key}: must be in (0, 1), got {value!r}", f"tests.{key}")
+        fractions[key] = value
+    n_query = _get(table, "n_query", int, "tests", default=None, lo=1)
+    k = _get(table, "k", int, "tests", default=None, lo=1)
+    return TestSpec(tuple(protocols), permutations, permanova, learner, chunk, seed, **fractions, n_query=n_query, k=k)

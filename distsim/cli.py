@@ -1,0 +1,291 @@
+"""The ``distsim`` command line: validate and launch studies, query their stores.
+
+    distsim validate STUDY.toml
+    distsim launch STUDY.toml [--address ADDR] [--stages zoo,features,pairs,tests] [--fresh]
+    distsim status STORE
+    distsim query models|tests|neighbors STORE [--arch ..] [--task ..] [--layer ..] [--method ..]
+                  [--protocol ..] [--status ..] [--model ..] [--limit N] [--format table|csv|json]
+    distsim query sql STORE "SELECT ... FROM models ..."
+
+STORE is a store folder or a study TOML (whose study.store is used). User errors (bad study
+file, changed study, unknown table, bad SQL) print one line on stderr and exit with code 2.
+Only ``launch`` imports Ray (lazily, through distsim.pipeline).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+
+from distsim.store import STAGES, Store, StoreError
+
+app = typer.Typer(
+    name="distsim",
+    help="Weight similarity of neural networks at scale: launch studies on Ray, query their stores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+query_app = typer.Typer(help="Query a study's store (lazy polars scans).", no_args_is_help=True)
+app.add_typer(query_app, name="query")
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn):
+    """Turn ConfigError / StoreError / polars query errors into one stderr line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from distsim.config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, StoreError) as exc:
+            _fail(str(exc))
+        except pl.exceptions.PolarsError as exc:
+            _fail(f"query failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- study commands
+
+
+@app.command()
+@user_errors
+def validate(study_file: Annotated[Path, typer.Argument(help="The study TOML file.")]) -> None:
+    """Check a study file without running it; print what it would launch."""
+    from distsim.config import load_study
+
+    study = load_study(study_file)
+    n_models = study.data.num_tasks * study.train.seeds_per_task
+    typer.echo(f"ok: study {study.name!r} (config {study.hash[:12]})")
+    typer.echo(f"  store: {study.store}")
+    typer.echo(f"  data: {study.data.dataset}, {study.data.num_tasks} tasks")
+    for arch in study.archs:
+        cfg = study.train_config(arch.name)
+        typer.echo(
+            f"  arch {arch.name} ({arch.kind}): {n_models} models in {len(study.packs(arch.name))} trials "
+            f"of <= {study.train.seeds_per_trial} seeds, {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}"
+        )
+    typer.echo(f"  features: {', '.join(study.features.methods)} at layers {study.features.layers}")
+    typer.echo(
+        f"  tests: {', '.join(study.tests.protocols) or 'none'} ({study.tests.permutations} permutations), "
+        f"PERMANOVA ({study.tests.permanova_permutations} permutations)"
+    )
+
+
+@app.command()
+@user_errors
+def launch(
+    study_file: Annotated[Path, typer.Argument(help="The study TOML file.")],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join ('auto' after `ray up`); default: a local Ray (or RAY_ADDRESS)."),
+    ] = None,
+    stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in pipeline order.")] = ",".join(STAGES),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Wipe the study's store and start over.")] = False,
+) -> None:
+    """Run a study on Ray: zoo -> features -> pairs -> tests, each stage skipping finished work."""
+    from distsim.config import load_study
+
+    study = load_study(study_file)
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown or not chosen:
+        _fail(f"--stages: {unknown[0] if unknown else stages!r} is not a stage; stages: {','.join(STAGES)}")
+    from distsim.pipeline.launch import run_study
+
+    run_study(study, address=address, stages=tuple(s for s in STAGES if s in chosen), fresh=fresh)
+
+
+# ----------------------------------------------------------------------------- store commands
+
+
+def _open_store(path: Path) -> Store:
+    """A store folder, or the store of a study TOML; StoreError when there is none."""
+    if path.suffix == ".toml":
+        from distsim.config import load_study
+
+        path = Path(load_study(path).store)
+    store = Store(path)
+    if not store.exists:
+        raise StoreError(f"no distsim store at {str(path)!r} (no study.json or tables); run `distsim launch` first")
+    return store
+
+
+@app.command()
+@user_errors
+def status(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="Store folder or study TOML.")]) -> None:
+    """Stages done and models ok/diverged/failed per architecture."""
+    store = _open_store(store_path)
+    held = store.read_study() or {}
+    typer.echo(f"store: {store.root}")
+    if held:
+        typer.echo(f"study: {held.get('name')} (config {str(held.get('hash'))[:12]}, created {held.get('created')})")
+    done = store.stages()
+    for stage in STAGES:
+        info = done.get(stage)
+        typer.echo(f"  {stage:<9} {'done ' + info.get('finished', '') if info else 'pending'}")
+    _emit(store.summary(), Format.table, limit=0)
+
+
+_QUERIES = {
+    # table: (columns shown by default, sort order)
+    "models": (
+        ["model_id", "arch", "task", "seed", "status", "train_acc", "test_acc", "test_loss", "epochs", "seconds", "node"],
+        ["arch", "task", "seed"],
+    ),
+    "tests": (
+        ["arch", "layer", "method", "protocol", "statistic", "observed", "chance", "null_mean", "null_sd",
+         "p_value", "permutations", "n_models", "n_tasks"],
+        ["arch", "layer", "method", "protocol"],
+    ),
+    "neighbors": (
+        ["model_id", "arch", "layer", "method", "task", "rank", "neighbor_id", "neighbor_task", "distance", "same_task"],
+        ["arch", "layer", "method", "task", "model_id", "rank"],
+    ),
+}
+
+StoreArg = Annotated[Path, typer.Argument(metavar="STORE", help="Store folder or study TOML.")]
+ArchOpt = Annotated[str | None, typer.Option(help="Only this architecture (name).")]
+TaskOpt = Annotated[int | None, typer.Option(help="Only this task id.")]
+LayerOpt = Annotated[str | None, typer.Option(help="Only this layer (e.g. fc1, conv2, out).")]
+MethodOpt = Annotated[str | None, typer.Option(help="Only this feature method (chain-gram, raw).")]
+ProtocolOpt = Annotated[str | None, typer.Option(help="Only this protocol (closed-set, open-set, permanova).")]
+StatusOpt = Annotated[str | None, typer.Option(help="Only models with this status (ok, diverged, failed).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Only this model_id.")]
+LimitOpt = Annotated[int | None, typer.Option(help="At most N rows (0 = all; default 50 for table, all otherwise).")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="table (terminal), csv, or json (rows).")]
+
+
+def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: Format) -> None:
+    store = _open_store(store_path)
+    columns, order = _QUERIES[table]
+    lf = store.scan(table)
+    names = lf.collect_schema().names()
+    for col, value in filters.items():
+        if value is None:
+            continue
+        if col not in names:
+            raise StoreError(f"--{col.replace('_', '-')} does not apply to {table}")
+        lf = lf.filter(pl.col(col) == value)
+    lf = lf.sort(order).select(columns)
+    if limit is None:
+        limit = 50 if fmt is Format.table else 0
+    if limit < 0:
+        raise StoreError(f"--limit must be >= 0, got {limit}")
+    total = lf.select(pl.len()).collect().item() if fmt is Format.table and limit else None
+    df = (lf.head(limit) if limit else lf).collect()
+    _emit(df, fmt, limit=limit)
+    if total is not None and total > df.height:
+        typer.echo(f"({df.height} of {total} rows; --limit 0 shows all)", err=True)
+
+
+@query_app.command("models")
+@user_errors
+def query_models(store_path: StoreArg, arch: ArchOpt = None, task: TaskOpt = None, status: StatusOpt = None,
+                 model: ModelOpt = None, limit: LimitOpt = None, fmt: FormatOpt = Format.table) -> None:
+    """Trained models: seed, status, accuracy, loss, time, node."""
+    _query("models", store_path, {"arch": arch, "task": task, "status": status, "model_id": model}, limit, fmt)
+
+
+@query_app.command("tests")
+@user_errors
+def query_tests(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None, method: MethodOpt = None,
+                protocol: ProtocolOpt = None, limit: LimitOpt = None, fmt: FormatOpt = Format.table) -> None:
+    """Hypothesis tests: statistic, chance, null mean/sd, p-value per arch/layer/method/protocol."""
+    _query("tests", store_path, {"arch": arch, "layer": layer, "method": method, "protocol": protocol}, limit, fmt)
+
+
+@query_app.command("neighbors")
+@user_errors
+def query_neighbors(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None, method: MethodOpt = None,
+                    task: TaskOpt = None, model: ModelOpt = None, limit: LimitOpt = None,
+                    fmt: FormatOpt = Format.table) -> None:
+    """Per-model nearest neighbours in feature space (rank 1 = nearest)."""
+    _query("neighbors", store_path, {"arch": arch, "layer": layer, "method": method, "task": task, "model_id": model},
+           limit, fmt)
+
+
+@query_app.command("sql")
+@user_errors
+def query_sql(
+    store_path: StoreArg,
+    sql: Annotated[str, typer.Argument(help="A SELECT over the tables models, weights, features, neighbors, pairs, tests.")],
+    limit: LimitOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Any SQL SELECT over the store's tables (polars SQL)."""
+    from distsim.store import TABLES
+
+    store = _open_store(store_path)
+    ctx = pl.SQLContext({name: store.scan(name) for name in TABLES}, eager=False)
+    lf = ctx.execute(sql)
+    if limit is None:
+        limit = 50 if fmt is Format.table else 0
+    df = (lf.head(limit) if limit else lf).collect()
+    _emit(df, fmt, limit=limit)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _emit(df: pl.DataFrame, fmt: Format, limit: int) -> None:
+    """Print a frame as a terminal table, CSV or JSON rows (NaN -> null, lists kept in JSON)."""
+    if fmt is Format.json:
+        rows = [{k: _json_value(v) for k, v in row.items()} for row in df.iter_rows(named=True)]
+        typer.echo(json.dumps(rows, allow_nan=False))
+        return
+    if fmt is Format.csv:
+        nested = [c for c, t in df.schema.items() if t.is_nested()]
+        out = df.with_columns(pl.col(c).map_elements(json.dumps, return_dtype=pl.String) for c in nested) if nested else df
+        sys.stdout.write(out.write_csv())
+        return
+    width = shutil.get_terminal_size((120, 40)).columns
+    with pl.Config(
+        tbl_rows=max(df.height, 1) if limit == 0 else max(limit, 1),
+        tbl_cols=-1,
+        tbl_width_chars=width,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        float_precision=4,
+        fmt_str_lengths=40,
+        fmt_table_cell_list_len=4,
+    ):
+        typer.echo(str(df))
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
