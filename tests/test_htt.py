@@ -31,7 +31,10 @@ def _zoo(n_tasks, n_seeds, dim, effect, seed=0, rank=None):
 
 
 @pytest.mark.parametrize(
-    ("protocol", "n_tasks", "n_seeds"), [("closed-set", 5, 8), ("open-set", 6, 8)]
+    ("protocol", "n_tasks", "n_seeds"),
+    # open-set with 4 tasks: 2 training tasks, a 1-D embedding, cosines of +-1, so every score
+    # ties; calibrated only if ties break in a label-independent order (zoos are stored by task)
+    [("closed-set", 5, 8), ("open-set", 6, 8), ("open-set", 4, 20)],
 )
 def test_null_calibration(protocol, n_tasks, n_seeds):
     """Features independent of labels: P(p <= 0.05) over 120 replicates lies in [0.01, 0.10]."""
@@ -112,6 +115,8 @@ def test_chunks_combine_into_htt_null(monkeypatch):
     np.testing.assert_array_equal(res.null, htt_null_chunk(X, y, permutations=20, seed=4))
     other = htt_null_chunk(X, y, permutations=20, seed=5, split_seed=4)
     assert not np.array_equal(other, res.null)  # another chunk: fresh permutations, same split
+    pair = htt_null_chunk(X, y, permutations=20, seed=(4, 1), split_seed=4)
+    assert not np.array_equal(pair, res.null) and not np.array_equal(pair, other)
     monkeypatch.setattr(H, "_CHUNK_BYTES", 1)  # one permutation per internal chunk
     np.testing.assert_array_equal(res.null, htt_null_chunk(X, y, permutations=20, seed=4))
 

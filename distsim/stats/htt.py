@@ -25,6 +25,12 @@ permutation null conditional on the observed partition of positions into roles, 
 under H0 (solutions exchangeable across tasks). Because the training positions do not change,
 standardization and the Gram eigendecomposition are shared by all permutations and the learners
 run batched; ``batched=False`` runs the same test as a loop of full re-fits (the reference).
+
+Chance: closed-set 1/tasks; open-set the exact expected mAP of a uniformly random ranking of that
+query/gallery structure, E[AP] = (H_G + (R-1)/(G-1) (G - H_G)) / G for a query with R relevant of G
+gallery items (H_G harmonic), averaged over queries (likewise the CMC chance in ``extra``).
+Ties: the gallery is stored in a seeded random order and sorted stably, so tied scores (e.g. a 1-D
+embedding from 2 training tasks) break in an order independent of the labels.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ class _Split:
     protocol: str
     codes: np.ndarray
     n_tasks: int
-    blocks: dict[str, np.ndarray]  # role -> sorted position indices
+    blocks: dict[str, np.ndarray]  # role -> position indices (sorted; the gallery shuffled)
     train_classes: np.ndarray  # task codes present in the train block (learner's classes)
 
 
@@ -146,7 +152,9 @@ def _make_split(codes, n_tasks, names, protocol, seed, train_fraction, train_tas
     blocks = {
         "train": np.sort(np.concatenate([members[t] for t in train_tasks])),
         "query": np.sort(np.concatenate(query)),
-        "gallery": np.sort(np.concatenate(gallery)),
+        # gallery in a seeded random order: the stable sort of tied scores then breaks ties in an
+        # order independent of the labels (zoos are usually stored task by task)
+        "gallery": rng.permutation(np.concatenate(gallery)),
     }
     return _Split(protocol, codes, n_tasks, blocks, train_tasks)
 
@@ -450,8 +458,10 @@ def htt_null_chunk(
     """Null statistics (B,) for one chunk of label permutations; features (N, D), tasks (N,).
 
     `seed` seeds the permutations of this chunk, `split_seed` (default: `seed`) the train/test
-    split; chunks that share `split_seed` but differ in `seed` combine into one null of `htt`
-    (which uses seed=split_seed=its seed). batched=False: a loop of full re-fits (reference).
+    split. Chunks that share `split_seed` but differ in `seed` combine into one null: e.g.
+    ``htt(..., seed=s)`` plus chunks ``seed=(s, i), split_seed=s`` for i = 1, 2, ..., then
+    ``p_value(result.statistic, concatenate([result.null, *chunks]))``.
+    batched=False: a loop of full re-fits (the reference; same values).
     """
     X, split = _setup(features, tasks, protocol, learner, permutations, 0,
                       seed if split_seed is None else split_seed, train_fraction,
