@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("mlp", "cnn", "rnn")
@@ -180,3 +181,69 @@ def build(cfg: ArchConfig) -> nn.Module:
         layers.append(nn.Linear(n_in, cfg.num_classes))
         return nn.Sequential(*layers)
     return RNNClassifier(cfg)
+
+
+def forward_packed(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """K copies of ``model``'s architecture with stacked weights, run as one batched call.
+
+    params[name]: (K, *shape) for every parameter name of ``model`` (its own weights are unused).
+    x: (K, B, C, H, W), one batch per copy -> logits (K, B, num_classes). Linear layers become
+    batched matmuls, Conv2d a grouped convolution (groups=K), the GRU batched matmuls per step.
+    """
+    if isinstance(model, RNNClassifier):
+        k, b, c, h, w = x.shape
+        seq = x.permute(0, 1, 3, 2, 4).reshape(k, b, h, c * w)  # rows of the image as steps
+        return _linear(params, "head", _gru_packed(model.gru, params, "gru", seq))
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"forward_packed() takes a model from build(), got {type(model).__name__}")
+    k, b = x.shape[:2]
+    out, grouped = x, False  # grouped: (B, K*C, H, W) layout of a grouped convolution
+    for name, layer in model.named_children():
+        if isinstance(layer, nn.Conv2d):
+            if not grouped:
+                out, grouped = out.transpose(0, 1).reshape(b, -1, *out.shape[-2:]), True
+            w = params[f"{name}.weight"]
+            out = F.conv2d(out, w.reshape(-1, *w.shape[2:]), params[f"{name}.bias"].reshape(-1),
+                           stride=layer.stride, padding=layer.padding, groups=k)
+        elif isinstance(layer, nn.MaxPool2d):
+            out = F.max_pool2d(out, layer.kernel_size, layer.stride, layer.padding)
+        elif isinstance(layer, nn.Flatten):
+            out = out.reshape(b, k, -1).transpose(0, 1) if grouped else out.flatten(2)
+            grouped = False
+        elif isinstance(layer, nn.Linear):
+            out = _linear(params, name, out)
+        elif isinstance(layer, nn.LeakyReLU):
+            out = F.leaky_relu(out, layer.negative_slope)
+        elif isinstance(layer, nn.ReLU):
+            out = F.relu(out)
+        else:
+            raise TypeError(f"forward_packed(): unsupported layer {name}: {type(layer).__name__}")
+    return out
+
+
+def _linear(params: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """(K, B, in) -> (K, B, out) with weight (K, out, in) and bias (K, out)."""
+    return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x, params[f"{name}.weight"].transpose(1, 2))
+
+
+def _gru_packed(gru: GRU, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """K stacked GRUs (the maths of GRU.forward): x (K, B, T, in) -> last hidden state (K, B, H)."""
+    k, b, steps, _ = x.shape
+    for layer in range(gru.num_layers):
+        w_ih, w_hh = params[f"{prefix}.weight_ih_l{layer}"], params[f"{prefix}.weight_hh_l{layer}"]
+        b_ih, b_hh = params[f"{prefix}.bias_ih_l{layer}"], params[f"{prefix}.bias_hh_l{layer}"]
+        gi_all = torch.baddbmm(b_ih.unsqueeze(1), x.reshape(k, b * steps, -1), w_ih.transpose(1, 2))
+        gi_all = gi_all.view(k, b, steps, -1)  # input projections of every step at once
+        h = x.new_zeros(k, b, gru.hidden_size)
+        outs = []
+        for t in range(steps):
+            gh = torch.baddbmm(b_hh.unsqueeze(1), h, w_hh.transpose(1, 2))
+            i_r, i_z, i_n = gi_all[:, :, t].chunk(3, dim=-1)
+            h_r, h_z, h_n = gh.chunk(3, dim=-1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = (1 - z) * n + z * h
+            outs.append(h)
+        x = torch.stack(outs, dim=2)
+    return h

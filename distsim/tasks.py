@@ -1,0 +1,237 @@
+"""Offline tasks of a zoo: class-pair tasks of digits or a user's .npz, and synthetic mixtures.
+
+A *task* is a small labelled dataset that many networks are trained on. Every task is built
+from a :class:`DataConfig` alone, with numpy's seeded generators, so building it twice gives
+bit-identical arrays (no downloads, no global random state).
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes). A task is a pair of
+  classes (45 possible) relabelled 0/1; images are (1, 8, 8) float32 in [0, 1].
+- ``npz``: a user's file with arrays ``X`` (N, C, H, W), (N, H, W) or (N, D) and integer ``y``
+  (N,); tasks are class pairs as for digits (uint8 images are scaled to [0, 1]).
+- ``synthetic``: seeded Gaussian-mixture tasks of any shape and number of classes, for fast
+  tests and scale benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DATASETS = ("digits", "synthetic", "npz")
+PAIRINGS = ("random", "consecutive")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which tasks a study trains on.
+
+    dataset: ``digits`` | ``synthetic`` | ``npz``.
+    num_tasks: how many tasks; for class pairs at most C(classes, 2) (``random``) or
+        classes // 2 (``consecutive``).
+    seed: picks the pairs (``random``), the train/test splits and the synthetic samples.
+    test_fraction: share of each class held out for testing (stratified), in (0, 1).
+    pairing: ``random`` (num_tasks pairs drawn from all pairs by the seed) or ``consecutive``
+        (classes (0, 1), (2, 3), ... as in the paper's CIFAR-100 protocol).
+    path: the .npz file for ``npz``.
+    synthetic_*: classes per task, sample shape (C, H, W), samples per class and the distance
+        scale between class means (larger = easier) of the synthetic mixtures.
+    """
+
+    dataset: str = "digits"
+    num_tasks: int = 10
+    seed: int = 0
+    test_fraction: float = 0.25
+    pairing: str = "random"
+    path: str | None = None
+    synthetic_classes: int = 2
+    synthetic_shape: tuple[int, int, int] = (1, 8, 8)
+    synthetic_samples: int = 100
+    synthetic_separation: float = 3.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "synthetic_shape", tuple(int(s) for s in self.synthetic_shape))
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"data.pairing must be one of {PAIRINGS}, got {self.pairing!r}")
+        if isinstance(self.num_tasks, bool) or not isinstance(self.num_tasks, int) or self.num_tasks < 1:
+            raise ValueError(f"data.num_tasks must be a positive int, got {self.num_tasks!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed must be a non-negative int, got {self.seed!r}")
+        if not 0.0 < float(self.test_fraction) < 1.0:
+            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if self.dataset == "npz" and not self.path:
+            raise ValueError("data.path must name an .npz file when data.dataset is 'npz'")
+        if self.synthetic_classes < 2:
+            raise ValueError(f"data.synthetic_classes must be >= 2, got {self.synthetic_classes}")
+        if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
+            raise ValueError(
+                f"data.synthetic_shape must be (C, H, W) of positive ints, got {self.synthetic_shape!r}"
+            )
+        if self.synthetic_samples < 2:
+            raise ValueError(f"data.synthetic_samples must be >= 2 per class, got {self.synthetic_samples}")
+        if not self.synthetic_separation > 0:
+            raise ValueError(f"data.synthetic_separation must be > 0, got {self.synthetic_separation}")
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One labelled dataset: x_* float32 (N, C, H, W), y_* int64 (N,) with labels 0..k-1.
+
+    classes: the original class ids behind labels 0..k-1 (label i is classes[i]).
+    """
+
+    task_id: int
+    name: str
+    classes: tuple[int, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample."""
+        return tuple(int(s) for s in self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def make_tasks(cfg: DataConfig) -> list[Task]:
+    """The cfg.num_tasks tasks of a study, in a fixed order (task_id = position)."""
+    if not isinstance(cfg, DataConfig):
+        raise TypeError(f"make_tasks() takes a DataConfig, got {type(cfg).__name__}")
+    if cfg.dataset == "synthetic":
+        return [_synthetic_task(cfg, i) for i in range(cfg.num_tasks)]
+    if cfg.dataset == "digits":
+        x, y = _digits()
+        prefix = "digits"
+    else:
+        x, y = _load_npz(cfg.path)
+        prefix = Path(cfg.path).stem
+    return _pair_tasks(cfg, x, y, prefix)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
+    return x, data.target.astype(np.int64)
+
+
+def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """X as float32 (N, C, H, W) and y as int64 (N,) from a user's .npz."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"data.path: no such file {str(p)!r}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            files = sorted(f.files)
+            x = f["X"] if "X" in files else None
+            y = f["y"] if "y" in files else None
+    except Exception as exc:  # zip/pickle/format errors all mean "not a usable .npz"
+        raise ValueError(f"data.path: cannot read {str(p)!r} as .npz ({exc})") from exc
+    if x is None or y is None:
+        raise ValueError(f"data.path: {str(p)!r} must hold arrays 'X' and 'y', has {files}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"data.path: y must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+    if x.shape[:1] != y.shape:
+        raise ValueError(f"data.path: X has {x.shape[0] if x.ndim else 0} samples but y has {y.shape[0]}")
+    if x.ndim not in (2, 3, 4):
+        raise ValueError(f"data.path: X must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}")
+    scale = np.float32(255.0) if x.dtype == np.uint8 else np.float32(1.0)
+    x = x.astype(np.float32) / scale
+    if not np.isfinite(x).all():
+        raise ValueError(f"data.path: X of {str(p)!r} holds non-finite values")
+    if x.ndim == 2:
+        x = x[:, None, None, :]
+    elif x.ndim == 3:
+        x = x[:, None]
+    return np.ascontiguousarray(x), y.astype(np.int64)
+
+
+def _pair_tasks(cfg: DataConfig, x: np.ndarray, y: np.ndarray, prefix: str) -> list[Task]:
+    classes = np.unique(y)
+    if cfg.pairing == "consecutive":
+        pairs = [(int(classes[2 * i]), int(classes[2 * i + 1])) for i in range(len(classes) // 2)]
+    else:
+        pairs = [(int(a), int(b)) for a, b in itertools.combinations(classes, 2)]
+    if cfg.num_tasks > len(pairs):
+        raise ValueError(
+            f"data.num_tasks={cfg.num_tasks} is more than the {len(pairs)} {cfg.pairing} class pairs "
+            f"of {prefix} ({len(classes)} classes)"
+        )
+    if cfg.pairing == "random":
+        rng = np.random.default_rng([cfg.seed, 0])
+        chosen = np.sort(rng.choice(len(pairs), size=cfg.num_tasks, replace=False))
+        pairs = [pairs[i] for i in chosen]
+    else:
+        pairs = pairs[: cfg.num_tasks]
+    tasks = []
+    for task_id, (a, b) in enumerate(pairs):
+        idx = np.flatnonzero((y == a) | (y == b))
+        labels = (y[idx] == b).astype(np.int64)
+        rng = np.random.default_rng([cfg.seed, 1, a, b])
+        train, test = _stratified_split(labels, cfg.test_fraction, rng, f"{prefix}:{a}v{b}")
+        tasks.append(
+            Task(
+                task_id=task_id,
+                name=f"{prefix}:{a}v{b}",
+                classes=(a, b),
+                x_train=x[idx[train]],
+                y_train=labels[train],
+                x_test=x[idx[test]],
+                y_test=labels[test],
+            )
+        )
+    return tasks
+
+
+def _stratified_split(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of a stratified train/test split: round(test_fraction * n_c) of each class."""
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_test = int(round(test_fraction * len(idx)))
+        if n_test < 1 or n_test >= len(idx):
+            raise ValueError(
+                f"task {name}: class {int(c)} has {len(idx)} samples, too few for a train/test "
+                f"split with test_fraction={test_fraction} (need >= 1 sample on each side)"
+            )
+        perm = rng.permutation(idx)
+        test.append(perm[:n_test])
+        train.append(perm[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _synthetic_task(cfg: DataConfig, task_id: int) -> Task:
+    """Gaussian mixture: class means ~ N(0, sep^2 / D) per feature plus N(0, 1) noise, (N, C, H, W)."""
+    k, shape, n = cfg.synthetic_classes, cfg.synthetic_shape, cfg.synthetic_samples
+    dim = math.prod(shape)
+    rng = np.random.default_rng([cfg.seed, 2, task_id])
+    means = rng.normal(size=(k, dim)) * (cfg.synthetic_separation / math.sqrt(dim))
+    # Two means lie ~ sep * sqrt(2) apart whatever D; the noise along that direction has sd 1.
+    labels = np.repeat(np.arange(k, dtype=np.int64), n)
+    x = means[labels] + rng.normal(size=(k * n, dim))
+    x = x.astype(np.float32).reshape(k * n, *shape)
+    train, test = _stratified_split(labels, cfg.test_fraction, rng, f"synthetic:{task_id}")
+    return Task(
+        task_id=task_id,
+        name=f"synthetic:{task_id}",
+        classes=tuple(range(k)),
+        x_train=x[train],
+        y_train=labels[train],
+        x_test=x[test],
+        y_test=labels[test],
+    )

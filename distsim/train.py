@@ -1,0 +1,328 @@
+"""Packed SGD training: K seeds of one architecture on one task, trained together.
+
+A *pack* stacks the parameters of K models along a new leading axis and trains them with one
+batched call per step (``torch.func.functional_call`` under ``torch.func.vmap``: a Linear
+becomes a batched matmul, a Conv2d a grouped convolution). Packing is an optimization, not a
+different experiment: seed s inside a pack is the same run as seed s trained alone.
+
+- Init of seed s: ``torch.manual_seed(s); build(arch_config.with_task_shape(...))`` (the
+  caller's global RNG state is restored afterwards), see :func:`init_model`.
+- Mini-batch order of seed s: ``numpy.random.default_rng((s, 1))`` draws one permutation of
+  the training set per epoch (the last batch may be smaller); it depends on s alone.
+- Optimizer: SGD with momentum, the update of ``torch.optim.SGD`` (dampening 0, optional
+  Nesterov and weight decay), or Adam with the update of ``torch.optim.Adam``; the learning
+  rate is multiplied by gamma at each epoch in ``milestones`` (``MultiStepLR``).
+- Divergence: a seed whose loss or updated weights turn non-finite is frozen at its last
+  finite weights and reported ``diverged``; the other seeds of the pack go on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distsim.models import ArchConfig, build, forward_packed
+from distsim.tasks import Task
+
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+GATHER_BYTES = 64 * 2**20  # memory for the gathered mini-batches of a pack
+BATCH_STREAM = 1  # second word of the batch-order seed: default_rng((seed, BATCH_STREAM))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How every seed of a pack is trained (shared by the pack; the seed sets init and batch order).
+
+    epochs, batch_size: passes over the training set and samples per step.
+    lr, momentum, weight_decay, nesterov: SGD (``torch.optim.SGD`` semantics, dampening 0).
+    optimizer: ``sgd`` | ``adam`` (``betas``, ``eps`` as ``torch.optim.Adam``; momentum unused).
+    milestones, gamma: lr is multiplied by gamma after each listed epoch (``MultiStepLR``).
+    device: ``cpu`` | ``cuda`` | ``auto`` (cuda when available). dtype: ``float32`` | ``float64``.
+    eval_batch: samples per forward pass when evaluating (bounds memory on big tasks).
+    """
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    device: str = "cpu"
+    dtype: str = "float32"
+    eval_batch: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        for key in ("epochs", "batch_size", "eval_batch"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{key} must be a positive int, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"train.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("train.nesterov needs train.momentum > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not self.eps > 0:
+            raise ValueError(f"train.eps must be > 0, got {self.eps!r}")
+        if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"train.milestones must be increasing positive epochs, got {self.milestones!r}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"train.gamma must be in (0, 1], got {self.gamma!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"train.device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+
+# Defaults per architecture kind for digits-size tasks (~270 training images): >= 95% mean test
+# accuracy on 10 digits pair-tasks in a few seconds per pack (see benchmarks/zoo_accuracy.py).
+DEFAULT_TRAIN: dict[str, TrainConfig] = {
+    "mlp": TrainConfig(epochs=10, batch_size=32, lr=0.05, momentum=0.9),
+    "cnn": TrainConfig(epochs=10, batch_size=32, lr=0.05, momentum=0.9),
+    "rnn": TrainConfig(epochs=15, batch_size=32, lr=0.05, momentum=0.9),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class SeedResult:
+    """One trained solution. state_dict: CPU tensors in the training dtype (float32 by default).
+
+    seconds: the pack's wall time divided by its size (the seed's share of the compute).
+    epochs: epochs completed with finite loss and weights (less than asked when diverged).
+    """
+
+    seed: int
+    state_dict: dict[str, torch.Tensor]
+    train_acc: float
+    test_acc: float
+    train_loss: float
+    test_loss: float
+    epochs: int
+    seconds: float
+    status: str
+
+
+def init_model(arch_config: ArchConfig, seed: int) -> nn.Module:
+    """The untrained model of ``seed``: torch.manual_seed(seed) then build(); global RNG untouched.
+
+    Only the CPU generator is seeded (models are built on the CPU), which gives the same weights
+    as ``torch.manual_seed(seed)`` without its per-call cost of queueing lazy CUDA seeding.
+    """
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(int(seed))
+        return build(arch_config)
+    finally:
+        torch.set_rng_state(state)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
+    if device not in DEVICES:
+        raise ValueError(f"train.device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but torch sees no CUDA device (use 'cpu' or 'auto')")
+    return torch.device(device)
+
+
+def batch_orders(seeds: Sequence[int], n: int, epochs: int) -> Iterator[np.ndarray]:
+    """Per epoch, a (K, n) int64 array: row k is seed k's permutation of the n training samples."""
+    rngs = [np.random.default_rng((s, BATCH_STREAM)) for s in seeds]
+    for _ in range(epochs):
+        yield np.stack([rng.permutation(n) for rng in rngs])
+
+
+def train_pack(
+    task: Task,
+    arch_config: ArchConfig,
+    seeds: Sequence[int],
+    train_config: TrainConfig | None = None,
+) -> list[SeedResult]:
+    """Train one model per seed on ``task`` as one pack; results in the order of ``seeds``."""
+    cfg = train_config if train_config is not None else TrainConfig()
+    if not isinstance(task, Task):
+        raise TypeError(f"train_pack() takes a Task, got {type(task).__name__}")
+    if not isinstance(arch_config, ArchConfig):
+        raise TypeError(f"train_pack() takes an ArchConfig, got {type(arch_config).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig, got {type(cfg).__name__}")
+    seeds = _check_seeds(seeds)
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    arch = arch_config.with_task_shape(task.input_shape, task.num_classes)
+    start = time.perf_counter()
+
+    models = [init_model(arch, s) for s in seeds]
+    template, k = models[0], len(seeds)
+    params = {  # (K, *shape) per parameter, row i = seed i
+        name: torch.stack([m.get_parameter(name).detach() for m in models]).to(device, dtype)
+        for name, _ in template.named_parameters()
+    }
+    x_train = torch.as_tensor(task.x_train, device=device, dtype=dtype)
+    y_train = torch.as_tensor(task.y_train, device=device)
+    n = x_train.shape[0]
+    # Batches are gathered a chunk of steps at a time (whole epoch when it fits GATHER_BYTES).
+    sample_bytes = x_train[0].numel() * x_train.element_size()
+    steps = max(1, GATHER_BYTES // (k * cfg.batch_size * sample_bytes))
+    chunk = cfg.batch_size * steps
+    opt = _Optimizer(cfg, params)
+    active = torch.arange(k, device=device)  # rows of the pack still training
+    frozen: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # diverged row -> (weights, epochs)
+    lr = cfg.lr
+    for epoch, order in enumerate(batch_orders(seeds, n, cfg.epochs)):
+        order = torch.as_tensor(order, device=device)
+        for lo in range(0, n, cfg.batch_size):
+            if lo % chunk == 0:  # gather the next chunk of steps' batches of every seed at once
+                idx = order[active, lo : lo + chunk]  # (K', chunk)
+                x_chunk, y_chunk = x_train[idx], y_train[idx]
+            xb = x_chunk[:, lo % chunk : lo % chunk + cfg.batch_size]  # (K', b, C, H, W)
+            yb = y_chunk[:, lo % chunk : lo % chunk + cfg.batch_size]  # (K', b)
+            for p in params.values():
+                p.requires_grad_(True)
+            logits = forward_packed(template, params, xb)  # (K', b, classes)
+            loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+            loss = loss.view(len(active), -1).mean(dim=1)  # (K',): each seed's own mean loss
+            # Seeds are independent, so d(sum of losses)/d(params of k) = d(loss_k)/d(params of k).
+            grads = torch.autograd.grad(loss.sum(), list(params.values()))
+            with torch.no_grad():
+                new = opt.step(params, grads, lr)
+                finite = torch.isfinite(loss + sum(p.flatten(1).sum(dim=1) for p in new.values()))
+                if not bool(finite.all()):  # freeze diverged seeds at their last finite weights
+                    for row in torch.nonzero(~finite).flatten().tolist():
+                        frozen[int(active[row])] = ({m: p[row].detach() for m, p in params.items()}, epoch)
+                    keep = torch.nonzero(finite).flatten()
+                    active, new = active[keep], {m: p[keep] for m, p in new.items()}
+                    x_chunk, y_chunk = x_chunk[keep], y_chunk[keep]
+                    opt.keep(keep)
+            params = new
+            if len(active) == 0:
+                break
+        if len(active) == 0:
+            break
+        if epoch + 1 in cfg.milestones:
+            lr *= cfg.gamma
+
+    with torch.no_grad():  # put the frozen seeds back in their rows, evaluate the whole pack
+        for name, p in params.items():
+            full = torch.empty(k, *p.shape[1:], dtype=dtype, device=device)
+            full[active] = p.detach()
+            for row, (weights, _) in frozen.items():
+                full[row] = weights[name]
+            params[name] = full
+        train_loss, train_acc = _evaluate(template, params, task.x_train, task.y_train, cfg.eval_batch)
+        test_loss, test_acc = _evaluate(template, params, task.x_test, task.y_test, cfg.eval_batch)
+    seconds = (time.perf_counter() - start) / k
+    cpu = {name: p.cpu() for name, p in params.items()}
+    return [
+        SeedResult(
+            seed=seed,
+            state_dict={name: cpu[name][i].clone() for name in template.state_dict()},
+            train_acc=float(train_acc[i]),
+            test_acc=float(test_acc[i]),
+            train_loss=float(train_loss[i]),
+            test_loss=float(test_loss[i]),
+            epochs=frozen[i][1] if i in frozen else cfg.epochs,
+            seconds=seconds,
+            status="diverged" if i in frozen else "ok",
+        )
+        for i, seed in enumerate(seeds)
+    ]
+
+
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) == 0:
+        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"seeds must be non-negative ints, got {s!r}")
+        out.append(int(s))
+    if len(set(out)) != len(out):
+        raise ValueError(f"seeds must be distinct (a repeated seed is the same experiment), got {out}")
+    return out
+
+
+class _Optimizer:
+    """SGD-momentum / Adam on stacked (K, ...) tensors, the foreach maths of torch.optim.
+
+    The optimizer state is updated in place; the parameters are returned as new tensors, so
+    that the caller still holds the previous (finite) ones when a seed diverges.
+    """
+
+    def __init__(self, cfg: TrainConfig, params: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.t = cfg, 0
+        n_state = 2 if cfg.optimizer == "adam" else (1 if cfg.momentum else 0)
+        self.state = [[torch.zeros_like(p) for p in params.values()] for _ in range(n_state)]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the optimizer state of every row not in ``rows`` (diverged seeds)."""
+        self.state = [[s[rows] for s in group] for group in self.state]
+
+    def step(self, params: dict[str, torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> dict:
+        cfg, names, p = self.cfg, list(params), [t.detach() for t in params.values()]
+        self.t += 1
+        g = list(grads)
+        if cfg.weight_decay:
+            g = torch._foreach_add(g, p, alpha=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            if cfg.momentum:
+                bufs = self.state[0]
+                if self.t == 1:
+                    torch._foreach_copy_(bufs, g)
+                else:
+                    torch._foreach_mul_(bufs, cfg.momentum)
+                    torch._foreach_add_(bufs, g)
+                g = torch._foreach_add(g, bufs, alpha=cfg.momentum) if cfg.nesterov else bufs
+            new = torch._foreach_add(p, g, alpha=-lr)
+        else:
+            (b1, b2), (m, v) = cfg.betas, self.state
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, 1 - b2)
+            bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(bc2))
+            torch._foreach_add_(denom, cfg.eps)
+            new = torch._foreach_addcdiv(p, m, denom, -lr / bc1)
+        return dict(zip(names, new, strict=True))
+
+
+def _evaluate(
+    template: nn.Module, params: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean cross-entropy and accuracy of every row of the pack on x (N, C, H, W), y (N,): two (K,)."""
+    first = next(iter(params.values()))
+    k, device, dtype = first.shape[0], first.device, first.dtype
+    loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
+    correct = torch.zeros(k, dtype=torch.int64, device=device)
+    for lo in range(0, len(x), batch):
+        xb = torch.as_tensor(x[lo : lo + batch], device=device, dtype=dtype)
+        yb = torch.as_tensor(y[lo : lo + batch], device=device)
+        logits = forward_packed(template, params, xb.expand(k, *xb.shape))  # (K, b, classes)
+        loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1)
+        loss_sum += loss.double().sum(dim=1)
+        correct += (logits.argmax(dim=-1) == yb).sum(dim=1)
+    return (loss_sum / len(x)).cpu().numpy(), (correct.double() / len(x)).cpu().numpy()
