@@ -143,23 +143,20 @@ def _upper(g: torch.Tensor) -> torch.Tensor:
     return g[:, i, j]
 
 
-def _sequential_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
-    """(K, P+1, units) homogeneous chain map M_l^T at parametric layer ``upto`` (after its bias).
+def _affine_walk(plan: Plan, p: Mapping[str, torch.Tensor], x: torch.Tensor, upto: int, bias_row: int | None) -> torch.Tensor:
+    """The linearized network (activations dropped, max pooling as average) applied to J inputs
+    per model: x (K, J, *input_shape) -> (K, J, units of parametric layer ``upto``, after its bias).
 
-    Row j < P is the linearized response of layer l to input pixel j, row P the response to a
-    zero input (biases only).
+    Biases are added to row ``bias_row`` only (None: to every row).
     """
-    k = next(iter(p.values())).shape[0]
-    n = math.prod(input_shape)
-    dtype = next(iter(p.values())).dtype
-    x = torch.eye(n + 1, n, dtype=dtype).expand(k, n + 1, n).reshape(k, n + 1, *input_shape)
+    k, j = x.shape[:2]
     index = -1
     for step in plan.steps:
         if step.op == "linear":
-            x = torch.einsum("kjn,kon->kjo", x.reshape(k, n + 1, -1), p[step.weight])
+            x = torch.einsum("kjn,kon->kjo", x.reshape(k, j, -1), p[step.weight])
         elif step.op == "conv":
             w = p[step.weight]
-            _, j, c, h, wd = x.shape
+            _, _, c, h, wd = x.shape
             y = F.conv2d(
                 x.transpose(0, 1).reshape(j, k * c, h, wd),
                 w.reshape(k * w.shape[1], *w.shape[2:]),
@@ -170,7 +167,7 @@ def _sequential_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tu
             )
             x = y.reshape(j, k, w.shape[1], *y.shape[-2:]).transpose(0, 1)
         elif step.op in ("maxpool", "avgpool"):
-            _, j, c, h, wd = x.shape
+            _, _, c, h, wd = x.shape
             y = F.avg_pool2d(
                 x.reshape(k * j, c, h, wd),
                 step.kernel,
@@ -181,16 +178,63 @@ def _sequential_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tu
             )
             x = y.reshape(k, j, c, *y.shape[-2:])
         elif step.op == "flatten":
-            x = x.reshape(k, n + 1, -1)
+            x = x.reshape(k, j, -1)
         if step.op in ("linear", "conv"):
             if step.bias:
-                x = x.clone()
-                b = p[step.bias]
-                x[:, n] += b if step.op == "linear" else b[:, :, None, None]
+                b = p[step.bias] if step.op == "linear" else p[step.bias][:, :, None, None]
+                if bias_row is None:
+                    x = x + b[:, None]
+                else:
+                    x = x.clone()
+                    x[:, bias_row] += b
             index += 1
             if index == upto:
-                return x.reshape(k, n + 1, -1)
+                return x.reshape(k, j, -1)
     raise AssertionError("unreachable: layer index beyond the plan")
+
+
+def _chain_forward(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
+    """(K, P+1, units) homogeneous chain map M_l^T at parametric layer ``upto``, by pushing the
+    P basis pixels and a zero input (row P: biases only) through the linearized network."""
+    k = next(iter(p.values())).shape[0]
+    n = math.prod(input_shape)
+    dtype = next(iter(p.values())).dtype
+    x = torch.eye(n + 1, n, dtype=dtype).expand(k, n + 1, n).reshape(k, n + 1, *input_shape)
+    return _affine_walk(plan, p, x, upto, bias_row=n)
+
+
+def _chain_backward(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
+    """The same (K, P+1, units) map as _chain_forward, by one vector-Jacobian product per unit of
+    layer ``upto``: cheaper when the layer has fewer units than the input has pixels (the head)."""
+    k = next(iter(p.values())).shape[0]
+    dtype = next(iter(p.values())).dtype
+    x = torch.zeros(k, 1, *input_shape, dtype=dtype, requires_grad=True)
+    with torch.enable_grad():
+        y = _affine_walk(plan, p, x, upto, bias_row=None)[:, 0]  # (K, units): the offsets c
+        rows = [
+            torch.autograd.grad(y[:, u].sum(), x, retain_graph=u + 1 < y.shape[1])[0].reshape(k, -1)
+            for u in range(y.shape[1])
+        ]
+    return torch.cat([torch.stack(rows, dim=2), y.detach()[:, None, :]], dim=1)
+
+
+def _sequential_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
+    """(K, P+1, units) homogeneous chain map M_l^T at parametric layer ``upto`` (after its bias).
+
+    Row j < P is the linearized response of layer l to input pixel j, row P the response to a
+    zero input (biases only). Computed forward from the pixels, or backward from the units when
+    the layer is the narrower side (the output layer of an image model).
+    """
+    shapes = {key: tuple(v.shape[1:]) for key, v in p.items()}
+    units = math.prod(_unit_shapes(plan, shapes, input_shape)[_step_index(plan, upto)])
+    if 4 * units < math.prod(input_shape):
+        return _chain_backward(plan, p, input_shape, upto)
+    return _chain_forward(plan, p, input_shape, upto)
+
+
+def _step_index(plan: Plan, upto: int) -> int:
+    """Position in plan.steps of the parametric layer number ``upto``."""
+    return [i for i, s in enumerate(plan.steps) if s.op in ("linear", "conv")][upto]
 
 
 def _rnn_chain(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Tensor:

@@ -194,3 +194,16 @@ def test_feature_layers_and_errors() -> None:
         weight_features_batch([model.state_dict()], {"kind": "mlp"})
     with pytest.raises(ValueError, match="expects 64 inputs"):
         weight_features_batch([model.state_dict()], MLP.with_task_shape((1, 4, 4), 2))
+
+
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_chain_forward_and_backward_agree(cfg: ArchConfig) -> None:
+    """The chain map by pushing pixels forward equals the one by vector-Jacobian products."""
+    from distsim.normalize import normalize_stacked, plan_for, stack_state_dicts
+
+    plan = plan_for(cfg)
+    p = normalize_stacked(plan, {k: v.double() for k, v in stack_state_dicts([_model(cfg, s).state_dict() for s in (0, 1)]).items()})
+    for upto in range(len(plan.layers)):
+        fwd = features_module._chain_forward(plan, p, cfg.input_shape, upto)
+        bwd = features_module._chain_backward(plan, p, cfg.input_shape, upto)
+        torch.testing.assert_close(bwd, fwd, rtol=1e-10, atol=1e-12)
