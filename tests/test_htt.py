@@ -109,6 +109,24 @@ def test_batched_null_equals_loop_of_full_refits(protocol, learner, k):
     assert a.statistic == pytest.approx(b.statistic, abs=1e-9) and a.p_value == b.p_value
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    n_tasks=st.integers(4, 6),
+    n_seeds=st.integers(3, 6),
+    dim=st.integers(2, 40),
+    protocol=st.sampled_from(H.PROTOCOLS),
+    ridge=st.sampled_from([1e-3, 0.1, 1.0, 10.0]),
+    seed=st.integers(0, 1000),
+)
+def test_batched_lda_equals_refits_property(n_tasks, n_seeds, dim, protocol, ridge, seed):
+    """Batched == re-fits also for D < n (rank-deficient Gram) and weak/strong ridge."""
+    X, y = _zoo(n_tasks, n_seeds, dim, effect=0.5, seed=seed)
+    kw = dict(protocol=protocol, permutations=6, seed=seed, ridge=ridge, n_query=1)
+    np.testing.assert_allclose(
+        htt_null_chunk(X, y, **kw), htt_null_chunk(X, y, batched=False, **kw), rtol=0, atol=1e-9
+    )
+
+
 def test_chunks_combine_into_htt_null(monkeypatch):
     X, y = _zoo(5, 6, 12, effect=0.3, seed=8)
     res = htt(X, y, permutations=20, seed=4)
@@ -209,6 +227,7 @@ def _bad(**over):
         (_bad(ridge=-1.0), ValueError, "ridge"),
         (_bad(learner="softmax", n_iter=0), ValueError, "n_iter"),
         (_bad(seed=-1), ValueError, "seed"),
+        (_bad(features=np.ones((16, 5))), ValueError, "constant over the training solutions"),
     ],
 )
 def test_errors_name_the_value(kwargs, error, match):

@@ -47,6 +47,9 @@ PROTOCOLS = ("closed-set", "open-set")
 LEARNERS = ("lda", "softmax")
 CMC_RANKS = (1, 5, 10)
 _CHUNK_BYTES = 64 * 2**20  # working memory per chunk of permutations
+# Cosines are rounded to 10 decimals before ranking, so that ties in exact arithmetic (e.g. the
+# +-1 cosines of a 1-D embedding) stay ties whatever the float rounding of the solver.
+_DECIMALS = 10
 
 
 @dataclass(frozen=True)
@@ -320,13 +323,14 @@ def _closed_set_accuracy(Ztr, Zte, ytr, yte, n_tasks):
     """Nearest training centroid in cosine. Z (B, n|m, k), y (B, n|m) codes -> (B,) accuracy."""
     onehot = (ytr[..., None] == np.arange(n_tasks)).astype(np.float64)  # (B, n, T)
     centroids = _unit(np.matmul(np.swapaxes(onehot, 1, 2), Ztr))  # (B, T, k); sum ∝ mean
-    pred = np.argmax(np.matmul(_unit(Zte), np.swapaxes(centroids, 1, 2)), axis=-1)
+    cosine = np.round(np.matmul(_unit(Zte), np.swapaxes(centroids, 1, 2)), _DECIMALS)
+    pred = np.argmax(cosine, axis=-1)  # ties (equal to 1e-10) go to the lowest task code
     return (pred == yte).mean(axis=1)
 
 
 def _retrieval(Zq, Zg, yq, yg):
     """mAP (B,) and CMC (B, len(CMC_RANKS)) of queries vs gallery; Z (B, q|g, k), y (B, q|g)."""
-    scores = np.matmul(_unit(Zq), np.swapaxes(_unit(Zg), 1, 2))  # (B, q, g)
+    scores = np.round(np.matmul(_unit(Zq), np.swapaxes(_unit(Zg), 1, 2)), _DECIMALS)  # (B, q, g)
     order = np.argsort(-scores, axis=-1, kind="stable")
     rel = np.take_along_axis(yq[:, :, None] == yg[:, None, :], order, axis=-1)
     hits = np.cumsum(rel, axis=-1)
@@ -415,6 +419,8 @@ def _setup(features, tasks, protocol, learner, permutations, min_permutations, s
     split = _make_split(codes, len(names), names, protocol, split_seed, train_fraction,
                         train_task_fraction, n_query)
     _check_options(split, ridge, k, n_iter)
+    if np.ptp(X[split.blocks["train"]], axis=0).max() == 0:
+        raise ValueError("features are constant over the training solutions: nothing to learn")
     return X, split
 
 
