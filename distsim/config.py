@@ -29,7 +29,7 @@ File layout (sections; keys not listed take the defaults of the named dataclass)
                  0.6), train_task_fraction (open-set: share of tasks that train, paper 0.6),
                  n_query (open-set queries per held-out task; omit for 20%), k (embedding
                  dims; omit for tasks - 1).  TestSpec.htt_kwargs() -> kwargs for stats.htt
-    [pairs]      top_k (>= 1), block (rows per distance block, >= 1), metric euclidean|cosine
+    [pairs]      top_k (>= 1, < models per arch; default 10 or fewer), block (rows per distance block, >= 1), metric euclidean|cosine
 
 Public API (stable; additions only):
     ConfigError(ValueError)            .key (the key path or "") and a one-line message
@@ -333,6 +333,7 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: str
     """Validate an already-parsed study mapping (same rules as the TOML file)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a study must be a table of sections, got {type(raw).__name__}")
+    raw = _drop_none(raw)  # None (JSON null, as in resolved()) means "not given", like in TOML
     base = Path(base_dir).resolve()
     _check_keys(raw, SECTIONS, "")
     for required in ("study", "data", "arch", "train"):
@@ -356,14 +357,23 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", source: str
     resources = _simple_section(Resources, _table(raw, "resources", optional=True), "resources", _RESOURCE_RULES)
     features = _features_section(_table(raw, "features", optional=True), archs, seed)
     tests = _tests_section(_table(raw, "tests", optional=True), seed)
-    pairs = _simple_section(PairSpec, _table(raw, "pairs", optional=True), "pairs", _PAIR_RULES)
-    if pairs.top_k >= data.num_tasks * train.seeds_per_task:
-        raise ConfigError(
-            f"pairs.top_k: must be < the number of models per arch "
-            f"({data.num_tasks * train.seeds_per_task}), got {pairs.top_k}",
-            "pairs.top_k",
-        )
+    pairs_table = _table(raw, "pairs", optional=True)
+    pairs = _simple_section(PairSpec, pairs_table, "pairs", _PAIR_RULES)
+    n_models = data.num_tasks * train.seeds_per_task
+    if pairs.top_k >= n_models:
+        if "top_k" in pairs_table:
+            raise ConfigError(f"pairs.top_k: must be < the number of models per arch ({n_models}), got {pairs.top_k}",
+                              "pairs.top_k")
+        pairs = dataclasses.replace(pairs, top_k=n_models - 1)  # the default, cut to a tiny zoo
     return Study(name, seed, store, source, data, archs, train, resources, features, tests, pairs)
+
+
+def _drop_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _drop_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_drop_none(v) for v in x]
+    return x
 
 
 def _resolve_path(value: str, base: Path) -> str:
