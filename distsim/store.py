@@ -284,7 +284,8 @@ class Store:
             if path.name.startswith(_TMP_PREFIX):
                 continue
             rel = path.relative_to(folder)
-            items = [*rel.parts[:-1], *rel.name[: -len(".parquet")].split("-")]
+            leaf_cols = "|".join(re.escape(c) for c in spec.key[len(spec.partition):])
+            items = [*rel.parts[:-1], *re.split(rf"-(?=(?:{leaf_cols})=)", rel.name[: -len(".parquet")])]
             key: dict[str, Any] = {}
             for item in items:
                 col, _, value = item.partition("=")
