@@ -1,0 +1,209 @@
+"""``run_study``: connect to Ray, check the store, run the stages, print the summary table.
+
+Ray connection (and only what it started is shut down):
+- Ray already initialized in this process (a test's session fixture): use it, leave it running.
+- ``address`` (``"auto"``, ``"HOST:PORT"``) or ``RAY_ADDRESS``: join that cluster; disconnect
+  at the end (the cluster keeps running).
+- otherwise: start a local Ray sized to the machine (all its CPUs, no dashboard) and shut it
+  down at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Any, TextIO
+
+import polars as pl
+
+from distsim.config import Study
+from distsim.pipeline import LaunchError
+from distsim.store import STAGES, Store
+
+ZOO_DOWNSTREAM = ("neighbors", "pairs", "tests")  # built from a whole arch's feature matrix
+
+
+def _connect(address: str | None) -> tuple[bool, str]:
+    """Make sure this process is connected to Ray; returns (we started/joined it, description)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name in ("ray.tune", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return False, "the Ray instance this process already holds"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level=logging.WARNING)
+        return True, f"Ray cluster at {address}"
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level=logging.WARNING)
+    return True, f"a local Ray ({os.cpu_count()} CPUs)"
+
+
+def check_shared_store(store: Store) -> int:
+    """Check that every alive Ray node sees the store folder (a multi-node cluster needs shared
+    storage for the store and for Tune's storage_path inside it); returns the node count."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return len(nodes)
+    store.root.mkdir(parents=True, exist_ok=True)
+    probe = store.root / f".probe-{uuid.uuid4().hex}"
+    probe.write_text("distsim")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.isfile(path)
+
+    try:
+        refs = {
+            n["NodeManagerAddress"] + " (" + n["NodeID"][:12] + ")": sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(probe))
+            for n in nodes
+        }
+        blind = [name for name, ref in refs.items() if not ray.get(ref, timeout=120)]
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise LaunchError(
+            f"study.store {str(store.root)!r} is not visible from Ray node(s) {', '.join(blind)}: on a "
+            "multi-node cluster the store (and Tune's storage_path inside it) must be on storage every "
+            "node mounts (NFS, EFS, a shared disk)"
+        )
+    return len(nodes)
+
+
+def _clear_downstream(store: Store, archs: set[str]) -> None:
+    """Remove the all-models shards (pairs, neighbors, tests) of archs whose zoo gained packs:
+    they were computed from a smaller feature matrix and would be stale."""
+    for table in ZOO_DOWNSTREAM:
+        for key in store.shard_keys(table):
+            if key["arch"] in archs:
+                store.shard_path(table, key).unlink(missing_ok=True)
+
+
+def summary_table(store: Store, study: Study) -> pl.DataFrame:
+    """Per arch, layer, method and test: statistic, observed, chance, p-value, permutations."""
+    df = store.scan("tests").collect()
+    if df.height == 0:
+        return df
+    arch_order = {a: i for i, a in enumerate(study.arch_names)}
+    layer_order = {(a, layer): i for a in study.arch_names for i, layer in enumerate(study.feature_layers(a))}
+    method_order = {m: i for i, m in enumerate(study.features.methods)}
+    protocols = ("closed-set", "open-set", "permanova")
+    df = df.with_columns(
+        pl.struct("arch", "layer", "method", "protocol").map_elements(
+            lambda r: (arch_order.get(r["arch"], 99), layer_order.get((r["arch"], r["layer"]), 99),
+                       method_order.get(r["method"], 99),
+                       protocols.index(r["protocol"]) if r["protocol"] in protocols else 9),
+            return_dtype=pl.List(pl.Int64),
+        ).alias("_order")
+    ).sort("_order").drop("_order")
+    return df.select("arch", "layer", "method", "protocol", "statistic", "observed", "chance",
+                     "null_mean", "p_value", "permutations", "n_models")
+
+
+def format_summary(df: pl.DataFrame) -> str:
+    """The summary as a fixed-width text table (fits an 80-100 column terminal)."""
+    if df.height == 0:
+        return "(no tests in the store yet)"
+    head = f"{'arch':<6} {'layer':<8} {'method':<10} {'test':<10} {'statistic':<9} {'observed':>9} " \
+           f"{'chance':>7} {'null':>7} {'p':>7} {'B':>5}"
+    lines = [head, "-" * len(head)]
+    for r in df.iter_rows(named=True):
+        chance = "-" if r["chance"] is None or r["chance"] != r["chance"] else f"{r['chance']:.3f}"
+        lines.append(
+            f"{r['arch']:<6} {r['layer']:<8} {r['method']:<10} {r['protocol']:<10} {r['statistic']:<9} "
+            f"{r['observed']:>9.3f} {chance:>7} {r['null_mean']:>7.3f} {r['p_value']:>7.4f} {r['permutations']:>5d}"
+        )
+    return "\n".join(lines)
+
+
+def run_study(
+    study: Study,
+    address: str | None = None,
+    stages: tuple[str, ...] | list[str] | None = None,
+    fresh: bool = False,
+    *,
+    stream: TextIO | None = None,
+) -> dict[str, Any]:
+    """Run the study's stages on Ray (each skipping what its store holds) and print the summary.
+
+    Returns {"store": path, "outcome": created|resumed|fresh, "stages": {stage: counts},
+    "seconds": wall time, "nodes": Ray nodes, "summary": polars DataFrame of the tests}.
+    Raises StoreError (a changed study without ``fresh``) or LaunchError (a stage whose input
+    is missing, a store the cluster's nodes cannot all reach).
+    """
+    if not isinstance(study, Study):
+        raise TypeError(f"run_study takes a distsim.config.Study, got {type(study).__name__}")
+    stages = tuple(STAGES if stages is None else stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {list(stages)}")
+    stages = tuple(s for s in STAGES if s in stages)
+    out = stream if stream is not None else sys.stderr
+    start = time.perf_counter()
+    store = Store(study.store)
+    outcome = store.check_study(study, fresh=fresh)
+    print(f"distsim: study {study.name!r} ({outcome} store {store.root})", file=out, flush=True)
+
+    import ray
+
+    from distsim.pipeline.features import run_features
+    from distsim.pipeline.pairs import run_pairs
+    from distsim.pipeline.tests import run_tests
+    from distsim.pipeline.zoo import run_zoo
+
+    started, where = _connect(address)
+    done: dict[str, Any] = {}
+    try:
+        nodes = check_shared_store(store)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        print(f"distsim: running {', '.join(stages)} on {where}, {nodes} node(s), {cpus} CPUs",
+              file=out, flush=True)
+        for stage in stages:
+            t0 = time.perf_counter()
+            if stage == "zoo":
+                info = run_zoo(study, store, stream=out)
+                _clear_downstream(store, set(info.pop("archs")))
+            elif stage == "features":
+                info = run_features(study, store, stream=out)
+            elif stage == "pairs":
+                info = run_pairs(study, store, stream=out, pool_size=max(1, cpus // 2))
+            else:
+                info = run_tests(study, store, stream=out)
+            info["seconds"] = round(time.perf_counter() - t0, 2)
+            done[stage] = info
+            worked = any(v for k, v in info.items() if k not in ("skipped", "seconds"))
+            if _stage_complete(study, store, stage) and (worked or stage not in store.stages()):
+                store.mark_stage(stage, **info)
+    finally:
+        if started:
+            ray.shutdown()
+    table = summary_table(store, study)
+    seconds = time.perf_counter() - start
+    print(format_summary(table), file=out)
+    print(f"distsim: done in {seconds:.1f} s (store {store.root})", file=out, flush=True)
+    return {"store": str(store.root), "outcome": outcome, "stages": done, "seconds": seconds,
+            "nodes": nodes, "summary": table}
+
+
+def _stage_complete(study: Study, store: Store, stage: str) -> bool:
+    """True when the store holds every output of `stage` (failed zoo packs leave it open)."""
+    if stage == "zoo":
+        from distsim.pipeline.zoo import pending_packs
+
+        return not pending_packs(study, store)
+    if stage == "features":
+        from distsim.pipeline.features import pending_feature_packs
+
+        return not pending_feature_packs(study, store)
+    return True

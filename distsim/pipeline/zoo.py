@@ -1,0 +1,225 @@
+"""Zoo stage: one Ray Tune trial per (arch, task, pack of seeds) not yet in the store.
+
+A trial trains its pack with ``distsim.train.train_pack`` and writes the pack's weights shard,
+then its models shard (the models shard is the pack's "done" marker, so a crash between the two
+leaves the pack pending). Shard names are deterministic (``Store.shard_path``), writes are temp
+file + rename: a killed launch leaves whole packs or nothing, and the next launch trains only
+the packs that are missing (or whose models were recorded as failed).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import socket
+import time
+from typing import Any
+
+import polars as pl
+
+from distsim.config import Pack, Study
+from distsim.pipeline.progress import Progress
+from distsim.store import Store, model_id
+from distsim.tasks import DataConfig, Task, make_tasks
+
+
+@functools.lru_cache(maxsize=4)
+def study_tasks(data: DataConfig) -> tuple[Task, ...]:
+    """The study's tasks, built once per worker process (make_tasks is deterministic)."""
+    return tuple(make_tasks(data))
+
+
+def pack_key(pack: Pack) -> dict[str, Any]:
+    """The store key (arch, task, pack) of one trial's models and weights shards."""
+    return {"arch": pack.arch, "task": pack.task, "pack": pack.pack}
+
+
+def pending_packs(study: Study, store: Store) -> list[Pack]:
+    """Packs with no models shard, or whose models shard records a failed trial."""
+    present = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
+    failed = set(
+        store.scan("models")
+        .filter(pl.col("status") == "failed")
+        .select("arch", "task", "pack")
+        .unique()
+        .collect()
+        .iter_rows()
+    )
+    return [
+        p for p in study.packs()
+        if (p.arch, p.task, p.pack) not in present or (p.arch, p.task, p.pack) in failed
+    ]
+
+
+def node_label() -> str:
+    """``hostname/ray-node-id`` of the process calling it (the node a trial ran on)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    return f"{socket.gethostname()}/{node}"
+
+
+def model_rows(study: Study, pack: Pack, task: Task, results: list, trial_id: str, node: str) -> list[dict]:
+    """Rows of the models table for one trained pack (one per seed, in pack order)."""
+    return [
+        {
+            "model_id": model_id(pack.arch, pack.task, r.seed),
+            "task_name": task.name,
+            "seed": r.seed,
+            "trial_id": trial_id,
+            "status": r.status,
+            "train_acc": r.train_acc,
+            "test_acc": r.test_acc,
+            "train_loss": r.train_loss,
+            "test_loss": r.test_loss,
+            "epochs": r.epochs,
+            "seconds": r.seconds,
+            "node": node,
+            "error": None,
+        }
+        for r in results
+    ]
+
+
+def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dict]:
+    """Rows recording a trial that failed after all retries (NaN metrics, the error text)."""
+    name = study_tasks(study.data)[pack.task].name
+    nan = math.nan
+    return [
+        {"model_id": model_id(pack.arch, pack.task, s), "task_name": name, "seed": s,
+         "trial_id": trial_id, "status": "failed", "train_acc": nan, "test_acc": nan,
+         "train_loss": nan, "test_loss": nan, "epochs": 0, "seconds": nan, "node": None,
+         "error": error[:2000]}
+        for s in pack.seeds
+    ]
+
+
+def train_and_store(study: Study, pack: Pack, trial_id: str, threads: int = 1) -> dict[str, float]:
+    """Train one pack and write its weights then models shards; returns the trial's metrics.
+
+    A pack whose models shard already says ok (a retried trial that had written it) is not
+    trained again.
+    """
+    import torch
+
+    from distsim.train import train_pack
+
+    store = Store(study.store)
+    key = pack_key(pack)
+    if store.has_shard("models", key):
+        held = pl.read_parquet(store.shard_path("models", key))
+        if (held["status"] != "failed").all():
+            return {"ok": int((held["status"] == "ok").sum()), "test_acc": float(held["test_acc"].mean()),
+                    "seconds": 0.0, "skipped": 1}
+    torch.set_num_threads(max(1, threads))
+    task = study_tasks(study.data)[pack.task]
+    arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
+    start = time.perf_counter()
+    results = train_pack(task, arch, list(pack.seeds), study.train_config(pack.arch))
+    seconds = time.perf_counter() - start
+    store.write_weights(key, {model_id(pack.arch, pack.task, r.seed): r.state_dict for r in results})
+    store.write_shard("models", key, model_rows(study, pack, task, results, trial_id, node_label()))
+    ok = [r for r in results if r.status == "ok"]
+    return {
+        "ok": len(ok),
+        "test_acc": float(sum(r.test_acc for r in ok) / len(ok)) if ok else math.nan,
+        "seconds": seconds,
+        "skipped": 0,
+    }
+
+
+def _trainable(config: dict, study: Study | None = None) -> None:
+    """The Tune function trainable: one pack, reported once to Tune when stored."""
+    from ray import tune
+
+    pack = _pack(config)
+    trial_id = tune.get_context().get_trial_id() or pack.trial_id
+    threads = int(max(1, math.floor(study.resources.cpus_per_trial)))
+    tune.report(train_and_store(study, pack, trial_id, threads))
+
+
+def _tune_callback(progress: Progress):
+    """A Tune callback that counts finished and errored trials on our progress line."""
+    from ray import tune
+
+    class _Count(tune.Callback):
+        def __init__(self) -> None:
+            self.errors = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.errors += 1
+            progress.update(1)
+
+    return _Count()
+
+
+def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
+    """Train every pending pack as a Tune trial; returns counts for the launch summary."""
+    from ray import tune
+
+    packs = pending_packs(study, store)
+    total = len(study.packs())
+    progress = Progress("zoo", len(packs), unit="trial", skipped=total - len(packs), stream=stream)
+    if not packs:
+        progress.close()
+        return {"trials": 0, "skipped": total, "failed": 0, "archs": []}
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no Tune tables, our progress only
+    res = {"cpu": study.resources.cpus_per_trial}
+    if study.resources.gpus_per_trial:
+        res["gpu"] = study.resources.gpus_per_trial
+    trainable = tune.with_resources(tune.with_parameters(_trainable, study=study), res)
+    space = [{"arch": p.arch, "task": p.task, "pack": p.pack, "seeds": list(p.seeds)} for p in packs]
+    storage = store.root / "_tune"
+    name = "zoo-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    counter = _tune_callback(progress)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"pack": tune.grid_search(space)},
+        tune_config=tune.TuneConfig(
+            reuse_actors=True,
+            trial_name_creator=lambda t: _trial_name(t.config),
+            trial_dirname_creator=lambda t: f"{_trial_name(t.config)}-{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            verbose=0,
+            callbacks=[counter],
+            failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
+        ),
+    )
+    try:
+        grid = tuner.fit()
+    finally:
+        progress.close()
+    failed = 0
+    for result in grid:
+        if result.error is None:
+            continue
+        pack = _pack(result.config)
+        if store.has_shard("models", pack_key(pack)):
+            continue  # the trial wrote its pack before it failed (e.g. while reporting)
+        failed += 1
+        error = f"{type(result.error).__name__}: {result.error}".strip()
+        store.write_shard("models", pack_key(pack), failed_rows(study, pack, result.path or "", error))
+    if failed == 0:
+        shutil.rmtree(storage / name, ignore_errors=True)  # everything it holds is in the store
+        if storage.is_dir() and not any(storage.iterdir()):
+            storage.rmdir()
+    return {"trials": len(packs), "skipped": total - len(packs), "failed": failed,
+            "archs": sorted({p.arch for p in packs})}
+
+
+def _pack(config: dict) -> Pack:
+    p = config["pack"]
+    return Pack(p["arch"], p["task"], p["pack"], tuple(p["seeds"]))
+
+
+def _trial_name(config: dict) -> str:
+    p = config["pack"]
+    return f"{p['arch']}-t{p['task']}-p{p['pack']}"
