@@ -1,0 +1,257 @@
+"""The distsim CLI: validate/launch argument handling, user errors (one line, exit 2), status,
+and queries over a small synthetic store written with the Store API."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from distsim.cli import app
+from distsim.config import parse_study
+from distsim.store import Store, StoreError, model_id
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+STUDY = """
+[study]
+name = "cli"
+store = "store"
+[data]
+dataset = "synthetic"
+num_tasks = 2
+[[arch]]
+kind = "mlp"
+widths = [4]
+[[arch]]
+kind = "cnn"
+channels = [2]
+[train]
+seeds_per_task = 3
+epochs = 1
+"""
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def study_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    path = folder / "study.toml"
+    path.write_text(STUDY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(study_file) -> Store:
+    """2 archs x 2 tasks x 3 seeds of models, tests for 2 methods x 2 protocols, top-2 neighbours."""
+    study = parse_study(STUDY, base_dir=study_file.parent)
+    store = Store(study.store)
+    store.check_study(study)
+    for arch in ("mlp", "cnn"):
+        for task in (0, 1):
+            seeds = study.model_seeds(task)
+            rows = [{"model_id": model_id(arch, task, s), "seed": s, "task_name": f"syn:{task}",
+                     "trial_id": f"arch={arch}/task={task}/pack=0", "node": "node-a",
+                     "status": "diverged" if (arch, task, i) == ("cnn", 1, 2) else "ok",
+                     "train_acc": 1.0, "test_acc": 0.9 + i / 100, "test_loss": float("nan") if i == 2 else 0.1,
+                     "epochs": 1, "seconds": 0.5} for i, s in enumerate(seeds)]
+            store.write_shard("models", {"arch": arch, "task": task, "pack": 0}, rows)
+    for method, observed in (("chain-gram", 1.0), ("raw", 0.6)):
+        for protocol, stat in (("closed-set", "accuracy"), ("open-set", "mAP")):
+            key = {"arch": "mlp", "method": method, "layer": "out", "protocol": protocol}
+            store.write_shard("tests", key, {
+                "statistic": [stat], "observed": [observed], "chance": [0.5], "null_mean": [0.5], "null_sd": [0.1],
+                "effect_size": [(observed - 0.5) / 0.1], "p_value": [0.01 if observed == 1.0 else 0.2],
+                "permutations": [99], "n_models": [6], "n_tasks": [2], "seed": [0], "extra": ['{"cmc@1": 1.0}']})
+    ids = [model_id("mlp", t, s) for t in (0, 1) for s in study.model_seeds(t)]
+    rows = [{"model_id": m, "task": i // 3, "rank": r, "neighbor_id": ids[(i + r) % 6],
+             "neighbor_task": ((i + r) % 6) // 3, "distance": 0.1 * r, "same_task": (i // 3) == ((i + r) % 6) // 3}
+            for i, m in enumerate(ids) for r in (1, 2)]
+    store.write_shard("neighbors", {"arch": "mlp", "method": "chain-gram", "layer": "out", "block": 0}, rows)
+    store.mark_stage("zoo", models=12)
+    return store
+
+
+# ----------------------------------------------------------------------------- validate / launch
+
+
+def test_validate_prints_the_plan(study_file):
+    result = run("validate", study_file)
+    assert result.exit_code == 0, result.output
+    assert "ok: study 'cli'" in result.stdout and "arch cnn (cnn): 6 models in 2 trials" in result.stdout
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)
+def test_validate_every_job(job):
+    result = run("validate", job)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "text,start",
+    [
+        (STUDY.replace("epochs = 1", "epochs = 0"), "error: train.epochs: must be in [1, inf)"),
+        (STUDY.replace("epochs = 1", "epoch = 1"), "error: train.epoch: unknown key; allowed:"),
+        (STUDY.replace('kind = "cnn"', 'kind = 3'), "error: arch[1].kind: must be a string"),
+        (STUDY.replace("[train]", "[trian]"), "error: trian: unknown key"),
+        (STUDY.replace("[data]", "[data"), "error: invalid TOML"),
+        (STUDY.replace("num_tasks = 2", "num_tasks = -2"), "error: data.num_tasks: must be in [1, inf)"),
+    ],
+    ids=["range", "unknown", "type", "section", "toml", "negative"],
+)
+def test_config_errors_are_one_line_with_exit_code_2(tmp_path, text, start):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for command in ("validate", "launch"):
+        result = run(command, path)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stdout == ""
+        assert result.stderr.startswith(start), result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_missing_study_file_is_exit_2(tmp_path):
+    result = run("validate", tmp_path / "nope.toml")
+    assert result.exit_code == 2 and "no such study file" in result.stderr
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(STUDY.replace("seeds_per_task = 3", "seeds_per_task = 3\nseeds_per_trial = 4"))
+    proc = subprocess.run([sys.executable, "-m", "distsim.cli", "validate", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: train.seeds_per_trial: must be an integer in [1, 3] (train.seeds_per_task), got 4\n"
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    """Stand-in for distsim.pipeline.launch (Ray-free): records the run_study call."""
+    calls = []
+    module = types.ModuleType("distsim.pipeline.launch")
+
+    def run_study(study, *, address=None, stages=(), fresh=False):
+        calls.append({"study": study.name, "address": address, "stages": stages, "fresh": fresh})
+        if address == "bad":
+            raise StoreError("study changed; launch with --fresh")
+
+    module.run_study = run_study
+    monkeypatch.setitem(sys.modules, "distsim.pipeline.launch", module)
+    return calls
+
+
+def test_launch_passes_study_address_stages_and_fresh(study_file, fake_pipeline):
+    assert run("launch", study_file).exit_code == 0
+    result = run("launch", study_file, "--address", "auto", "--stages", "tests,zoo", "--fresh")
+    assert result.exit_code == 0, result.output
+    assert fake_pipeline == [
+        {"study": "cli", "address": None, "stages": ("zoo", "features", "pairs", "tests"), "fresh": False},
+        {"study": "cli", "address": "auto", "stages": ("zoo", "tests"), "fresh": True},
+    ]
+
+
+def test_launch_user_errors_exit_2(study_file, fake_pipeline):
+    result = run("launch", study_file, "--stages", "zoo,train")
+    assert result.exit_code == 2 and result.stderr.startswith("error: --stages: 'train' is not a stage")
+    result = run("launch", study_file, "--address", "bad")
+    assert result.exit_code == 2 and result.stderr == "error: study changed; launch with --fresh\n"
+    assert len(fake_pipeline) == 1
+
+
+# ----------------------------------------------------------------------------- status / query
+
+
+def test_status_shows_stages_and_model_counts(store):
+    result = run("status", store.root)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["zoo", "done"] for line in lines)
+    assert any(line.split() == ["pairs", "pending"] for line in lines)
+    row = [line for line in lines if "cnn" in line][0]
+    assert [c.strip() for c in row.strip("│ ").split("┆")] == ["cnn", "6", "5", "1", "0", "0", "0"]
+
+
+def test_query_models_json_is_machine_readable(store):
+    result = run("query", "models", store.root, "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 12
+    assert rows[0]["model_id"] == "cnn-t0-s0" and rows[0]["test_acc"] == 0.9
+    assert rows[2]["test_loss"] is None  # NaN -> null
+
+
+def test_query_models_filters_and_csv(store, study_file):
+    result = run("query", "models", study_file, "--arch", "cnn", "--status", "diverged", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    df = pl.read_csv(io.StringIO(result.stdout))
+    assert df["model_id"].to_list() == ["cnn-t1-s5"] and df["status"].to_list() == ["diverged"]
+    result = run("query", "models", store.root, "--task", "1", "--limit", "2", "--format", "csv")
+    assert pl.read_csv(io.StringIO(result.stdout)).height == 2
+
+
+def test_query_table_fits_a_terminal_and_says_when_cut(store):
+    result = run("query", "models", store.root, "--limit", "3")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert sum("cnn-t" in line for line in lines) == 3
+    assert "(3 of 12 rows; --limit 0 shows all)" in result.stderr
+
+
+def test_query_tests_and_neighbors(store):
+    result = run("query", "tests", store.root, "--method", "chain-gram", "--protocol", "open-set", "--format", "json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert (row["statistic"], row["observed"], row["p_value"], row["layer"]) == ("mAP", 1.0, 0.01, "out")
+    result = run("query", "neighbors", store.root, "--model", "mlp-t0-s1", "--format", "json")
+    rows = json.loads(result.stdout)
+    assert [r["rank"] for r in rows] == [1, 2] and rows[0]["neighbor_id"] == "mlp-t0-s2"
+
+
+def test_query_sql_over_the_tables(store):
+    sql = ("SELECT m.arch, count(*) AS n, avg(m.test_acc) AS acc FROM models m "
+           "WHERE m.status = 'ok' GROUP BY m.arch ORDER BY m.arch")
+    result = run("query", "sql", store.root, sql, "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["arch"], r["n"]) for r in rows] == [("cnn", 5), ("mlp", 6)]
+    join = ("SELECT n.model_id, m.seed FROM neighbors n JOIN models m ON n.neighbor_id = m.model_id "
+            "WHERE n.rank = 1 ORDER BY n.model_id")
+    result = run("query", "sql", store.root, join, "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert pl.read_csv(io.StringIO(result.stdout)).height == 6
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["query", "sql", "{store}", "SELEC 1"], "error: query failed"),
+        (["query", "sql", "{store}", "SELECT * FROM nope"], "error: query failed"),
+        (["query", "models", "{missing}"], "error: no distsim store at"),
+        (["status", "{missing}"], "error: no distsim store at"),
+        (["query", "models", "{store}", "--limit", "-1"], "error: --limit must be >= 0"),
+    ],
+)
+def test_query_user_errors_exit_2(store, tmp_path, args, words):
+    args = [a.format(store=store.root, missing=tmp_path / "missing") for a in args]
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(words) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_query_on_an_empty_store_prints_an_empty_table(tmp_path):
+    store = Store(tmp_path / "s")
+    store.check_study(parse_study(STUDY))
+    result = run("query", "tests", store.root, "--format", "json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
