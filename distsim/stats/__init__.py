@@ -6,10 +6,29 @@ import importlib
 from typing import Any
 
 from distsim.stats._pvalue import p_value
+from distsim.stats.distances import (
+    block_topk,
+    distance_block,
+    merge_topk,
+    pairwise_distances,
+    topk_neighbors,
+)
+from distsim.stats.permanova import PermanovaResult, permanova, permanova_null_chunk
 
 _HTT_NAMES = ("htt", "htt_null_chunk", "HTTResult")
 
-__all__ = ["p_value", *_HTT_NAMES]
+__all__ = [
+    "PermanovaResult",
+    "block_topk",
+    "distance_block",
+    "merge_topk",
+    "p_value",
+    "pairwise_distances",
+    "permanova",
+    "permanova_null_chunk",
+    "topk_neighbors",
+    *_HTT_NAMES,
+]
 
 
 def __getattr__(name: str) -> Any:

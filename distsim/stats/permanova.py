@@ -1,0 +1,209 @@
+"""PERMANOVA (Anderson 2001): pseudo-F of a grouping on a distance matrix, p by label permutation.
+
+Definitions are scikit-bio's `permanova`: with N objects in a groups of sizes n_g,
+    s_T = sum_{i<j} d_ij^2 / N,   s_W = sum_g sum_{i<j in g} d_ij^2 / n_g,   s_A = s_T - s_W,
+    F = (s_A / (a - 1)) / (s_W / (N - a)),   p = (1 + #{F_b >= F}) / (1 + B).
+
+Only s_W changes under relabelling. It is the sum over groups of their n_g (n_g - 1) / 2 within-
+group squared distances: sum_g n_g^2 / 2 reads per permutation instead of a pass over all N^2 / 2
+pairs (one-hot GEMMs cost N^2 a). A numba kernel gathers them row by row for a slice of
+permutations at once, so one distance row in L1 cache serves every permutation of the slice;
+slices run in parallel. Permutations are Fisher-Yates shuffles of the label codes driven by
+uniforms drawn in bulk from one numpy Generator (reproducible for any thread count).
+numba is used because this gather is several times faster than vectorized numpy, whose fancy
+indexing materialises every gathered block (see benchmarks/bench_core.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from distsim.stats._pvalue import p_value
+
+SeedLike = int | Sequence[int]
+
+_CHUNK = 1024  # permutations drawn at a time: (1024, N - 1) float64 uniforms
+_SLICE = 128  # permutations per parallel slice; one distance row serves all of them
+
+
+@dataclass(frozen=True)
+class PermanovaResult:
+    """Outcome of `permanova`: pseudo-F, its permutation p-value and the (B,) null pseudo-F."""
+
+    statistic: float
+    p_value: float
+    permutations: int
+    null: np.ndarray = field(repr=False)
+    n_samples: int
+    n_groups: int
+    method: str = "permanova"
+
+
+def _validate(D: np.ndarray, labels: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Check D (N, N) and labels (N,) -> (float64 D, integer group codes (N,) in 0..a-1)."""
+    arr = np.asarray(D)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise TypeError(f"D must be a real numeric distance matrix, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"D must be a square (N, N) distance matrix, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("D contains NaN or infinite values")
+    tol = 1e-8 * float(np.abs(arr).max(initial=0.0))
+    if np.abs(np.diagonal(arr)).max(initial=0.0) > tol:
+        raise ValueError("D must have a zero diagonal (the distance of an object to itself)")
+    if np.abs(arr - arr.T).max(initial=0.0) > tol:
+        raise ValueError("D must be symmetric (D[i, j] == D[j, i])")
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or len(lab) != len(arr):
+        raise ValueError(
+            f"labels must be 1-D with one label per row of D ({len(arr)}), got shape {lab.shape}"
+        )
+    groups, codes = np.unique(lab, return_inverse=True)
+    if len(groups) < 2:
+        raise ValueError(f"PERMANOVA needs at least 2 groups, got {len(groups)}")
+    sizes = np.bincount(codes)
+    if sizes.min() < 2:
+        small = groups[np.flatnonzero(sizes < 2)].tolist()
+        raise ValueError(f"every group needs at least 2 members; groups of size 1: {small}")
+    return arr, codes.astype(np.int64)
+
+
+def _check_permutations(permutations: int) -> int:
+    if isinstance(permutations, bool) or not isinstance(permutations, (int, np.integer)):
+        raise TypeError(f"permutations must be an integer, got {permutations!r}")
+    if permutations < 0:
+        raise ValueError(f"permutations must be >= 0, got {permutations}")
+    return int(permutations)
+
+
+@numba.njit(cache=True)
+def _within_ss(d2: np.ndarray, labels: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
+    """out[b] = s_W of grouping labels[:, b], for d2 (N, N) squared distances, labels (N, m)
+    int32 sample-major, offsets (a+1,) group starts (sizes n_g = offsets[g+1] - offsets[g]).
+
+    Rows go from last to first; each (permutation, group) keeps the members seen so far (all of
+    larger index) in its slot buf[b, offsets[g]:...], so row i adds sum_{j > i in its group}
+    d2[i, j] as a gather from one row, which stays in L1 cache for all m permutations.
+    """
+    n, m = labels.shape
+    a = offsets.shape[0] - 1
+    count = np.zeros((m, a), np.int64)
+    buf = np.empty((m, n), np.int32)
+    acc = np.zeros((m, a))
+    for i in range(n - 1, -1, -1):
+        row = d2[i]
+        for b in range(m):
+            g = labels[i, b]
+            start = offsets[g]
+            c = count[b, g]
+            s = 0.0
+            for k in range(start, start + c):
+                s += row[buf[b, k]]
+            acc[b, g] += s
+            buf[b, start + c] = i
+            count[b, g] = c + 1
+    for b in range(m):
+        total = 0.0
+        for g in range(a):
+            total += acc[b, g] / (offsets[g + 1] - offsets[g])
+        out[b] = total
+
+
+@numba.njit(parallel=True, cache=True)
+def _null_within_ss(
+    d2: np.ndarray, codes: np.ndarray, offsets: np.ndarray, u: np.ndarray, out: np.ndarray
+) -> None:
+    """out[b] = s_W of codes (N,) int32 shuffled by Fisher-Yates with uniforms u[b] (N-1,).
+
+    Swap k <-> floor(u[b, k-1] (k+1)) for k = N-1..1: uniform permutations up to the 2^-53
+    granularity of u. Slices of _SLICE permutations run in parallel.
+    """
+    n = codes.shape[0]
+    n_perm = u.shape[0]
+    n_slices = (n_perm + _SLICE - 1) // _SLICE
+    for t in numba.prange(n_slices):
+        b0 = t * _SLICE
+        m = min(n_perm, b0 + _SLICE) - b0
+        labels = np.empty((n, m), np.int32)
+        for b in range(m):
+            perm = codes.copy()
+            for k in range(n - 1, 0, -1):
+                j = int(u[b0 + b, k - 1] * (k + 1))
+                perm[k], perm[j] = perm[j], perm[k]
+            labels[:, b] = perm
+        _within_ss(d2, labels, offsets, out[b0 : b0 + m])
+
+
+class _Design:
+    """What stays fixed over permutations: squared distances, s_T, group codes and offsets."""
+
+    def __init__(self, D: np.ndarray, labels: Sequence | np.ndarray) -> None:
+        d, codes = _validate(D, labels)
+        self.n = len(d)
+        self.d2 = d * d
+        np.fill_diagonal(self.d2, 0.0)
+        self.s_t = float(np.triu(self.d2, 1).sum()) / self.n
+        sizes = np.bincount(codes)
+        self.n_groups = len(sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.codes = codes.astype(np.int32)
+
+    def pseudo_f(self, s_w: np.ndarray) -> np.ndarray:
+        """(B,) pseudo-F from (B,) within-group sums s_W."""
+        s_a = self.s_t - s_w
+        return (s_a / (self.n_groups - 1)) / (s_w / (self.n - self.n_groups))
+
+    def observed(self) -> float:
+        s_w = np.empty(1)
+        _within_ss(self.d2, self.codes[:, None].copy(), self.offsets, s_w)
+        return float(self.pseudo_f(s_w)[0])
+
+    def null(self, permutations: int, seed: SeedLike) -> np.ndarray:
+        """(permutations,) pseudo-F under uniformly random relabellings, seeded."""
+        rng = np.random.default_rng(seed)
+        s_w = np.empty(permutations)
+        for start in range(0, permutations, _CHUNK):
+            b = min(_CHUNK, permutations - start)
+            u = rng.random((b, self.n - 1))
+            _null_within_ss(self.d2, self.codes, self.offsets, u, s_w[start : start + b])
+        return self.pseudo_f(s_w)
+
+
+def permanova_null_chunk(
+    D: np.ndarray, labels: Sequence | np.ndarray, permutations: int, seed: SeedLike
+) -> np.ndarray:
+    """Null pseudo-F of `permutations` random relabellings -> (permutations,) float64.
+
+    For spreading one test over tasks: chunks with different seeds (e.g. seed=(study_seed, i))
+    concatenate into one null; pass it with the observed F to `p_value`.
+    """
+    return _Design(D, labels).null(_check_permutations(permutations), seed)
+
+
+def permanova(
+    D: np.ndarray, labels: Sequence | np.ndarray, permutations: int = 999, seed: SeedLike = 0
+) -> PermanovaResult:
+    """PERMANOVA of a grouping (N,) on a distance matrix (N, N), scikit-bio's definitions.
+
+    p_value is NaN when permutations is 0.
+    """
+    permutations = _check_permutations(permutations)
+    design = _Design(D, labels)
+    statistic = design.observed()
+    null = design.null(permutations, seed)
+    p = p_value(statistic, null) if permutations else float("nan")
+    return PermanovaResult(
+        statistic=statistic,
+        p_value=p,
+        permutations=permutations,
+        null=null,
+        n_samples=design.n,
+        n_groups=design.n_groups,
+    )
