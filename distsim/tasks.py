@@ -199,16 +199,19 @@ def _pair_tasks(cfg: DataConfig, x: np.ndarray, y: np.ndarray, prefix: str) -> l
 def _stratified_split(
     labels: np.ndarray, test_fraction: float, rng: np.random.Generator, name: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (sorted) of a stratified train/test split: round(test_fraction * n_c) of each class."""
+    """Indices (sorted) of a stratified train/test split.
+
+    Each class of n_c samples gives round(test_fraction * n_c) test samples, kept in [1, n_c - 1].
+    """
     train, test = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        n_test = int(round(test_fraction * len(idx)))
-        if n_test < 1 or n_test >= len(idx):
+        if len(idx) < 2:
             raise ValueError(
                 f"task {name}: class {int(c)} has {len(idx)} samples, too few for a train/test "
-                f"split with test_fraction={test_fraction} (need >= 1 sample on each side)"
+                "split (need >= 2: one on each side)"
             )
+        n_test = min(max(1, int(round(test_fraction * len(idx)))), len(idx) - 1)
         perm = rng.permutation(idx)
         test.append(perm[:n_test])
         train.append(perm[n_test:])
