@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One-shot GPU check for the zoo (run on a lent CUDA machine from the repository root):
+#   GPU/driver info, the CUDA-marked tests of the zoo, then bench_zoo on cuda.
+# It uses the first python that imports torch with CUDA (PYTHON=..., .venv, python3, python)
+# and runs distsim from this checkout via PYTHONPATH (no install, no network needed); it
+# needs numpy, scikit-learn and pytest next to that torch and says which are missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+
+PY=""
+for cand in "${PYTHON:-}" .venv/bin/python python3 python; do
+  [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 || continue
+  if "$cand" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    PY="$cand"; break
+  fi
+done
+echo "== nvidia-smi"; nvidia-smi || echo "(nvidia-smi not found)"
+if [ -z "$PY" ]; then
+  echo "no python with a CUDA-enabled torch found (tried \$PYTHON, .venv/bin/python, python3, python)" >&2
+  exit 1
+fi
+echo "== python: $PY"
+"$PY" - <<'PYEOF'
+import importlib, sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+print("device:", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0),
+      "| memory %.1f GiB" % (torch.cuda.get_device_properties(0).total_memory / 2**30))
+missing = [m for m in ("numpy", "sklearn", "pytest") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing modules next to this torch: {missing} (pip install numpy scikit-learn pytest)")
+PYEOF
+[ $? -eq 0 ] || exit 1
+
+status=0
+echo "== CUDA tests"
+timeout 240 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_train.py tests/test_models.py || status=1
+echo "== bench_zoo on cuda"
+timeout 300 "$PY" benchmarks/bench_zoo.py --device cuda --packs 1,8,32,64,256 || status=1
+exit $status
