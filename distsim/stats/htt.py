@@ -12,8 +12,8 @@ The statistic is *trained* on one part of a zoo and *tested* on another (arXiv 2
 Learners (both linear in the standardized features, both with an L2 penalty):
 
 - ``"lda"``: ridge regression onto centred one-hot task indicators (penalized optimal scoring,
-  i.e. regularized LDA, Hastie, Buja & Tibshirani 1995); closed form, solved in the dual through
-  one eigendecomposition of the training Gram matrix shared by every label vector.
+  i.e. regularized LDA, Hastie, Buja & Tibshirani 1995); closed form, solved in the dual
+  (n x n training Gram) through one Cholesky factorization shared by every label vector.
 - ``"softmax"``: softmax cross-entropy (multinomial logistic regression, as in the paper), a fixed
   number of full-batch Nesterov gradient steps from zero; deterministic. Run in the dual as well
   (W = X^T alpha), batched over label vectors.
@@ -23,8 +23,8 @@ train/query/gallery). This is "permute the labels, then split each task by posit
 positions keep their roles and every permuted task keeps its per-role counts, so it is the
 permutation null conditional on the observed partition of positions into roles, which is exact
 under H0 (solutions exchangeable across tasks). Because the training positions do not change,
-standardization and the Gram eigendecomposition are shared by all permutations and the learners
-run batched; ``batched=False`` runs the same test as a loop of full re-fits (the reference).
+standardization, the Gram and its regularized inverse are shared by all permutations and the
+learners run batched; ``batched=False`` runs the same test as a loop of full re-fits (the reference).
 
 Chance: closed-set 1/tasks; open-set the exact expected mAP of a uniformly random ranking of that
 query/gallery structure, E[AP] = (H_G + (R-1)/(G-1) (G - H_G)) / G for a query with R relevant of G
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.linalg import cho_factor, cho_solve
 
 from distsim.stats._pvalue import p_value
 
@@ -206,26 +207,12 @@ def _softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-@dataclass(frozen=True)
-class _Fit:
-    """Label-independent part of a fit: standardized train/eval features, Gram and its spectrum."""
-
-    Xtr: np.ndarray  # (n, D)
-    Xev: np.ndarray  # (m, D) evaluation rows (test, or query then gallery)
-    K: np.ndarray  # (n, n)
-    Kev: np.ndarray  # (m, n)
-    evals: np.ndarray  # (n,)
-    evecs: np.ndarray  # (n, n)
-
-
-def _prepare(X, split: _Split) -> _Fit:
+def _grams(X, split: _Split):
+    """Standardize on the training rows; Gram K (n, n) of training rows, K_ev (m, n) eval x train."""
     Z = _standardize(X, split.blocks["train"])
     Xtr = Z[split.blocks["train"]]
     Xev = Z[np.concatenate([idx for role, idx in split.blocks.items() if role != "train"])]
-    K = Xtr @ Xtr.T
-    Kev = Xev @ Xtr.T
-    evals, evecs = np.linalg.eigh(K)
-    return _Fit(Xtr, Xev, K, Kev, np.clip(evals, 0.0, None), evecs)
+    return Xtr @ Xtr.T, Xev @ Xtr.T
 
 
 def _ridge_lambda(K, ridge):
@@ -236,6 +223,30 @@ def _softmax_lambda(K, ridge):
     return ridge * float(np.trace(K)) / K.shape[0] ** 2
 
 
+@dataclass(frozen=True)
+class _Fit:
+    """Label-independent part of a fit, shared by every permutation (the training rows are fixed)."""
+
+    K: np.ndarray  # (n, n) Gram of the standardized training rows
+    Kev: np.ndarray  # (m, n) evaluation rows (test, or query then gallery) x training rows
+    lam: float  # L2 strength
+    hat_train: np.ndarray | None = None  # lda: (n, n) K (K + lam I)^-1
+    hat_eval: np.ndarray | None = None  # lda: (m, n) K_ev (K + lam I)^-1
+    lr: float = float("nan")  # softmax: gradient step 1/L
+
+
+def _prepare(X, split: _Split, learner: str, ridge: float) -> _Fit:
+    K, Kev = _grams(X, split)
+    n = len(K)
+    if learner == "lda":
+        lam = _ridge_lambda(K, ridge)
+        inv = cho_solve(cho_factor(K + lam * np.eye(n)), np.eye(n))
+        return _Fit(K, Kev, lam, hat_train=np.eye(n) - lam * inv, hat_eval=Kev @ inv)
+    lam = _softmax_lambda(K, ridge)
+    lr = 1.0 / (0.5 * np.linalg.eigvalsh(K)[-1] / n + lam)  # 1/L: CE Hessian in logits <= 1/2
+    return _Fit(K, Kev, lam, lr=lr)
+
+
 def _left(M, A):
     """M (p, n) applied to every matrix of A (B, n, C) -> (B, p, C), as one GEMM."""
     B, n, C = A.shape
@@ -243,28 +254,22 @@ def _left(M, A):
     return np.moveaxis(out.reshape(len(M), B, C), 1, 0)
 
 
-def _lda_batched(fit: _Fit, Y, ridge):
+def _lda_batched(fit: _Fit, Y):
     """Ridge onto centred one-hot Y (B, n, C) for all B at once: (Z_train (B,n,C), Z_eval (B,m,C)).
 
-    With K = U diag(e) U^T: alpha = U diag(1/(e+lam)) U^T Yc, Z_train = K alpha, Z_eval = K_ev alpha.
+    alpha = (K + lam I)^-1 Yc, Z_train = K alpha, Z_eval = K_ev alpha: two GEMMs with the
+    label-independent maps K (K + lam I)^-1 and K_ev (K + lam I)^-1 (one Cholesky).
     """
-    lam = _ridge_lambda(fit.K, ridge)
-    U, e = fit.evecs, fit.evals
-    hat_train = (U * (e / (e + lam))) @ U.T  # (n, n)
-    hat_eval = ((fit.Kev @ U) / (e + lam)) @ U.T  # (m, n)
     Yc = Y - Y.mean(axis=1, keepdims=True)
-    return _left(hat_train, Yc), _left(hat_eval, Yc)
+    return _left(fit.hat_train, Yc), _left(fit.hat_eval, Yc)
 
 
 def _lda_naive(X, split: _Split, Y, ridge):
     """Reference: one full re-fit (standardize, Gram, dense solve) for a single label matrix (n, C)."""
-    Z = _standardize(X, split.blocks["train"])
-    Xtr = Z[split.blocks["train"]]
-    Xev = Z[np.concatenate([idx for role, idx in split.blocks.items() if role != "train"])]
-    K = Xtr @ Xtr.T
+    K, Kev = _grams(X, split)
     lam = _ridge_lambda(K, ridge)
     alpha = np.linalg.solve(K + lam * np.eye(len(K)), Y - Y.mean(axis=0))
-    return K @ alpha, (Xev @ Xtr.T) @ alpha
+    return K @ alpha, Kev @ alpha
 
 
 def _nesterov(n_iter, lr, grad, x0):
@@ -276,13 +281,11 @@ def _nesterov(n_iter, lr, grad, x0):
     return x
 
 
-def _softmax_batched(fit: _Fit, Y, ridge, n_iter):
+def _softmax_batched(fit: _Fit, Y, n_iter):
     """Softmax regression for all B label matrices (B, n, C) at once, in the dual W = X^T alpha."""
     n = len(fit.K)
-    lam = _softmax_lambda(fit.K, ridge)
-    lr = 1.0 / (0.5 * fit.evals[-1] / n + lam)  # 1/L: CE Hessian in logits <= 1/2
     alpha = _nesterov(
-        n_iter, lr, lambda a: (_softmax(_left(fit.K, a)) - Y) / n + lam * a, np.zeros_like(Y)
+        n_iter, fit.lr, lambda a: (_softmax(_left(fit.K, a)) - Y) / n + fit.lam * a, np.zeros_like(Y)
     )
     return _left(fit.K, alpha), _left(fit.Kev, alpha)
 
@@ -293,8 +296,7 @@ def _softmax_naive(X, split: _Split, Y, ridge, n_iter):
     Xtr = Z[split.blocks["train"]]
     Xev = Z[np.concatenate([idx for role, idx in split.blocks.items() if role != "train"])]
     n = len(Xtr)
-    K = Xtr @ Xtr.T
-    lam = _softmax_lambda(K, ridge)
+    lam = ridge * float(np.sum(Xtr**2)) / n**2  # = _softmax_lambda(Xtr Xtr^T, ridge)
     lr = 1.0 / (0.5 * np.linalg.norm(Xtr, 2) ** 2 / n + lam)
     W = _nesterov(
         n_iter, lr, lambda w: Xtr.T @ (_softmax(Xtr @ w) - Y) / n + lam * w,
@@ -379,11 +381,11 @@ def _evaluate(X, split: _Split, labels, learner, ridge, k, n_iter, batched, fit=
     ytr = labels["train"]
     Y = _one_hot(ytr, split.train_classes)
     if batched:
-        fit = fit if fit is not None else _prepare(X, split)
+        fit = fit if fit is not None else _prepare(X, split, learner, ridge)
         if learner == "lda":
-            Ztr, Zev = _lda_batched(fit, Y, ridge)
+            Ztr, Zev = _lda_batched(fit, Y)
         else:
-            Ztr, Zev = _softmax_batched(fit, Y, ridge, n_iter)
+            Ztr, Zev = _softmax_batched(fit, Y, n_iter)
     else:
         pairs = [
             _lda_naive(X, split, y, ridge) if learner == "lda"
@@ -433,7 +435,7 @@ def _null(X, split, permutations, seed, learner, ridge, k, n_iter, batched, fit=
         per_perm += 8 * 4 * len(split.blocks["query"]) * len(split.blocks["gallery"])
     chunk = max(1, _CHUNK_BYTES // per_perm)
     if batched and fit is None:
-        fit = _prepare(X, split)
+        fit = _prepare(X, split, learner, ridge)
     out = np.empty(permutations)
     for start in range(0, permutations, chunk):
         part = {role: y[start:start + chunk] for role, y in labels.items()}
@@ -502,7 +504,7 @@ def htt(
     """
     X, split = _setup(features, tasks, protocol, learner, permutations, 1, seed, train_fraction,
                       train_task_fraction, n_query, ridge, k, n_iter)
-    fit = _prepare(X, split) if batched else None
+    fit = _prepare(X, split, learner, ridge) if batched else None
     observed, cmc = _evaluate(X, split, _observed_labels(split), learner, ridge, k, n_iter, batched, fit)
     null = _null(X, split, permutations, seed, learner, ridge, k, n_iter, batched, fit)
     statistic = float(observed[0])
