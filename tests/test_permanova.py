@@ -1,0 +1,163 @@
+"""PERMANOVA against scikit-bio, exact permutation distributions, calibration and power."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from distsim.stats import PermanovaResult, p_value, permanova, permanova_null_chunk
+
+
+def _grouped_distances(rng, sizes, dim=5, effect=0.0):
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    X = rng.standard_normal((len(labels), dim))
+    X[:, 0] += effect * labels
+    order = rng.permutation(len(labels))  # groups interleaved, not sorted
+    return cdist(X[order], X[order]), labels[order]
+
+
+def _pseudo_f(D, labels):
+    """Direct textbook pseudo-F (Anderson 2001) for checking."""
+    n = len(labels)
+    groups = np.unique(labels)
+    d2 = np.triu(D * D, 1)
+    s_t = d2.sum() / n
+    s_w = sum(d2[np.ix_(labels == g, labels == g)].sum() / np.sum(labels == g) for g in groups)
+    return ((s_t - s_w) / (len(groups) - 1)) / (s_w / (n - len(groups)))
+
+
+@pytest.mark.parametrize("sizes", [(15, 15, 15, 15), (2, 7, 30), (40, 3)])
+def test_observed_pseudo_f_matches_scikit_bio(sizes):
+    skbio = pytest.importorskip("skbio")
+    from skbio.stats.distance import permanova as skbio_permanova
+
+    rng = np.random.default_rng(sum(sizes))
+    D, labels = _grouped_distances(rng, sizes, effect=0.3)
+    names = np.array(["task-a", "task-b", "task-c", "task-d"])[labels]  # any label type works
+    ours = permanova(D, names, permutations=99, seed=1)
+    ref = skbio_permanova(skbio.DistanceMatrix(D), names, permutations=0)
+    assert ours.statistic == pytest.approx(ref["test statistic"], rel=1e-9)
+    assert ours.statistic == pytest.approx(_pseudo_f(D, labels), rel=1e-12)
+    assert ours.n_samples == ref["sample size"] and ours.n_groups == ref["number of groups"]
+
+
+def test_null_is_the_exact_permutation_distribution():
+    # 6 objects in groups of 3: 20 labellings, 10 distinct partitions, each with probability 1/10.
+    rng = np.random.default_rng(7)
+    D, labels = _grouped_distances(rng, (3, 3))
+    exact = {}
+    for members in itertools.combinations(range(6), 3):
+        lab = np.isin(np.arange(6), members).astype(int)
+        exact.setdefault(round(_pseudo_f(D, lab), 9), 0)
+        exact[round(_pseudo_f(D, lab), 9)] += 1
+    null = permanova_null_chunk(D, labels, 4000, seed=3)
+    assert null.shape == (4000,)
+    values, counts = np.unique(np.round(null, 9), return_counts=True)
+    assert set(values.tolist()) <= set(exact)
+    expected = np.array([exact[v] for v in values.tolist()]) / 20 * 4000
+    assert len(values) == len(exact)
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))
+
+
+def test_unequal_groups_null_values_are_relabellings():
+    rng = np.random.default_rng(8)
+    D, labels = _grouped_distances(rng, (2, 3, 2))
+    labellings = set(itertools.permutations(labels.tolist()))  # 210 distinct
+    possible = {round(_pseudo_f(D, np.array(lab)), 9) for lab in labellings}
+    null = permanova_null_chunk(D, labels, 500, seed=0)
+    assert set(np.round(null, 9).tolist()) <= possible
+
+
+def test_result_fields_chunks_and_seeds():
+    rng = np.random.default_rng(9)
+    D, labels = _grouped_distances(rng, (10, 10, 10))
+    res = permanova(D, labels, permutations=300, seed=5)
+    assert isinstance(res, PermanovaResult) and res.method == "permanova"
+    assert res.permutations == 300 and res.null.shape == (300,)
+    assert res.p_value == p_value(res.statistic, res.null)
+    np.testing.assert_array_equal(res.null, permanova_null_chunk(D, labels, 300, seed=5))
+    np.testing.assert_array_equal(res.null, permanova(D, labels, 300, seed=5).null)
+    other = permanova_null_chunk(D, labels, 300, seed=(5, 1))
+    assert not np.array_equal(other, res.null)
+    combined = np.concatenate([res.null, other])  # chunks with different seeds form one null
+    assert 0 < p_value(res.statistic, combined) <= 1
+    assert np.isnan(permanova(D, labels, permutations=0).p_value)
+
+
+def test_calibrated_under_the_null():
+    rng = np.random.default_rng(10)
+    p_values = []
+    for rep in range(120):
+        D, labels = _grouped_distances(rng, (5, 5, 5, 5))
+        p_values.append(permanova(D, labels, permutations=99, seed=rep).p_value)
+    p_values = np.array(p_values)
+    assert 0.01 <= np.mean(p_values <= 0.05) <= 0.10
+    assert 0.35 <= np.mean(p_values) <= 0.65
+
+
+def test_clear_effect_reaches_the_floor():
+    rng = np.random.default_rng(11)
+    D, labels = _grouped_distances(rng, (10, 10, 10), effect=5.0)
+    res = permanova(D, labels, permutations=199, seed=0)
+    assert res.p_value == 1 / 200
+    assert res.statistic > res.null.max()
+
+
+def test_p_value_counts_ties_and_is_never_zero():
+    assert p_value(2.0, np.array([1.0, 2.0, 3.0])) == 3 / 4
+    assert p_value(2.0, np.array([2.0 - 1e-13, 0.0])) == 2 / 3  # float tie counts
+    assert p_value(5.0, np.zeros(9)) == 0.1
+    assert np.isnan(p_value(float("nan"), np.zeros(3)))
+    with pytest.raises(ValueError, match="empty"):
+        p_value(1.0, np.array([]))
+
+
+def _bad(kind):
+    D = cdist(np.arange(8.0)[:, None], np.arange(8.0)[:, None])
+    labels = np.repeat([0, 1], 4)
+    if kind == "shape":
+        return D[:, :7], labels
+    if kind == "asym":
+        D = D.copy()
+        D[0, 1] += 1.0
+    if kind == "diag":
+        D = D + np.eye(8)
+    if kind == "nan":
+        D = D.copy()
+        D[0, 1] = D[1, 0] = np.nan
+    if kind == "len":
+        labels = labels[:7]
+    if kind == "one":
+        labels = np.zeros(8)
+    if kind == "single":
+        labels = np.array([0, 0, 0, 1, 1, 1, 1, 2])
+    return D, labels
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("shape", "square"),
+        ("asym", "symmetric"),
+        ("diag", "zero diagonal"),
+        ("nan", "NaN"),
+        ("len", "one label per row"),
+        ("one", "at least 2 groups"),
+        ("single", "at least 2 members"),
+    ],
+)
+def test_invalid_inputs(kind, match):
+    D, labels = _bad(kind)
+    with pytest.raises(ValueError, match=match):
+        permanova(D, labels)
+
+
+def test_invalid_permutations():
+    D, labels = _bad("ok")
+    with pytest.raises(ValueError, match=">= 0"):
+        permanova(D, labels, permutations=-1)
+    with pytest.raises(TypeError, match="integer"):
+        permanova_null_chunk(D, labels, 9.5, seed=0)
