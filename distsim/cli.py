@@ -265,14 +265,22 @@ def _emit(df: pl.DataFrame, fmt: Format, limit: int) -> None:
     with pl.Config(
         tbl_rows=max(df.height, 1) if limit == 0 else max(limit, 1),
         tbl_cols=-1,
-        tbl_width_chars=width,
+        tbl_width_chars=10_000,
         tbl_hide_dataframe_shape=True,
         tbl_hide_column_data_types=True,
         float_precision=4,
-        fmt_str_lengths=40,
+        fmt_str_lengths=24,
         fmt_table_cell_list_len=4,
     ):
-        typer.echo(str(df))
+        shown = df
+        text = str(shown)
+        while shown.width > 1 and max(len(line) for line in text.splitlines()) > width:
+            shown = shown.drop(shown.columns[-1])  # drop columns from the right until it fits
+            text = str(shown)
+        typer.echo(text)
+    if shown.width < df.width:
+        typer.echo(f"(not shown to fit {width} columns: {', '.join(df.columns[shown.width:])}; "
+                   "use a wider terminal or --format csv/json)", err=True)
 
 
 def _json_value(v):

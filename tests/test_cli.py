@@ -209,6 +209,14 @@ def test_query_table_fits_a_terminal_and_says_when_cut(store):
     assert "(3 of 12 rows; --limit 0 shows all)" in result.stderr
 
 
+def test_query_table_drops_right_columns_on_a_narrow_terminal(store):
+    result = runner.invoke(app, ["query", "models", str(store.root), "--limit", "2"], env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 60
+    assert "model_id" in result.stdout and "node" not in result.stdout
+    assert "(not shown to fit 60 columns:" in result.stderr and "node" in result.stderr
+
+
 def test_query_tests_and_neighbors(store):
     result = run("query", "tests", store.root, "--method", "chain-gram", "--protocol", "open-set", "--format", "json")
     assert result.exit_code == 0, result.output
