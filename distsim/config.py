@@ -4,7 +4,9 @@ A study says which tasks, which architectures, how to train, how to featurize an
 test. ``load_study(path)`` reads and validates it; every bad input (bad TOML, unreadable
 file, missing section, unknown key, wrong type, out-of-range value) raises
 :class:`ConfigError` whose message is one line naming the key path and what is allowed,
-e.g. ``train.seeds_per_trial: must be an int in [1, 16] (train.seeds_per_task), got 20``.
+e.g. ``train.seeds_per_trial: must be an integer in [1, 16] (train.seeds_per_task), got 20``.
+``None`` values (JSON null) count as "not given", so ``study_from_dict(study.resolved())``
+rebuilds the same study.
 
 File layout (sections; keys not listed take the defaults of the named dataclass)::
 
@@ -29,7 +31,8 @@ File layout (sections; keys not listed take the defaults of the named dataclass)
                  0.6), train_task_fraction (open-set: share of tasks that train, paper 0.6),
                  n_query (open-set queries per held-out task; omit for 20%), k (embedding
                  dims; omit for tasks - 1).  TestSpec.htt_kwargs() -> kwargs for stats.htt
-    [pairs]      top_k (>= 1, < models per arch; default 10 or fewer), block (rows per distance block, >= 1), metric euclidean|cosine
+    [pairs]      top_k (>= 1, < models per arch; default 10, cut to models - 1 for tiny
+                 zoos), block (rows per distance block, >= 1), metric euclidean|cosine
 
 Public API (stable; additions only):
     ConfigError(ValueError)            .key (the key path or "") and a one-line message
@@ -43,7 +46,10 @@ Public API (stable; additions only):
     Study.data_config() -> DataConfig
     Study.train_config(arch_name) -> train.TrainConfig (per-arch overrides applied)
     Study.model_seeds(task_id) -> tuple[int, ...]  seeds of one task's models (all archs)
-    Study.packs(arch_name=None) -> list[Pack]      every zoo trial: Pack(arch, task, pack, seeds)
+    Study.packs(arch_name=None) -> list[Pack]      every zoo trial: Pack(arch, task, pack, seeds),
+        Pack.trial_id = "arch=<a>/task=<t>/pack=<p>";  TrainPlan.packs_per_task
+        (pack p of a task holds its seeds [p * seeds_per_trial, (p + 1) * seeds_per_trial))
+    TestSpec.htt_kwargs() -> dict              learner, train_fraction, ... for stats.htt
     Study.feature_layers(arch_name) -> tuple[str, ...]  layers to featurize for an arch
     Study.resolved() -> dict (plain JSON types);  Study.hash -> sha256 hex of the
         resolved config without study.store and resources (where it runs does not change
