@@ -289,12 +289,12 @@ class _Optimizer:
             g = torch._foreach_add(g, p, alpha=cfg.weight_decay)
         if cfg.optimizer == "sgd":
             if cfg.momentum:
-                bufs = self.state[0]
-                if self.t == 1:
-                    torch._foreach_copy_(bufs, g)
+                if self.t == 1:  # torch.optim.SGD starts the buffer at the first gradient
+                    self.state[0] = [gi.clone() for gi in g]
                 else:
-                    torch._foreach_mul_(bufs, cfg.momentum)
-                    torch._foreach_add_(bufs, g)
+                    torch._foreach_mul_(self.state[0], cfg.momentum)
+                    torch._foreach_add_(self.state[0], g)
+                bufs = self.state[0]
                 g = torch._foreach_add(g, bufs, alpha=cfg.momentum) if cfg.nesterov else bufs
             new = torch._foreach_add(p, g, alpha=-lr)
         else:
