@@ -162,13 +162,18 @@ def run_study(
     from distsim.pipeline.tests import run_tests
     from distsim.pipeline.zoo import run_zoo
 
-    started, where = _connect(address)
     done: dict[str, Any] = {}
+    nodes = 0
+    if not any(pending_work(study, store, stages).values()):
+        print("distsim: the store holds every stage's output; nothing to run", file=out, flush=True)
+        stages = ()
+    started, where = _connect(address) if stages else (False, "")
     try:
-        nodes = check_shared_store(store)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        print(f"distsim: running {', '.join(stages)} on {where}, {nodes} node(s), {cpus} CPUs",
-              file=out, flush=True)
+        if stages:
+            nodes = check_shared_store(store)
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            print(f"distsim: running {', '.join(stages)} on {where}, {nodes} node(s), {cpus} CPUs",
+                  file=out, flush=True)
         for stage in stages:
             t0 = time.perf_counter()
             if stage == "zoo":
@@ -194,6 +199,45 @@ def run_study(
     print(f"distsim: done in {seconds:.1f} s (store {store.root})", file=out, flush=True)
     return {"store": str(store.root), "outcome": outcome, "stages": done, "seconds": seconds,
             "nodes": nodes, "summary": table}
+
+
+def pending_work(study: Study, store: Store, stages: tuple[str, ...]) -> dict[str, int]:
+    """Units of work each stage would do now (trials, packs, tiles, tests), read from the store.
+
+    A stage downstream of unfinished work counts as pending (1) without looking further.
+    """
+    from distsim.pipeline.features import pending_feature_packs
+    from distsim.pipeline.pairs import pending_tiles, study_groups
+    from distsim.pipeline.tests import study_protocols
+    from distsim.pipeline.zoo import pending_packs
+
+    out: dict[str, int] = {}
+    upstream = False
+    for stage in STAGES:
+        if upstream:
+            out[stage] = 1
+            continue
+        if stage == "zoo":
+            n = len(pending_packs(study, store))
+        elif stage == "features":
+            n = len(pending_feature_packs(study, store))
+        elif stage == "pairs":
+            counts = {
+                (a, m, lay): c for a, m, lay, c in
+                store.scan("features").group_by("arch", "method", "layer").agg(pl.len()).collect().iter_rows()
+            }
+            n = sum(
+                len(pending_tiles(store, g, counts.get((g.arch, g.method, g.layer), 0), study.pairs.block)[0])
+                or int(counts.get((g.arch, g.method, g.layer), 0) == 0)
+                for g in study_groups(study)
+            )
+        else:
+            have = {tuple(k[c] for c in ("arch", "method", "layer", "protocol")) for k in store.shard_keys("tests")}
+            n = sum((g.arch, g.method, g.layer, p) not in have
+                    for g in study_groups(study) for p in study_protocols(study))
+        out[stage] = n
+        upstream = upstream or n > 0
+    return {s: out[s] for s in stages}
 
 
 def _stage_complete(study: Study, store: Store, stage: str) -> bool:

@@ -144,6 +144,8 @@ def run_tests(study: Study, store: Store, stream=None) -> dict[str, Any]:
             jobs[(group, protocol)] = {"head": head, "rest": rest, "B": B, "start": time.perf_counter(), **meta}
     n_chunks = sum(1 + len(j["rest"]) for j in jobs.values())
     progress = Progress("tests", n_chunks, unit="chunk", skipped=0, stream=stream)
+    if n_tests > len(jobs):
+        print(f"tests     {n_tests - len(jobs)} of {n_tests} tests already in store", file=progress.stream)
     owner = {}
     for key, job in jobs.items():
         for ref in [job["head"], *job["rest"]]:

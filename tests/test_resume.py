@@ -1,0 +1,144 @@
+"""Kill `distsim launch` (SIGKILL) in the middle of the zoo stage, launch again: the study
+completes with exactly tasks x seeds models, none duplicated, none retrained; a third launch
+of the finished study runs nothing and changes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+DISTSIM = str(Path(sys.executable).with_name("distsim"))
+TASKS, SEEDS = 4, 6
+
+STUDY = f"""
+[study]
+name = "resume"
+store = "store"
+
+[data]
+dataset = "synthetic"
+num_tasks = {TASKS}
+synthetic_samples = 80
+
+[[arch]]
+kind = "mlp"
+widths = [16]
+
+[train]
+seeds_per_task = {SEEDS}
+seeds_per_trial = 1
+epochs = 10
+batch_size = 16
+
+[tests]
+permutations = 9
+permanova_permutations = 9
+chunk_size = 5
+
+[pairs]
+top_k = 3
+block = 8
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    return env
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Pids of every process in session `sid` (the launch we started, its Ray and workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid:  # field 6 of stat: session id
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    for pid in _session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while _session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _files(store: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (mtime_ns, size)} of every table and marker file (Tune's folder aside)."""
+    return {
+        str(p.relative_to(store)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in store.rglob("*") if p.is_file() and "_tune" not in p.parts
+    }
+
+
+def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path) -> None:
+    (tmp_path / "study.toml").write_text(STUDY)
+    store = tmp_path / "store"
+    models_dir = store / "models" / "arch=mlp"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=_env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            if models_dir.is_dir() and len(list(models_dir.glob("*.parquet"))) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the launch ended before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
+    finally:
+        _kill_session(proc.pid)
+        proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    finished = sorted(p.name for p in models_dir.glob("*.parquet"))
+    assert 2 <= len(finished) < TASKS * SEEDS, f"killed too late: {len(finished)} packs done"
+    before = _files(store)
+    kept = {k: v for k, v in before.items() if k.startswith(("models/", "weights/")) and k.split("/")[-1] in finished}
+    assert len(kept) == 2 * len(finished)
+
+    second = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"({len(finished)} already in store)" in second.stderr
+
+    import polars as pl
+
+    from distsim.store import Store
+
+    models = Store(store).scan("models").collect()
+    assert models.height == TASKS * SEEDS
+    assert models["model_id"].n_unique() == TASKS * SEEDS
+    assert sorted(models.group_by("task").len()["len"].to_list()) == [SEEDS] * TASKS
+    assert (models["status"] == "ok").all()
+    after = _files(store)
+    assert {k: after[k] for k in kept} == kept, "a pack that had finished was trained or written again"
+    assert not list(store.rglob(".tmp-*")), "a temp file survived"
+    tests = Store(store).scan("tests").collect()
+    assert tests.height > 0 and tests.filter(pl.col("p_value").is_null()).height == 0
+
+    t0 = time.monotonic()
+    third = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "nothing to run" in third.stderr
+    assert _files(store) == after, "a launch of a finished study changed the store"
+    print(f"no-op launch: {time.monotonic() - t0:.1f} s")
