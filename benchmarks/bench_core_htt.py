@@ -1,8 +1,8 @@
 """HTT benchmark: batched permutation null vs a naive loop of full re-fits, side by side.
 
 Both paths run the same test (same split, same label permutations) and must give the same
-statistic and p-value; the batched path shares the standardization, the training Gram and one
-Cholesky factorization across all permutations and solves every label vector in one GEMM.
+statistic and p-value; the batched path shares the standardization, the training Gram and its
+regularized inverse across all permutations and solves every label vector in one GEMM.
 
     .venv/bin/python benchmarks/bench_core_htt.py          # 20 tasks x 20 seeds, D=500, B=200
     .venv/bin/python benchmarks/bench_core_htt.py --quick
