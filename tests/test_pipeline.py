@@ -1,0 +1,282 @@
+"""The Ray pipeline: stage helpers (no Ray), a tiny study through every stage on the session's
+Ray (results checked against the single-process science code), and the quickstart via the CLI."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from distsim.config import parse_study
+from distsim.pipeline.pairs import _merge_block, compute_tile, tile_plan, tile_summary
+from distsim.pipeline.progress import Progress
+from distsim.pipeline.tests import chunk_sizes, combine
+from distsim.store import FeatureMatrix, Store, StoreError
+
+ROOT = Path(__file__).resolve().parents[1]
+DISTSIM = str(Path(sys.executable).with_name("distsim"))
+
+TINY = """
+[study]
+name = "tiny"
+store = "{store}"
+
+[data]
+dataset = "synthetic"
+num_tasks = 4
+synthetic_samples = 40
+
+[[arch]]
+name = "mlp"
+kind = "mlp"
+widths = [8]
+
+[[arch]]
+name = "rnn"
+kind = "rnn"
+hidden = 4
+
+[train]
+seeds_per_task = 4
+seeds_per_trial = 2
+epochs = {epochs}
+batch_size = 16
+
+[features]
+methods = ["chain-gram", "raw"]
+layers = "all"
+
+[tests]
+permutations = 9
+permanova_permutations = 9
+chunk_size = 4
+
+[pairs]
+top_k = 3
+block = 5
+"""
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_progress_plain_lines_off_a_terminal() -> None:
+    out = io.StringIO()
+    with Progress("zoo", 3, unit="trial", skipped=2, stream=out, tty=False, line_interval=0) as p:
+        for _ in range(3):
+            p.update()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("zoo") and "0/3 trial" in lines[0] and "(2 already in store)" in lines[0]
+    assert "3/3 trial" in lines[-1] and "trial/s" in lines[-1] and "\r" not in out.getvalue()
+    assert sum("3/3" in line for line in lines) == 1  # the end state once, not again at close
+
+
+def test_progress_bar_on_a_terminal_redraws_in_place() -> None:
+    out = io.StringIO()
+    p = Progress("pairs", 4, unit="tile", stream=out, tty=True, min_interval=0)
+    p.update(4)
+    p.close()
+    text = out.getvalue()
+    assert "\r" in text and "[########################]" in text and text.endswith("\n")
+    with pytest.raises(ValueError, match="total"):
+        Progress("x", -1, stream=out)
+
+
+def test_tile_plan_covers_the_upper_triangle_once() -> None:
+    assert tile_plan(0, 4) == []
+    assert tile_plan(10, 4) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+    n, b = 23, 5
+    covered = np.zeros((n, n), int)
+    for i, j in tile_plan(n, b):
+        covered[i * b:(i + 1) * b, j * b:(j + 1) * b] += 1
+    assert (np.triu(covered) == np.triu(np.ones((n, n), int))).all()
+    with pytest.raises(ValueError):
+        tile_plan(5, 0)
+
+
+def test_tiles_merge_to_the_exact_neighbours_and_pair_sums() -> None:
+    from distsim.stats.distances import pairwise_distances, topk_neighbors
+
+    rng = np.random.default_rng(0)
+    n, block, k = 23, 5, 4
+    X = rng.normal(size=(n, 7)).astype(np.float32)
+    tasks = np.repeat(np.arange(5), 5)[:n]
+    fm = FeatureMatrix([f"m{i}" for i in range(n)], tasks, np.arange(n), X)
+    rows, idx, dist, sums = [], [], [], []
+    for i, j in tile_plan(n, block):
+        s, r, ii, dd = compute_tile(X, tasks, i, j, block, k, "euclidean")
+        rows.append(r), idx.append(ii), dist.append(dd), sums.append(s)
+    rows, idx, dist = np.concatenate(rows), np.concatenate(idx), np.concatenate(dist)
+    want_i, want_d = topk_neighbors(X, k)
+    for b in range(math.ceil(n / block)):
+        r, got_i, got_d = _merge_block(fm, b, block, k, rows, idx, dist)
+        np.testing.assert_array_equal(got_i, want_i[r])
+        np.testing.assert_allclose(got_d, want_d[r], rtol=1e-5)
+    D = pairwise_distances(X).astype(np.float64)
+    iu = np.triu_indices(n, 1)
+    same = (tasks[:, None] == tasks[None, :])[iu]
+    assert sum(s["intra_count"] for s in sums) == same.sum()
+    assert sum(s["inter_count"] for s in sums) == (~same).sum()
+    np.testing.assert_allclose(sum(s["intra_sum"] for s in sums), D[iu][same].sum(), rtol=1e-5)
+    np.testing.assert_allclose(sum(s["inter_sumsq"] for s in sums), (D[iu][~same] ** 2).sum(), rtol=1e-5)
+    diag = tile_summary(np.zeros((3, 3)), np.array([0, 0, 1]), np.array([0, 0, 1]), diagonal=True)
+    assert (diag["intra_count"], diag["inter_count"]) == (1, 2)
+
+
+def test_chunks_and_combined_p_value() -> None:
+    assert chunk_sizes(9, 4) == [4, 4, 1] and chunk_sizes(3, 50) == [3]
+    with pytest.raises(ValueError):
+        chunk_sizes(0, 4)
+    head = {"observed": 0.9, "statistic": "accuracy", "chance": 0.25, "null": np.array([0.2, 0.95]), "extra": {}}
+    row = combine(head, [np.array([0.3]), np.array([0.1, 0.9])], 5)
+    assert row["p_value"] == pytest.approx((1 + 2) / (1 + 5))  # 0.95 and the tie 0.9
+    assert row["null_mean"] == pytest.approx(np.mean([0.2, 0.95, 0.3, 0.1, 0.9]))
+    with pytest.raises(RuntimeError, match="expected 6"):
+        combine(head, [], 6)
+
+
+# ----------------------------------------------------------------------------- on Ray
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: Path) -> None:
+    from distsim.features import weight_features_batch
+    from distsim.pipeline.launch import run_study
+    from distsim.stats import htt, htt_null_chunk, p_value
+    from distsim.stats.distances import pairwise_distances, topk_neighbors
+    from distsim.stats.permanova import permanova, permanova_null_chunk
+
+    study = parse_study(TINY.format(store=tmp_path / "store", epochs=3))
+    out = io.StringIO()
+    result = run_study(study, stream=out)
+    assert ray_session.is_initialized(), "run_study must leave the session's Ray running"
+    log = out.getvalue()
+    assert "already holds" in log and "zoo       16/16 trial" in log
+    assert result["stages"]["zoo"]["trials"] == 16 and result["stages"]["zoo"]["failed"] == 0
+    store = Store(study.store)
+
+    models = store.scan("models").collect()
+    assert models.height == 32 and models["model_id"].n_unique() == 32
+    assert models["node"].null_count() == 0 and models["trial_id"].null_count() == 0
+    assert set(store.stages()) == {"zoo", "features", "pairs", "tests"}
+
+    # features: the pipeline's rows are weight_features_batch of the stored weights
+    fm = store.feature_matrix("rnn", "chain-gram", "gru_ih")
+    assert len(fm.model_ids) == 16
+    sds = store.read_state_dicts(fm.model_ids)
+    arch = study.arch("rnn").with_task_shape((1, 8, 8), 2)
+    want = weight_features_batch([sds[m] for m in fm.model_ids], arch, "chain-gram", "gru_ih", None, 0)
+    np.testing.assert_allclose(fm.X, want, rtol=1e-6)
+
+    # neighbors and pairs of one group equal the single-process computation
+    fm = store.feature_matrix("mlp", "chain-gram", "out")
+    nb = store.scan("neighbors").filter(
+        (pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram") & (pl.col("layer") == "out")
+    ).sort("model_id", "rank").collect()
+    want_i, want_d = topk_neighbors(fm.X, 3)
+    pos = {m: i for i, m in enumerate(fm.model_ids)}
+    for mid, group in nb.group_by("model_id", maintain_order=True):
+        r = pos[mid[0]]
+        assert group["neighbor_id"].to_list() == [fm.model_ids[j] for j in want_i[r]]
+        np.testing.assert_allclose(group["distance"].to_numpy(), want_d[r], rtol=1e-5)
+    pairs = store.scan("pairs").filter(
+        (pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram") & (pl.col("layer") == "out")).collect()
+    assert pairs.height == len(tile_plan(16, 5))
+    D = pairwise_distances(fm.X).astype(np.float64)
+    iu = np.triu_indices(16, 1)
+    same = (fm.tasks[:, None] == fm.tasks[None, :])[iu]
+    assert pairs["intra_count"].sum() == same.sum() == 4 * 6
+    np.testing.assert_allclose(pairs["intra_sum"].sum(), D[iu][same].sum(), rtol=1e-5)
+    np.testing.assert_allclose(pairs["inter_sum"].sum(), D[iu][~same].sum(), rtol=1e-5)
+
+    # tests: chunked nulls (4 + 4 + 1) recombine to what the stats functions give in one process
+    tests = store.scan("tests").collect()
+    assert tests.height == (2 + 2) * 2 * 3  # (mlp fc1, out + rnn gru_ih, out) x 2 methods x 3 tests
+    assert (tests["p_value"] >= 1 / 10 - 1e-12).all() and (tests["p_value"] <= 1).all()
+    row = tests.filter((pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram")
+                       & (pl.col("layer") == "out") & (pl.col("protocol") == "closed-set")).row(0, named=True)
+    kw = study.tests.htt_kwargs()
+    head = htt(fm.X, fm.tasks, "closed-set", permutations=4, seed=0, **kw)
+    null = np.concatenate([head.null] + [htt_null_chunk(fm.X, fm.tasks, "closed-set", permutations=b, seed=(0, c),
+                                                         split_seed=0, **kw) for c, b in ((1, 4), (2, 1))])
+    assert row["observed"] == pytest.approx(head.statistic) and row["chance"] == pytest.approx(0.25)
+    assert row["p_value"] == pytest.approx(p_value(head.statistic, null))
+    assert row["null_mean"] == pytest.approx(null.mean()) and row["permutations"] == 9
+    row = tests.filter((pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram")
+                       & (pl.col("layer") == "out") & (pl.col("protocol") == "permanova")).row(0, named=True)
+    D = pairwise_distances(fm.X)
+    first = permanova(D, fm.tasks, permutations=4, seed=0)
+    null = np.concatenate([first.null, permanova_null_chunk(D, fm.tasks, 4, (0, 1)),
+                           permanova_null_chunk(D, fm.tasks, 1, (0, 2))])
+    assert row["observed"] == pytest.approx(first.statistic)
+    assert row["p_value"] == pytest.approx(p_value(first.statistic, null))
+    assert "mlp    out      chain-gram closed-set" in log
+
+    # a second launch of the finished study runs nothing and changes nothing
+    before = _files(store.root)
+    t0 = time.monotonic()
+    again = run_study(study, stream=io.StringIO())
+    assert again["stages"] == {} and again["summary"].height == tests.height
+    assert _files(store.root) == before
+    assert time.monotonic() - t0 < 60  # generous: "seconds", not a re-run (no timing claim)
+
+    # a changed study is refused unless fresh
+    changed = parse_study(TINY.format(store=tmp_path / "store", epochs=4))
+    with pytest.raises(StoreError, match="train.epochs"):
+        run_study(changed, stages=("zoo",), stream=io.StringIO())
+    assert _files(store.root) == before
+
+
+@pytest.mark.ray
+def test_missing_upstream_stage_is_a_one_line_error(ray_session, tmp_path: Path) -> None:
+    from distsim.pipeline import LaunchError
+    from distsim.pipeline.launch import run_study
+
+    study = parse_study(TINY.format(store=tmp_path / "store", epochs=1))
+    with pytest.raises(LaunchError, match="run the zoo stage first"):
+        run_study(study, stages=("features",), stream=io.StringIO())
+    with pytest.raises(ValueError, match="stages"):
+        run_study(study, stages=("train",), stream=io.StringIO())
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_quickstart_via_cli(tmp_path: Path) -> None:
+    """`distsim launch jobs/quickstart.toml`: chain-gram far above chance (p at its floor), raw weaker."""
+    text = (ROOT / "jobs" / "quickstart.toml").read_text()
+    lines = [f'store = "{tmp_path / "store"}"' if line.startswith("store =") else line for line in text.splitlines()]
+    (tmp_path / "quickstart.toml").write_text("\n".join(lines) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    t0 = time.monotonic()
+    proc = subprocess.run([DISTSIM, "launch", str(tmp_path / "quickstart.toml")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "arch   layer    method     test" in proc.stderr
+    tests = Store(tmp_path / "store").scan("tests").collect()
+    study = parse_study(text, base_dir=ROOT / "jobs")
+    floor = 1 / (1 + study.tests.permutations)
+    for arch in ("mlp", "cnn", "rnn"):
+        last = study.feature_layers(arch)[-1]
+        mine = tests.filter((pl.col("arch") == arch) & (pl.col("layer") == last))
+        chain = mine.filter((pl.col("method") == "chain-gram") & (pl.col("protocol") == "closed-set")).row(0, named=True)
+        raw = mine.filter((pl.col("method") == "raw") & (pl.col("protocol") == "closed-set")).row(0, named=True)
+        assert chain["p_value"] == pytest.approx(floor), (arch, chain)
+        assert chain["observed"] >= chain["chance"] + 0.5, (arch, chain)
+        assert raw["observed"] < chain["observed"] - 0.3, (arch, raw, chain)
+    print(f"quickstart wall time: {wall:.1f} s")
