@@ -113,6 +113,7 @@ class GRU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = x.shape
+        hid = self.hidden_size
         h_last = []
         for k in range(self.num_layers):
             w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
@@ -122,12 +123,9 @@ class GRU(nn.Module):
             outs = []
             for t in range(steps):
                 gi, gh = gi_all[:, t], h @ w_hh.T + b_hh
-                i_r, i_z, i_n = gi.chunk(3, dim=-1)
-                h_r, h_z, h_n = gh.chunk(3, dim=-1)
-                r = torch.sigmoid(i_r + h_r)
-                z = torch.sigmoid(i_z + h_z)
-                n = torch.tanh(i_n + r * h_n)
-                h = (1 - z) * n + z * h
+                r, z = torch.sigmoid(gi[..., : 2 * hid] + gh[..., : 2 * hid]).chunk(2, dim=-1)
+                n = torch.tanh(gi[..., 2 * hid :] + r * gh[..., 2 * hid :])
+                h = n + z * (h - n)  # = (1 - z) * n + z * h, the torch.nn.GRU update
                 outs.append(h)
             x = torch.stack(outs, dim=1)
             h_last.append(h)
@@ -230,6 +228,7 @@ def _linear(params: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torc
 def _gru_packed(gru: GRU, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
     """K stacked GRUs (the maths of GRU.forward): x (K, B, T, in) -> last hidden state (K, B, H)."""
     k, b, steps, _ = x.shape
+    hid = gru.hidden_size
     for layer in range(gru.num_layers):
         w_ih, w_hh = params[f"{prefix}.weight_ih_l{layer}"], params[f"{prefix}.weight_hh_l{layer}"]
         b_ih, b_hh = params[f"{prefix}.bias_ih_l{layer}"], params[f"{prefix}.bias_hh_l{layer}"]
@@ -238,13 +237,11 @@ def _gru_packed(gru: GRU, params: dict[str, torch.Tensor], prefix: str, x: torch
         h = x.new_zeros(k, b, gru.hidden_size)
         outs = []
         for t in range(steps):
-            gh = torch.baddbmm(b_hh.unsqueeze(1), h, w_hh.transpose(1, 2))
-            i_r, i_z, i_n = gi_all[:, :, t].chunk(3, dim=-1)
-            h_r, h_z, h_n = gh.chunk(3, dim=-1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            h = (1 - z) * n + z * h
+            gi, gh = gi_all[:, :, t], torch.baddbmm(b_hh.unsqueeze(1), h, w_hh.transpose(1, 2))
+            r, z = torch.sigmoid(gi[..., : 2 * hid] + gh[..., : 2 * hid]).chunk(2, dim=-1)
+            n = torch.tanh(gi[..., 2 * hid :] + r * gh[..., 2 * hid :])
+            h = n + z * (h - n)  # = (1 - z) * n + z * h, as GRU.forward
             outs.append(h)
-        x = torch.stack(outs, dim=2)
+        if layer + 1 < gru.num_layers:  # the next layer reads every step's output
+            x = torch.stack(outs, dim=2)
     return h
