@@ -187,3 +187,17 @@ def test_pairwise_distances_errors(kwargs, error, match):
 def test_topk_rejects_bad_k(k):
     with pytest.raises(ValueError, match="k must be"):
         topk_neighbors(np.ones((5, 2), np.float32), k)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e15, 1e30])
+def test_extreme_magnitudes_are_rescaled_exactly(scale):
+    rng = np.random.default_rng(6)
+    X = (_near_duplicates(rng, 10, 50, 1e-3, offset=1.0).astype(np.float64) * scale).astype(
+        np.float32
+    )
+    ref = cdist(X.astype(np.float64), X.astype(np.float64))
+    assert _max_rel(pairwise_distances(X, block=8), ref) < 1e-5
+    idx, dist = topk_neighbors(X, 2)
+    np.testing.assert_allclose(
+        dist, np.sort(ref + np.diag(np.full(20, np.inf)), axis=1)[:, :2], rtol=1e-5
+    )

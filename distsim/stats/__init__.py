@@ -12,6 +12,7 @@ from distsim.stats.distances import (
     merge_topk,
     pairwise_distances,
     topk_neighbors,
+    upper_tiles,
 )
 from distsim.stats.permanova import PermanovaResult, permanova, permanova_null_chunk
 
@@ -27,6 +28,7 @@ __all__ = [
     "permanova",
     "permanova_null_chunk",
     "topk_neighbors",
+    "upper_tiles",
     *_HTT_NAMES,
 ]
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 METRICS = ("euclidean", "cosine")
-DEFAULT_BLOCK = 1024
+DEFAULT_BLOCK = 1280  # rows per block: large GEMMs; diagonal blocks are split further
+_MIN_TILE = 256
 
 _U32 = float(np.finfo(np.float32).eps) / 2
 _U64 = float(np.finfo(np.float64).eps) / 2
@@ -65,10 +66,16 @@ def _validate(X: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {arr.shape}")
     if arr.shape[1] == 0:
         raise ValueError(f"{name} must have at least one feature, got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values (in float32)")
-    return arr
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _require_finite(values: np.ndarray, *named: tuple[np.ndarray | None, str]) -> None:
+    """Raise naming the input with NaN/inf when derived `values` (norms, centre) are not finite."""
+    if np.isfinite(values).all():
+        return
+    for arr, name in named:
+        if arr is not None and not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or infinite values (in float32)")
 
 
 def _check_metric(metric: str) -> None:
@@ -78,6 +85,7 @@ def _check_metric(metric: str) -> None:
 
 def _unit_scale(x: np.ndarray, name: str) -> np.ndarray:
     norms = np.sqrt(_sq_norms(x))
+    _require_finite(norms, (x, name))
     if np.any(norms == 0):
         raise ValueError(f"{name} has all-zero rows; cosine distance is undefined for them")
     return 1.0 / norms
@@ -116,10 +124,31 @@ def _prepare(x: np.ndarray, scale: np.ndarray | None, centre: np.ndarray) -> _Pr
     return _Prepared(x=x, scale=scale, z=z, sq=sq, centre=centre)
 
 
+def _centre(pairs: list[tuple[np.ndarray, np.ndarray | None]], dim: int) -> np.ndarray:
+    """(D,) float64 holding a float32 mean of all rows (unit rows for cosine).
+
+    It is float32 so that refinement subtracts exactly what the GEMM rows subtracted.
+    """
+    count = max(1, sum(len(arr) for arr, _ in pairs))
+    total = np.zeros(dim, np.float32)
+    for arr, s in pairs:
+        total += s.astype(np.float32) @ arr if s is not None else arr.sum(axis=0)
+    if not np.isfinite(total).all():  # float32 overflow (or NaN/inf input): sum in float64
+        total = np.zeros(dim)
+        for arr, s in pairs:
+            total += s @ arr if s is not None else arr.sum(axis=0, dtype=np.float64)
+    return (total / count).astype(np.float32).astype(np.float64)
+
+
 def _prepare_pair(
     X: np.ndarray, Y: np.ndarray | None, metric: str
-) -> tuple[_Prepared, _Prepared | None]:
-    """Validate and prepare X (and Y) with one shared centre, the mean of all rows."""
+) -> tuple[_Prepared, _Prepared | None, float]:
+    """Validate and prepare X (and Y) with one shared centre, the mean of all rows.
+
+    Returns the prepared rows and `unit`, a power of two the euclidean rows were divided by
+    (exactly) when their norms would overflow or underflow float32 squares; distances computed
+    from the prepared rows are multiplied by it.
+    """
     _check_metric(metric)
     x = _validate(X, "X")
     y = None if Y is None else _validate(Y, "Y")
@@ -129,17 +158,22 @@ def _prepare_pair(
         )
     sx = _unit_scale(x, "X") if metric == "cosine" else None
     sy = _unit_scale(y, "Y") if (metric == "cosine" and y is not None) else None
-    total = np.zeros(x.shape[1])
-    count = 0
-    for arr, s in ((x, sx), (y, sy)):
-        if arr is not None and len(arr):
-            total += s.astype(np.float32) @ arr if s is not None else arr.sum(axis=0)
-            count += len(arr)
-    # the centre is float32 so that refinement subtracts exactly what the GEMM rows subtracted
-    centre = (total / max(count, 1)).astype(np.float32).astype(np.float64)
-    px = _prepare(x, sx, centre)
-    py = None if y is None else _prepare(y, sy, centre)
-    return px, py
+    unit = 1.0
+    for _ in range(2):  # a second pass only after rescaling extreme magnitudes
+        pairs = [(arr, s) for arr, s in ((x, sx), (y, sy)) if arr is not None and len(arr)]
+        centre = _centre(pairs, x.shape[1])
+        px = _prepare(x, sx, centre)
+        py = None if y is None else _prepare(y, sy, centre)
+        for p in (px, py):
+            if p is not None:
+                _require_finite(p.sq, (x, "X"), (y, "Y"))
+        top = max(float(p.sq.max(initial=0.0)) for p in (px, py) if p is not None)
+        if metric == "cosine" or top == 0.0 or 2.0**-60 < top < 2.0**60 or unit != 1.0:
+            return px, py, unit
+        unit = 2.0 ** np.floor(np.log2(top) / 2)  # rows / unit have norms near 1
+        x = (x / unit).astype(np.float32)  # float64 division by a power of two: exact
+        y = None if y is None else (y / unit).astype(np.float32)
+    raise AssertionError("unreachable")
 
 
 def _rows(p: _Prepared, sl: slice) -> _Prepared:
@@ -186,11 +220,48 @@ def _sq_block(a: _Prepared, b: _Prepared, diagonal: bool) -> np.ndarray:
     return d2
 
 
-def _finish(d2: np.ndarray, metric: str) -> np.ndarray:
+def _finish(d2: np.ndarray, metric: str, unit: float = 1.0) -> np.ndarray:
+    """Squared distances of prepared rows -> distances, in place."""
     if metric == "euclidean":
-        return np.sqrt(d2, out=d2)
+        np.sqrt(d2, out=d2)
+        if unit != 1.0:
+            d2 *= np.float32(unit)
+        return d2
     d2 *= 0.5
     return d2
+
+
+def _edges(n: int, block: int) -> list[int]:
+    """Boundaries of ceil(n / block) balanced blocks of [0, n)."""
+    size = -(-n // max(1, -(-n // block)))
+    return [*range(0, n, size), n] if n else [0]
+
+
+def upper_tiles(n: int, block: int = DEFAULT_BLOCK) -> list[tuple[int, int, int, int]]:
+    """Tiles (i0, i1, j0, j1), i0 <= j0, covering the upper triangle of an (n, n) matrix once.
+
+    Off-diagonal tiles are balanced blocks of at most `block` rows; a diagonal tile is split in
+    halves (one off-diagonal tile and two smaller diagonal tiles) down to _MIN_TILE rows, so
+    that little below the diagonal is computed twice. A tile with i0 == j0 is a diagonal block.
+    """
+    block = _check_block(block)
+    edges = _edges(n, block)
+    tiles: list[tuple[int, int, int, int]] = []
+
+    def diagonal(lo: int, hi: int) -> None:
+        if hi - lo <= _MIN_TILE:
+            tiles.append((lo, hi, lo, hi))
+            return
+        mid = (lo + hi) // 2
+        tiles.append((lo, mid, mid, hi))
+        diagonal(lo, mid)
+        diagonal(mid, hi)
+
+    for bi in range(len(edges) - 1):
+        diagonal(edges[bi], edges[bi + 1])
+        for bj in range(bi + 1, len(edges) - 1):
+            tiles.append((edges[bi], edges[bi + 1], edges[bj], edges[bj + 1]))
+    return [t for t in tiles if t[1] > t[0]]
 
 
 def _check_block(block: int) -> int:
@@ -207,9 +278,9 @@ def distance_block(
     X_J=None means a diagonal block (X_I against itself): symmetric with an exact zero diagonal.
     The pipeline runs blocks (I, J), I <= J, and mirrors the off-diagonal ones.
     """
-    a, b = _prepare_pair(X_I, X_J, metric)
+    a, b, unit = _prepare_pair(X_I, X_J, metric)
     diagonal = b is None
-    return _finish(_sq_block(a, a if diagonal else b, diagonal), metric)
+    return _finish(_sq_block(a, a if diagonal else b, diagonal), metric, unit)
 
 
 def pairwise_distances(
@@ -224,27 +295,22 @@ def pairwise_distances(
     duplicates included. X vs X computes only the upper-triangle blocks and mirrors them.
     """
     block = _check_block(block)
-    a, b = _prepare_pair(X, Y, metric)
+    a, b, unit = _prepare_pair(X, Y, metric)
     n = len(a.x)
     if b is None:
         out = np.empty((n, n), dtype=np.float32)
-        for i in range(0, n, block):
-            bi = slice(i, min(i + block, n))
-            for j in range(i, n, block):
-                bj = slice(j, min(j + block, n))
-                d2 = _sq_block(_rows(a, bi), _rows(a, bj), diagonal=(i == j))
-                out[bi, bj] = d2
-                if i != j:
-                    out[bj, bi] = d2.T
-        return _finish(out, metric)
-    m = len(b.x)
-    out = np.empty((n, m), dtype=np.float32)
-    for i in range(0, n, block):
-        bi = slice(i, min(i + block, n))
-        for j in range(0, m, block):
-            bj = slice(j, min(j + block, m))
-            out[bi, bj] = _sq_block(_rows(a, bi), _rows(b, bj), diagonal=False)
-    return _finish(out, metric)
+        for i0, i1, j0, j1 in upper_tiles(n, block):
+            d2 = _sq_block(_rows(a, slice(i0, i1)), _rows(a, slice(j0, j1)), i0 == j0)
+            out[i0:i1, j0:j1] = d2
+            if i0 != j0:
+                out[j0:j1, i0:i1] = d2.T
+        return _finish(out, metric, unit)
+    out = np.empty((n, len(b.x)), dtype=np.float32)
+    rows, cols = _edges(n, block), _edges(len(b.x), block)
+    for i0, i1 in zip(rows[:-1], rows[1:], strict=True):
+        for j0, j1 in zip(cols[:-1], cols[1:], strict=True):
+            out[i0:i1, j0:j1] = _sq_block(_rows(a, slice(i0, i1)), _rows(b, slice(j0, j1)), False)
+    return _finish(out, metric, unit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,20 +388,18 @@ def topk_neighbors(
     """k nearest other rows of every row of X (N, D) -> (indices (N, k) int64, distances (N, k)
     float32), nearest first, ties to the smaller index; streams over upper-triangle blocks."""
     block = _check_block(block)
-    a, _ = _prepare_pair(X, None, metric)
+    a, _, unit = _prepare_pair(X, None, metric)
     n = len(a.x)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise ValueError(f"k must be an integer in [1, N-1] = [1, {n - 1}], got {k!r}")
     best_i = np.full((n, k), -1, dtype=np.int64)
     best_d = np.full((n, k), np.inf, dtype=np.float32)
-    for i in range(0, n, block):
-        bi = slice(i, min(i + block, n))
-        for j in range(i, n, block):
-            bj = slice(j, min(j + block, n))
-            d = _finish(_sq_block(_rows(a, bi), _rows(a, bj), diagonal=(i == j)), metric)
-            pi, pd = block_topk(d, k, i, j)
-            best_i[bi], best_d[bi] = merge_topk([best_i[bi], pi], [best_d[bi], pd], k)
-            if i != j:
-                pi, pd = block_topk(d.T, k, j, i)
-                best_i[bj], best_d[bj] = merge_topk([best_i[bj], pi], [best_d[bj], pd], k)
+    for i0, i1, j0, j1 in upper_tiles(n, block):
+        bi, bj = slice(i0, i1), slice(j0, j1)
+        d = _finish(_sq_block(_rows(a, bi), _rows(a, bj), diagonal=(i0 == j0)), metric, unit)
+        pi, pd = block_topk(d, k, i0, j0)
+        best_i[bi], best_d[bi] = merge_topk([best_i[bi], pi], [best_d[bi], pd], k)
+        if i0 != j0:
+            pi, pd = block_topk(d.T, k, j0, i0)
+            best_i[bj], best_d[bj] = merge_topk([best_i[bj], pi], [best_d[bj], pd], k)
     return best_i, best_d
