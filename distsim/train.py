@@ -47,7 +47,8 @@ class TrainConfig:
     optimizer: ``sgd`` | ``adam`` (``betas``, ``eps`` as ``torch.optim.Adam``; momentum unused).
     milestones, gamma: lr is multiplied by gamma after each listed epoch (``MultiStepLR``).
     device: ``cpu`` | ``cuda`` | ``auto`` (cuda when available). dtype: ``float32`` | ``float64``.
-    eval_batch: samples per forward pass when evaluating (bounds memory on big tasks).
+    eval_batch: most samples per forward pass when evaluating (also capped so that the pack's
+        copies of one evaluation batch fit GATHER_BYTES).
     """
 
     epochs: int = 20
@@ -316,6 +317,7 @@ def _evaluate(
     """Mean cross-entropy and accuracy of every row of the pack on x (N, C, H, W), y (N,): two (K,)."""
     first = next(iter(params.values()))
     k, device, dtype = first.shape[0], first.device, first.dtype
+    batch = max(1, min(batch, GATHER_BYTES // (k * x[0].size * first.element_size())))
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.int64, device=device)
     for lo in range(0, len(x), batch):
