@@ -189,7 +189,9 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
         if col not in names:
             raise StoreError(f"--{col.replace('_', '-')} does not apply to {table}")
         lf = lf.filter(pl.col(col) == value)
-    lf = lf.sort(order).select(columns)
+    archs = [a.get("name") for a in ((store.read_study() or {}).get("config", {}).get("arch", []))]
+    rank = pl.col("arch").replace_strict(archs, list(range(len(archs))), default=len(archs), return_dtype=pl.Int64)
+    lf = lf.sort([rank, *order]).select(columns)  # archs in study order, then by name
     if limit is None:
         limit = 50 if fmt is Format.table else 0
     if limit < 0:

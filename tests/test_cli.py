@@ -187,7 +187,8 @@ def test_query_models_json_is_machine_readable(store):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert len(rows) == 12
-    assert rows[0]["model_id"] == "cnn-t0-s0" and rows[0]["test_acc"] == 0.9
+    assert rows[0]["model_id"] == "mlp-t0-s0" and rows[0]["test_acc"] == 0.9  # archs in study order
+    assert rows[6]["model_id"] == "cnn-t0-s0"
     assert rows[2]["test_loss"] is None  # NaN -> null
 
 
@@ -205,7 +206,7 @@ def test_query_table_fits_a_terminal_and_says_when_cut(store):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 120
-    assert sum("cnn-t" in line for line in lines) == 3
+    assert sum("mlp-t0" in line for line in lines) == 3
     assert "(3 of 12 rows; --limit 0 shows all)" in result.stderr
 
 
