@@ -254,7 +254,7 @@ def train_pack(
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) == 0:
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, np.ndarray)) or len(seeds) == 0:
         raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
     out = []
     for s in seeds:
