@@ -3,11 +3,14 @@
 Squared Euclidean distances come from d2 = |x|^2 + |y|^2 - 2 x.y computed by a float32 GEMM on
 vectors centred by a shared mean (distances do not change under translation, and centring
 removes the large common offset that weight features share). The GEMM formula loses precision
-when x and y are close compared with their norms, so a pair whose d2 is below TAU32 * (|x|^2 +
-|y|^2) is recomputed in float64, and a pair that is still below TAU64 * (...) in float64 (a
-near-duplicate) is computed directly as sum((x - y)^2). Measured GEMM error on close pairs with
-OpenBLAS: |error(d2)| <= 9 u32 (|x|^2 + |y|^2) for D from 8 to 20000; the thresholds assume
-16 u, which keeps the relative error of d2 below 1e-5 (of d below 5e-6) for every pair.
+when x and y are close compared with their norms (at 1e-3 of the norm apart: 100% error), so a
+pair whose d2 is below TAU32 * (|x|^2 + |y|^2) is recomputed: directly as sum((x - y)^2) in
+float64 (numba kernel) when such pairs are sparse in the block, as with clustered features, or
+by a float64 GEMM on the rows and columns that hold them when they are dense (then pairs still
+below TAU64 * (...) in float64 are computed directly). Measured float32 GEMM error on close
+pairs with OpenBLAS: |error(d2)| <= 9 u32 (|x|^2 + |y|^2) for D from 8 to 20000; the thresholds
+assume 16 u, which keeps the relative error of d2 below 5e-5 (of d below 2.5e-5) for every pair;
+measured errors are ~1e-7 (benchmarks/bench_core.py prints one).
 
 Cosine distance is 1 - cos(x, y) = |x/|x| - y/|y||^2 / 2: the same computation on unit vectors.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 METRICS = ("euclidean", "cosine")
@@ -30,9 +34,11 @@ _MIN_TILE = 256
 _U32 = float(np.finfo(np.float32).eps) / 2
 _U64 = float(np.finfo(np.float64).eps) / 2
 _GEMM_ERROR = 16.0  # assumed bound on |error(d2)| / (u (|x|^2 + |y|^2)); measured max ~9
-_RTOL_D2 = 1e-5  # relative error of d2 we allow before recomputing a pair
+_RTOL_D2 = 5e-5  # relative error of d2 we allow before recomputing a pair
 TAU32 = _GEMM_ERROR * _U32 / _RTOL_D2  # ~0.095: float32 d2 below this fraction -> float64
 TAU64 = _GEMM_ERROR * _U64 / _RTOL_D2  # ~1.8e-10: float64 d2 below this fraction -> direct
+
+_DIRECT_COST = 4.0  # one direct pair ~ 4 float64-GEMM pairs (numba kernel vs dgemm, D=2048)
 
 _PAD_KEY = np.iinfo(np.int64).max  # top-k padding: index -1, distance inf
 
@@ -181,24 +187,53 @@ def _rows(p: _Prepared, sl: slice) -> _Prepared:
     return _Prepared(x=p.x[sl], scale=scale, z=p.z[sl], sq=p.sq[sl], centre=p.centre)
 
 
+@numba.njit(parallel=True, fastmath={"reassoc"}, cache=True)  # no FMA: x - x == 0
+def _direct_sq(
+    xa: np.ndarray, sa: np.ndarray, xb: np.ndarray, sb: np.ndarray, ri: np.ndarray, ci: np.ndarray
+) -> np.ndarray:
+    """(P,) float64 |xa[i] sa[i] - xb[j] sb[j]|^2 for the pairs (i, j) = (ri[p], ci[p]).
+
+    xa (n_a, D), xb (n_b, D) float32 rows; sa (n_a,), sb (n_b,) float64 row scales.
+    """
+    out = np.empty(ri.shape[0])
+    for p in numba.prange(ri.shape[0]):
+        i, j = ri[p], ci[p]
+        s1, s2 = sa[i], sb[j]
+        acc = 0.0
+        for k in range(xa.shape[1]):
+            d = xa[i, k] * s1 - xb[j, k] * s2
+            acc += d * d
+        out[p] = acc
+    return out
+
+
+def _direct(a: _Prepared, b: _Prepared, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:
+    """(P,) float64 squared distances of the pairs (a rows ri, b rows ci), computed directly."""
+    sa = np.ones(len(a.x)) if a.scale is None else a.scale
+    sb = np.ones(len(b.x)) if b.scale is None else b.scale
+    return _direct_sq(a.x, sa, b.x, sb, ri.astype(np.int64), ci.astype(np.int64))
+
+
 def _refine(d2: np.ndarray, close: np.ndarray, a: _Prepared, b: _Prepared) -> None:
-    """Recompute the close pairs of a float32 d2 block in place: float64 GEMM on the rows and
-    columns that hold close pairs, and sum((x - y)^2) for pairs still close in float64."""
-    rows = np.flatnonzero(close.any(axis=1))
-    cols = np.flatnonzero(close.any(axis=0))
+    """Recompute the close pairs of a float32 d2 block in place.
+
+    Few close pairs (clustered data): each directly as sum((x - y)^2). Many (a dense patch):
+    a float64 GEMM on the rows and columns that hold them, and directly only the pairs still
+    close in float64. A direct pair costs about _DIRECT_COST float64 GEMM pairs (measured).
+    """
+    ri, ci = np.nonzero(close)
+    rows, cols = np.unique(ri), np.unique(ci)
+    if len(ri) * _DIRECT_COST < len(rows) * len(cols):
+        d2[ri, ci] = _direct(a, b, ri, ci)
+        return
     za = a.exact(rows) - a.centre
     zb = b.exact(cols) - b.centre
     sqa = np.einsum("ij,ij->i", za, za)
     sqb = np.einsum("ij,ij->i", zb, zb)
     sub = sqa[:, None] + sqb[None, :] - 2.0 * (za @ zb.T)
     mask = close[np.ix_(rows, cols)]
-    very = mask & (sub < TAU64 * (sqa[:, None] + sqb[None, :]))
-    ri, ci = np.nonzero(very)
-    step = max(1, (1 << 22) // a.x.shape[1])  # about 32 MiB of float64 differences at a time
-    for s in range(0, len(ri), step):
-        r, c = ri[s : s + step], ci[s : s + step]
-        diff = a.exact(rows[r]) - b.exact(cols[c])
-        sub[r, c] = np.einsum("ij,ij->i", diff, diff)
+    vr, vc = np.nonzero(mask & (sub < TAU64 * (sqa[:, None] + sqb[None, :])))
+    sub[vr, vc] = _direct(a, b, rows[vr], cols[vc])
     d2[close] = sub[mask]  # both sides list the close pairs in row-major order
 
 
