@@ -201,3 +201,19 @@ def test_extreme_magnitudes_are_rescaled_exactly(scale):
     np.testing.assert_allclose(
         dist, np.sort(ref + np.diag(np.full(20, np.inf)), axis=1)[:, :2], rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("n_clusters", [2, 12])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_tight_clusters_match_reference(n_clusters, metric):
+    # 2 clusters: close pairs are dense in a block (float64 GEMM path); 12: sparse (direct path)
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, n_clusters, 96)
+    centres = rng.standard_normal((n_clusters, 64)) + 2.0
+    X = (centres[labels] + 1e-3 * rng.standard_normal((96, 64))).astype(np.float32)
+    if metric == "euclidean":
+        ref = cdist(X.astype(np.float64), X.astype(np.float64))
+    else:
+        ref = _cosine_reference(X, X)
+        np.fill_diagonal(ref, 0.0)
+    assert _max_rel(pairwise_distances(X, metric=metric, block=32), ref) < 1e-5
