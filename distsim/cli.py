@@ -150,7 +150,7 @@ def status(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="Sto
 
 
 _QUERIES = {
-    # table: (columns shown by default, sort order)
+    # table: (columns of the terminal table, sort order)
     "models": (
         ["model_id", "arch", "task", "seed", "status", "train_acc", "test_acc", "test_loss", "epochs", "seconds", "node"],
         ["arch", "task", "seed"],
@@ -191,7 +191,9 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
         lf = lf.filter(pl.col(col) == value)
     archs = [a.get("name") for a in ((store.read_study() or {}).get("config", {}).get("arch", []))]
     rank = pl.col("arch").replace_strict(archs, list(range(len(archs))), default=len(archs), return_dtype=pl.Int64)
-    lf = lf.sort([rank, *order]).select(columns)  # archs in study order, then by name
+    lf = lf.sort([rank, *order])  # archs in study order, then by name
+    if fmt is Format.table:  # a terminal gets the main columns; csv/json get every column
+        lf = lf.select(columns)
     if limit is None:
         limit = 50 if fmt is Format.table else 0
     if limit < 0:

@@ -223,6 +223,7 @@ def test_query_tests_and_neighbors(store):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert (row["statistic"], row["observed"], row["p_value"], row["layer"]) == ("mAP", 1.0, 0.01, "out")
+    assert json.loads(row["extra"]) == {"cmc@1": 1.0} and row["effect_size"] == 5.0  # json: every column
     result = run("query", "neighbors", store.root, "--model", "mlp-t0-s1", "--format", "json")
     rows = json.loads(result.stdout)
     assert [r["rank"] for r in rows] == [1, 2] and rows[0]["neighbor_id"] == "mlp-t0-s2"
