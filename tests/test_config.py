@@ -191,6 +191,12 @@ def test_default_top_k_shrinks_to_a_tiny_zoo():
     assert study.pairs.top_k == 3
 
 
+def test_npz_path_resolves_against_the_study_folder(tmp_path):
+    study = parse_study(small(**{'dataset = "synthetic"': 'dataset = "npz"\npath = "data/x.npz"'}), base_dir=tmp_path)
+    assert study.data.path == str(tmp_path / "data" / "x.npz")
+    assert study.arch("mlp").input_shape == ArchConfig().input_shape  # the npz's shape is known at launch
+
+
 def test_store_uri_is_kept_and_absolute_path_untouched(tmp_path):
     assert parse_study(small(**{'store = "stores/small"': 'store = "s3://bucket/x"'})).store == "s3://bucket/x"
     assert parse_study(small(**{'store = "stores/small"': f'store = "{tmp_path}"'})).store == str(tmp_path)
