@@ -84,6 +84,7 @@ STAGES = ("zoo", "features", "pairs", "tests")
 STATUSES = ("ok", "diverged", "failed")
 _VALUE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TMP_PREFIX = ".tmp-"
+_MODEL_ID = re.compile(r"^(.+)-t(\d+)-s(\d+)$")
 
 
 class StoreError(RuntimeError):
@@ -423,16 +424,27 @@ class Store:
         task: int | None = None,
         pack: int | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """{model_id: {tensor name: torch.Tensor float32}} for the selected models, tensors in stored order."""
+        """{model_id: {tensor name: torch.Tensor float32}} for the selected models, tensors in stored order.
+
+        Reads only the shards that can hold them: the one of (arch, task, pack) when all
+        three are given, else those of the (arch, task) pairs named by the model ids.
+        """
         import torch
 
-        lf = self.scan("weights")
-        for col, value in (("arch", arch), ("task", task), ("pack", pack)):
-            if value is not None:
-                lf = lf.filter(pl.col(col) == value)
+        columns = ["model_id", "tensor", "shape", "values"]
+        files = self._weight_files(model_ids, arch, task, pack)
+        if files is not None:
+            parts = [pl.read_parquet(f, columns=["model_id", "task", "pack", *columns[1:]]) for f in files]
+            lf = pl.concat(parts).lazy() if parts else pl.LazyFrame(schema=_polars_schema(TABLES["weights"].schema))
+            lf = lf.filter(*[pl.col(c) == v for c, v in (("task", task), ("pack", pack)) if v is not None] or [True])
+        else:
+            lf = self.scan("weights")
+            for col, value in (("arch", arch), ("task", task), ("pack", pack)):
+                if value is not None:
+                    lf = lf.filter(pl.col(col) == value)
         if model_ids is not None:
             lf = lf.filter(pl.col("model_id").is_in(list(model_ids)))
-        df = lf.select("model_id", "tensor", "shape", "values").collect()
+        df = lf.select(columns).collect()
         out: dict[str, dict[str, Any]] = {}
         if model_ids is not None:
             missing = sorted(set(model_ids) - set(df["model_id"].unique().to_list()))
@@ -447,6 +459,27 @@ class Store:
             chunk = flat[offsets[i] - offsets[0]: offsets[i + 1] - offsets[0]]
             out.setdefault(mid, {})[name] = torch.from_numpy(chunk.reshape(list(shape)).copy())
         return out
+
+    def _weight_files(self, model_ids: Sequence[str] | None, arch: str | None, task: int | None,
+                      pack: int | None) -> list[Path] | None:
+        """The weights shards that can hold the selection, or None when it needs a full scan."""
+        if arch is not None and task is not None and pack is not None:
+            path = self.shard_path("weights", {"arch": arch, "task": task, "pack": pack})
+            return [path] if path.is_file() else []
+        if model_ids is None:
+            return None
+        pairs = set()
+        for mid in model_ids:
+            m = _MODEL_ID.match(mid)
+            if m is None or (arch is not None and m.group(1) != arch):
+                return None  # not an id of model_id(): scan everything
+            pairs.add((m.group(1), int(m.group(2))))
+        files: list[Path] = []
+        for a, t in sorted(pairs):
+            if not _VALUE.match(a):
+                return None
+            files += sorted((self.root / "weights" / f"arch={a}").glob(f"task={t}-pack=*.parquet"))
+        return files
 
     def feature_matrix(self, arch: str, method: str, layer: str) -> FeatureMatrix:
         """The features of one (arch, method, layer) as a dense (N, D) float32 matrix."""

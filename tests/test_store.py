@@ -207,6 +207,23 @@ def test_state_dicts_round_trip_bit_exactly(tmp_path):
         store.read_state_dicts(["cnn-t1-s5", "cnn-t1-s99"])
 
 
+def test_read_state_dicts_finds_models_across_shards_and_odd_ids(tmp_path):
+    store = Store(tmp_path)
+    sds = {}
+    for arch, task, pack in (("big-mlp", 1, 0), ("big-mlp", 1, 1), ("big-mlp", 2, 0), ("mlp", 1, 0)):
+        batch = {model_id(arch, task, 10 * task + pack): {"w": torch.full((2,), float(task + pack))}}
+        store.write_weights({"arch": arch, "task": task, "pack": pack}, batch)
+        sds.update(batch)
+    store.write_weights({"arch": "mlp", "task": 3, "pack": 0}, {"custom-id": {"w": torch.ones(1)}})
+    wanted = ["big-mlp-t2-s20", "big-mlp-t1-s11", "mlp-t1-s10"]
+    back = store.read_state_dicts(wanted)
+    assert list(back) == wanted
+    assert all(torch.equal(back[m]["w"], sds[m]["w"]) for m in wanted)
+    assert list(store.read_state_dicts(["custom-id", "mlp-t1-s10"])) == ["custom-id", "mlp-t1-s10"]  # full scan
+    assert list(store.read_state_dicts(arch="big-mlp", task=1, pack=1)) == ["big-mlp-t1-s11"]
+    assert store.read_state_dicts(arch="big-mlp", task=7, pack=0) == {}
+
+
 def test_feature_matrix_is_sorted_by_task_and_seed(tmp_path):
     store = Store(tmp_path)
     assert store.feature_matrix("mlp", "raw", "fc1").X.shape == (0, 0)
