@@ -483,12 +483,12 @@ class Store:
 
     def feature_matrix(self, arch: str, method: str, layer: str) -> FeatureMatrix:
         """The features of one (arch, method, layer) as a dense (N, D) float32 matrix."""
+        folder = self.shard_path("features", {"arch": arch, "method": method, "layer": layer, "task": 0, "pack": 0}).parent
+        files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(_TMP_PREFIX))
+        columns = ["model_id", "task", "seed", "vector"]
         df = (
-            self.scan("features")
-            .filter((pl.col("arch") == arch) & (pl.col("method") == method) & (pl.col("layer") == layer))
-            .select("model_id", "task", "seed", "vector")
-            .sort("task", "seed", "model_id")
-            .collect()
+            pl.concat([pl.read_parquet(f, columns=columns) for f in files]).sort("task", "seed", "model_id")
+            if files else pl.DataFrame()
         )
         if df.height == 0:
             return FeatureMatrix([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
