@@ -4,6 +4,7 @@ Layout (one directory per study; ``<k>=<v>`` folders are hive partitions)::
 
     <root>/study.json                                     resolved config + its hash
     <root>/_stages/<stage>.json                           a stage's "done" marker
+    <root>/_<name>/                                       reserved for the pipeline (e.g. _tune)
     <root>/models/arch=mlp/task=3-pack=0.parquet          one shard per zoo trial
     <root>/weights/arch=mlp/task=3-pack=0.parquet
     <root>/features/arch=mlp/method=raw/layer=fc1/task=3-pack=0.parquet
@@ -41,7 +42,9 @@ Public API (stable; additions only):
     model_id(arch, task, seed) -> str            e.g. "mlp-t3-s36"
     Store(root)                                  root: local path (URIs: StoreError for now)
       .root: Path; .exists -> bool
-      .check_study(study, fresh=False) -> "created"|"resumed"|"fresh"
+      .check_study(study, fresh=False) -> "created"|"resumed"|"fresh"  (fresh deletes only
+                                                 what the store owns: study.json, the tables,
+                                                 "_"-prefixed folders, temp files)
       .read_study() -> dict | None               contents of study.json
       .write_shard(table, key, data) -> Path     data: pyarrow.Table | polars.DataFrame |
                                                  dict of columns | list of row dicts
@@ -216,7 +219,7 @@ class Store:
                 "set study.store to a new or empty folder"
             )
         if fresh and self.root.exists():
-            shutil.rmtree(self.root)
+            self._wipe()
             held = None
             outcome = "fresh"
         elif held is not None:
@@ -236,6 +239,17 @@ class Store:
         }
         self._write_bytes(self.root / "study.json", json.dumps(doc, indent=2, sort_keys=True).encode())
         return outcome
+
+    def _wipe(self) -> None:
+        """Delete what the store owns (study.json, tables, "_"-prefixed folders such as _stages and
+        the pipeline's _tune, temp files); anything else a user put in the folder stays."""
+        for entry in self.root.iterdir():
+            name = entry.name
+            if name == "study.json" or name in TABLES or name.startswith(("_", _TMP_PREFIX, ".probe-")):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def _mismatch(self, held: dict, study: Any) -> str:
         old, new = _flatten(held.get("config", {})), _flatten(study.resolved())

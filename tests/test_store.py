@@ -264,9 +264,13 @@ def test_check_study_creates_resumes_and_refuses_a_changed_study(tmp_path):
     msg = str(info.value)
     assert "train.epochs (1 -> 2)" in msg and "--fresh" in msg and "\n" not in msg
     assert store.scan("models").collect().height == 3  # refused: nothing touched
+    (store.root / "_tune").mkdir()
+    (store.root / "_tune" / "experiment.json").write_text("{}")
+    (store.root / "notes.txt").write_text("mine")
     assert store.check_study(changed, fresh=True) == "fresh"
-    assert store.scan("models").collect().height == 0
+    assert store.scan("models").collect().height == 0 and store.stages() == {}
     assert store.read_study()["hash"] == changed.hash
+    assert sorted(p.name for p in store.root.iterdir()) == ["notes.txt", "study.json"]  # a user's file stays
 
 
 def test_check_study_never_wipes_a_folder_that_is_not_a_store(tmp_path):
