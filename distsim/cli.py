@@ -113,9 +113,22 @@ def launch(
     unknown = [s for s in chosen if s not in STAGES]
     if unknown or not chosen:
         _fail(f"--stages: {unknown[0] if unknown else stages!r} is not a stage; stages: {','.join(STAGES)}")
+    _check_data(study)
     from distsim.pipeline.launch import run_study
 
     run_study(study, address=address, stages=tuple(s for s in STAGES if s in chosen), fresh=fresh)
+
+
+def _check_data(study) -> None:
+    """Build the tasks once on the driver, so a missing or bad data file is one line here
+    rather than a traceback in every Ray trial (ValueError from distsim.tasks -> ConfigError)."""
+    from distsim.config import ConfigError
+    from distsim.tasks import make_tasks
+
+    try:
+        make_tasks(study.data)
+    except ValueError as exc:
+        raise ConfigError(str(exc), "data") from None
 
 
 # ----------------------------------------------------------------------------- store commands

@@ -161,6 +161,14 @@ def test_launch_passes_study_address_stages_and_fresh(study_file, fake_pipeline)
     ]
 
 
+def test_launch_checks_the_data_before_ray(tmp_path, fake_pipeline):
+    path = tmp_path / "npz.toml"
+    path.write_text(STUDY.replace('dataset = "synthetic"', 'dataset = "npz"\npath = "missing.npz"'))
+    result = run("launch", path)
+    assert result.exit_code == 2 and fake_pipeline == []
+    assert result.stderr == f"error: data.path: no such file {str(tmp_path / 'missing.npz')!r}\n"
+
+
 def test_launch_user_errors_exit_2(study_file, fake_pipeline):
     result = run("launch", study_file, "--stages", "zoo,train")
     assert result.exit_code == 2 and result.stderr.startswith("error: --stages: 'train' is not a stage")
