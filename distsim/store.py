@@ -379,10 +379,10 @@ class Store:
         pattern = str(folder) + "/" + "/".join(["*"] * len(spec.partition) + ["*.parquet"])
         lf = pl.scan_parquet(
             pattern,
+            schema={c: t for c, t in schema.items() if c not in spec.partition},
             hive_partitioning=bool(spec.partition),
             hive_schema={c: schema[c] for c in spec.partition} or None,
-            hidden_file_prefix=_TMP_PREFIX,
-            missing_columns="insert",
+            missing_columns="insert",  # shards written before a column was added read it as null
         )
         return lf.select(list(schema))
 

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -81,6 +82,19 @@ def test_write_then_scan_fills_key_columns_and_casts(tmp_path):
     # filters on partition and file columns
     assert store.scan("models").filter(pl.col("arch") == "cnn").collect().height == 0
     assert store.scan("models").filter(pl.col("seed") >= 1).collect().height == 2
+
+
+def test_shards_from_before_a_column_was_added_read_it_as_null(tmp_path):
+    store = Store(tmp_path)
+    store.write_shard("models", KEY, model_rows())
+    old = store.shard_path("models", {**KEY, "task": 0})
+    table = pq.read_table(store.shard_path("models", KEY)).drop_columns(["error", "node"])
+    table = table.set_column(table.schema.get_field_index("task"), "task", pa.array([0] * 3, pa.int32()))
+    pq.write_table(table, old)  # as an older distsim would have written it
+    df = store.scan("models").collect()
+    assert df.height == 6 and df.columns == TABLES["models"].schema.names
+    assert df.filter(pl.col("task") == 1)["node"].to_list() == ["node-a"] * 3
+    assert df["error"].null_count() == 6
 
 
 def test_writing_a_shard_again_replaces_it(tmp_path):
