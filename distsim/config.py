@@ -68,7 +68,7 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +168,18 @@ class PairSpec:
 class TrainPlan:
     """How many models per task, how many share one trial (a pack), and how each is trained.
 
-    base: the [train] TrainConfig fields as a dict; overrides: {arch name: {field: value}}.
+    base: the TrainConfig fields [train] sets, as sorted (field, value) pairs; overrides:
+    (arch name, pairs) of [train.<arch name>]. Pairs, not dicts, keep a Study hashable.
     """
 
     seeds_per_task: int
     seeds_per_trial: int
-    base: dict[str, Any] = field(default_factory=dict)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base: tuple[tuple[str, Any], ...] = ()
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def kwargs(self, arch_name: str | None = None) -> dict[str, Any]:
+        """TrainConfig keyword arguments: [train], then [train.<arch_name>] on top."""
+        return {**dict(self.base), **dict(dict(self.overrides).get(arch_name, ()))}
 
     @property
     def packs_per_task(self) -> int:
@@ -231,8 +236,7 @@ class Study:
         from distsim.train import TrainConfig
 
         self.arch(arch_name)  # KeyError for an unknown name
-        kwargs = {**self.train.base, **self.train.overrides.get(arch_name, {})}
-        return TrainConfig(**kwargs)
+        return TrainConfig(**self.train.kwargs(arch_name))
 
     @staticmethod
     def _train_cls() -> type:
@@ -284,8 +288,8 @@ class Study:
             "train": {
                 "seeds_per_task": self.train.seeds_per_task,
                 "seeds_per_trial": self.train.seeds_per_trial,
-                **_plain(dataclasses.asdict(self._train_cls()(**self.train.base))),
-                **{k: _plain(v) for k, v in sorted(self.train.overrides.items())},
+                **_plain(dataclasses.asdict(self._train_cls()(**self.train.kwargs()))),
+                **{arch: _plain(dict(pairs)) for arch, pairs in self.train.overrides},
             },
             "resources": _plain(dataclasses.asdict(self.resources)),
             "features": _plain(dataclasses.asdict(self.features)),
@@ -637,7 +641,8 @@ def _train_section(table: dict, arch_names: tuple[str, ...]) -> TrainPlan:
         over = _typed_kwargs(sub, fields, path, _TRAIN_RULES)
         _build(cls, {**base, **over}, path, "train")
         overrides[arch] = over
-    return TrainPlan(n, pack, base, overrides)
+    return TrainPlan(n, pack, tuple(sorted(base.items())),
+                     tuple((arch, tuple(sorted(over.items()))) for arch, over in sorted(overrides.items())))
 
 
 def _features_section(table: dict, archs: tuple[ArchConfig, ...], study_seed: int) -> FeatureSpec:

@@ -117,6 +117,17 @@ def test_small_study_maps_onto_the_module_dataclasses(tmp_path):
         study.arch("cnn")
 
 
+def test_study_is_frozen_hashable_and_pickles():
+    import dataclasses
+    import pickle
+
+    study = parse_study(SMALL)
+    again = pickle.loads(pickle.dumps(study))
+    assert again == study and hash(again) == hash(study) and again.hash == study.hash
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.seed = 3
+
+
 def test_packs_cover_every_seed_once_with_distinct_seeds_across_tasks():
     study = parse_study(SMALL)
     packs = study.packs("mlp")
