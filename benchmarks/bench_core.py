@@ -6,7 +6,7 @@
   permutation generation included, same observed pseudo-F;
 - hypothesis-training-testing rows from benchmarks/bench_core_htt.py when present.
 
-Usage: python benchmarks/bench_core.py [--quick]. Timings on a shared machine are noisy: compare
+Usage: python benchmarks/bench_core.py [--quick] [--sections distances permanova htt]. Timings on a shared machine are noisy: compare
 the ratios within one run; the load average is printed at the start and the end.
 """
 
@@ -27,6 +27,7 @@ from scipy.spatial.distance import cdist
 from distsim.stats import pairwise_distances, permanova
 
 Row = tuple[str, ...]
+SECTIONS = ("distances", "permanova", "htt")
 HEADER: Row = ("case", "distsim s", "peer", "peer s", "peer/distsim", "note")
 
 
@@ -203,21 +204,26 @@ def print_table(rows: list[Row], flush: bool = False) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), flush=flush)
 
 
-def main(quick: bool) -> None:
+def main(quick: bool, sections: list[str]) -> None:
     load = os.getloadavg()
     print(
         f"cores {os.cpu_count()}, load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
-    flops = matmul_flops()
-    print(f"float32 matmul: {flops / 1e9:.0f} GFLOP/s")
     n, d = (1500, 1024) if quick else (5000, 4096)
     pn, groups, perms = (500, 10, 999) if quick else (2000, 20, 9999)
-    distance_rows = bench_distances(n, d, flops)
-    print_table([HEADER, *distance_rows], flush=True)  # partial results survive a later failure
-    print()
-    print_table([HEADER, *distance_rows, *bench_permanova(pn, groups, perms)])
-    print()
-    print_table(htt_rows(quick))
+    rows = [HEADER]
+    if "distances" in sections:
+        flops = matmul_flops()
+        print(f"float32 matmul: {flops / 1e9:.0f} GFLOP/s")
+        rows += bench_distances(n, d, flops)
+        print_table(rows, flush=True)  # partial results survive a later failure
+        print()
+    if "permanova" in sections:
+        rows += bench_permanova(pn, groups, perms)
+        print_table(rows)
+        print()
+    if "htt" in sections:
+        print_table(htt_rows(quick))
     load = os.getloadavg()
     print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -225,4 +231,12 @@ def main(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
-    main(parser.parse_args().quick)
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which comparisons to run (default: all)",
+    )
+    args = parser.parse_args()
+    main(args.quick, args.sections)
