@@ -88,9 +88,10 @@ def validate(study_file: Annotated[Path, typer.Argument(help="The study TOML fil
             f"of <= {study.train.seeds_per_trial} seeds, {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}"
         )
     typer.echo(f"  features: {', '.join(study.features.methods)} at layers {study.features.layers}")
+    b = study.tests.permanova_permutations
     typer.echo(
         f"  tests: {', '.join(study.tests.protocols) or 'none'} ({study.tests.permutations} permutations), "
-        f"PERMANOVA ({study.tests.permanova_permutations} permutations)"
+        f"PERMANOVA ({f'{b} permutations' if b else 'skipped'})"
     )
 
 
