@@ -66,7 +66,7 @@ def _session_pids(sid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid:  # field 6 of stat: session id
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are gone already
             pids.append(int(entry))
     return pids
 

@@ -1,0 +1,168 @@
+"""Multi-node proof on one machine: a head and a second Ray node (`ray start`, 1 CPU each, own
+temp dirs and ports), a tiny study launched with `--address`: trials run on both nodes and the
+results equal a single-node run of the same study. Only the processes started here are stopped
+(never `ray stop`, which would kill every Ray on the machine)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from distsim.config import parse_study
+from distsim.store import Store
+
+pytestmark = [pytest.mark.ray, pytest.mark.multinode]
+
+BIN = Path(sys.executable).parent
+STUDY = """
+[study]
+name = "multinode"
+store = "{store}"
+
+[data]
+dataset = "synthetic"
+num_tasks = 2
+synthetic_samples = 100
+
+[[arch]]
+kind = "mlp"
+widths = [8]
+
+[train]
+seeds_per_task = 4
+seeds_per_trial = 2
+epochs = 200
+batch_size = 16
+
+[features]
+methods = ["chain-gram", "raw"]
+
+[pairs]
+top_k = 3
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are gone already
+                pids.append(int(entry))
+    return pids
+
+
+def _stop_session(sid: int) -> None:
+    """SIGKILL every process of one `ray start` session (the node it started; its temp dir goes too)."""
+    for pid in _session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while _session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session_pids(sid), f"processes of session {sid} survived SIGKILL: {_session_pids(sid)}"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # `ray start --head` turns token auth on when a token exists; a node or driver that joins by
+    # address must be told to use it too.
+    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture()
+def two_nodes():
+    """Address of a 2-node Ray cluster on this machine (head + one worker node, 1 CPU each)."""
+    port = _free_port()
+    dirs = [tempfile.mkdtemp(prefix="dsmn-", dir="/tmp") for _ in range(2)]  # short: socket paths
+    sessions: list[int] = []
+    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+    head = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false",
+            f"--temp-dir={dirs[0]}", f"--dashboard-agent-listen-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", *common]
+    worker = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", f"--temp-dir={dirs[1]}",
+              f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}", *common]
+    logs = [open(Path(d) / "start.log", "w") for d in dirs]
+    try:
+        for cmd, log in zip((head, worker), logs, strict=True):
+            proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            sessions.append(proc.pid)
+            _wait_for_nodes(port, len(sessions), proc, log.name)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sid in reversed(sessions):
+            _stop_session(sid)
+        for log in logs:
+            log.close()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _wait_for_nodes(port: int, n: int, proc: subprocess.Popen, log: str) -> None:
+    """Wait (up to 90 s) until `ray start --block` logs that its node runs."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, Path(log).read_text()[-2000:]
+        if "Ray runtime started" in Path(log).read_text():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"ray start did not bring up node {n}: {Path(log).read_text()[-2000:]}")
+
+
+def test_two_nodes_share_the_zoo_and_match_a_single_node_run(two_nodes, ray_session, tmp_path: Path) -> None:
+    from distsim.pipeline.launch import run_study
+
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    (tmp_path / "study.toml").write_text(STUDY.format(store=multi))
+    proc = subprocess.run([str(BIN / "distsim"), "launch", str(tmp_path / "study.toml"), "--address", two_nodes,
+                           "--stages", "zoo,features"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 node(s)" in proc.stderr
+    models = Store(multi).scan("models").sort("model_id").collect()
+    assert models.height == 8 and (models["status"] == "ok").all()
+    nodes = set(models["node"].str.split("/").list.last().to_list())
+    assert len(nodes) == 2, f"all trials ran on one node: {nodes}"
+
+    # the same study on one node (this session's Ray) gives the same weights, metrics, features
+    study = parse_study(STUDY.format(store=single))
+    run_study(study, stages=("zoo", "features"), stream=io.StringIO())
+    ref = Store(single).scan("models").sort("model_id").collect()
+    cols = ["model_id", "task", "pack", "seed", "status", "train_acc", "test_acc", "train_loss", "test_loss", "epochs"]
+    assert models.select(cols).equals(ref.select(cols))
+    w_multi, w_single = Store(multi).read_state_dicts(), Store(single).read_state_dicts()
+    assert w_multi.keys() == w_single.keys()
+    for mid, sd in w_single.items():
+        for name, tensor in sd.items():
+            np.testing.assert_array_equal(w_multi[mid][name].numpy(), tensor.numpy(), err_msg=f"{mid} {name}")
+    for method in ("chain-gram", "raw"):
+        for layer in study.feature_layers("mlp"):
+            a = Store(multi).feature_matrix("mlp", method, layer)
+            b = Store(single).feature_matrix("mlp", method, layer)
+            assert a.model_ids == b.model_ids
+            np.testing.assert_array_equal(a.X, b.X)
+    assert Store(single).scan("models").select(pl.col("node").n_unique()).collect().item() == 1
