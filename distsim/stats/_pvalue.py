@@ -13,8 +13,9 @@ _RTOL = 1e-9
 def p_value(observed: float, null: np.ndarray) -> float:
     """Permutation p-value (1 + #{null >= observed}) / (1 + B) for a (B,) null; never 0.
 
-    Ties are counted with a relative tolerance of 1e-9 (float rounding of equal statistics).
-    NaN entries of the null count as not exceeding; a NaN observed value gives NaN.
+    A null value counts when null >= observed - 1e-9 * max(|observed|, 1): equal statistics
+    that differ only by float rounding are ties. NaN null values never count; a NaN observed
+    value gives NaN.
     """
     null = np.asarray(null, dtype=np.float64).ravel()
     observed = float(observed)

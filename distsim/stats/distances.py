@@ -45,8 +45,8 @@ _PAD_KEY = np.iinfo(np.int64).max  # top-k padding: index -1, distance inf
 
 @dataclass(frozen=True)
 class _Prepared:
-    """Rows ready for the GEMM: exact rows x (float64; unit rows for cosine), centred float32 z,
-    float64 squared norms of z, and the shared centre (float64, (D,))."""
+    """Rows ready for the GEMM: the float32 input rows x (with 1/|x| scales for cosine), the
+    centred float32 rows z, float64 squared norms of z, and the shared centre (float64, (D,))."""
 
     x: np.ndarray  # (n, D) float32 input
     scale: np.ndarray | None  # (n,) float64 1/|x| for cosine, None for euclidean
