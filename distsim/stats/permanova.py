@@ -182,7 +182,8 @@ def permanova_null_chunk(
     """Null pseudo-F of `permutations` random relabellings -> (permutations,) float64.
 
     For spreading one test over tasks: chunks with different seeds (e.g. seed=(study_seed, i))
-    concatenate into one null; pass it with the observed F to `p_value`.
+    concatenate into one null; pass it with the observed F (`permanova(D, labels,
+    permutations=0).statistic`) to `p_value`.
     """
     return _Design(D, labels).null(_check_permutations(permutations), seed)
 
