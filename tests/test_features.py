@@ -64,6 +64,8 @@ def _permute_gru(model: nn.Module, seed: int) -> nn.Module:
     with torch.no_grad():
         for k in range(gru.num_layers):
             perm = torch.randperm(h, generator=gen)
+            if torch.equal(perm, torch.arange(h)):  # a true permutation, so that raw features move
+                perm = perm.roll(1)
             rows = torch.cat([perm, perm + h, perm + 2 * h])
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 p = getattr(gru, f"{name}_l{k}")
