@@ -43,7 +43,7 @@ widths = [8]
 [train]
 seeds_per_task = 4
 seeds_per_trial = 2
-epochs = 200
+epochs = 60
 batch_size = 16
 
 [features]
@@ -139,8 +139,11 @@ def test_two_nodes_share_the_zoo_and_match_a_single_node_run(two_nodes, ray_sess
 
     multi, single = tmp_path / "multi", tmp_path / "single"
     (tmp_path / "study.toml").write_text(STUDY.format(store=multi))
+    # One actor per trial: the first two trials start together, one on each 1-CPU node (with
+    # actor reuse a fast node may take every trial before the other node's worker is up).
+    env = {**_env(), "DISTSIM_TUNE_REUSE_ACTORS": "0"}
     proc = subprocess.run([str(BIN / "distsim"), "launch", str(tmp_path / "study.toml"), "--address", two_nodes,
-                           "--stages", "zoo,features"], env=_env(), capture_output=True, text=True, timeout=300)
+                           "--stages", "zoo,features"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 node(s)" in proc.stderr
     models = Store(multi).scan("models").sort("model_id").collect()

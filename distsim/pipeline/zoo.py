@@ -181,7 +181,7 @@ def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
         trainable,
         param_space={"pack": tune.grid_search(space)},
         tune_config=tune.TuneConfig(
-            reuse_actors=True,
+            reuse_actors=reuse_actors(),
             trial_name_creator=lambda t: _trial_name(t.config),
             trial_dirname_creator=lambda t: f"{_trial_name(t.config)}-{t.trial_id}",
         ),
@@ -213,6 +213,16 @@ def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
             storage.rmdir()
     return {"trials": len(packs), "skipped": total - len(packs), "failed": failed,
             "archs": sorted({p.arch for p in packs})}
+
+
+def reuse_actors() -> bool:
+    """Tune reuses a trial's actor for the next trial (no process start per trial) unless the
+    environment says DISTSIM_TUNE_REUSE_ACTORS=0: then every trial gets its own actor, so trials
+    that run at the same time are spread over the cluster deterministically (multi-node test)."""
+    value = os.environ.get("DISTSIM_TUNE_REUSE_ACTORS", "1").strip().lower()
+    if value not in ("0", "1", "true", "false"):
+        raise ValueError(f"DISTSIM_TUNE_REUSE_ACTORS must be 0 or 1, got {value!r}")
+    return value in ("1", "true")
 
 
 def _pack(config: dict) -> Pack:
