@@ -112,19 +112,27 @@ def summary_table(store: Store, study: Study) -> pl.DataFrame:
 
 
 def format_summary(df: pl.DataFrame) -> str:
-    """The summary as a fixed-width text table (fits an 80-100 column terminal)."""
+    """The summary as a fixed-width text table: one row per arch, layer, method and test."""
     if df.height == 0:
         return "(no tests in the store yet)"
-    head = f"{'arch':<6} {'layer':<8} {'method':<10} {'test':<10} {'statistic':<9} {'observed':>9} " \
-           f"{'chance':>7} {'null':>7} {'p':>7} {'B':>5}"
-    lines = [head, "-" * len(head)]
-    for r in df.iter_rows(named=True):
-        chance = "-" if r["chance"] is None or r["chance"] != r["chance"] else f"{r['chance']:.3f}"
-        lines.append(
-            f"{r['arch']:<6} {r['layer']:<8} {r['method']:<10} {r['protocol']:<10} {r['statistic']:<9} "
-            f"{r['observed']:>9.3f} {chance:>7} {r['null_mean']:>7.3f} {r['p_value']:>7.4f} {r['permutations']:>5d}"
-        )
-    return "\n".join(lines)
+    cols = [("arch", "arch", "<"), ("layer", "layer", "<"), ("method", "method", "<"), ("test", "protocol", "<"),
+            ("statistic", "statistic", "<"), ("observed", "observed", ">"), ("chance", "chance", ">"),
+            ("null mean", "null_mean", ">"), ("p", "p_value", ">"), ("B", "permutations", ">")]
+
+    def cell(name: str, value: Any) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return "-"
+        if name == "p_value":
+            return f"{value:.4f}"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value)
+
+    rows = [[cell(c, r[c]) for _, c, _ in cols] for r in df.iter_rows(named=True)]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (h, _, _) in enumerate(cols)]
+    fmt = lambda values: "  ".join(f"{v:{a}{w}}" for v, (_, _, a), w in zip(values, cols, widths, strict=True))  # noqa: E731
+    head = fmt([h for h, _, _ in cols])
+    return "\n".join([head, "-" * len(head), *(fmt(row) for row in rows)])
 
 
 def run_study(

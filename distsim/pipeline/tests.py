@@ -132,7 +132,8 @@ def run_tests(study: Study, store: Store, stream=None) -> dict[str, Any]:
             if protocol == PERMANOVA:
                 B = spec.permanova_permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
-                d_ref = d_ref or dist_task.remote(x_ref, study.pairs.metric)
+                if d_ref is None:
+                    d_ref = dist_task.remote(x_ref, study.pairs.metric)
                 head = head_perm.remote(d_ref, t_ref, sizes[0], spec.seed)
                 rest = [chunk_perm.remote(d_ref, t_ref, b, spec.seed, c) for c, b in enumerate(sizes[1:], 1)]
             else:

@@ -206,7 +206,11 @@ def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
             continue  # the trial wrote its pack before it failed (e.g. while reporting)
         failed += 1
         error = f"{type(result.error).__name__}: {result.error}".strip()
-        store.write_shard("models", pack_key(pack), failed_rows(study, pack, result.path or "", error))
+        trial = os.path.basename(str(result.path or "").rstrip("/")) or pack.trial_id
+        store.write_shard("models", pack_key(pack), failed_rows(study, pack, trial, error))
+    if failed:
+        print(f"zoo       {failed} trial(s) failed after {study.resources.max_failures} retries; their models "
+              "are recorded as failed and the next launch trains them again", file=progress.stream, flush=True)
     if failed == 0:
         shutil.rmtree(storage / name, ignore_errors=True)  # everything it holds is in the store
         if storage.is_dir() and not any(storage.iterdir()):
