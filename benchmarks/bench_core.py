@@ -242,14 +242,11 @@ def main(quick: bool, sections: list[str]) -> None:
     )
     n, d = (1500, 1024) if quick else (5000, 4096)
     pn, groups, perms = (500, 10, 999) if quick else (2000, 20, 9999)
-    rows = [HEADER]
     if "distances" in sections:
-        rows += bench_distances(n, d, rounds=5 if quick else 3)
-        print_table(rows, flush=True)  # partial results survive a later failure
+        print_table([HEADER, *bench_distances(n, d, rounds=5 if quick else 3)], flush=True)
         print()
     if "permanova" in sections:
-        rows += bench_permanova(pn, groups, perms)
-        print_table(rows)
+        print_table([HEADER, *bench_permanova(pn, groups, perms)], flush=True)
         print()
     if "htt" in sections:
         print_table(htt_rows(quick))
