@@ -22,9 +22,20 @@ map of the last layer, W_head A_g (classes x (in+1) each, ordered), followed by 
 ``raw`` (the paper's unaligned control): unnormalized weights and biases of every layer up to the
 asked one, flattened in layer order (GRU: W_ih, b_ih of layers <= k; ``out``: every parameter).
 
-``dim``: a seeded Gaussian projection R (D x dim, entries N(0, 1/dim)) generated from ``seed``
-and D only, in row blocks of 8192 (block b from ``numpy.random.default_rng([seed, b])``), so it is
-the same matrix for every model of a study and any batching.
+``dim`` with ``sketch="output"`` (the default): a seeded Gaussian projection R (D x dim, entries
+N(0, 1/dim)) of the feature vector, generated from ``seed`` and D only, in row blocks of 8192
+(block b from ``numpy.random.default_rng([seed, b])``), so it is the same matrix for every model
+of a study and any batching. Costs D x dim random numbers per call: for a CIFAR-size input a
+hidden Gram has D = 3073 * 3074 / 2 = 4.7M, too many.
+
+``dim`` with ``sketch="input"`` (chain-gram only; raw still uses the output projection): a seeded
+input-side sketch S ((P+1) x m, entries N(0, 1/m), from ``seed`` only, see sketch_matrix) replaces
+every chain map M by M S before the Gram, with m = sketch_width(dim) the largest m such that
+m(m+1)/2 <= dim. Hidden layer: upper triangle of S^T G S (m(m+1)/2 values per Gram; a GRU has
+three); 'out': (M_L S) flattened (classes x m). Rows of M S permute with the units of M, so the
+invariances are those of the full feature. M S is computed by pushing the m columns of S through
+the linearized network (forward, m+1 inputs instead of P+1): cost units x (P+1) x m per layer,
+memory (m+1) x units per model.
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ from distsim.normalize import (
 )
 
 METHODS = ("chain-gram", "raw")
+SKETCHES = ("output", "input")
+_SKETCH_STREAM = 2**31 - 1  # SeedSequence entropy [seed, this]: apart from the projection's [seed, block]
 _PROJECTION_BLOCK = 8192
 _CACHE_BYTES = 256 * 2**20  # cache a projection matrix up to this size; stream larger ones
 _CHAIN_BYTES = 256 * 2**20  # memory for the chain tensors of one chunk of models
@@ -237,8 +250,9 @@ def _step_index(plan: Plan, upto: int) -> int:
     return [i for i, s in enumerate(plan.steps) if s.op in ("linear", "conv")][upto]
 
 
-def _rnn_chain(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Tensor:
-    """(K, D) chain-gram feature of a GRU classifier at layer ``upto`` (see the module docstring)."""
+def _rnn_chain(plan: Plan, p: Mapping[str, torch.Tensor], upto: int, s: torch.Tensor | None) -> torch.Tensor:
+    """(K, D) chain-gram feature of a GRU classifier at layer ``upto`` (see the module docstring);
+    ``s`` ((in+1) x m or None): input-side sketch applied to each gate map."""
     g, h = plan.gru_prefix, plan.hidden
     candidate = None
     for layer in range(plan.num_layers):
@@ -249,6 +263,8 @@ def _rnn_chain(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Te
             a = (w @ candidate).clone()  # (K, 3H, in+1)
             a[..., -1] += b
         gates = a.split(h, dim=1)  # r, z, n: (K, H, in+1) each
+        if s is not None and layer in (upto, plan.num_layers - 1):  # the maps a feature reads
+            gates = [q @ s for q in gates]  # (K, H, m) each
         if layer == upto:
             return torch.cat([_upper(q.transpose(1, 2) @ q) for q in gates], dim=1)
         candidate = gates[2]
@@ -274,14 +290,34 @@ def _raw(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Tensor:
     return torch.cat([p[key].reshape(k, -1) for key in keys], dim=1)
 
 
-def _features(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], method: str, upto: int) -> torch.Tensor:
-    """(K, D) float64 features of a stack of K models."""
+def _sketched_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int, s: torch.Tensor) -> torch.Tensor:
+    """(K, m, units) = (M_l S)^T for S ((P+1) x m): the linear part applied to the m pixel columns
+    of S plus the offset c weighted by S's bias row, (M S)[:, a] = M_lin S[:P, a] + c S[P, a]."""
+    k = next(iter(p.values())).shape[0]
+    n, m = math.prod(input_shape), s.shape[1]
+    x = torch.cat([s[:n].T, s.new_zeros(1, n)])  # (m+1, P): sketch columns, then the zero input
+    y = _affine_walk(plan, p, x.expand(k, m + 1, n).reshape(k, m + 1, *input_shape), upto, bias_row=m)
+    return y[:, :m] + s[n][None, :, None] * y[:, m:]
+
+
+def _features(
+    plan: Plan,
+    stacked: Mapping[str, torch.Tensor],
+    input_shape: tuple[int, ...],
+    method: str,
+    upto: int,
+    s: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(K, D) float64 features of a stack of K models; ``s``: input-side sketch (chain-gram) or None."""
     if method == "raw":
         return _raw(plan, stacked, upto).to(torch.float64)
     p = normalize_stacked(plan, {k: v.to(torch.float64) for k, v in stacked.items()})
     if plan.kind == "rnn":
-        return _rnn_chain(plan, p, upto)
-    m = _sequential_chain(plan, p, input_shape, upto)  # (K, P+1, units)
+        return _rnn_chain(plan, p, upto, s)
+    if s is None:
+        m = _sequential_chain(plan, p, input_shape, upto)  # (K, P+1, units)
+    else:
+        m = _sketched_chain(plan, p, input_shape, upto, s)  # (K, m, units)
     if upto == len(plan.layers) - 1:
         return m.transpose(1, 2).reshape(m.shape[0], -1)
     return _upper(m @ m.transpose(1, 2))
@@ -313,10 +349,14 @@ def projection_matrix(n_features: int, dim: int, seed: int = 0) -> np.ndarray:
     return _cached_projection(int(n_features), int(dim), int(seed))
 
 
-def project(features: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
-    """(K, D) -> (K, dim) float32 with the study's seeded projection (streamed when R is large)."""
+def _check_dim(dim: object) -> None:
     if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
         raise ValueError(f"dim must be None or a positive int, got {dim!r}")
+
+
+def project(features: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
+    """(K, D) -> (K, dim) float32 with the study's seeded projection (streamed when R is large)."""
+    _check_dim(dim)
     x = np.asarray(features, dtype=np.float32)
     n = x.shape[1]
     if n * dim * 4 <= _CACHE_BYTES:
@@ -328,33 +368,68 @@ def project(features: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def sketch_width(dim: int) -> int:
+    """Input-sketch width m for a feature size ``dim``: the largest m with m(m+1)/2 <= dim."""
+    _check_dim(dim)
+    return (math.isqrt(8 * int(dim) + 1) - 1) // 2
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sketch(n_in: int, m: int, seed: int) -> np.ndarray:
+    s = np.random.default_rng([seed, _SKETCH_STREAM]).standard_normal((n_in, m)) / math.sqrt(m)
+    s.setflags(write=False)
+    return s
+
+
+def sketch_matrix(n_in: int, m: int, seed: int = 0) -> np.ndarray:
+    """(n_in, m) float64 input-side sketch S, entries N(0, 1/m), a function of its arguments only
+    (rows are inputs then the bias; the same S for every model of a study and any batching)."""
+    if n_in < 1 or m < 1:
+        raise ValueError(f"n_in and m must be >= 1, got {n_in}, {m}")
+    return _cached_sketch(int(n_in), int(m), int(seed))
+
+
 # ---------------------------------------------------------------- public entry points
 
 
-def _chunk_size(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...]) -> int:
-    """Models per chunk so that the float64 chain tensors stay within _CHAIN_BYTES."""
+def _chunk_size(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], columns: int | None) -> int:
+    """Models per chunk so that the float64 chain tensors stay within _CHAIN_BYTES (``columns``:
+    inputs pushed per model, P+1 when None)."""
     if plan.kind != "sequential":
         return 4096
     shapes = {k: tuple(v.shape[1:]) for k, v in stacked.items()}
     units = max(math.prod(s) for s in [tuple(input_shape), *_unit_shapes(plan, shapes, input_shape)])
-    per_model = 8 * 3 * (math.prod(input_shape) + 1) * units  # a few live copies during a step
+    per_model = 8 * 3 * (columns or math.prod(input_shape) + 1) * units  # a few live copies during a step
     return max(1, _CHAIN_BYTES // per_model)
 
 
-def _compute(plan, stacked, input_shape, method, layer, dim, seed) -> np.ndarray:
+def _input_sketch(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], dim: int, seed: int) -> torch.Tensor:
+    """(P+1, m) float64 sketch S for this architecture's input (GRU: its per-step input)."""
+    n_in = math.prod(input_shape) if plan.kind == "sequential" else stacked[f"{plan.gru_prefix}weight_ih_l0"].shape[-1]
+    return torch.tensor(sketch_matrix(n_in + 1, sketch_width(dim), seed))  # a copy: the cached S is read-only
+
+
+def _compute(plan, stacked, input_shape, method, layer, dim, seed, sketch) -> np.ndarray:
     _check_method(method)
+    if sketch not in SKETCHES:
+        raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
+    if dim is not None:
+        _check_dim(dim)
+    elif sketch == "input":
+        raise ValueError("sketch='input' needs dim (the feature size of a sketched Gram), got dim=None")
     upto = _layer_index(plan, layer)
     if plan.kind == "sequential":
         _unit_shapes(plan, {k: tuple(v.shape[1:]) for k, v in stacked.items()}, input_shape)
+    s = _input_sketch(plan, stacked, input_shape, dim, seed) if sketch == "input" and method == "chain-gram" else None
     k = next(iter(stacked.values())).shape[0]
-    step = _chunk_size(plan, stacked, input_shape)
+    step = _chunk_size(plan, stacked, input_shape, None if s is None else s.shape[1] + 1)
     parts = []
     with torch.no_grad():
         for start in range(0, k, step):
             chunk = {name: v[start : start + step] for name, v in stacked.items()}
-            parts.append(_features(plan, chunk, input_shape, method, upto).to(torch.float32).numpy())
+            parts.append(_features(plan, chunk, input_shape, method, upto, s).to(torch.float32).numpy())
     x = np.concatenate(parts, axis=0)
-    return x if dim is None else project(x, dim, seed)
+    return x if dim is None or s is not None else project(x, dim, seed)
 
 
 def weight_features(
@@ -364,19 +439,22 @@ def weight_features(
     dim: int | None = None,
     seed: int = 0,
     input_shape: tuple[int, ...] | None = None,
+    sketch: str = "output",
 ) -> np.ndarray:
     """1-D float32 feature of one model at ``layer`` (name or index; None = last).
 
     ``dim``: seeded random projection to ``dim`` values (the same matrix for every model given
-    ``seed``). ``input_shape`` (C, H, W): only needed for a CNN whose input is not the smallest
-    square that fits its head (see infer_input_shape).
+    ``seed``). ``sketch``: where ``dim`` projects, "output" (the feature vector) or "input" (the
+    chain maps' input side, for chain-gram; see the module docstring). ``input_shape`` (C, H, W):
+    only needed for a CNN whose input is not the smallest square that fits its head (see
+    infer_input_shape).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"weight_features takes an nn.Module, got {type(model).__name__}")
     plan = layer_plan(model)
     stacked = {k: v.detach()[None] for k, v in model.state_dict().items()}
     shape = tuple(input_shape) if input_shape is not None else (infer_input_shape(model, plan) if plan.kind == "sequential" else ())
-    return _compute(plan, stacked, shape, method, layer, dim, seed)[0]
+    return _compute(plan, stacked, shape, method, layer, dim, seed, sketch)[0]
 
 
 def weight_features_batch(
@@ -386,13 +464,14 @@ def weight_features_batch(
     layer: str | int | None = None,
     dim: int | None = None,
     seed: int = 0,
+    sketch: str = "output",
 ) -> np.ndarray:
     """(K, D) float32 features of K models of ``arch_config``, vectorised over K.
 
     ``state_dicts``: a list of K state dicts or a stacked dict of (K, ...) tensors.
-    Row i equals ``weight_features(model_i, method, layer, dim, seed)``.
+    Row i equals ``weight_features(model_i, method, layer, dim, seed, sketch=sketch)``.
     """
     plan = plan_for(arch_config)
     stacked = stack_state_dicts(state_dicts)
     input_shape = tuple(arch_config.input_shape) if plan.kind == "sequential" else ()
-    return _compute(plan, stacked, input_shape, method, layer, dim, seed)
+    return _compute(plan, stacked, input_shape, method, layer, dim, seed, sketch)

@@ -17,6 +17,8 @@ from distsim.features import (
     METHODS,
     feature_layers,
     project,
+    sketch_matrix,
+    sketch_width,
     weight_features,
     weight_features_batch,
 )
@@ -91,6 +93,8 @@ def test_chain_gram_invariant_to_permutations_and_rescalings(seed: int, cfg: Arc
         assert torch.allclose(moved(x), model(x), rtol=1e-4, atol=1e-5)
     for layer in feature_layers(cfg):
         assert _rel(weight_features(moved, "chain-gram", layer), weight_features(model, "chain-gram", layer)) < 1e-4
+        sketched = [weight_features(m, "chain-gram", layer, dim=10, seed=seed, sketch="input") for m in (moved, model)]
+        assert _rel(*sketched) < 1e-4
     for layer in feature_layers(cfg)[:-1]:  # raw parameters of the moved hidden layers change
         assert _rel(weight_features(moved, "raw", layer), weight_features(model, "raw", layer)) > 1e-2
 
@@ -105,6 +109,8 @@ def test_gru_features_invariant_to_hidden_permutations(seed: int) -> None:
         assert torch.allclose(moved(x), model(x), atol=1e-5)
     for layer in feature_layers(RNN):
         assert _rel(weight_features(moved, "chain-gram", layer), weight_features(model, "chain-gram", layer)) < 1e-4
+        sketched = [weight_features(m, "chain-gram", layer, dim=6, seed=seed, sketch="input") for m in (moved, model)]
+        assert _rel(*sketched) < 1e-4
         assert _rel(weight_features(moved, "raw", layer), weight_features(model, "raw", layer)) > 1e-2
 
 
@@ -148,20 +154,23 @@ def test_batch_equals_single_and_stacked(cfg: ArchConfig) -> None:
     stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
     for method in METHODS:
         for layer in feature_layers(cfg):
-            for dim in (None, 16):
-                batch = weight_features_batch(states, cfg, method, layer, dim=dim, seed=5)
+            for dim, sketch in ((None, "output"), (16, "output"), (16, "input")):
+                batch = weight_features_batch(states, cfg, method, layer, dim=dim, seed=5, sketch=sketch)
                 assert batch.dtype == np.float32 and batch.ndim == 2 and batch.shape[0] == 3
-                np.testing.assert_array_equal(weight_features_batch(stacked, cfg, method, layer, dim=dim, seed=5), batch)
+                again = weight_features_batch(stacked, cfg, method, layer, dim=dim, seed=5, sketch=sketch)
+                np.testing.assert_array_equal(again, batch)
                 for i, m in enumerate(models):
-                    single = weight_features(m, method, layer, dim=dim, seed=5)
+                    single = weight_features(m, method, layer, dim=dim, seed=5, sketch=sketch)
                     np.testing.assert_allclose(single, batch[i], rtol=1e-5, atol=1e-6)
 
 
 def test_batch_chunking_matches_one_chunk(monkeypatch) -> None:
     states = [_model(CNN, s).state_dict() for s in range(5)]
     whole = weight_features_batch(states, CNN, layer="conv2")
+    sketched = weight_features_batch(states, CNN, layer="conv2", dim=15, sketch="input")
     monkeypatch.setattr(features_module, "_CHAIN_BYTES", 1)  # one model per chunk
     np.testing.assert_allclose(weight_features_batch(states, CNN, layer="conv2"), whole, rtol=1e-6)
+    np.testing.assert_allclose(weight_features_batch(states, CNN, layer="conv2", dim=15, sketch="input"), sketched, rtol=1e-6)
 
 
 def test_projection_is_seeded_shared_and_streamable(monkeypatch) -> None:
@@ -174,6 +183,62 @@ def test_projection_is_seeded_shared_and_streamable(monkeypatch) -> None:
     assert 0.5 < d_out / d_in < 1.5
     monkeypatch.setattr(features_module, "_CACHE_BYTES", 0)  # stream the blocks instead
     np.testing.assert_allclose(project(x, 32, seed=1), a, rtol=1e-4, atol=1e-4)
+
+
+def _from_upper(v: np.ndarray, n: int) -> np.ndarray:
+    g = np.zeros((n, n))
+    g[np.triu_indices(n)] = v
+    return g + np.triu(g, 1).T
+
+
+@pytest.mark.parametrize("cfg", [MLP, CNN, RNN], ids=["mlp", "cnn", "rnn"])
+def test_input_sketch_is_s_transpose_g_s(cfg: ArchConfig) -> None:
+    """Hidden layers: upper(S^T G S) of the full Gram G (each GRU gate); 'out': M_L S, then any head bias."""
+    model, dim, seed = _model(cfg, 3), 21, 7
+    m = sketch_width(dim)
+    assert m == 6 and sketch_width(20) == 5 and sketch_width(1) == 1
+    layers = feature_layers(cfg)
+    for layer in layers[:-1]:
+        full = weight_features(model, "chain-gram", layer).astype(np.float64)
+        n = round((np.sqrt(8 * (full.size // (3 if cfg.kind == "rnn" else 1)) + 1) - 1) / 2)
+        s = sketch_matrix(n, m, seed)
+        i, j = np.triu_indices(m)
+        want = np.concatenate([(s.T @ _from_upper(g, n) @ s)[i, j] for g in np.split(full, 3 if cfg.kind == "rnn" else 1)])
+        got = weight_features(model, "chain-gram", layer, dim=dim, seed=seed, sketch="input")
+        assert got.shape == (want.size,) and _rel(got, want) < 1e-5
+    full = weight_features(model, "chain-gram", layers[-1]).astype(np.float64)
+    c = cfg.num_classes
+    if cfg.kind == "rnn":  # per gate W_head A_g (c x (in+1)), then the head bias
+        gates, bias = np.split(full[:-c], 3), full[-c:]
+        s = sketch_matrix(gates[0].size // c, m, seed)
+        want = np.concatenate([(g.reshape(c, -1) @ s).ravel() for g in gates] + [bias])
+    else:
+        want = (full.reshape(c, -1) @ sketch_matrix(full.size // c, m, seed)).ravel()
+    got = weight_features(model, "chain-gram", layers[-1], dim=dim, seed=seed, sketch="input")
+    assert got.shape == want.shape and _rel(got, want) < 1e-5
+    # raw has no chain: the input sketch leaves it to the output projection
+    np.testing.assert_array_equal(weight_features(model, "raw", dim=dim, seed=seed, sketch="input"),
+                                  weight_features(model, "raw", dim=dim, seed=seed))
+
+
+def test_sketch_matrix_is_seeded_and_shared() -> None:
+    a = sketch_matrix(50, 8, seed=1)
+    assert a.shape == (50, 8) and a.dtype == np.float64
+    np.testing.assert_array_equal(sketch_matrix(50, 8, seed=1), a)
+    assert not np.allclose(sketch_matrix(50, 8, seed=2), a)
+    assert abs(float((a**2).sum(axis=1).mean()) - 1.0) < 0.3  # entries N(0, 1/m): rows of unit norm on average
+
+
+@pytest.mark.parametrize("cfg", [ArchConfig(kind="mlp", widths=(16, 8)), ArchConfig(kind="cnn", channels=(2,), head_widths=(4,))],
+                         ids=["mlp", "cnn"])
+def test_input_sketch_handles_cifar_size_inputs(cfg: ArchConfig) -> None:
+    """(3, 32, 32) inputs: the full Gram would hold 4.7M values; the sketch pushes m + 1 = 91 inputs."""
+    cfg = cfg.with_task_shape((3, 32, 32), 2)
+    states = [_model(cfg, s).state_dict() for s in range(2)]
+    layers = feature_layers(cfg)
+    for layer in layers:
+        x = weight_features_batch(states, cfg, "chain-gram", layer, dim=4096, seed=0, sketch="input")
+        assert x.shape == (2, 2 * 90 if layer == layers[-1] else 90 * 91 // 2) and np.isfinite(x).all()
 
 
 def test_feature_layers_and_errors() -> None:
@@ -190,6 +255,12 @@ def test_feature_layers_and_errors() -> None:
         weight_features(model, layer=3)
     with pytest.raises(ValueError, match="dim must be"):
         weight_features(model, dim=0)
+    with pytest.raises(ValueError, match="dim must be"):
+        weight_features(model, dim=0, sketch="input")
+    with pytest.raises(ValueError, match="sketch must be one of"):
+        weight_features(model, dim=8, sketch="both")
+    with pytest.raises(ValueError, match="needs dim"):
+        weight_features(model, sketch="input")
     with pytest.raises(ValueError, match="BatchNorm1d"):
         weight_features(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)))
     with pytest.raises(TypeError, match="ArchConfig"):
