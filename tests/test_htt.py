@@ -238,3 +238,12 @@ def test_errors_name_the_value(kwargs, error, match):
 def test_null_chunk_allows_zero_permutations():
     X, y = _zoo(4, 4, 5, effect=0.0)
     assert htt_null_chunk(X, y, permutations=0).shape == (0,)
+
+
+def test_package_name_htt_is_the_function_even_after_submodule_import():
+    import importlib
+
+    importlib.import_module("distsim.stats.htt")
+    import distsim.stats
+
+    assert callable(distsim.stats.htt) and distsim.stats.htt.__name__ == "htt"
