@@ -281,3 +281,17 @@ def test_quickstart_via_cli(tmp_path: Path) -> None:
         assert chain["observed"] >= chain["chance"] + 0.5, (arch, chain)
         assert raw["observed"] < chain["observed"] - 0.3, (arch, raw, chain)
     print(f"quickstart wall time: {wall:.1f} s")
+
+
+def test_joining_an_address_nobody_serves_fails_fast() -> None:
+    import socket
+
+    from distsim.pipeline import LaunchError
+    from distsim.pipeline.launch import _check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(LaunchError, match="nothing answers there"):
+            _check_reachable(f"127.0.0.1:{port}")
+    _check_reachable("auto")  # left to ray.init

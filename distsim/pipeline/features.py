@@ -72,7 +72,7 @@ def featurize_pack(study: Study, pack: Pack) -> int:
                 continue
             if ids:
                 X = weight_features_batch([state_dicts[i] for i in ids], arch, key["method"], key["layer"],
-                                          study.features.dim, study.features.seed)
+                                          study.features.dim, study.features.seed, study.features.sketch)
             else:
                 X = None
             data = {

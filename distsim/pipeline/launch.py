@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 import uuid
@@ -37,12 +38,35 @@ def _connect(address: str | None) -> tuple[bool, str]:
         return False, "the Ray instance this process already holds"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level=logging.WARNING)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=True, logging_level=logging.WARNING)
+        except Exception as exc:  # ConnectionError, AuthenticationError, ValueError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise LaunchError(
+                f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: {first[:300]}); "
+                "check the address (`ray status` on the head), and set RAY_AUTH_MODE=token when the "
+                "cluster uses token authentication"
+            ) from None
         return True, f"Ray cluster at {address}"
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
     return True, f"a local Ray ({os.cpu_count()} CPUs)"
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray:// client addresses: left to ray.init
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as exc:
+        raise LaunchError(
+            f"cannot join the Ray cluster at {address!r}: nothing answers there ({exc.strerror or exc}); "
+            "start one with `ray start --head` or `ray up cluster.yaml`, or drop --address for a local Ray"
+        ) from None
 
 
 def check_shared_store(store: Store) -> int:
