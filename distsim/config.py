@@ -23,7 +23,9 @@ File layout (sections; keys not listed take the defaults of the named dataclass)
     [resources]  cpus_per_trial (> 0, fractional ok), gpus_per_trial (>= 0, fractional ok),
                  max_failures (>= 0), feature_actors (>= 1), cpus_per_actor (> 0)
     [features]   methods (list of chain-gram|raw), layers ("all" | "last" | list of layer
-                 names), dim (random-projection size, omit for none), seed (default study.seed)
+                 names), dim (random-projection size, omit for none), sketch ("output", the
+                 default: project the feature vector to dim; "input": sketch the chain-gram
+                 maps' input side, m(m+1)/2 <= dim per Gram, needs dim), seed (default study.seed)
     [tests]      protocols (list of closed-set|open-set), permutations (>= 1),
                  permanova_permutations (>= 0; 0 skips PERMANOVA), learner lda|softmax,
                  chunk_size (permutations per Ray task, >= 1), seed (default study.seed),
@@ -92,6 +94,7 @@ __all__ = [
 ]
 
 FEATURE_METHODS = ("chain-gram", "raw")
+FEATURE_SKETCHES = ("output", "input")  # = distsim.features.SKETCHES
 PROTOCOLS = ("closed-set", "open-set")
 LEARNERS = ("lda", "softmax")
 METRICS = ("euclidean", "cosine")
@@ -124,12 +127,14 @@ class Resources:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which invariant features to build: methods x layers, optional seeded projection to dim."""
+    """Which invariant features to build: methods x layers, optional seeded projection to dim
+    (sketch: "output" projects the vector, "input" the chain maps; see distsim.features)."""
 
     methods: tuple[str, ...] = ("chain-gram", "raw")
     layers: str | tuple[str, ...] = "all"
     dim: int | None = None
     seed: int = 0
+    sketch: str = "output"
 
 
 @dataclass(frozen=True)
@@ -670,7 +675,14 @@ def _features_section(table: dict, archs: tuple[ArchConfig, ...], study_seed: in
                               f"{', '.join(sorted(known))}", "features.layers")
     dim = _get(table, "dim", int, "features", default=None, lo=1)
     seed = _get(table, "seed", int, "features", default=study_seed, lo=0)
-    return FeatureSpec(tuple(methods), layers, dim, seed)
+    sketch = _get(table, "sketch", str, "features", default=FeatureSpec.sketch)
+    if sketch not in FEATURE_SKETCHES:
+        raise ConfigError(f"features.sketch: must be one of {', '.join(FEATURE_SKETCHES)}, got {sketch!r}",
+                          "features.sketch")
+    if sketch == "input" and dim is None:
+        raise ConfigError("features.sketch: \"input\" needs features.dim (the size of a sketched Gram)",
+                          "features.sketch")
+    return FeatureSpec(tuple(methods), layers, dim, seed, sketch)
 
 
 def _tests_section(table: dict, study_seed: int) -> TestSpec:

@@ -175,6 +175,7 @@ def test_hash_is_stable_and_sees_what_matters(tmp_path):
         small(**{'store = "stores/small"': 'store = "/elsewhere/small"'}),
         small(**{"gpus_per_trial = 0.25": "gpus_per_trial = 1"}),
         small(**{"lr = 0.1": "lr = 1e-1"}),
+        small(**{'layers = "last"': 'layers = "last"\nsketch = "output"'}),
     ]
     for text in same:
         assert parse_study(text, base_dir=tmp_path).hash == h
@@ -186,6 +187,8 @@ def test_hash_is_stable_and_sees_what_matters(tmp_path):
         small(**{"seeds_per_task = 5": "seeds_per_task = 6"}),
         small(**{"permutations = 9": "permutations = 19"}),
         small(**{'name = "small"': 'name = "other"'}),
+        small(**{'layers = "last"': 'layers = "last"\ndim = 16'}),
+        small(**{'layers = "last"': 'layers = "last"\ndim = 16\nsketch = "input"'}),
     ]
     assert len({parse_study(t).hash for t in changed} | {h}) == len(changed) + 1
 
@@ -251,6 +254,8 @@ BAD = [
     ({'methods = ["chain-gram"]': 'methods = ["gram"]'}, "features.methods", "chain-gram, raw"),
     ({'layers = "last"': 'layers = "first"'}, "features.layers", '"all", "last"'),
     ({'layers = "last"': 'layers = ["fc9"]'}, "features.layers", "not a layer"),
+    ({'layers = "last"': 'sketch = "both"'}, "features.sketch", "output, input"),
+    ({'layers = "last"': 'sketch = "input"'}, "features.sketch", "needs features.dim"),
     ({"permutations = 9": "permutations = 0"}, "tests.permutations", "[1, inf)"),
     ({"permutations = 9": 'protocols = ["closed"]'}, "tests.protocols", "closed-set, open-set"),
     ({"permutations = 9": 'learner = "svm"'}, "tests.learner", "lda, softmax"),

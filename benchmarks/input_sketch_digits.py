@@ -1,0 +1,79 @@
+"""Does the input-side sketch keep the task signal? Digits pair-tasks, chain-gram at every layer.
+
+10 digit pair-tasks x 20 seeds (distsim.train.train_pack, default TrainConfig, distinct inits),
+chain-gram features of each layer of an MLP (and optionally a CNN): the full feature, the output
+projection to dim = m(m+1)/2 (sketch="output"), and the input sketch S^T G S of width m
+(sketch="input", dim = m(m+1)/2) for several sketch seeds. Score: nearest-centroid accuracy
+(benchmarks/paper_digits.nearest_centroid: first half of each task's seeds as centroids,
+z-scored Euclidean; chance 1/tasks), plus the CPU seconds to featurize the whole zoo.
+
+    .venv/bin/python benchmarks/input_sketch_digits.py --cache /tmp/distsim_zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_digits import nearest_centroid, train_zoo  # noqa: E402
+
+from distsim.features import feature_layers, weight_features_batch  # noqa: E402
+from distsim.tasks import DataConfig, make_tasks  # noqa: E402
+from distsim.train import TrainConfig  # noqa: E402
+
+
+def timed(states: list, arch, **kw) -> tuple[np.ndarray, float]:
+    """(chain-gram features of the zoo, CPU seconds to compute them)."""
+    t = time.process_time()
+    x = weight_features_batch(states, arch, "chain-gram", **kw)
+    return x, time.process_time() - t
+
+
+def row(layer: str, name: str, runs: list[tuple[np.ndarray, float]], labels: np.ndarray, seeds: int) -> None:
+    nc = [nearest_centroid(x, labels, seeds) for x, _ in runs]
+    cpu = float(np.mean([t for _, t in runs]))
+    print(f"| {layer:6} | {name:28} | {runs[0][0].shape[1]:5d} | {np.mean(nc):7.3f} | {min(nc):6.3f} "
+          f"| {max(nc):6.3f} | {cpu:6.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", default="mlp")
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--widths", default="8,16,20,24", help="sketch widths m")
+    parser.add_argument("--sketch-seeds", type=int, default=5, help="sketch seeds per width (mean, min, max)")
+    parser.add_argument("--cache", type=Path, default=None, help="folder to keep trained zoos in")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tasks = make_tasks(DataConfig(dataset="digits", num_tasks=args.tasks, seed=0))
+    widths = [int(w) for w in args.widths.split(",")]
+    print(f"digits: {args.tasks} pair-tasks x {args.seeds} seeds; NC chance {1 / args.tasks:.2f}; "
+          f"sketch seeds 0..{args.sketch_seeds - 1} (mean [min, max])")
+    for kind in args.archs.split(","):
+        arch, states, labels, accs = train_zoo(kind, tasks, args.seeds, "distinct", TrainConfig(), args.cache)
+        print(f"\n## {kind} {arch.input_shape}: {len(states)} models, test accuracy mean {accs.mean():.3f}")
+        header = f"| {'layer':6} | {'feature':28} | {'D':>5} | {'NC mean':>7} | {'NC min':>6} | {'NC max':>6} | {'CPU s':>6} |"
+        print(header)
+        print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+
+        for layer in feature_layers(arch):
+            row(layer, "full", [timed(states, arch, layer=layer)], labels, args.seeds)
+            for m in widths:
+                dim = m * (m + 1) // 2
+                seeds = range(args.sketch_seeds)
+                row(layer, f"output projection dim={dim}",
+                    [timed(states, arch, layer=layer, dim=dim, seed=s) for s in seeds], labels, args.seeds)
+                row(layer, f"input sketch m={m} (dim={dim})",
+                    [timed(states, arch, layer=layer, dim=dim, seed=s, sketch="input") for s in seeds], labels, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
