@@ -31,8 +31,9 @@ hidden Gram has D = 3073 * 3074 / 2 = 4.7M, too many.
 ``dim`` with ``sketch="input"`` (chain-gram only; raw still uses the output projection): a seeded
 input-side sketch S ((P+1) x m, entries N(0, 1/m), from ``seed`` only, see sketch_matrix) replaces
 every chain map M by M S before the Gram, with m = sketch_width(dim) the largest m such that
-m(m+1)/2 <= dim. Hidden layer: upper triangle of S^T G S (m(m+1)/2 values per Gram; a GRU has
-three); 'out': (M_L S) flattened (classes x m). Rows of M S permute with the units of M, so the
+m(m+1)/2 <= dim (GRU: sketch_width(dim // 3), for its three gate Grams), so that a hidden-layer
+feature, the upper triangle(s) of S^T G S, has at most dim values; 'out': (M_L S) flattened
+(classes x m; GRU: per gate, then the head bias). Rows of M S permute with the units of M, so the
 invariances are those of the full feature. M S is computed by pushing the m columns of S through
 the linearized network (forward, m+1 inputs instead of P+1): cost units x (P+1) x m per layer,
 memory (m+1) x units per model.
@@ -404,9 +405,13 @@ def _chunk_size(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tu
 
 
 def _input_sketch(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], dim: int, seed: int) -> torch.Tensor:
-    """(P+1, m) float64 sketch S for this architecture's input (GRU: its per-step input)."""
-    n_in = math.prod(input_shape) if plan.kind == "sequential" else stacked[f"{plan.gru_prefix}weight_ih_l0"].shape[-1]
-    return torch.tensor(sketch_matrix(n_in + 1, sketch_width(dim), seed))  # a copy: the cached S is read-only
+    """(P+1, m) float64 sketch S for this architecture's input (GRU: its per-step input, and m such
+    that its three gate Grams together hold at most dim values)."""
+    if plan.kind == "sequential":
+        n_in, m = math.prod(input_shape), sketch_width(dim)
+    else:
+        n_in, m = stacked[f"{plan.gru_prefix}weight_ih_l0"].shape[-1], sketch_width(max(1, dim // 3))
+    return torch.tensor(sketch_matrix(n_in + 1, m, seed))  # a copy: the cached S is read-only
 
 
 def _compute(plan, stacked, input_shape, method, layer, dim, seed, sketch) -> np.ndarray:
