@@ -50,6 +50,8 @@ def _connect(address: str | None) -> tuple[bool, str]:
                 "cluster uses token authentication"
             ) from None
         return True, f"Ray cluster at {address}"
+    # A private local instance: Ray's notice that it turned token auth on is noise here.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING)
     return True, f"a local Ray ({os.cpu_count()} CPUs)"
