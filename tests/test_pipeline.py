@@ -295,3 +295,47 @@ def test_joining_an_address_nobody_serves_fails_fast() -> None:
         with pytest.raises(LaunchError, match="nothing answers there"):
             _check_reachable(f"127.0.0.1:{port}")
     _check_reachable("auto")  # left to ray.init
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_failed_trials_are_retried_recorded_and_trained_by_the_next_launch(ray_session, tmp_path: Path) -> None:
+    from distsim.pipeline.launch import run_study
+
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"not an npz file")  # every trial fails while loading its task
+    study = parse_study(f"""
+[study]
+name = "failing"
+store = "{tmp_path / 'store'}"
+[data]
+dataset = "npz"
+path = "{data}"
+num_tasks = 2
+[[arch]]
+kind = "mlp"
+widths = [4]
+[train]
+seeds_per_task = 2
+seeds_per_trial = 2
+epochs = 1
+[resources]
+max_failures = 1
+""")
+    out = io.StringIO()
+    result = run_study(study, stages=("zoo",), stream=out)
+    assert result["stages"]["zoo"]["failed"] == 2
+    assert "2 trial(s) failed after 1 retries" in out.getvalue()
+    store = Store(study.store)
+    models = store.scan("models").collect()
+    assert models.height == 4 and (models["status"] == "failed").all()
+    assert models["error"].str.contains("cannot read").all() and models["test_acc"].is_nan().all()
+    assert "zoo" not in store.stages()
+
+    rng = np.random.default_rng(0)
+    np.savez(data, X=rng.normal(size=(90, 8, 8)).astype(np.float32), y=np.repeat(np.arange(3), 30))
+    result = run_study(study, stages=("zoo",), stream=io.StringIO())
+    assert result["stages"]["zoo"]["trials"] == 2 and result["stages"]["zoo"]["failed"] == 0
+    models = store.scan("models").collect()
+    assert models.height == 4 and (models["status"] == "ok").all() and models["error"].is_null().all()
+    assert "zoo" in store.stages()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -85,13 +86,16 @@ def model_rows(study: Study, pack: Pack, task: Task, results: list, trial_id: st
 
 def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dict]:
     """Rows recording a trial that failed after all retries (NaN metrics, the error text)."""
-    name = study_tasks(study.data)[pack.task].name
+    try:
+        name = study_tasks(study.data)[pack.task].name
+    except Exception:  # the data may be what failed
+        name = None
     nan = math.nan
     return [
         {"model_id": model_id(pack.arch, pack.task, s), "task_name": name, "seed": s,
          "trial_id": trial_id, "status": "failed", "train_acc": nan, "test_acc": nan,
          "train_loss": nan, "test_loss": nan, "epochs": 0, "seconds": nan, "node": None,
-         "error": error[:2000]}
+         "error": error}
         for s in pack.seeds
     ]
 
@@ -205,7 +209,7 @@ def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
         if store.has_shard("models", pack_key(pack)):
             continue  # the trial wrote its pack before it failed (e.g. while reporting)
         failed += 1
-        error = f"{type(result.error).__name__}: {result.error}".strip()
+        error = error_text(result.error)
         trial = os.path.basename(str(result.path or "").rstrip("/")) or pack.trial_id
         store.write_shard("models", pack_key(pack), failed_rows(study, pack, trial, error))
     if failed:
@@ -217,6 +221,13 @@ def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
             storage.rmdir()
     return {"trials": len(packs), "skipped": total - len(packs), "failed": failed,
             "archs": sorted({p.arch for p in packs})}
+
+
+def error_text(error: BaseException) -> str:
+    """The root cause of a trial's error as one short line (no Ray traceback, no ANSI colours)."""
+    cause = getattr(error, "cause", None) or error
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {cause}")
+    return " ".join(text.split())[:1000]
 
 
 def reuse_actors() -> bool:
