@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from _procs import kill_session
 
 from distsim.config import parse_study
 from distsim.store import Store
@@ -60,33 +60,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are gone already
-                pids.append(int(entry))
-    return pids
-
-
-def _stop_session(sid: int) -> None:
-    """SIGKILL every process of one `ray start` session (the node it started; its temp dir goes too)."""
-    for pid in _session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while _session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _session_pids(sid), f"processes of session {sid} survived SIGKILL: {_session_pids(sid)}"
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # `ray start --head` turns token auth on when a token exists; a node or driver that joins by
@@ -116,7 +89,8 @@ def two_nodes():
         yield f"127.0.0.1:{port}"
     finally:
         for sid in reversed(sessions):
-            _stop_session(sid)
+            survivors = kill_session(sid, timeout=10)
+            assert not survivors, f"processes of session {sid} survived SIGKILL: {survivors}"
         for log in logs:
             log.close()
         for d in dirs:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _procs import kill_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -55,33 +56,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Pids of every process in session `sid` (the launch we started, its Ray and workers)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are gone already
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    for pid in _session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 30
-    while _session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def _files(store: Path) -> dict[str, tuple[int, int]]:
     """{relative path: (mtime_ns, size)} of every table and marker file (Tune's folder aside)."""
     return {
@@ -105,7 +79,7 @@ def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert proc.poll() is None, "the launch ended before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         proc.wait(timeout=30)
         log.close()
     assert proc.returncode == -signal.SIGKILL
