@@ -15,7 +15,7 @@ import polars as pl
 from distsim.config import Pack, Study
 from distsim.pipeline import LaunchError
 from distsim.pipeline.progress import Progress
-from distsim.pipeline.zoo import study_tasks
+from distsim.pipeline.zoo import failed_packs, study_tasks
 from distsim.store import Store
 
 
@@ -34,10 +34,7 @@ def pending_feature_packs(study: Study, store: Store) -> list[Pack]:
     A failed pack is left to the next launch's zoo stage, which retrains it.
     """
     have_models = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
-    have_models -= set(
-        store.scan("models").filter(pl.col("status") == "failed").select("arch", "task", "pack")
-        .unique().collect().iter_rows()
-    )
+    have_models -= failed_packs(store)
     have = {tuple(k[c] for c in ("arch", "method", "layer", "task", "pack")) for k in store.shard_keys("features")}
     out = []
     for pack in study.packs():

@@ -37,10 +37,9 @@ def pack_key(pack: Pack) -> dict[str, Any]:
     return {"arch": pack.arch, "task": pack.task, "pack": pack.pack}
 
 
-def pending_packs(study: Study, store: Store) -> list[Pack]:
-    """Packs with no models shard, or whose models shard records a failed trial."""
-    present = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
-    failed = set(
+def failed_packs(store: Store) -> set[tuple[str, int, int]]:
+    """(arch, task, pack) of every pack whose models shard records a failed trial."""
+    return set(
         store.scan("models")
         .filter(pl.col("status") == "failed")
         .select("arch", "task", "pack")
@@ -48,6 +47,12 @@ def pending_packs(study: Study, store: Store) -> list[Pack]:
         .collect()
         .iter_rows()
     )
+
+
+def pending_packs(study: Study, store: Store) -> list[Pack]:
+    """Packs with no models shard, or whose models shard records a failed trial."""
+    present = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
+    failed = failed_packs(store)
     return [
         p for p in study.packs()
         if (p.arch, p.task, p.pack) not in present or (p.arch, p.task, p.pack) in failed
