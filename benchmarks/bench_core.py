@@ -6,8 +6,9 @@
   permutation generation included, same observed pseudo-F;
 - hypothesis-training-testing rows from benchmarks/bench_core_htt.py when present.
 
-Usage: python benchmarks/bench_core.py [--quick] [--sections distances permanova htt]. Timings on a shared machine are noisy: compare
-the ratios within one run; the load average is printed at the start and the end.
+Usage: python benchmarks/bench_core.py [--quick] [--sections distances permanova htt].
+Timings on a shared machine are noisy: compare the ratios within one run; the load average is
+printed at the start and the end.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def bench_distances(n: int, d: int, rounds: int) -> list[Row]:
             f"bound @ {flops / best['matmul'][0] / 1e9:.0f} GFLOP/s",
             f"{bound_s:.3f}",
             f"{bound_s / ours_s:.2f}x",
-            f"distsim takes {ours_s / bound_s:.2f}x the bound ({ours_cpu / bound_cpu:.2f}x in CPU time)",
+            f"distsim takes {ours_s / bound_s:.2f}x the bound "
+            f"({ours_cpu / bound_cpu:.2f}x in CPU time)",
         ),
         (
             "  vs the GEMMs of its own upper-triangle tiles alone",

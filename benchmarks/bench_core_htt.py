@@ -23,7 +23,9 @@ HEADER = (
 )
 
 
-def _zoo(n_tasks: int, n_seeds: int, dim: int, effect: float, seed: int = 0, rank: int | None = None):
+def _zoo(
+    n_tasks: int, n_seeds: int, dim: int, effect: float, seed: int = 0, rank: int | None = None
+):
     """Synthetic zoo: (N, dim) features with task means of size `effect`, (N,) task labels."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(n_tasks), n_seeds)
@@ -93,6 +95,8 @@ def _print(rows: list[tuple[str, ...]]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="B=50, two repeats, closed-set only")
     _print(run_htt_bench(parser.parse_args().quick))

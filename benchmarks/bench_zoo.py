@@ -21,8 +21,10 @@ from distsim.tasks import DataConfig, Task, make_tasks
 from distsim.train import DEFAULT_TRAIN, TrainConfig, batch_orders, init_model, train_pack
 
 
-def one_at_a_time(task: Task, arch: ArchConfig, seeds: list[int], cfg: TrainConfig, device: str) -> float:
-    """Seconds to train and evaluate ``seeds`` one after another with nn.Module + torch.optim.SGD."""
+def one_at_a_time(
+    task: Task, arch: ArchConfig, seeds: list[int], cfg: TrainConfig, device: str
+) -> float:
+    """Seconds to train and evaluate ``seeds`` one after another with nn.Module + optim.SGD."""
     arch = arch.with_task_shape(task.input_shape, task.num_classes)
     x = torch.as_tensor(task.x_train, device=device)
     y = torch.as_tensor(task.y_train, device=device)
@@ -60,7 +62,9 @@ def packed(task: Task, arch: ArchConfig, seeds: list[int], cfg: TrainConfig) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true", help="2 epochs, K up to 32, 4 baseline seeds")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 epochs, K up to 32, 4 baseline seeds"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--packs", default="1,8,32,64", help="pack sizes K, comma-separated")
     args = parser.parse_args()
@@ -86,11 +90,13 @@ def main() -> None:
         for k in packs:
             t = packed(task, arch, list(range(k)), cfg)
             rows.append((kind, "packed", k, t / k, k / t, (k / t) / alone_rate))
-        print(f"  {kind}: {cfg.epochs} epochs, batch {cfg.batch_size}, "
-              f"{sum(p.numel() for p in init_model(arch.with_task_shape(task.input_shape, 2), 0).parameters())} params",
+        model = init_model(arch.with_task_shape(task.input_shape, 2), 0)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"  {kind}: {cfg.epochs} epochs, batch {cfg.batch_size}, {n_params} params",
               flush=True)
     print()
-    print(f"| {'arch':4} | {'mode':13} | {'K':>3} | {'s/model':>8} | {'models/s':>8} | {'vs one-at-a-time':>16} |")
+    print(f"| {'arch':4} | {'mode':13} | {'K':>3} | {'s/model':>8} | {'models/s':>8} "
+          f"| {'vs one-at-a-time':>16} |")
     print(f"|{'-' * 6}|{'-' * 15}|{'-' * 5}|{'-' * 10}|{'-' * 10}|{'-' * 18}|")
     for kind, mode, k, spm, rate, ratio in rows:
         print(f"| {kind:4} | {mode:13} | {k:>3} | {spm:8.4f} | {rate:8.1f} | {ratio:15.1f}x |")

@@ -10,7 +10,8 @@ z-scored Euclidean; chance 1/tasks), plus the CPU seconds to featurize the whole
 large next to m, as for CIFAR (3073 vs m = 90).
 
     .venv/bin/python benchmarks/input_sketch_digits.py --cache /tmp/distsim_zoo
-    .venv/bin/python benchmarks/input_sketch_digits.py --cache /tmp/distsim_zoo --upsample 3 --widths 16,24,48
+    .venv/bin/python benchmarks/input_sketch_digits.py --cache /tmp/distsim_zoo --upsample 3 \
+        --widths 16,24,48
 """
 
 from __future__ import annotations
@@ -61,22 +62,30 @@ def timed(states: list, arch, **kw) -> tuple[np.ndarray, float]:
     return x, time.process_time() - t
 
 
-def row(layer: str, name: str, runs: list[tuple[np.ndarray, float]], labels: np.ndarray, seeds: int) -> None:
+def row(
+    layer: str, name: str, runs: list[tuple[np.ndarray, float]], labels: np.ndarray, seeds: int
+) -> None:
     nc = [nearest_centroid(x, labels, seeds) for x, _ in runs]
     cpu = float(np.mean([t for _, t in runs]))
-    print(f"| {layer:6} | {name:28} | {runs[0][0].shape[1]:6d} | {np.mean(nc):7.3f} | {min(nc):6.3f} "
-          f"| {max(nc):6.3f} | {cpu:6.2f} |", flush=True)
+    print(f"| {layer:6} | {name:28} | {runs[0][0].shape[1]:6d} | {np.mean(nc):7.3f} "
+          f"| {min(nc):6.3f} | {max(nc):6.3f} | {cpu:6.2f} |", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--archs", default="mlp")
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--widths", default="8,16,20,24", help="sketch widths m")
-    parser.add_argument("--sketch-seeds", type=int, default=5, help="sketch seeds per width (mean, min, max)")
+    parser.add_argument(
+        "--sketch-seeds", type=int, default=5, help="sketch seeds per width (mean, min, max)"
+    )
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep trained zoos in")
-    parser.add_argument("--upsample", type=int, default=1, help="blow the 8x8 digits up this many times")
+    parser.add_argument(
+        "--upsample", type=int, default=1, help="blow the 8x8 digits up this many times"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,9 +100,15 @@ def main() -> None:
     print(f"digits: {args.tasks} pair-tasks x {args.seeds} seeds; NC chance {1 / args.tasks:.2f}; "
           f"sketch seeds 0..{args.sketch_seeds - 1} (mean [min, max])")
     for kind in args.archs.split(","):
-        arch, states, labels, accs = train_zoo(kind, tasks, args.seeds, "distinct", TrainConfig(), args.cache)
-        print(f"\n## {kind} {arch.input_shape}: {len(states)} models, test accuracy mean {accs.mean():.3f}")
-        header = f"| {'layer':6} | {'feature':28} | {'D':>6} | {'NC mean':>7} | {'NC min':>6} | {'NC max':>6} | {'CPU s':>6} |"
+        arch, states, labels, accs = train_zoo(
+            kind, tasks, args.seeds, "distinct", TrainConfig(), args.cache
+        )
+        print(f"\n## {kind} {arch.input_shape}: {len(states)} models, "
+              f"test accuracy mean {accs.mean():.3f}")
+        header = (
+            f"| {'layer':6} | {'feature':28} | {'D':>6} | {'NC mean':>7} | {'NC min':>6} "
+            f"| {'NC max':>6} | {'CPU s':>6} |"
+        )
         print(header)
         print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
 
@@ -102,10 +117,13 @@ def main() -> None:
             for m in widths:
                 dim = m * (m + 1) // 2
                 seeds = range(args.sketch_seeds)
-                row(layer, f"output projection dim={dim}",
-                    [timed(states, arch, layer=layer, dim=dim, seed=s) for s in seeds], labels, args.seeds)
-                row(layer, f"input sketch m={m} (dim={dim})",
-                    [timed(states, arch, layer=layer, dim=dim, seed=s, sketch="input") for s in seeds], labels, args.seeds)
+                runs = [timed(states, arch, layer=layer, dim=dim, seed=s) for s in seeds]
+                row(layer, f"output projection dim={dim}", runs, labels, args.seeds)
+                runs = [
+                    timed(states, arch, layer=layer, dim=dim, seed=s, sketch="input")
+                    for s in seeds
+                ]
+                row(layer, f"input sketch m={m} (dim={dim})", runs, labels, args.seeds)
 
 
 if __name__ == "__main__":

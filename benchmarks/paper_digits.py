@@ -36,8 +36,10 @@ from distsim.tasks import DataConfig, make_tasks
 from distsim.train import TrainConfig, train_pack
 
 
-def train_zoo(kind: str, tasks, n_seeds: int, seeding: str, train_config: TrainConfig, cache: Path | None):
-    """(arch config sized for the tasks, list of state dicts, (N,) task ids, (N,) test accuracies)."""
+def train_zoo(
+    kind: str, tasks, n_seeds: int, seeding: str, train_config: TrainConfig, cache: Path | None
+):
+    """(arch config sized for the tasks, list of state dicts, (N,) task ids, (N,) test accs)."""
     path = cache / f"paper_digits_{kind}_{len(tasks)}x{n_seeds}_{seeding}.pt" if cache else None
     if path is not None and path.exists():
         states, labels, accs = torch.load(path)
@@ -46,7 +48,8 @@ def train_zoo(kind: str, tasks, n_seeds: int, seeding: str, train_config: TrainC
     states, labels, accs = [], [], []
     for i, task in enumerate(tasks):
         offset = i * n_seeds if seeding == "distinct" else 0
-        for result in train_pack(task, ArchConfig(kind=kind), list(range(offset, offset + n_seeds)), train_config):
+        seeds = list(range(offset, offset + n_seeds))
+        for result in train_pack(task, ArchConfig(kind=kind), seeds, train_config):
             states.append(result.state_dict)
             labels.append(task.task_id)
             accs.append(result.test_acc)
@@ -69,7 +72,9 @@ def nearest_centroid(x: np.ndarray, labels: np.ndarray, seeds_per_task: int) -> 
     return float((classes[d.argmin(1)] == labels[~train]).mean())
 
 
-def evaluate(x: np.ndarray, labels: np.ndarray, seeds_per_task: int, b_htt: int, b_perm: int) -> dict:
+def evaluate(
+    x: np.ndarray, labels: np.ndarray, seeds_per_task: int, b_htt: int, b_perm: int
+) -> dict:
     closed = htt(x, labels, "closed-set", permutations=b_htt, seed=0)
     opened = htt(x, labels, "open-set", permutations=b_htt, seed=0)
     dist = pairwise_distances(x).astype(np.float64)
@@ -85,7 +90,9 @@ def evaluate(x: np.ndarray, labels: np.ndarray, seeds_per_task: int, b_htt: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="6 tasks x 10 seeds, 99 permutations")
     parser.add_argument("--archs", default="mlp,cnn,rnn")
     parser.add_argument("--tasks", type=int, default=None)
@@ -103,17 +110,23 @@ def main() -> None:
     b_perm = args.permanova_permutations or (99 if args.quick else 999)
     tasks = make_tasks(DataConfig(dataset="digits", num_tasks=n_tasks, seed=0))
     train_config = TrainConfig()
-    print(f"digits: {n_tasks} pair-tasks ({', '.join(t.name for t in tasks)}) x {n_seeds} seeds ({args.seeding} inits); {train_config}")
-    print(f"HTT: learner lda, B={b_htt} (p floor {1 / (1 + b_htt):.4f}); PERMANOVA: B={b_perm} (p floor {1 / (1 + b_perm):.4f})")
+    print(f"digits: {n_tasks} pair-tasks ({', '.join(t.name for t in tasks)}) x {n_seeds} seeds "
+          f"({args.seeding} inits); {train_config}")
+    print(f"HTT: learner lda, B={b_htt} (p floor {1 / (1 + b_htt):.4f}); "
+          f"PERMANOVA: B={b_perm} (p floor {1 / (1 + b_perm):.4f})")
     start = time.perf_counter()
     for kind in args.archs.split(","):
         t0 = time.perf_counter()
-        arch, states, labels, accs = train_zoo(kind, tasks, n_seeds, args.seeding, train_config, args.cache)
+        arch, states, labels, accs = train_zoo(
+            kind, tasks, n_seeds, args.seeding, train_config, args.cache
+        )
         t_train = time.perf_counter() - t0
-        print(f"\n## {kind}: {len(states)} models, test accuracy mean {accs.mean():.3f} (min {accs.min():.3f}), trained in {t_train:.1f} s")
+        print(f"\n## {kind}: {len(states)} models, test accuracy mean {accs.mean():.3f} "
+              f"(min {accs.min():.3f}), trained in {t_train:.1f} s")
         header = (
-            f"| {'layer':8} | {'method':10} | {'D':>5} | {'NC':>5} | {'closed acc':>10} | {'chance':>6} | {'p':>6} "
-            f"| {'open mAP':>8} | {'CMC@1':>5} | {'chance':>6} | {'p':>6} | {'PERMANOVA F':>11} | {'p':>6} |"
+            f"| {'layer':8} | {'method':10} | {'D':>5} | {'NC':>5} | {'closed acc':>10} "
+            f"| {'chance':>6} | {'p':>6} | {'open mAP':>8} | {'CMC@1':>5} | {'chance':>6} "
+            f"| {'p':>6} | {'PERMANOVA F':>11} | {'p':>6} |"
         )
         print(header)
         print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -122,9 +135,11 @@ def main() -> None:
                 x = weight_features_batch(states, arch, method, layer)
                 r = evaluate(x, labels, n_seeds, b_htt, b_perm)
                 c, o, p = r["closed"], r["open"], r["perm"]
+                cmc1 = o.extra.get("cmc@1", float("nan"))
                 print(
-                    f"| {layer:8} | {method:10} | {x.shape[1]:5d} | {r['nc']:5.2f} | {c.statistic:10.3f} | {c.chance:6.3f} "
-                    f"| {c.p_value:6.4f} | {o.statistic:8.3f} | {o.extra.get('cmc@1', float('nan')):5.2f} | {o.chance:6.3f} "
+                    f"| {layer:8} | {method:10} | {x.shape[1]:5d} | {r['nc']:5.2f} "
+                    f"| {c.statistic:10.3f} | {c.chance:6.3f} | {c.p_value:6.4f} "
+                    f"| {o.statistic:8.3f} | {cmc1:5.2f} | {o.chance:6.3f} "
                     f"| {o.p_value:6.4f} | {p.statistic:11.2f} | {p.p_value:6.4f} |",
                     flush=True,
                 )

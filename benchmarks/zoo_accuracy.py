@@ -30,7 +30,8 @@ def main() -> None:
     print(f"{len(tasks)} tasks: {', '.join(t.name for t in tasks)}; {args.seeds} seeds each; "
           f"threads {torch.get_num_threads()}")
     print()
-    print("| arch | epochs | lr   | mean test acc | min test acc | worst task    | diverged | train s |")
+    print("| arch | epochs | lr   | mean test acc | min test acc | worst task    "
+          "| diverged | train s |")
     print("|------|--------|------|---------------|--------------|---------------|----------|---------|")
     for kind in ("mlp", "cnn", "rnn"):
         cfg = DEFAULT_TRAIN[kind]
@@ -44,7 +45,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         worst = min(per_task, key=per_task.get)
         print(f"| {kind:4} | {cfg.epochs:6} | {cfg.lr:<4} | {100 * np.mean(acc):12.2f}% | "
-              f"{100 * np.min(acc):11.2f}% | {worst:13} | {diverged:8} | {seconds:7.1f} |", flush=True)
+              f"{100 * np.min(acc):11.2f}% | {worst:13} | {diverged:8} | {seconds:7.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

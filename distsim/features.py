@@ -23,10 +23,9 @@ map of the last layer, W_head A_g (classes x (in+1) each, ordered), followed by 
 asked one, flattened in layer order (GRU: W_ih, b_ih of layers <= k; ``out``: every parameter).
 
 ``dim`` with ``sketch="output"`` (the default): a seeded Gaussian projection R (D x dim, entries
-N(0, 1/dim)) of the feature vector, generated from ``seed`` and D only, in row blocks of 8192
-(block b from ``numpy.random.default_rng([seed, b])``), so it is the same matrix for every model
-of a study and any batching. Costs D x dim random numbers per call: for a CIFAR-size input a
-hidden Gram has D = 3073 * 3074 / 2 = 4.7M, too many.
+N(0, 1/dim)) of the feature vector, the same matrix for every model of a study and any batching
+(distsim.projection). Costs D x dim random numbers per call: for a CIFAR-size input a hidden Gram
+has D = 3073 * 3074 / 2 = 4.7M, too many.
 
 ``dim`` with ``sketch="input"`` (chain-gram only; raw still uses the output projection): a seeded
 input-side sketch S ((P+1) x m, entries N(0, 1/m), from ``seed`` only, see sketch_matrix) replaces
@@ -41,7 +40,6 @@ memory (m+1) x units per model.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -59,13 +57,30 @@ from distsim.normalize import (
     plan_for,
     stack_state_dicts,
 )
+from distsim.projection import check_dim, project, projection_matrix, sketch_matrix, sketch_width
+
+__all__ = [
+    "CHAIN_BYTES",
+    "CHAIN_DIRECTIONS",
+    "METHODS",
+    "SKETCHES",
+    "chain_map",
+    "feature_layers",
+    "infer_input_shape",
+    "project",
+    "projection_matrix",
+    "sketch_matrix",
+    "sketch_width",
+    "weight_features",
+    "weight_features_batch",
+]
 
 METHODS = ("chain-gram", "raw")
 SKETCHES = ("output", "input")
-_SKETCH_STREAM = 2**31 - 1  # SeedSequence entropy [seed, this]: apart from the projection's [seed, block]
-_PROJECTION_BLOCK = 8192
-_CACHE_BYTES = 256 * 2**20  # cache a projection matrix up to this size; stream larger ones
-_CHAIN_BYTES = 256 * 2**20  # memory for the chain tensors of one chunk of models
+CHAIN_DIRECTIONS = ("auto", "forward", "backward")
+# Memory for the chain tensors of one chunk of models (bytes); results do not depend on it
+# beyond float rounding.
+CHAIN_BYTES = 256 * 2**20
 
 
 def feature_layers(arch_config: ArchConfig) -> list[str]:
@@ -84,7 +99,9 @@ def _layer_index(plan: Plan, layer: str | int | None) -> int:
         return plan.layers.index(layer)
     if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and -n <= layer < n:
         return int(layer) % n
-    raise ValueError(f"layer must be None, one of {list(plan.layers)} or an int in [{-n}, {n}), got {layer!r}")
+    raise ValueError(
+        f"layer must be None, one of {list(plan.layers)} or an int in [{-n}, {n}), got {layer!r}"
+    )
 
 
 def _check_method(method: str) -> None:
@@ -103,7 +120,9 @@ def _out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False) ->
     return out
 
 
-def _unit_shapes(plan: Plan, shapes: Mapping[str, tuple[int, ...]], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+def _unit_shapes(
+    plan: Plan, shapes: Mapping[str, tuple[int, ...]], input_shape: tuple[int, ...]
+) -> list[tuple[int, ...]]:
     """Shape of one sample after every step (unbatched); raises ValueError if they do not fit."""
     shape, out = tuple(input_shape), []
     for step in plan.steps:
@@ -111,16 +130,28 @@ def _unit_shapes(plan: Plan, shapes: Mapping[str, tuple[int, ...]], input_shape:
             n_in = math.prod(shape)
             w = shapes[step.weight]
             if len(shape) != 1 or w[-1] != n_in:
-                raise ValueError(f"layer {step.name} expects {w[-1]} inputs, the walk gives shape {shape}")
+                raise ValueError(
+                    f"layer {step.name} expects {w[-1]} inputs, the walk gives shape {shape}"
+                )
             shape = (w[-2],)
         elif step.op == "conv":
             w = shapes[step.weight]
             if len(shape) != 3 or shape[0] != w[-3]:
-                raise ValueError(f"layer {step.name} expects {w[-3]} channels, the walk gives shape {shape}")
-            hw = [_out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i], step.dilation[i]) for i in (0, 1)]
+                raise ValueError(
+                    f"layer {step.name} expects {w[-3]} channels, the walk gives shape {shape}"
+                )
+            hw = [
+                _out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i],
+                          step.dilation[i])
+                for i in (0, 1)
+            ]
             shape = (w[-4], *hw)
         elif step.op in ("maxpool", "avgpool"):
-            hw = [_out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i], 1, step.ceil_mode) for i in (0, 1)]
+            hw = [
+                _out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i], 1,
+                          step.ceil_mode)
+                for i in (0, 1)
+            ]
             shape = (shape[0], *hw)
         elif step.op == "flatten":
             shape = (math.prod(shape),)
@@ -157,7 +188,9 @@ def _upper(g: torch.Tensor) -> torch.Tensor:
     return g[:, i, j]
 
 
-def _affine_walk(plan: Plan, p: Mapping[str, torch.Tensor], x: torch.Tensor, upto: int, bias_row: int | None) -> torch.Tensor:
+def _affine_walk(
+    plan: Plan, p: StateDict, x: torch.Tensor, upto: int, bias_row: int | None
+) -> torch.Tensor:
     """The linearized network (activations dropped, max pooling as average) applied to J inputs
     per model: x (K, J, *input_shape) -> (K, J, units of parametric layer ``upto``, after its bias).
 
@@ -207,9 +240,11 @@ def _affine_walk(plan: Plan, p: Mapping[str, torch.Tensor], x: torch.Tensor, upt
     raise AssertionError("unreachable: layer index beyond the plan")
 
 
-def _chain_forward(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
-    """(K, P+1, units) homogeneous chain map M_l^T at parametric layer ``upto``, by pushing the
-    P basis pixels and a zero input (row P: biases only) through the linearized network."""
+def _chain_forward(
+    plan: Plan, p: StateDict, input_shape: tuple[int, ...], upto: int
+) -> torch.Tensor:
+    """`chain_map` by pushing the P basis pixels and a zero input (row P: biases only) through
+    the linearized network."""
     k = next(iter(p.values())).shape[0]
     n = math.prod(input_shape)
     dtype = next(iter(p.values())).dtype
@@ -217,33 +252,50 @@ def _chain_forward(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple
     return _affine_walk(plan, p, x, upto, bias_row=n)
 
 
-def _chain_backward(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
-    """The same (K, P+1, units) map as _chain_forward, by one vector-Jacobian product per unit of
-    layer ``upto``: cheaper when the layer has fewer units than the input has pixels (the head)."""
+def _chain_backward(
+    plan: Plan, p: StateDict, input_shape: tuple[int, ...], upto: int
+) -> torch.Tensor:
+    """`chain_map` by one vector-Jacobian product per unit of layer ``upto``: cheaper when the
+    layer has fewer units than the input has pixels (the head)."""
     k = next(iter(p.values())).shape[0]
     dtype = next(iter(p.values())).dtype
     x = torch.zeros(k, 1, *input_shape, dtype=dtype, requires_grad=True)
     with torch.enable_grad():
         y = _affine_walk(plan, p, x, upto, bias_row=None)[:, 0]  # (K, units): the offsets c
         rows = [
-            torch.autograd.grad(y[:, u].sum(), x, retain_graph=u + 1 < y.shape[1])[0].reshape(k, -1)
+            torch.autograd.grad(y[:, u].sum(), x, retain_graph=u + 1 < y.shape[1])[0]
+            .reshape(k, -1)
             for u in range(y.shape[1])
         ]
     return torch.cat([torch.stack(rows, dim=2), y.detach()[:, None, :]], dim=1)
 
 
-def _sequential_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int) -> torch.Tensor:
-    """(K, P+1, units) homogeneous chain map M_l^T at parametric layer ``upto`` (after its bias).
+def chain_map(
+    plan: Plan,
+    params: StateDict,
+    input_shape: tuple[int, ...],
+    upto: int,
+    direction: str = "auto",
+) -> torch.Tensor:
+    """(K, P+1, units) homogeneous chain map M_l^T of K stacked sequential models at parametric
+    layer number ``upto`` (after its bias), P = prod(input_shape).
 
-    Row j < P is the linearized response of layer l to input pixel j, row P the response to a
-    zero input (biases only). Computed forward from the pixels, or backward from the units when
-    the layer is the narrower side (the output layer of an image model).
+    ``params``: the models' (chain-normalized) parameters as (K, ...) tensors laid out as
+    ``plan`` (a sequential plan). Row j < P is the linearized response of layer l to input pixel
+    j, row P the response to a zero input (biases only). direction "forward" pushes the P + 1
+    inputs through the linearized network; "backward" takes one vector-Jacobian product per unit
+    of the layer; both give the same map. "auto" picks the cheaper: backward when the layer is
+    the much narrower side (the output layer of an image model).
     """
-    shapes = {key: tuple(v.shape[1:]) for key, v in p.items()}
-    units = math.prod(_unit_shapes(plan, shapes, input_shape)[_step_index(plan, upto)])
-    if 4 * units < math.prod(input_shape):
-        return _chain_backward(plan, p, input_shape, upto)
-    return _chain_forward(plan, p, input_shape, upto)
+    if direction not in CHAIN_DIRECTIONS:
+        raise ValueError(f"direction must be one of {CHAIN_DIRECTIONS}, got {direction!r}")
+    if direction == "auto":
+        shapes = {key: tuple(v.shape[1:]) for key, v in params.items()}
+        units = math.prod(_unit_shapes(plan, shapes, input_shape)[_step_index(plan, upto)])
+        direction = "backward" if 4 * units < math.prod(input_shape) else "forward"
+    if direction == "backward":
+        return _chain_backward(plan, params, input_shape, upto)
+    return _chain_forward(plan, params, input_shape, upto)
 
 
 def _step_index(plan: Plan, upto: int) -> int:
@@ -251,7 +303,7 @@ def _step_index(plan: Plan, upto: int) -> int:
     return [i for i, s in enumerate(plan.steps) if s.op in ("linear", "conv")][upto]
 
 
-def _rnn_chain(plan: Plan, p: Mapping[str, torch.Tensor], upto: int, s: torch.Tensor | None) -> torch.Tensor:
+def _rnn_chain(plan: Plan, p: StateDict, upto: int, s: torch.Tensor | None) -> torch.Tensor:
     """(K, D) chain-gram feature of a GRU classifier at layer ``upto`` (see the module docstring);
     ``s`` ((in+1) x m or None): input-side sketch applied to each gate map."""
     g, h = plan.gru_prefix, plan.hidden
@@ -274,12 +326,16 @@ def _rnn_chain(plan: Plan, p: Mapping[str, torch.Tensor], upto: int, s: torch.Te
     return torch.cat([(head_w @ q).reshape(kk, -1) for q in gates] + [head_b], dim=1)
 
 
-def _raw(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Tensor:
+def _raw(plan: Plan, p: StateDict, upto: int) -> torch.Tensor:
     """(K, D) unnormalized parameters of the layers <= ``upto``, flattened in layer order."""
     if plan.kind == "sequential":
         keys = [k for s in plan.parametric[: upto + 1] for k in (s.weight, s.bias) if k]
     elif upto < plan.num_layers:
-        keys = [f"{plan.gru_prefix}{w}_l{layer}" for layer in range(upto + 1) for w in ("weight_ih", "bias_ih")]
+        keys = [
+            f"{plan.gru_prefix}{w}_l{layer}"
+            for layer in range(upto + 1)
+            for w in ("weight_ih", "bias_ih")
+        ]
     else:
         keys = [
             f"{plan.gru_prefix}{w}_l{layer}"
@@ -291,32 +347,35 @@ def _raw(plan: Plan, p: Mapping[str, torch.Tensor], upto: int) -> torch.Tensor:
     return torch.cat([p[key].reshape(k, -1) for key in keys], dim=1)
 
 
-def _sketched_chain(plan: Plan, p: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], upto: int, s: torch.Tensor) -> torch.Tensor:
+def _sketched_chain(
+    plan: Plan, p: StateDict, input_shape: tuple[int, ...], upto: int, s: torch.Tensor
+) -> torch.Tensor:
     """(K, m, units) = (M_l S)^T for S ((P+1) x m): the linear part applied to the m pixel columns
     of S plus the offset c weighted by S's bias row, (M S)[:, a] = M_lin S[:P, a] + c S[P, a]."""
     k = next(iter(p.values())).shape[0]
     n, m = math.prod(input_shape), s.shape[1]
     x = torch.cat([s[:n].T, s.new_zeros(1, n)])  # (m+1, P): sketch columns, then the zero input
-    y = _affine_walk(plan, p, x.expand(k, m + 1, n).reshape(k, m + 1, *input_shape), upto, bias_row=m)
+    x = x.expand(k, m + 1, n).reshape(k, m + 1, *input_shape)
+    y = _affine_walk(plan, p, x, upto, bias_row=m)
     return y[:, :m] + s[n][None, :, None] * y[:, m:]
 
 
 def _features(
     plan: Plan,
-    stacked: Mapping[str, torch.Tensor],
+    stacked: StateDict,
     input_shape: tuple[int, ...],
     method: str,
     upto: int,
     s: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(K, D) float64 features of a stack of K models; ``s``: input-side sketch (chain-gram) or None."""
+    """(K, D) float64 features of a stack of K models; ``s``: input-side sketch or None."""
     if method == "raw":
         return _raw(plan, stacked, upto).to(torch.float64)
     p = normalize_stacked(plan, {k: v.to(torch.float64) for k, v in stacked.items()})
     if plan.kind == "rnn":
         return _rnn_chain(plan, p, upto, s)
     if s is None:
-        m = _sequential_chain(plan, p, input_shape, upto)  # (K, P+1, units)
+        m = chain_map(plan, p, input_shape, upto)  # (K, P+1, units)
     else:
         m = _sketched_chain(plan, p, input_shape, upto, s)  # (K, m, units)
     if upto == len(plan.layers) - 1:
@@ -324,115 +383,71 @@ def _features(
     return _upper(m @ m.transpose(1, 2))
 
 
-# ---------------------------------------------------------------- seeded projection
-
-
-def _projection_block(seed: int, block: int, rows: int, dim: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, block])
-    return rng.standard_normal((rows, dim), dtype=np.float32) / np.float32(math.sqrt(dim))
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_projection(n_features: int, dim: int, seed: int) -> np.ndarray:
-    blocks = [
-        _projection_block(seed, b, min(_PROJECTION_BLOCK, n_features - start), dim)
-        for b, start in enumerate(range(0, n_features, _PROJECTION_BLOCK))
-    ]
-    r = np.concatenate(blocks, axis=0)
-    r.setflags(write=False)
-    return r
-
-
-def projection_matrix(n_features: int, dim: int, seed: int = 0) -> np.ndarray:
-    """(n_features, dim) float32 Gaussian projection N(0, 1/dim), a function of its arguments only."""
-    if n_features < 1 or dim < 1:
-        raise ValueError(f"n_features and dim must be >= 1, got {n_features}, {dim}")
-    return _cached_projection(int(n_features), int(dim), int(seed))
-
-
-def _check_dim(dim: object) -> None:
-    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"dim must be None or a positive int, got {dim!r}")
-
-
-def project(features: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
-    """(K, D) -> (K, dim) float32 with the study's seeded projection (streamed when R is large)."""
-    _check_dim(dim)
-    x = np.asarray(features, dtype=np.float32)
-    n = x.shape[1]
-    if n * dim * 4 <= _CACHE_BYTES:
-        return x @ projection_matrix(n, dim, seed)
-    out = np.zeros((x.shape[0], dim), dtype=np.float32)
-    for b, start in enumerate(range(0, n, _PROJECTION_BLOCK)):
-        stop = min(start + _PROJECTION_BLOCK, n)
-        out += x[:, start:stop] @ _projection_block(seed, b, stop - start, dim)
-    return out
-
-
-def sketch_width(dim: int) -> int:
-    """Input-sketch width m for a feature size ``dim``: the largest m with m(m+1)/2 <= dim."""
-    _check_dim(dim)
-    return (math.isqrt(8 * int(dim) + 1) - 1) // 2
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_sketch(n_in: int, m: int, seed: int) -> np.ndarray:
-    s = np.random.default_rng([seed, _SKETCH_STREAM]).standard_normal((n_in, m)) / math.sqrt(m)
-    s.setflags(write=False)
-    return s
-
-
-def sketch_matrix(n_in: int, m: int, seed: int = 0) -> np.ndarray:
-    """(n_in, m) float64 input-side sketch S, entries N(0, 1/m), a function of its arguments only
-    (rows are inputs then the bias; the same S for every model of a study and any batching)."""
-    if n_in < 1 or m < 1:
-        raise ValueError(f"n_in and m must be >= 1, got {n_in}, {m}")
-    return _cached_sketch(int(n_in), int(m), int(seed))
-
-
 # ---------------------------------------------------------------- public entry points
 
 
-def _chunk_size(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], columns: int | None) -> int:
-    """Models per chunk so that the float64 chain tensors stay within _CHAIN_BYTES (``columns``:
+def _chunk_size(
+    plan: Plan, stacked: StateDict, input_shape: tuple[int, ...], columns: int | None
+) -> int:
+    """Models per chunk so that the float64 chain tensors stay within CHAIN_BYTES (``columns``:
     inputs pushed per model, P+1 when None)."""
     if plan.kind != "sequential":
         return 4096
     shapes = {k: tuple(v.shape[1:]) for k, v in stacked.items()}
-    units = max(math.prod(s) for s in [tuple(input_shape), *_unit_shapes(plan, shapes, input_shape)])
-    per_model = 8 * 3 * (columns or math.prod(input_shape) + 1) * units  # a few live copies during a step
-    return max(1, _CHAIN_BYTES // per_model)
+    walk = [tuple(input_shape), *_unit_shapes(plan, shapes, input_shape)]
+    units = max(math.prod(s) for s in walk)
+    # a few live copies during a step
+    per_model = 8 * 3 * (columns or math.prod(input_shape) + 1) * units
+    return max(1, CHAIN_BYTES // per_model)
 
 
-def _input_sketch(plan: Plan, stacked: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], dim: int, seed: int) -> torch.Tensor:
-    """(P+1, m) float64 sketch S for this architecture's input (GRU: its per-step input, and m such
-    that its three gate Grams together hold at most dim values)."""
+def _input_sketch(
+    plan: Plan, stacked: StateDict, input_shape: tuple[int, ...], dim: int, seed: int
+) -> torch.Tensor:
+    """(P+1, m) float64 sketch S for this architecture's input (GRU: its per-step input, and m
+    such that its three gate Grams together hold at most dim values)."""
     if plan.kind == "sequential":
         n_in, m = math.prod(input_shape), sketch_width(dim)
     else:
-        n_in, m = stacked[f"{plan.gru_prefix}weight_ih_l0"].shape[-1], sketch_width(max(1, dim // 3))
+        n_in = stacked[f"{plan.gru_prefix}weight_ih_l0"].shape[-1]
+        m = sketch_width(max(1, dim // 3))
     return torch.tensor(sketch_matrix(n_in + 1, m, seed))  # a copy: the cached S is read-only
 
 
-def _compute(plan, stacked, input_shape, method, layer, dim, seed, sketch) -> np.ndarray:
+def _compute(
+    plan: Plan,
+    stacked: StateDict,
+    input_shape: tuple[int, ...],
+    method: str,
+    layer: str | int | None,
+    dim: int | None,
+    seed: int,
+    sketch: str,
+) -> np.ndarray:
+    """(K, D) float32 features of a stack of K models (see weight_features for the options)."""
     _check_method(method)
     if sketch not in SKETCHES:
         raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
     if dim is not None:
-        _check_dim(dim)
+        check_dim(dim)
     elif sketch == "input":
-        raise ValueError("sketch='input' needs dim (the feature size of a sketched Gram), got dim=None")
+        raise ValueError(
+            "sketch='input' needs dim (the feature size of a sketched Gram), got dim=None"
+        )
     upto = _layer_index(plan, layer)
     if plan.kind == "sequential":
         _unit_shapes(plan, {k: tuple(v.shape[1:]) for k, v in stacked.items()}, input_shape)
-    s = _input_sketch(plan, stacked, input_shape, dim, seed) if sketch == "input" and method == "chain-gram" else None
+    s = None
+    if dim is not None and sketch == "input" and method == "chain-gram":
+        s = _input_sketch(plan, stacked, input_shape, dim, seed)
     k = next(iter(stacked.values())).shape[0]
     step = _chunk_size(plan, stacked, input_shape, None if s is None else s.shape[1] + 1)
     parts = []
     with torch.no_grad():
         for start in range(0, k, step):
             chunk = {name: v[start : start + step] for name, v in stacked.items()}
-            parts.append(_features(plan, chunk, input_shape, method, upto, s).to(torch.float32).numpy())
+            feats = _features(plan, chunk, input_shape, method, upto, s)
+            parts.append(feats.to(torch.float32).numpy())
     x = np.concatenate(parts, axis=0)
     return x if dim is None or s is not None else project(x, dim, seed)
 
@@ -458,7 +473,10 @@ def weight_features(
         raise TypeError(f"weight_features takes an nn.Module, got {type(model).__name__}")
     plan = layer_plan(model)
     stacked = {k: v.detach()[None] for k, v in model.state_dict().items()}
-    shape = tuple(input_shape) if input_shape is not None else (infer_input_shape(model, plan) if plan.kind == "sequential" else ())
+    if input_shape is not None:
+        shape = tuple(input_shape)
+    else:
+        shape = infer_input_shape(model, plan) if plan.kind == "sequential" else ()
     return _compute(plan, stacked, shape, method, layer, dim, seed, sketch)[0]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class Plan:
         return tuple(s for s in self.steps if s.op in ("linear", "conv"))
 
 
-def _pair(v) -> tuple[int, int]:
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -90,11 +91,13 @@ def _sequential_steps(seq: nn.Sequential, prefix: str) -> list[Step]:
         if isinstance(m, nn.Sequential):
             steps += _sequential_steps(m, f"{name}.")
         elif isinstance(m, nn.Linear):
-            steps.append(Step("linear", weight=f"{name}.weight", bias=f"{name}.bias" if m.bias is not None else None))
+            bias = f"{name}.bias" if m.bias is not None else None
+            steps.append(Step("linear", weight=f"{name}.weight", bias=bias))
         elif isinstance(m, nn.Conv2d):
             if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise ValueError(
-                    f"unsupported module {name!r} ({m!r}): Conv2d needs groups=1, numeric zero padding"
+                    f"unsupported module {name!r} ({m!r}): "
+                    "Conv2d needs groups=1, numeric zero padding"
                 )
             steps.append(
                 Step(
@@ -128,13 +131,16 @@ def _sequential_steps(seq: nn.Sequential, prefix: str) -> list[Step]:
             )
         elif isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
-                raise ValueError(f"unsupported module {name!r} ({m!r}): Flatten must be Flatten(1, -1)")
+                raise ValueError(
+                    f"unsupported module {name!r} ({m!r}): Flatten must be Flatten(1, -1)"
+                )
             steps.append(Step("flatten"))
         elif isinstance(m, (nn.Identity, nn.Dropout)):
             steps.append(Step("identity"))
         else:
             raise ValueError(
-                f"chain normalization does not support module {name!r} ({type(m).__name__}); supported: {SUPPORTED}"
+                f"chain normalization does not support module {name!r} ({type(m).__name__}); "
+                f"supported: {SUPPORTED}"
             )
     return steps
 
@@ -155,27 +161,42 @@ def _name_layers(steps: list[Step]) -> tuple[Step, ...]:
     return tuple(named)
 
 
-def _gru_plan(gru: nn.Module, prefix: str, head_prefix: str | None) -> Plan:
-    if isinstance(gru, nn.GRU) and (gru.bidirectional or getattr(gru, "proj_size", 0) or not gru.bias):
-        raise ValueError(f"unsupported module {prefix or 'gru'!r} ({gru!r}): needs a unidirectional GRU with biases")
+def _gru_plan(gru: GRU | nn.GRU, prefix: str, head_prefix: str | None) -> Plan:
+    if isinstance(gru, nn.GRU) and (gru.bidirectional or gru.proj_size or not gru.bias):
+        raise ValueError(
+            f"unsupported module {prefix or 'gru'!r} ({gru!r}): "
+            "needs a unidirectional GRU with biases"
+        )
     layers = ["gru_ih"] + [f"gru_ih_l{k}" for k in range(1, gru.num_layers)]
     if head_prefix is not None:
         layers.append("out")
-    return Plan("rnn", tuple(layers), gru_prefix=prefix, head_prefix=head_prefix, num_layers=gru.num_layers, hidden=gru.hidden_size)
+    return Plan(
+        "rnn",
+        tuple(layers),
+        gru_prefix=prefix,
+        head_prefix=head_prefix,
+        num_layers=gru.num_layers,
+        hidden=gru.hidden_size,
+    )
 
 
 def layer_plan(model: nn.Module) -> Plan:
     """The layer walk of ``model``; raises ValueError naming the first unsupported module."""
     if isinstance(model, RNNClassifier):
         if not isinstance(model.gru, (GRU, nn.GRU)) or not isinstance(model.head, nn.Linear):
-            raise ValueError(f"RNNClassifier needs a GRU .gru and a Linear .head, got {model.gru!r}, {model.head!r}")
+            raise ValueError(
+                "RNNClassifier needs a GRU .gru and a Linear .head, "
+                f"got {model.gru!r}, {model.head!r}"
+            )
         return _gru_plan(model.gru, "gru.", "head.")
     if isinstance(model, (GRU, nn.GRU)):
         return _gru_plan(model, "", None)
     if isinstance(model, nn.Sequential):
         steps = _name_layers(_sequential_steps(model, ""))
         return Plan("sequential", tuple(s.name for s in steps if s.name), steps=steps)
-    raise ValueError(f"chain normalization does not support {type(model).__name__}; supported: {SUPPORTED}")
+    raise ValueError(
+        f"chain normalization does not support {type(model).__name__}; supported: {SUPPORTED}"
+    )
 
 
 def plan_for(arch_config: ArchConfig) -> Plan:
@@ -197,24 +218,33 @@ def stack_state_dicts(params: Sequence[StateDict] | StateDict) -> dict[str, torc
         stacked = {k: torch.as_tensor(v) for k, v in params.items()}
         sizes = {v.shape[0] if v.dim() else None for v in stacked.values()}
         if len(sizes) != 1 or None in sizes:
-            raise ValueError(f"a stacked state dict needs one leading K dimension on every tensor, got sizes {sizes}")
+            raise ValueError(
+                "a stacked state dict needs one leading K dimension on every tensor, "
+                f"got sizes {sizes}"
+            )
         return stacked
     if not isinstance(params, Sequence) or len(params) == 0:
         raise ValueError("state_dicts must be a non-empty list of state dicts or a stacked dict")
     keys = list(params[0].keys())
     for i, sd in enumerate(params):
         if list(sd.keys()) != keys:
-            raise ValueError(f"state dict {i} has keys {sorted(sd.keys())}, expected {sorted(keys)}")
+            raise ValueError(
+                f"state dict {i} has keys {sorted(sd.keys())}, expected {sorted(keys)}"
+            )
     return {k: torch.stack([torch.as_tensor(sd[k]) for sd in params]) for k in keys}
+
+
+def _gru_keys(plan: Plan, layer: int) -> list[str]:
+    """State-dict keys of GRU layer ``layer``: weight_ih, weight_hh, bias_ih, bias_hh."""
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    return [f"{plan.gru_prefix}{w}_l{layer}" for w in names]
 
 
 def _check_keys(plan: Plan, stacked: Mapping[str, torch.Tensor]) -> None:
     if plan.kind == "sequential":
         needed = [k for s in plan.parametric for k in (s.weight, s.bias) if k]
     else:
-        needed = [
-            f"{plan.gru_prefix}{w}_l{k}" for k in range(plan.num_layers) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        ]
+        needed = [key for k in range(plan.num_layers) for key in _gru_keys(plan, k)]
         if plan.head_prefix is not None:
             needed += [f"{plan.head_prefix}weight", f"{plan.head_prefix}bias"]
     missing = [k for k in needed if k not in stacked]
@@ -244,17 +274,23 @@ def _normalize_sequential(plan: Plan, p: dict[str, torch.Tensor]) -> None:
             p[nxt.weight] = wn * s[:, None, :, None, None]
         elif wn.shape[2] == out:
             p[nxt.weight] = wn * s[:, None, :]
-        elif cur.op == "conv" and wn.shape[2] % out == 0:  # conv -> flatten -> linear: a block per channel
+        elif cur.op == "conv" and wn.shape[2] % out == 0:
+            # conv -> flatten -> linear: a block of columns per channel
             kk, o2, n_in = wn.shape
-            p[nxt.weight] = (wn.reshape(kk, o2, out, n_in // out) * s[:, None, :, None]).reshape(kk, o2, n_in)
+            blocks = wn.reshape(kk, o2, out, n_in // out) * s[:, None, :, None]
+            p[nxt.weight] = blocks.reshape(kk, o2, n_in)
         else:
-            raise ValueError(f"layer {nxt.name} reads {wn.shape[2]} inputs, which do not match the {out} units of {cur.name}")
+            raise ValueError(
+                f"layer {nxt.name} reads {wn.shape[2]} inputs, "
+                f"which do not match the {out} units of {cur.name}"
+            )
 
 
 def _normalize_gru(plan: Plan, p: dict[str, torch.Tensor]) -> None:
     for k in range(plan.num_layers):
-        names = [f"{plan.gru_prefix}{w}_l{k}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        s = _safe(sum(p[n].reshape(*p[n].shape[:2], -1).square().sum(-1) for n in names).sqrt())  # (K, 3H)
+        names = _gru_keys(plan, k)
+        sq = [p[n].reshape(*p[n].shape[:2], -1).square().sum(-1) for n in names]  # (K, 3H) each
+        s = _safe(functools.reduce(operator.add, sq).sqrt())
         for n in names:
             p[n] = p[n] / s.reshape(*s.shape, *[1] * (p[n].dim() - 2))
 
@@ -265,7 +301,10 @@ def normalize_stacked(plan: Plan, stacked: Mapping[str, torch.Tensor]) -> dict[s
     The arithmetic runs in float64 (the norms of long rows), results are cast back.
     """
     _check_keys(plan, stacked)
-    p = {k: v.detach().to(torch.float64) if v.is_floating_point() else v for k, v in stacked.items()}
+    p = {
+        k: v.detach().to(torch.float64) if v.is_floating_point() else v
+        for k, v in stacked.items()
+    }
     (_normalize_sequential if plan.kind == "sequential" else _normalize_gru)(plan, p)
     return {k: p[k].to(v.dtype) for k, v in stacked.items()}
 
@@ -290,5 +329,5 @@ def chain_normalize(model: nn.Module) -> nn.Module:
     normed = normalize_stacked(plan, {k: v[None] for k, v in state.items()})
     out = copy.deepcopy(model)
     out.load_state_dict({k: v[0] for k, v in normed.items()})
-    out.function_preserving = plan.kind == "sequential"
+    out.function_preserving = plan.kind == "sequential"  # type: ignore[assignment]
     return out

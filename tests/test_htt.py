@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 
 import numpy as np
@@ -11,9 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distsim.stats import HTTResult, htt, htt_null_chunk
-
-H = importlib.import_module("distsim.stats.htt")
+from distsim.stats import (
+    PROTOCOLS,
+    HTTResult,
+    expected_ap,
+    expected_cmc,
+    htt,
+    htt_null_chunk,
+    hypothesis_training,
+)
+from distsim.stats.hypothesis_training import make_split, permuted_labels
 
 
 def _zoo(n_tasks, n_seeds, dim, effect, seed=0, rank=None):
@@ -94,7 +100,9 @@ def test_softmax_learner_finds_clear_effect():
 
 
 @pytest.mark.parametrize("learner", ["lda", "softmax"])
-@pytest.mark.parametrize(("protocol", "k"), [("closed-set", None), ("closed-set", 2), ("open-set", None)])
+@pytest.mark.parametrize(
+    ("protocol", "k"), [("closed-set", None), ("closed-set", 2), ("open-set", None)]
+)
 def test_batched_null_equals_loop_of_full_refits(protocol, learner, k):
     """The batched learner gives the same statistic as a full re-fit, permutation by permutation."""
     X, y = _zoo(6, 8, 30, effect=0.4, seed=5)
@@ -114,7 +122,7 @@ def test_batched_null_equals_loop_of_full_refits(protocol, learner, k):
     n_tasks=st.integers(4, 6),
     n_seeds=st.integers(3, 6),
     dim=st.integers(2, 40),
-    protocol=st.sampled_from(H.PROTOCOLS),
+    protocol=st.sampled_from(PROTOCOLS),
     ridge=st.sampled_from([1e-3, 0.1, 1.0, 10.0]),
     seed=st.integers(0, 1000),
 )
@@ -135,7 +143,7 @@ def test_chunks_combine_into_htt_null(monkeypatch):
     assert not np.array_equal(other, res.null)  # another chunk: fresh permutations, same split
     pair = htt_null_chunk(X, y, permutations=20, seed=(4, 1), split_seed=4)
     assert not np.array_equal(pair, res.null) and not np.array_equal(pair, other)
-    monkeypatch.setattr(H, "_CHUNK_BYTES", 1)  # one permutation per internal chunk
+    monkeypatch.setattr(hypothesis_training, "CHUNK_BYTES", 1)  # one permutation per internal chunk
     np.testing.assert_array_equal(res.null, htt_null_chunk(X, y, permutations=20, seed=4))
 
 
@@ -156,13 +164,13 @@ def test_deterministic_and_label_types():
 @settings(max_examples=25, deadline=None)
 @given(
     counts=st.lists(st.integers(2, 7), min_size=4, max_size=7),
-    protocol=st.sampled_from(H.PROTOCOLS),
+    protocol=st.sampled_from(PROTOCOLS),
     seed=st.integers(0, 10**6),
 )
 def test_permutations_keep_roles_and_counts(counts, protocol, seed):
     codes = np.repeat(np.arange(len(counts)), counts)
     names = np.arange(len(counts))
-    split = H._make_split(codes, len(counts), names, protocol, seed, 0.6, 0.6, None)
+    split = make_split(codes, names, protocol, seed, 0.6, 0.6, None)
     roles = split.blocks
     assert np.array_equal(np.sort(np.concatenate(list(roles.values()))), np.arange(len(codes)))
     if protocol == "closed-set":  # every task on both sides
@@ -170,7 +178,7 @@ def test_permutations_keep_roles_and_counts(counts, protocol, seed):
     else:  # disjoint task sets; every held-out task has a query and a gallery
         assert not set(codes[roles["train"]]) & set(codes[roles["query"]])
         assert set(codes[roles["query"]]) == set(codes[roles["gallery"]])
-    perms = H._permuted_labels(split, 5, seed)
+    perms = permuted_labels(split, 5, seed)
     for role, idx in roles.items():
         assert perms[role].shape == (5, len(idx))
         for row in perms[role]:  # a permutation within the block: same per-task counts
@@ -190,9 +198,9 @@ def test_expected_ap_and_cmc_are_exact(g, data):
         aps.append(np.mean([(i + 1) / p for i, p in enumerate(pos)]))
         for rank in hits:
             hits[rank].append(pos[0] <= rank)
-    assert H._expected_ap(r, g) == pytest.approx(np.mean(aps), rel=1e-12)
+    assert expected_ap(r, g) == pytest.approx(np.mean(aps), rel=1e-12)
     for rank in hits:
-        assert H._expected_cmc(r, g, rank) == pytest.approx(np.mean(hits[rank]), rel=1e-12)
+        assert expected_cmc(r, g, rank) == pytest.approx(np.mean(hits[rank]), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -239,11 +247,3 @@ def test_null_chunk_allows_zero_permutations():
     X, y = _zoo(4, 4, 5, effect=0.0)
     assert htt_null_chunk(X, y, permutations=0).shape == (0,)
 
-
-def test_package_name_htt_is_the_function_even_after_submodule_import():
-    import importlib
-
-    importlib.import_module("distsim.stats.htt")
-    import distsim.stats
-
-    assert callable(distsim.stats.htt) and distsim.stats.htt.__name__ == "htt"

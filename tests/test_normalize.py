@@ -22,7 +22,8 @@ ARCHS = [
 def _trained(model: nn.Module, steps: int = 40) -> nn.Module:
     """A few Adam steps on random data so weights leave their init distribution."""
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, *_input_shape(model), generator=gen), torch.randint(0, 2, (64,), generator=gen)
+    x = torch.randn(64, *_input_shape(model), generator=gen)
+    y = torch.randint(0, 2, (64,), generator=gen)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
@@ -39,7 +40,8 @@ def _input_shape(model: nn.Module) -> tuple[int, ...]:
 def _hidden_norms(model: nn.Sequential) -> list[torch.Tensor]:
     layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
     return [
-        torch.cat([m.weight.reshape(m.weight.shape[0], -1), m.bias[:, None]], 1).norm(dim=1) for m in layers[:-1]
+        torch.cat([m.weight.reshape(m.weight.shape[0], -1), m.bias[:, None]], 1).norm(dim=1)
+        for m in layers[:-1]
     ]
 
 
@@ -63,10 +65,12 @@ def test_function_preserved_and_unit_norms(cfg: ArchConfig, trained: bool) -> No
 
 
 def test_conv_to_linear_block_scaling_with_avgpool() -> None:
-    """conv -> avgpool -> flatten -> linear: the head's block of columns per channel absorbs the scale."""
+    """conv -> avgpool -> flatten -> linear: the head's block of columns per channel absorbs the
+    scale."""
     torch.manual_seed(3)
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 16, 5), nn.LeakyReLU(0.2), nn.Linear(5, 2)
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+        nn.Linear(3 * 16, 5), nn.LeakyReLU(0.2), nn.Linear(5, 2),
     )
     with torch.no_grad():
         model[0].weight.mul_(torch.tensor([0.01, 1.0, 50.0])[:, None, None, None])
@@ -102,7 +106,12 @@ def test_gru_rows_normalized_and_flagged(bare: bool) -> None:
     sd = normed.state_dict()
     for k in range(2):
         rows = torch.cat(
-            [sd[f"{prefix}weight_ih_l{k}"], sd[f"{prefix}weight_hh_l{k}"], sd[f"{prefix}bias_ih_l{k}"][:, None], sd[f"{prefix}bias_hh_l{k}"][:, None]],
+            [
+                sd[f"{prefix}weight_ih_l{k}"],
+                sd[f"{prefix}weight_hh_l{k}"],
+                sd[f"{prefix}bias_ih_l{k}"][:, None],
+                sd[f"{prefix}bias_hh_l{k}"][:, None],
+            ],
             1,
         )
         assert torch.allclose(rows.norm(dim=1), torch.ones(18), atol=1e-6)
@@ -143,8 +152,16 @@ def test_zero_unit_is_left_alone() -> None:
 @pytest.mark.parametrize(
     "model, match",
     [
-        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2)), "'1' \\(BatchNorm2d\\)"),
-        (nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 2)), "'2' \\(Tanh\\)"),
+        (
+            nn.Sequential(
+                nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2)
+            ),
+            "'1' \\(BatchNorm2d\\)",
+        ),
+        (
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 2)),
+            "'2' \\(Tanh\\)",
+        ),
         (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.ReLU()), "groups=1"),
         (nn.LSTM(4, 3), "LSTM"),
         (nn.GRU(4, 3, bidirectional=True), "unidirectional"),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from distsim.stats._pvalue import p_value
 from distsim.stats.distances import (
+    METRICS,
     block_topk,
     distance_block,
     merge_topk,
@@ -11,14 +11,22 @@ from distsim.stats.distances import (
     topk_neighbors,
     upper_tiles,
 )
-from distsim.stats.htt import HTTResult, htt, htt_null_chunk
-from distsim.stats.permanova import PermanovaResult, permanova, permanova_null_chunk
+from distsim.stats.hypothesis_training import PROTOCOLS, HTTResult, htt, htt_null_chunk
+from distsim.stats.linear_embedding import LEARNERS
+from distsim.stats.permutation import p_value
+from distsim.stats.permutational_anova import PermanovaResult, permanova, permanova_null_chunk
+from distsim.stats.scoring import expected_ap, expected_cmc
 
 __all__ = [
+    "LEARNERS",
+    "METRICS",
+    "PROTOCOLS",
     "HTTResult",
     "PermanovaResult",
     "block_topk",
     "distance_block",
+    "expected_ap",
+    "expected_cmc",
     "htt",
     "htt_null_chunk",
     "merge_topk",

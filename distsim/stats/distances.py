@@ -136,7 +136,7 @@ def _centre(pairs: list[tuple[np.ndarray, np.ndarray | None]], dim: int) -> np.n
     It is float32 so that refinement subtracts exactly what the GEMM rows subtracted.
     """
     count = max(1, sum(len(arr) for arr, _ in pairs))
-    total = np.zeros(dim, np.float32)
+    total: np.ndarray = np.zeros(dim, np.float32)
     for arr, s in pairs:
         total += s.astype(np.float32) @ arr if s is not None else arr.sum(axis=0)
     if not np.isfinite(total).all():  # float32 overflow (or NaN/inf input): sum in float64
@@ -314,8 +314,9 @@ def distance_block(
     The pipeline runs blocks (I, J), I <= J, and mirrors the off-diagonal ones.
     """
     a, b, unit = _prepare_pair(X_I, X_J, metric)
-    diagonal = b is None
-    return _finish(_sq_block(a, a if diagonal else b, diagonal), metric, unit)
+    if b is None:  # a diagonal block
+        return _finish(_sq_block(a, a, True), metric, unit)
+    return _finish(_sq_block(a, b, False), metric, unit)
 
 
 def pairwise_distances(

@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from distsim.stats._pvalue import p_value
-
-SeedLike = int | Sequence[int]
+from distsim.stats.permutation import SeedLike, p_value
 
 _CHUNK = 1024  # permutations drawn at a time: (1024, N - 1) float64 uniforms
 _SLICE = 128  # permutations per parallel slice; one distance row serves all of them

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+SeedLike = int | Sequence[int]  # what numpy.random.default_rng takes as entropy
 
 # Relative tolerance for "null >= observed": a permuted statistic that equals the observed one up
 # to float rounding (e.g. the identity permutation, or a permutation that only swaps two members

@@ -1,0 +1,466 @@
+"""Hypothesis-training-testing (HTT): learn a linear weight representation, test it, permute.
+
+The statistic is *trained* on one part of a zoo and *tested* on another (arXiv 2208.04369):
+
+- closed-set: per task, solutions are split into train/test; a projection z = A phi(w) is learned
+  on the training solutions; the statistic is the accuracy of assigning each held-out solution to
+  the task whose training centroid is nearest in cosine (chance 1/tasks).
+- open-set: tasks are split into training and held-out tasks; A is learned on the training tasks;
+  each held-out task's solutions are split into query and gallery; embeddings are L2-normalised,
+  scored by dot product; the statistic is mAP (CMC rank 1/5/10 in ``extra``).
+
+The learners (``"lda"``: ridge regression onto task indicators, i.e. regularized LDA;
+``"softmax"``: multinomial logistic regression, as in the paper) are in
+distsim.stats.linear_embedding, the statistics and their chance levels in distsim.stats.scoring.
+
+Null: labels are permuted *within* each role block of the split (train/test; open-set:
+train/query/gallery). This is "permute the labels, then split each task by position": the
+positions keep their roles and every permuted task keeps its per-role counts, so it is the
+permutation null conditional on the observed partition of positions into roles, which is exact
+under H0 (solutions exchangeable across tasks). Because the training positions do not change,
+standardization, the Gram and its regularized inverse are shared by all permutations and the
+learners run batched; ``batched=False`` runs the same test as a loop of full re-fits (the
+reference).
+
+Chance: closed-set 1/tasks; open-set the exact expected mAP of a uniformly random ranking of
+that query/gallery structure, averaged over queries (likewise the CMC chance in ``extra``).
+Ties: the gallery is stored in a seeded random order and sorted stably, so tied scores (e.g. a
+1-D embedding from 2 training tasks) break in an order independent of the labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from distsim.stats.linear_embedding import LEARNERS, DualFit, embed, prepare_fit
+from distsim.stats.permutation import SeedLike, p_value
+from distsim.stats.scoring import (
+    CMC_RANKS,
+    centroid_accuracy,
+    expected_ap,
+    expected_cmc,
+    retrieval_scores,
+)
+
+PROTOCOLS = ("closed-set", "open-set")
+# Working memory per chunk of permutations. Lower it to bound memory; the null does not depend
+# on it (each permutation is evaluated on its own).
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class HTTResult:
+    """Outcome of one HTT: observed statistic, its permutation null (B,) and the p-value."""
+
+    statistic: float
+    metric: str  # "accuracy" (closed-set) or "mAP" (open-set)
+    chance: float
+    null_mean: float
+    null_sd: float
+    effect_size: float  # (statistic - null_mean) / null_sd
+    p_value: float
+    permutations: int
+    null: np.ndarray = field(repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Roles of the N positions of a zoo for one HTT.
+
+    codes (N,): task codes 0..n_tasks-1. blocks: role -> position indices; closed-set roles
+    train/test, open-set train/query/gallery (sorted; the gallery in a seeded random order).
+    train_classes: the task codes present in the train block (the learner's classes).
+    """
+
+    protocol: str
+    codes: np.ndarray
+    n_tasks: int
+    blocks: dict[str, np.ndarray]
+    train_classes: np.ndarray
+
+    def eval_rows(self) -> np.ndarray:
+        """Positions of every role but train, in role order (test; or query then gallery)."""
+        return np.concatenate([idx for role, idx in self.blocks.items() if role != "train"])
+
+
+@dataclass(frozen=True)
+class _Learning:
+    """How the representation is learned: learner, ridge, embedding dims k, softmax steps."""
+
+    learner: str
+    ridge: float
+    k: int | None
+    n_iter: int
+    batched: bool
+
+
+# ----------------------------------------------------------------------------- validation & split
+
+
+def _check_inputs(
+    features: np.ndarray,
+    tasks: Sequence[Hashable] | np.ndarray,
+    protocol: str,
+    learner: str,
+    permutations: int,
+    min_permutations: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate -> (float64 features (N, D), sorted task names (T,), task codes (N,) int64)."""
+    X = np.asarray(features)
+    if X.ndim != 2:
+        raise ValueError(f"features must be a 2-D (N, D) array, got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
+        raise TypeError(f"features must be real numbers, got dtype {X.dtype}")
+    X = X.astype(np.float64)
+    if not np.all(np.isfinite(X)):
+        raise ValueError("features contain NaN or inf values; all entries must be finite")
+    labels = np.asarray(tasks)
+    if labels.ndim != 1 or labels.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"tasks must be 1-D with one label per row of features ({X.shape[0]}), "
+            f"got shape {labels.shape}"
+        )
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if learner not in LEARNERS:
+        raise ValueError(f"learner must be one of {LEARNERS}, got {learner!r}")
+    if isinstance(permutations, bool) or not isinstance(permutations, (int, np.integer)):
+        raise TypeError(f"permutations must be an int, got {permutations!r}")
+    if permutations < min_permutations:
+        raise ValueError(f"permutations must be >= {min_permutations}, got {permutations}")
+    names, codes = np.unique(labels, return_inverse=True)
+    n_tasks = len(names)
+    min_tasks = 2 if protocol == "closed-set" else 4
+    if n_tasks < min_tasks:
+        raise ValueError(f"{protocol} HTT needs at least {min_tasks} tasks, got {n_tasks}")
+    counts = np.bincount(codes, minlength=n_tasks)
+    if counts.min() < 2:
+        bad = names[int(np.argmin(counts))].item()
+        raise ValueError(
+            f"every task needs at least 2 solutions to split, task {bad!r} has {counts.min()}"
+        )
+    return X, names, codes.astype(np.int64)
+
+
+def make_split(
+    codes: np.ndarray,
+    names: np.ndarray,
+    protocol: str,
+    seed: SeedLike,
+    train_fraction: float = 0.6,
+    train_task_fraction: float = 0.6,
+    n_query: int | None = None,
+) -> Split:
+    """Seeded split of positions into roles: per task for closed-set, by task for open-set.
+
+    codes (N,): task codes 0..T-1, every task with at least 2 positions; names (T,): the task
+    names (for error messages). closed-set: train_fraction of each task's positions train, the
+    rest test. open-set: train_task_fraction of the tasks train (at least 2, and 2 held out);
+    each held-out task gives n_query queries (None: 20% of its positions) and the rest gallery.
+    The split is drawn from default_rng([*seed, 0]); `permuted_labels` uses stream 1.
+    """
+    n_tasks = len(names)
+    rng = np.random.default_rng([*_seed_words(seed), 0])
+    members = [np.flatnonzero(codes == t) for t in range(n_tasks)]
+    if protocol == "closed-set":
+        if not 0.0 < train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+        train, test = [], []
+        for idx in members:
+            idx = rng.permutation(idx)
+            n_tr = int(np.clip(round(train_fraction * len(idx)), 1, len(idx) - 1))
+            train.append(idx[:n_tr])
+            test.append(idx[n_tr:])
+        blocks = {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+        return Split(protocol, codes, n_tasks, blocks, np.arange(n_tasks))
+    if not 0.0 < train_task_fraction < 1.0:
+        raise ValueError(f"train_task_fraction must be in (0, 1), got {train_task_fraction}")
+    if n_query is not None and (
+        isinstance(n_query, bool) or not isinstance(n_query, (int, np.integer)) or n_query < 1
+    ):
+        raise ValueError(f"n_query must be a positive int or None, got {n_query!r}")
+    order = rng.permutation(n_tasks)
+    n_train_tasks = int(np.clip(round(train_task_fraction * n_tasks), 2, n_tasks - 2))
+    train_tasks = np.sort(order[:n_train_tasks])
+    query, gallery = [], []
+    for t in np.sort(order[n_train_tasks:]):
+        idx = rng.permutation(members[t])
+        if n_query is None:
+            n_q = int(np.clip(round(0.2 * len(idx)), 1, len(idx) - 1))
+        else:
+            n_q = int(n_query)
+        if n_q >= len(idx):
+            raise ValueError(
+                f"n_query={n_q} leaves no gallery for task {names[t].item()!r} "
+                f"with {len(idx)} solutions"
+            )
+        query.append(idx[:n_q])
+        gallery.append(idx[n_q:])
+    blocks = {
+        "train": np.sort(np.concatenate([members[t] for t in train_tasks])),
+        "query": np.sort(np.concatenate(query)),
+        # gallery in a seeded random order: the stable sort of tied scores then breaks ties in an
+        # order independent of the labels (zoos are usually stored task by task)
+        "gallery": rng.permutation(np.concatenate(gallery)),
+    }
+    return Split(protocol, codes, n_tasks, blocks, train_tasks)
+
+
+def _seed_words(seed: SeedLike) -> list[int]:
+    words = [seed] if isinstance(seed, (int, np.integer)) else list(seed)
+    if not words or any(
+        isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0 for w in words
+    ):
+        raise ValueError(f"seed must be a non-negative int or a sequence of them, got {seed!r}")
+    return [int(w) for w in words]
+
+
+def permuted_labels(split: Split, permutations: int, seed: SeedLike) -> dict[str, np.ndarray]:
+    """The null's relabellings: role -> (permutations, n_role) task codes.
+
+    Each row is a uniform permutation of the block's codes within the block, so every role
+    keeps its per-task counts. Drawn from default_rng([*seed, 1]), block by block.
+    """
+    rng = np.random.default_rng([*_seed_words(seed), 1])
+    out = {}
+    for role, idx in split.blocks.items():
+        tiled = np.tile(split.codes[idx], (permutations, 1))
+        out[role] = rng.permuted(tiled, axis=1)
+    return out
+
+
+def _observed_labels(split: Split) -> dict[str, np.ndarray]:
+    return {role: split.codes[idx][None, :] for role, idx in split.blocks.items()}
+
+
+def _chance(split: Split) -> tuple[float, dict[str, float]]:
+    """Chance level of the statistic (closed-set 1/tasks, open-set E[mAP]) and of CMC@r."""
+    if split.protocol == "closed-set":
+        return 1.0 / split.n_tasks, {}
+    yq = split.codes[split.blocks["query"]]
+    g_counts = np.bincount(split.codes[split.blocks["gallery"]], minlength=split.n_tasks)
+    G = len(split.blocks["gallery"])
+    chance_map = float(np.mean([expected_ap(int(g_counts[t]), G) for t in yq]))
+    cmc = {
+        f"chance_cmc@{r}": float(np.mean([expected_cmc(int(g_counts[t]), G, r) for t in yq]))
+        for r in CMC_RANKS
+    }
+    return chance_map, cmc
+
+
+# ----------------------------------------------------------------------------- batched evaluation
+
+
+def _one_hot(codes: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """(B, n) codes -> (B, n, C) float one-hot over `classes` (sorted codes)."""
+    col = np.searchsorted(classes, codes)
+    return (col[..., None] == np.arange(len(classes))).astype(np.float64)
+
+
+def _prepare(X: np.ndarray, split: Split, how: _Learning) -> DualFit:
+    return prepare_fit(X, split.blocks["train"], split.eval_rows(), how.learner, how.ridge)
+
+
+def _evaluate(
+    X: np.ndarray,
+    split: Split,
+    labels: dict[str, np.ndarray],
+    how: _Learning,
+    fit: DualFit | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Statistic (B,) and, for open-set, CMC (B, 3) for B label assignments {role: (B, n_role)}."""
+    ytr = labels["train"]
+    Ztr, Zev = embed(
+        X,
+        split.blocks["train"],
+        split.eval_rows(),
+        _one_hot(ytr, split.train_classes),
+        how.learner,
+        ridge=how.ridge,
+        k=how.k,
+        n_iter=how.n_iter,
+        batched=how.batched,
+        fit=fit,
+    )
+    if split.protocol == "closed-set":
+        return centroid_accuracy(Ztr, Zev, ytr, labels["test"], split.n_tasks), None
+    n_q = len(split.blocks["query"])
+    return retrieval_scores(Zev[:, :n_q], Zev[:, n_q:], labels["query"], labels["gallery"])
+
+
+def _check_options(split: Split, ridge: float, k: int | None, n_iter: int) -> None:
+    if not (isinstance(ridge, (int, float, np.floating)) and np.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+    n_classes = len(split.train_classes)
+    if k is not None and (
+        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_classes - 1
+    ):
+        raise ValueError(
+            f"k must be None or an int in [1, {n_classes - 1}] (training tasks - 1), got {k!r}"
+        )
+
+
+def _setup(
+    features: np.ndarray,
+    tasks: Sequence[Hashable] | np.ndarray,
+    protocol: str,
+    permutations: int,
+    min_permutations: int,
+    split_seed: SeedLike,
+    train_fraction: float,
+    train_task_fraction: float,
+    n_query: int | None,
+    how: _Learning,
+) -> tuple[np.ndarray, Split]:
+    """Validate everything, split -> (float64 features (N, D), split)."""
+    X, names, codes = _check_inputs(
+        features, tasks, protocol, how.learner, permutations, min_permutations
+    )
+    split = make_split(
+        codes, names, protocol, split_seed, train_fraction, train_task_fraction, n_query
+    )
+    _check_options(split, how.ridge, how.k, how.n_iter)
+    if np.ptp(X[split.blocks["train"]], axis=0).max() == 0:
+        raise ValueError("features are constant over the training solutions: nothing to learn")
+    return X, split
+
+
+def _null(
+    X: np.ndarray,
+    split: Split,
+    permutations: int,
+    seed: SeedLike,
+    how: _Learning,
+    fit: DualFit | None = None,
+) -> np.ndarray:
+    """(permutations,) statistics under `permuted_labels`, in chunks of about CHUNK_BYTES."""
+    labels = permuted_labels(split, permutations, seed)
+    n_eval = sum(len(v) for r, v in split.blocks.items() if r != "train")
+    n_train, n_cls = len(split.blocks["train"]), len(split.train_classes)
+    per_perm = 8 * (4 * (n_train + n_eval) * max(n_cls, split.n_tasks) + n_train * n_cls * 4)
+    if split.protocol == "open-set":
+        per_perm += 8 * 4 * len(split.blocks["query"]) * len(split.blocks["gallery"])
+    chunk = max(1, CHUNK_BYTES // per_perm)
+    if how.batched and fit is None:
+        fit = _prepare(X, split, how)
+    out = np.empty(permutations)
+    for start in range(0, permutations, chunk):
+        part = {role: y[start : start + chunk] for role, y in labels.items()}
+        out[start : start + chunk] = _evaluate(X, split, part, how, fit)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def htt_null_chunk(
+    features: np.ndarray,
+    tasks: Sequence[Hashable] | np.ndarray,
+    protocol: str = "closed-set",
+    permutations: int = 199,
+    seed: SeedLike = 0,
+    learner: str = "lda",
+    *,
+    split_seed: SeedLike | None = None,
+    train_fraction: float = 0.6,
+    train_task_fraction: float = 0.6,
+    n_query: int | None = None,
+    k: int | None = None,
+    ridge: float = 1.0,
+    n_iter: int = 100,
+    batched: bool = True,
+) -> np.ndarray:
+    """Null statistics (B,) for one chunk of label permutations; features (N, D), tasks (N,).
+
+    `seed` seeds the permutations of this chunk, `split_seed` (default: `seed`) the train/test
+    split. Chunks that share `split_seed` but differ in `seed` combine into one null: e.g.
+    ``htt(..., seed=s)`` plus chunks ``seed=(s, i), split_seed=s`` for i = 1, 2, ..., then
+    ``p_value(result.statistic, concatenate([result.null, *chunks]))``.
+    batched=False: a loop of full re-fits (the reference; same values).
+    """
+    how = _Learning(learner, ridge, k, n_iter, batched)
+    X, split = _setup(
+        features, tasks, protocol, permutations, 0, seed if split_seed is None else split_seed,
+        train_fraction, train_task_fraction, n_query, how,
+    )
+    return _null(X, split, permutations, seed, how)
+
+
+def htt(
+    features: np.ndarray,
+    tasks: Sequence[Hashable] | np.ndarray,
+    protocol: str = "closed-set",
+    permutations: int = 199,
+    seed: SeedLike = 0,
+    learner: str = "lda",
+    *,
+    train_fraction: float = 0.6,
+    train_task_fraction: float = 0.6,
+    n_query: int | None = None,
+    k: int | None = None,
+    ridge: float = 1.0,
+    n_iter: int = 100,
+    batched: bool = True,
+) -> HTTResult:
+    """HTT of "solutions of one task are closer"; features (N, D), tasks (N,).
+
+    closed-set: per-task split (train_fraction of each task's solutions train; paper 60/40),
+    statistic = held-out accuracy of nearest training centroid in cosine, chance 1/tasks.
+    open-set: train_task_fraction of the tasks train (paper 30 of 50); each held-out task gives
+    n_query queries (default 20% of its solutions) and the rest gallery; statistic = mAP, chance
+    = exact expected mAP of a random ranking. k: embedding dims (default all, tasks - 1);
+    ridge: relative L2 strength; n_iter: gradient steps of the softmax learner.
+    """
+    how = _Learning(learner, ridge, k, n_iter, batched)
+    X, split = _setup(
+        features, tasks, protocol, permutations, 1, seed,
+        train_fraction, train_task_fraction, n_query, how,
+    )
+    fit = _prepare(X, split, how) if batched else None
+    observed, cmc = _evaluate(X, split, _observed_labels(split), how, fit)
+    null = _null(X, split, permutations, seed, how, fit)
+    statistic = float(observed[0])
+    chance, chance_extra = _chance(split)
+    null_mean = float(null.mean())
+    null_sd = float(null.std(ddof=1)) if permutations > 1 else 0.0
+    if null_sd > 0:
+        effect = (statistic - null_mean) / null_sd
+    else:
+        effect = float(np.sign(statistic - null_mean) * np.inf) if statistic != null_mean else 0.0
+    extra: dict[str, Any] = {
+        "protocol": protocol,
+        "learner": learner,
+        "n_models": int(X.shape[0]),
+        "n_tasks": split.n_tasks,
+        "n_features": int(X.shape[1]),
+        "k": len(split.train_classes) - 1 if k is None else int(k),
+        "ridge": float(ridge),
+        "null": "labels permuted within each role of the fixed split",
+        **{f"n_{role}": len(idx) for role, idx in split.blocks.items()},
+    }
+    if protocol == "open-set":
+        assert cmc is not None  # open-set statistics come with CMC
+        extra["n_train_tasks"] = len(split.train_classes)
+        extra.update({f"cmc@{r}": float(cmc[0, i]) for i, r in enumerate(CMC_RANKS)})
+        extra.update(chance_extra)
+    if learner == "softmax":
+        extra["n_iter"] = int(n_iter)
+    return HTTResult(
+        statistic=statistic,
+        metric="accuracy" if protocol == "closed-set" else "mAP",
+        chance=chance,
+        null_mean=null_mean,
+        null_sd=null_sd,
+        effect_size=float(effect),
+        p_value=p_value(statistic, null),
+        permutations=int(permutations),
+        null=null,
+        extra=extra,
+    )

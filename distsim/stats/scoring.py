@@ -1,0 +1,73 @@
+"""HTT test statistics of task embeddings, and their exact chance levels under random ranking.
+
+closed-set: accuracy of assigning each held-out embedding to the task whose training centroid is
+nearest in cosine. open-set: embeddings are L2-normalised and scored by dot product; queries rank
+the gallery; mAP and CMC (P(a relevant item in the top r), r in CMC_RANKS). All are batched over
+B label assignments. Cosines are rounded to 10 decimals before ranking, so that ties in exact
+arithmetic (e.g. the +-1 cosines of a 1-D embedding) stay ties whatever the float rounding of
+the solver; ties then break by position (lowest task code; the gallery's stored order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CMC_RANKS = (1, 5, 10)
+_DECIMALS = 10
+
+
+def _unit(Z: np.ndarray) -> np.ndarray:
+    return Z / np.maximum(np.linalg.norm(Z, axis=-1, keepdims=True), 1e-300)
+
+
+def centroid_accuracy(
+    Ztr: np.ndarray, Zte: np.ndarray, ytr: np.ndarray, yte: np.ndarray, n_tasks: int
+) -> np.ndarray:
+    """Nearest training centroid in cosine -> (B,) accuracy on the test rows.
+
+    Ztr (B, n, k), Zte (B, m, k) embeddings; ytr (B, n), yte (B, m) task codes in 0..n_tasks-1.
+    """
+    onehot = (ytr[..., None] == np.arange(n_tasks)).astype(np.float64)  # (B, n, T)
+    centroids = _unit(np.matmul(np.swapaxes(onehot, 1, 2), Ztr))  # (B, T, k); sum ∝ mean
+    cosine = np.round(np.matmul(_unit(Zte), np.swapaxes(centroids, 1, 2)), _DECIMALS)
+    pred = np.argmax(cosine, axis=-1)  # ties (equal to 1e-10) go to the lowest task code
+    return (pred == yte).mean(axis=1)
+
+
+def retrieval_scores(
+    Zq: np.ndarray, Zg: np.ndarray, yq: np.ndarray, yg: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Queries vs gallery -> (mAP (B,), CMC (B, len(CMC_RANKS))).
+
+    Zq (B, q, k), Zg (B, g, k) embeddings; yq (B, q), yg (B, g) task codes. Tied scores keep
+    the gallery's order (stable sort).
+    """
+    scores = np.round(np.matmul(_unit(Zq), np.swapaxes(_unit(Zg), 1, 2)), _DECIMALS)  # (B, q, g)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    rel = np.take_along_axis(yq[:, :, None] == yg[:, None, :], order, axis=-1)
+    hits = np.cumsum(rel, axis=-1)
+    precision = hits / np.arange(1, rel.shape[-1] + 1)
+    ap = (precision * rel).sum(axis=-1) / rel.sum(axis=-1)
+    cmc = np.stack([hits[..., min(r, rel.shape[-1]) - 1] > 0 for r in CMC_RANKS], axis=-1)
+    return ap.mean(axis=1), cmc.mean(axis=1)
+
+
+def expected_ap(n_rel: int, n_gallery: int) -> float:
+    """Exact E[AP] of one query under a uniformly random ranking of n_gallery items, n_rel relevant.
+
+    E[AP] = (H_G + (R - 1)/(G - 1) * (G - H_G)) / G with H_G the G-th harmonic number: the
+    chance level of the open-set mAP, averaged over the queries.
+    """
+    G, R = n_gallery, n_rel
+    H = float(np.sum(1.0 / np.arange(1, G + 1)))
+    return (H + (R - 1) / (G - 1) * (G - H)) / G if G > 1 else 1.0
+
+
+def expected_cmc(n_rel: int, n_gallery: int, rank: int) -> float:
+    """P(at least one of n_rel relevant items in the top `rank` of a random ranking of n_gallery).
+
+    The chance level of CMC@rank for one query.
+    """
+    r = min(rank, n_gallery)
+    miss = np.prod((n_gallery - n_rel - np.arange(r)) / (n_gallery - np.arange(r)))
+    return float(1.0 - max(float(miss), 0.0))
