@@ -8,11 +8,14 @@ activations, pooling, Flatten) because the chain normalization rule walks them i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distsim.errors import ConfigError
+from distsim.params import NAME_PATTERN, Array, Integer, Number, Options, Table, Text, check_fields
 
 KINDS = ("mlp", "cnn", "rnn")
 ACTIVATIONS = ("relu", "leaky_relu")
@@ -38,47 +41,44 @@ class ArchConfig:
     num_layers: int = 1
     activation: str = "relu"
     negative_slope: float = 0.01
-    input_shape: tuple[int, int, int] = (1, 8, 8)
+    input_shape: tuple[int, ...] = (1, 8, 8)  # (C, H, W)
     num_classes: int = 2
     name: str = field(default="")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        object.__setattr__(self, "head_widths", tuple(int(c) for c in self.head_widths))
-        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
-        if self.kind not in KINDS:
-            raise ValueError(f"arch.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"arch.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
-            raise ValueError(f"arch.input_shape must be (C, H, W) of positive ints, got {self.input_shape!r}")
-        for key in ("widths", "channels", "head_widths"):
-            if any(v < 1 for v in getattr(self, key)):
-                raise ValueError(f"arch.{key} must hold positive ints, got {getattr(self, key)!r}")
-        if self.kind == "mlp" and not self.widths:
-            raise ValueError("arch.widths must name at least one hidden layer for an mlp")
-        if self.kind == "cnn":
-            if not self.channels:
-                raise ValueError("arch.channels must name at least one block for a cnn")
-            _, h, w = self.input_shape
-            if min(h, w) < 2 ** len(self.channels):
-                raise ValueError(
-                    f"arch.channels: {len(self.channels)} pooling blocks need an input of at "
-                    f"least {2 ** len(self.channels)}x{2 ** len(self.channels)}, got {h}x{w}"
-                )
-        if self.hidden < 1 or self.num_layers < 1:
-            raise ValueError(f"arch.hidden and arch.num_layers must be >= 1, got {self.hidden}, {self.num_layers}")
-        if self.num_classes < 2:
-            raise ValueError(f"arch.num_classes must be >= 2, got {self.num_classes}")
         if not self.name:
             object.__setattr__(self, "name", self.kind)
+        check_fields(self, "arch", ARCH_PARAMS)
+        if self.kind == "mlp" and not self.widths:
+            raise ConfigError.at("arch.widths", "must name at least one hidden layer for an mlp")
+        if self.kind == "cnn":
+            if not self.channels:
+                raise ConfigError.at("arch.channels", "must name at least one block for a cnn")
+            _, h, w = self.input_shape
+            if min(h, w) < 2 ** len(self.channels):
+                side = 2 ** len(self.channels)
+                raise ConfigError.at("arch.channels",
+                                     f"{len(self.channels)} pooling blocks need an "
+                                     f"input of at least {side}x{side}, got {h}x{w}")
 
-    def with_task_shape(self, input_shape: tuple[int, int, int], num_classes: int) -> ArchConfig:
+    def with_task_shape(self, input_shape: tuple[int, ...], num_classes: int) -> ArchConfig:
         """A copy sized for a task's samples (input_shape) and labels (num_classes)."""
-        from dataclasses import replace
-
         return replace(self, input_shape=tuple(input_shape), num_classes=int(num_classes))
+
+
+ARCH_PARAMS: Table = {
+    "kind": Options(KINDS),
+    "widths": Array(Integer(lo=1)),
+    "channels": Array(Integer(lo=1)),
+    "head_widths": Array(Integer(lo=1)),
+    "hidden": Integer(lo=1),
+    "num_layers": Integer(lo=1),
+    "activation": Options(ACTIVATIONS),
+    "negative_slope": Number(),
+    "input_shape": Array(Integer(lo=1), size=3),
+    "num_classes": Integer(lo=2),
+    "name": Text(pattern=NAME_PATTERN),
+}
 
 
 def _activation(cfg: ArchConfig) -> nn.Module:
@@ -100,8 +100,10 @@ class GRU(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         for k in range(num_layers):
             n_in = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(3 * hidden_size, n_in)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(3 * hidden_size, hidden_size)))
+            self.register_parameter(f"weight_ih_l{k}",
+                                    nn.Parameter(torch.empty(3 * hidden_size, n_in)))
+            self.register_parameter(f"weight_hh_l{k}",
+                                    nn.Parameter(torch.empty(3 * hidden_size, hidden_size)))
             self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(3 * hidden_size)))
             self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(3 * hidden_size)))
         self.reset_parameters()
@@ -133,7 +135,7 @@ class GRU(nn.Module):
 
 
 class RNNClassifier(nn.Module):
-    """GRU over the rows of an image (T = H steps of C*W features), linear head on the last state."""
+    """GRU over an image's rows (T = H steps of C*W features), linear head on the last state."""
 
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
@@ -150,7 +152,7 @@ class RNNClassifier(nn.Module):
 
 
 def build(cfg: ArchConfig) -> nn.Module:
-    """A freshly initialized model for ``cfg`` (torch's default init; seed it with torch.manual_seed).
+    """A freshly initialized model for ``cfg`` (default init; seed it with torch.manual_seed).
 
     Input (B, C, H, W) -> logits (B, num_classes). MLP and CNN are ``nn.Sequential``.
     """
@@ -169,7 +171,8 @@ def build(cfg: ArchConfig) -> nn.Module:
         layers = []
         n_in = c
         for ch in cfg.channels:
-            layers += [nn.Conv2d(n_in, ch, kernel_size=3, padding=1), _activation(cfg), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(n_in, ch, kernel_size=3, padding=1), _activation(cfg),
+                       nn.MaxPool2d(2)]
             n_in, h, w = ch, h // 2, w // 2
         layers.append(nn.Flatten())
         n_in = n_in * h * w
@@ -181,7 +184,9 @@ def build(cfg: ArchConfig) -> nn.Module:
     return RNNClassifier(cfg)
 
 
-def forward_packed(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def forward_packed(
+    model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     """K copies of ``model``'s architecture with stacked weights, run as one batched call.
 
     params[name]: (K, *shape) for every parameter name of ``model`` (its own weights are unused).
@@ -194,15 +199,16 @@ def forward_packed(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
         return _linear(params, "head", _gru_packed(model.gru, params, "gru", seq))
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"forward_packed() takes a model from build(), got {type(model).__name__}")
-    k, b = x.shape[:2]
+    k, b = int(x.shape[0]), int(x.shape[1])
     out, grouped = x, False  # grouped: (B, K*C, H, W) layout of a grouped convolution
     for name, layer in model.named_children():
         if isinstance(layer, nn.Conv2d):
             if not grouped:  # channels-last: CPU max-pool and grouped conv are far faster on it
                 out = out.transpose(0, 1).reshape(b, -1, *out.shape[-2:])
                 out, grouped = out.contiguous(memory_format=torch.channels_last), True
-            w = params[f"{name}.weight"]
-            out = F.conv2d(out, w.reshape(-1, *w.shape[2:]), params[f"{name}.bias"].reshape(-1),
+            weight = params[f"{name}.weight"]
+            out = F.conv2d(out, weight.reshape(-1, *weight.shape[2:]),
+                           params[f"{name}.bias"].reshape(-1),
                            stride=layer.stride, padding=layer.padding, groups=k)
         elif isinstance(layer, nn.MaxPool2d):
             out = F.max_pool2d(out, layer.kernel_size, layer.stride, layer.padding)
@@ -222,10 +228,13 @@ def forward_packed(model: nn.Module, params: dict[str, torch.Tensor], x: torch.T
 
 def _linear(params: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
     """(K, B, in) -> (K, B, out) with weight (K, out, in) and bias (K, out)."""
-    return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x, params[f"{name}.weight"].transpose(1, 2))
+    return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x,
+                         params[f"{name}.weight"].transpose(1, 2))
 
 
-def _gru_packed(gru: GRU, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+def _gru_packed(
+    gru: GRU, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor
+) -> torch.Tensor:
     """K stacked GRUs (the maths of GRU.forward): x (K, B, T, in) -> last hidden state (K, B, H)."""
     k, b, steps, _ = x.shape
     hid = gru.hidden_size

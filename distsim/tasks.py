@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distsim.errors import ConfigError
+from distsim.params import Array, Integer, Maybe, Number, Options, Table, Text, check_fields
+
 DATASETS = ("digits", "synthetic", "npz")
 PAIRINGS = ("random", "consecutive")
 
@@ -54,29 +57,26 @@ class DataConfig:
     synthetic_separation: float = 3.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "synthetic_shape", tuple(int(s) for s in self.synthetic_shape))
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.pairing not in PAIRINGS:
-            raise ValueError(f"data.pairing must be one of {PAIRINGS}, got {self.pairing!r}")
-        if isinstance(self.num_tasks, bool) or not isinstance(self.num_tasks, int) or self.num_tasks < 1:
-            raise ValueError(f"data.num_tasks must be a positive int, got {self.num_tasks!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"data.seed must be a non-negative int, got {self.seed!r}")
-        if not 0.0 < float(self.test_fraction) < 1.0:
-            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        check_fields(self, "data", DATA_PARAMS)
         if self.dataset == "npz" and not self.path:
-            raise ValueError("data.path must name an .npz file when data.dataset is 'npz'")
-        if self.synthetic_classes < 2:
-            raise ValueError(f"data.synthetic_classes must be >= 2, got {self.synthetic_classes}")
-        if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
-            raise ValueError(
-                f"data.synthetic_shape must be (C, H, W) of positive ints, got {self.synthetic_shape!r}"
-            )
-        if self.synthetic_samples < 2:
-            raise ValueError(f"data.synthetic_samples must be >= 2 per class, got {self.synthetic_samples}")
-        if not self.synthetic_separation > 0:
-            raise ValueError(f"data.synthetic_separation must be > 0, got {self.synthetic_separation}")
+            raise ConfigError.at("data.path", "must name an .npz file when data.dataset is 'npz'")
+        if self.dataset != "npz" and self.path is not None:
+            raise ConfigError.at(
+                "data.path", f'only used with dataset = "npz", got dataset = {self.dataset!r}')
+
+
+DATA_PARAMS: Table = {
+    "dataset": Options(DATASETS),
+    "num_tasks": Integer(lo=1),
+    "seed": Integer(lo=0),
+    "test_fraction": Number(lo=0, hi=1, lo_open=True, hi_open=True),
+    "pairing": Options(PAIRINGS),
+    "path": Maybe(Text(empty=False)),
+    "synthetic_classes": Integer(lo=2),
+    "synthetic_shape": Array(Integer(lo=1), size=3),
+    "synthetic_samples": Integer(lo=2),
+    "synthetic_separation": Number(lo=0, lo_open=True),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,7 +95,7 @@ class Task:
     y_test: np.ndarray
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         """(C, H, W) of one sample."""
         return tuple(int(s) for s in self.x_train.shape[1:])
 
@@ -114,8 +114,10 @@ def make_tasks(cfg: DataConfig) -> list[Task]:
         x, y = _digits()
         prefix = "digits"
     else:
-        x, y = _load_npz(cfg.path)
-        prefix = Path(cfg.path).stem
+        path = cfg.path
+        assert path is not None  # DataConfig requires a path for npz
+        x, y = _load_npz(path)
+        prefix = Path(path).stem
     return _pair_tasks(cfg, x, y, prefix)
 
 
@@ -143,11 +145,14 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     if x is None or y is None:
         raise ValueError(f"data.path: {str(p)!r} must hold arrays 'X' and 'y', has {files}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"data.path: y must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+        raise ValueError("data.path: y must be a 1-D integer array, "
+                         f"got shape {y.shape} dtype {y.dtype}")
     if x.shape[:1] != y.shape:
-        raise ValueError(f"data.path: X has {x.shape[0] if x.ndim else 0} samples but y has {y.shape[0]}")
+        raise ValueError(f"data.path: X has {x.shape[0] if x.ndim else 0} samples "
+                         f"but y has {y.shape[0]}")
     if x.ndim not in (2, 3, 4):
-        raise ValueError(f"data.path: X must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}")
+        raise ValueError("data.path: X must be (N, D), (N, H, W) or (N, C, H, W), "
+                         f"got shape {x.shape}")
     scale = np.float32(255.0) if x.dtype == np.uint8 else np.float32(1.0)
     x = x.astype(np.float32) / scale
     if not np.isfinite(x).all():
@@ -167,8 +172,8 @@ def _pair_tasks(cfg: DataConfig, x: np.ndarray, y: np.ndarray, prefix: str) -> l
         pairs = [(int(a), int(b)) for a, b in itertools.combinations(classes, 2)]
     if cfg.num_tasks > len(pairs):
         raise ValueError(
-            f"data.num_tasks={cfg.num_tasks} is more than the {len(pairs)} {cfg.pairing} class pairs "
-            f"of {prefix} ({len(classes)} classes)"
+            f"data.num_tasks={cfg.num_tasks} is more than the {len(pairs)} {cfg.pairing} "
+            f"class pairs of {prefix} ({len(classes)} classes)"
         )
     if cfg.pairing == "random":
         rng = np.random.default_rng([cfg.seed, 0])
@@ -219,15 +224,18 @@ def _stratified_split(
 
 
 def _synthetic_task(cfg: DataConfig, task_id: int) -> Task:
-    """Gaussian mixture: class means ~ N(0, sep^2 / D) per feature plus N(0, 1) noise, (N, C, H, W)."""
+    """Gaussian mixture: class means ~ N(0, sep^2 / D) per feature plus N(0, 1) noise.
+
+    Samples are (N, C, H, W).
+    """
     k, shape, n = cfg.synthetic_classes, cfg.synthetic_shape, cfg.synthetic_samples
     dim = math.prod(shape)
     rng = np.random.default_rng([cfg.seed, 2, task_id])
     means = rng.normal(size=(k, dim)) * (cfg.synthetic_separation / math.sqrt(dim))
     # Two means lie ~ sep * sqrt(2) apart whatever D; the noise along that direction has sd 1.
     labels = np.repeat(np.arange(k, dtype=np.int64), n)
-    x = means[labels] + rng.normal(size=(k * n, dim))
-    x = x.astype(np.float32).reshape(k * n, *shape)
+    samples = means[labels] + rng.normal(size=(k * n, dim))
+    x = samples.astype(np.float32).reshape(k * n, *shape)
     train, test = _stratified_split(labels, cfg.test_fraction, rng, f"synthetic:{task_id}")
     return Task(
         task_id=task_id,

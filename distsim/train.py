@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distsim.errors import ConfigError
 from distsim.models import ArchConfig, build, forward_packed
+from distsim.params import Array, Flag, Integer, Number, Options, Table, check_fields
 from distsim.tasks import Task
 
 OPTIMIZERS = ("sgd", "adam")
@@ -67,34 +69,30 @@ class TrainConfig:
     eval_batch: int = 4096
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        for key in ("epochs", "batch_size", "eval_batch"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train.{key} must be a positive int, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"train.momentum must be in [0, 1), got {self.momentum!r}")
+        check_fields(self, "train", TRAIN_PARAMS)
         if self.nesterov and self.momentum == 0:
-            raise ValueError("train.nesterov needs train.momentum > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not self.eps > 0:
-            raise ValueError(f"train.eps must be > 0, got {self.eps!r}")
-        if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
-            raise ValueError(f"train.milestones must be increasing positive epochs, got {self.milestones!r}")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"train.gamma must be in (0, 1], got {self.gamma!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"train.device must be one of {DEVICES}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"train.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError.at("train.nesterov", "needs train.momentum > 0")
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise ConfigError.at("train.milestones",
+                                 f"must be increasing epochs, got {list(self.milestones)!r}")
+
+
+TRAIN_PARAMS: Table = {
+    "epochs": Integer(lo=1),
+    "batch_size": Integer(lo=1),
+    "lr": Number(lo=0.0, lo_open=True),
+    "momentum": Number(lo=0.0, hi=1.0, hi_open=True),
+    "weight_decay": Number(lo=0.0),
+    "nesterov": Flag(),
+    "optimizer": Options(OPTIMIZERS),
+    "betas": Array(Number(lo=0.0, hi=1.0, hi_open=True), size=2),
+    "eps": Number(lo=0.0, lo_open=True),
+    "milestones": Array(Integer(lo=1)),
+    "gamma": Number(lo=0.0, hi=1.0, lo_open=True),
+    "device": Options(DEVICES),
+    "dtype": Options(tuple(DTYPES)),
+    "eval_batch": Integer(lo=1),
+}
 
 
 # Defaults per architecture kind for digits-size tasks (~270 training images): >= 95% mean test
@@ -194,10 +192,10 @@ def train_pack(
     frozen: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # diverged row -> (weights, epochs)
     lr = cfg.lr
     for epoch, order in enumerate(batch_orders(seeds, n, cfg.epochs)):
-        order = torch.as_tensor(order, device=device)
+        batch_order = torch.as_tensor(order, device=device)
         for lo in range(0, n, cfg.batch_size):
             if lo % chunk == 0:  # gather the next chunk of steps' batches of every seed at once
-                idx = order[active, lo : lo + chunk]  # (K', chunk)
+                idx = batch_order[active, lo : lo + chunk]  # (K', chunk)
                 x_chunk, y_chunk = x_train[idx], y_train[idx]
             xb = x_chunk[:, lo % chunk : lo % chunk + cfg.batch_size]  # (K', b, C, H, W)
             yb = y_chunk[:, lo % chunk : lo % chunk + cfg.batch_size]  # (K', b)
@@ -213,7 +211,9 @@ def train_pack(
                 finite = torch.isfinite(loss + sum(p.flatten(1).sum(dim=1) for p in new.values()))
                 if not bool(finite.all()):  # freeze diverged seeds at their last finite weights
                     for row in torch.nonzero(~finite).flatten().tolist():
-                        frozen[int(active[row])] = ({m: p[row].detach() for m, p in params.items()}, epoch)
+                        frozen[int(active[row])] = (
+                            {m: p[row].detach() for m, p in params.items()}, epoch
+                        )
                     keep = torch.nonzero(finite).flatten()
                     active, new = active[keep], {m: p[keep] for m, p in new.items()}
                     x_chunk, y_chunk = x_chunk[keep], y_chunk[keep]
@@ -233,7 +233,8 @@ def train_pack(
             for row, (weights, _) in frozen.items():
                 full[row] = weights[name]
             params[name] = full
-        train_loss, train_acc = _evaluate(template, params, task.x_train, task.y_train, cfg.eval_batch)
+        train_loss, train_acc = _evaluate(template, params, task.x_train, task.y_train,
+                                          cfg.eval_batch)
         test_loss, test_acc = _evaluate(template, params, task.x_test, task.y_test, cfg.eval_batch)
     seconds = (time.perf_counter() - start) / k
     cpu = {name: p.cpu() for name, p in params.items()}
@@ -254,7 +255,8 @@ def train_pack(
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, np.ndarray)) or len(seeds) == 0:
+    if (isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, np.ndarray))
+            or len(seeds) == 0):
         raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
     out = []
     for s in seeds:
@@ -262,7 +264,8 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
             raise ValueError(f"seeds must be non-negative ints, got {s!r}")
         out.append(int(s))
     if len(set(out)) != len(out):
-        raise ValueError(f"seeds must be distinct (a repeated seed is the same experiment), got {out}")
+        raise ValueError("seeds must be distinct (a repeated seed is the same experiment), "
+                         f"got {out}")
     return out
 
 
@@ -282,12 +285,14 @@ class _Optimizer:
         """Drop the optimizer state of every row not in ``rows`` (diverged seeds)."""
         self.state = [[s[rows] for s in group] for group in self.state]
 
-    def step(self, params: dict[str, torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> dict:
+    def step(
+        self, params: dict[str, torch.Tensor], grads: Sequence[torch.Tensor], lr: float
+    ) -> dict:
         cfg, names, p = self.cfg, list(params), [t.detach() for t in params.values()]
         self.t += 1
-        g = list(grads)
+        g: list[torch.Tensor] = list(grads)
         if cfg.weight_decay:
-            g = torch._foreach_add(g, p, alpha=cfg.weight_decay)
+            g = list(torch._foreach_add(g, p, alpha=cfg.weight_decay))
         if cfg.optimizer == "sgd":
             if cfg.momentum:
                 if self.t == 1:  # torch.optim.SGD starts the buffer at the first gradient
@@ -296,7 +301,7 @@ class _Optimizer:
                     torch._foreach_mul_(self.state[0], cfg.momentum)
                     torch._foreach_add_(self.state[0], g)
                 bufs = self.state[0]
-                g = torch._foreach_add(g, bufs, alpha=cfg.momentum) if cfg.nesterov else bufs
+                g = list(torch._foreach_add(g, bufs, alpha=cfg.momentum)) if cfg.nesterov else bufs
             new = torch._foreach_add(p, g, alpha=-lr)
         else:
             (b1, b2), (m, v) = cfg.betas, self.state
@@ -314,7 +319,7 @@ class _Optimizer:
 def _evaluate(
     template: nn.Module, params: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean cross-entropy and accuracy of every row of the pack on x (N, C, H, W), y (N,): two (K,)."""
+    """Mean cross-entropy and accuracy of every pack row on x (N, C, H, W), y (N,): two (K,)."""
     first = next(iter(params.values()))
     k, device, dtype = first.shape[0], first.device, first.dtype
     batch = max(1, min(batch, GATHER_BYTES // (k * x[0].size * first.element_size())))
