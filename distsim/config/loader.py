@@ -1,0 +1,223 @@
+"""Read a study TOML file (or an already-parsed mapping) into a validated :class:`Study`.
+
+The loader checks the file's shape (sections, unknown keys, required keys) and builds each
+section's dataclass, whose constraint table checks every value once (distsim.params). Paths
+(``study.store``, ``data.path``) resolve against the TOML's folder unless absolute or a URI.
+``None`` values (JSON null) count as "not given", so ``study_from_dict(study.resolved())``
+rebuilds the same study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomllib
+
+from distsim.config.sections import (
+    PLAN_PARAMS,
+    STUDY_PARAMS,
+    FeatureSpec,
+    PairSpec,
+    Resources,
+    StatsSpec,
+)
+from distsim.config.study import Study, TrainPlan
+from distsim.errors import ConfigError
+from distsim.features import feature_layers
+from distsim.models import ArchConfig
+from distsim.params import check_keys, init_fields, type_name
+from distsim.tasks import DataConfig
+from distsim.train import TrainConfig
+
+SECTIONS = ("study", "data", "arch", "train", "resources", "features", "tests", "pairs")
+_NPZ_PLACEHOLDER_SHAPE = (1, 1024, 1024)  # passes shape checks until the npz is read at launch
+
+T = TypeVar("T")
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study TOML file; relative paths inside resolve against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such study file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the study file ({exc})") from None
+    return parse_study(text, base_dir=p.resolve().parent, source=str(p))
+
+
+def parse_study(text: str, base_dir: str | Path = ".", source: str = "<string>") -> Study:
+    """Validate TOML text (relative paths resolve against base_dir)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}") from None
+    return study_from_dict(raw, base_dir=base_dir, source=source)
+
+
+def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
+                    source: str = "<dict>") -> Study:
+    """Validate an already-parsed study mapping (same rules as the TOML file)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a study must be a table of sections, got {type(raw).__name__}")
+    raw = _drop_none(raw)
+    base = Path(base_dir).resolve()
+    check_keys(raw, SECTIONS, "")
+    for required in ("study", "data", "arch", "train"):
+        if required not in raw:
+            raise ConfigError.at(required, f"missing section [{required}]")
+
+    st = _table(raw, "study")
+    check_keys(st, STUDY_PARAMS, "study")
+    for key in ("name", "store"):
+        if key not in st:
+            raise ConfigError.at(f"study.{key}", "missing required key")
+    name = STUDY_PARAMS["name"].check(st["name"], "study.name")
+    seed = STUDY_PARAMS["seed"].check(st.get("seed", 0), "study.seed")
+    store = _resolve_path(STUDY_PARAMS["store"].check(st["store"], "study.store"), base)
+
+    data_table = _table(raw, "data")
+    check_keys(data_table, init_fields(DataConfig), "data")
+    data_kwargs = {"seed": seed, **data_table}
+    if isinstance(data_kwargs.get("path"), str) and data_kwargs["path"].strip():
+        data_kwargs["path"] = _resolve_path(data_kwargs["path"], base)
+    data = DataConfig(**data_kwargs)
+
+    archs = _archs(raw["arch"], data)
+    train = _train(_table(raw, "train"), tuple(a.name for a in archs))
+    resources = _section(Resources, _table(raw, "resources", optional=True), "resources")
+    features = _section(FeatureSpec, _table(raw, "features", optional=True), "features",
+                        seed=seed)
+    _check_layers(features, archs)
+    tests = _section(StatsSpec, _table(raw, "tests", optional=True), "tests", seed=seed)
+    pairs_table = _table(raw, "pairs", optional=True)
+    pairs = _section(PairSpec, pairs_table, "pairs")
+    n_models = data.num_tasks * train.seeds_per_task
+    if pairs.top_k >= n_models:
+        if "top_k" in pairs_table:
+            raise ConfigError.at("pairs.top_k", f"must be < the number of models per arch "
+                                 f"({n_models}), got {pairs.top_k}")
+        pairs = dataclasses.replace(pairs, top_k=n_models - 1)  # the default, cut to a tiny zoo
+    return Study(name, seed, store, source, data, archs, train, resources, features, tests, pairs)
+
+
+def _section(cls: type[T], table: dict[str, Any], path: str, **defaults: Any) -> T:
+    """cls(**table) after refusing unknown keys; ``defaults`` fill keys the table omits."""
+    check_keys(table, init_fields(cls), path)
+    return cls(**{**defaults, **table})
+
+
+def _archs(raw: Any, data: DataConfig) -> tuple[ArchConfig, ...]:
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError.at("arch", "must be one or more [[arch]] tables")
+    allowed = [f for f in init_fields(ArchConfig) if f not in ("input_shape", "num_classes")]
+    shape = _task_input_shape(data)
+    archs: list[ArchConfig] = []
+    for i, table in enumerate(raw):
+        path = f"arch[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError.at(path, f"must be a table [[arch]], got {type_name(table)}")
+        check_keys(table, allowed, path)
+        if "kind" not in table:
+            raise ConfigError.at(f"{path}.kind", "missing required key (mlp, cnn or rnn)")
+        try:
+            cfg = ArchConfig(**table, input_shape=shape or _NPZ_PLACEHOLDER_SHAPE)
+        except ConfigError as exc:
+            raise exc.moved("arch", path) from None
+        if cfg.name in {a.name for a in archs}:
+            raise ConfigError.at(f"{path}.name", f"{cfg.name!r} is used by two [[arch]] tables; "
+                                 "names must be unique")
+        if shape is None:  # the npz's shape is known only once the file is read
+            cfg = dataclasses.replace(cfg, input_shape=ArchConfig().input_shape)
+        archs.append(cfg)
+    return tuple(archs)
+
+
+def _task_input_shape(data: DataConfig) -> tuple[int, int, int] | None:
+    if data.dataset == "digits":
+        return (1, 8, 8)
+    if data.dataset == "synthetic":
+        return data.synthetic_shape
+    return None
+
+
+def _train(table: dict[str, Any], arch_names: tuple[str, ...]) -> TrainPlan:
+    fields = init_fields(TrainConfig)
+    overrides_raw = {k: v for k, v in table.items() if k in arch_names and k not in fields}
+    rest = {k: v for k, v in table.items() if k not in overrides_raw}
+    for k, v in rest.items():
+        if k not in fields and k not in PLAN_PARAMS:
+            extra = (f" or [train.<arch name>] for one of {', '.join(arch_names)}"
+                     if isinstance(v, dict) else "")
+            check_keys({k: v}, (*fields, *PLAN_PARAMS), "train", extra)
+    if "seeds_per_task" not in rest:
+        raise ConfigError.at("train.seeds_per_task", "missing required key")
+    n = PLAN_PARAMS["seeds_per_task"].check(rest["seeds_per_task"], "train.seeds_per_task")
+    pack = PLAN_PARAMS["seeds_per_trial"].check(rest.get("seeds_per_trial", n),
+                                                "train.seeds_per_trial")
+    if pack > n:
+        raise ConfigError.at("train.seeds_per_trial", f"must be an integer in [1, {n}] "
+                             f"(train.seeds_per_task), got {pack}")
+    base = _train_values({k: v for k, v in rest.items() if k in fields}, {}, "train")
+    overrides: dict[str, dict[str, Any]] = {}
+    for arch, sub in overrides_raw.items():
+        path = f"train.{arch}"
+        if not isinstance(sub, dict):
+            raise ConfigError.at(path, "must be a table of TrainConfig overrides, "
+                                 f"got {type_name(sub)}")
+        check_keys(sub, fields, path)
+        overrides[arch] = _train_values(sub, base, path)
+    return TrainPlan(n, pack, tuple(sorted(base.items())),
+                     tuple((arch, tuple(sorted(over.items())))
+                           for arch, over in sorted(overrides.items())))
+
+
+def _train_values(given: dict[str, Any], base: dict[str, Any], path: str) -> dict[str, Any]:
+    """The keys of `given` as TrainConfig normalizes them (on top of `base`), errors at `path`."""
+    try:
+        cfg = TrainConfig(**{**base, **given})
+    except ConfigError as exc:
+        raise exc.moved("train", path) from None
+    return {k: getattr(cfg, k) for k in given}
+
+
+def _check_layers(features: FeatureSpec, archs: tuple[ArchConfig, ...]) -> None:
+    if isinstance(features.layers, str):
+        return
+    known = {name for a in archs for name in feature_layers(a)}
+    unknown = [name for name in features.layers if name not in known]
+    if unknown:
+        raise ConfigError.at("features.layers", f"{unknown[0]!r} is not a layer of any arch; "
+                             f"known: {', '.join(sorted(known))}")
+
+
+def _drop_none(x: Any) -> Any:
+    """The mapping without None values (JSON null means "not given", as in resolved())."""
+    if isinstance(x, dict):
+        return {k: _drop_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_drop_none(v) for v in x]
+    return x
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    if "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _table(raw: dict[str, Any], key: str, optional: bool = False) -> dict[str, Any]:
+    if key not in raw:
+        if optional:
+            return {}
+        raise ConfigError.at(key, f"missing section [{key}]")
+    value = raw[key]
+    if not isinstance(value, dict):
+        raise ConfigError.at(key, f"must be a table [{key}], got {type_name(value)}")
+    return value

@@ -1,0 +1,151 @@
+"""The typed sections of a study file that no science module owns, each with its constraint table.
+
+``[data]``, ``[[arch]]`` and ``[train]`` are the science modules' own dataclasses
+(:class:`~distsim.tasks.DataConfig`, :class:`~distsim.models.ArchConfig`,
+:class:`~distsim.train.TrainConfig`), each with its table next to it. The allowed values
+(feature methods, sketches, protocols, learners, metrics) are imported from the modules that
+implement them: one source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from distsim.errors import ConfigError
+from distsim.features import METHODS, SKETCHES
+from distsim.params import (
+    NAME_PATTERN,
+    Array,
+    Either,
+    Integer,
+    Maybe,
+    Number,
+    Options,
+    Table,
+    Text,
+    check_fields,
+)
+from distsim.stats import LEARNERS, METRICS, PROTOCOLS
+
+# [study] and the plan keys of [train] are not dataclasses of their own: checked by the loader.
+STUDY_PARAMS: Table = {
+    "name": Text(pattern=NAME_PATTERN, empty=False),
+    "seed": Integer(lo=0),
+    "store": Text(empty=False),
+}
+PLAN_PARAMS: Table = {"seeds_per_task": Integer(lo=2), "seeds_per_trial": Integer(lo=1)}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one zoo trial and one feature actor ask Ray for (fractional GPUs share a device)."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    feature_actors: int = 1
+    cpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "resources", RESOURCE_PARAMS)
+        gpus = self.gpus_per_trial
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError.at("resources.gpus_per_trial",
+                                 f"a share above 1 GPU must be a whole number, got {gpus}")
+
+
+RESOURCE_PARAMS: Table = {
+    "cpus_per_trial": Number(lo=0.0, lo_open=True),
+    "gpus_per_trial": Number(lo=0.0),
+    "max_failures": Integer(lo=0),
+    "feature_actors": Integer(lo=1),
+    "cpus_per_actor": Number(lo=0.0, lo_open=True),
+}
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which invariant features to build: methods x layers, optional seeded projection to dim
+    (sketch: "output" projects the vector, "input" the chain maps; see distsim.features)."""
+
+    methods: tuple[str, ...] = ("chain-gram", "raw")
+    layers: str | tuple[str, ...] = "all"
+    dim: int | None = None
+    seed: int = 0
+    sketch: str = "output"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "features", FEATURE_PARAMS)
+        if self.sketch == "input" and self.dim is None:
+            raise ConfigError.at("features.sketch",
+                                 '"input" needs features.dim (the size of a sketched Gram)')
+
+
+FEATURE_PARAMS: Table = {
+    "methods": Array(Options(METHODS), nonempty=True, distinct=True),
+    "layers": Either((Options(("all", "last")), Array(Text(), nonempty=True)),
+                     '"all", "last" or a non-empty list of layer names'),
+    "dim": Maybe(Integer(lo=1)),
+    "seed": Integer(lo=0),
+    "sketch": Options(SKETCHES),
+}
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """The ``[tests]`` section: HTT protocols and PERMANOVA, permutations spread in chunks."""
+
+    protocols: tuple[str, ...] = ("closed-set", "open-set")
+    permutations: int = 199
+    permanova_permutations: int = 999
+    learner: str = "lda"
+    chunk_size: int = 50
+    seed: int = 0
+    train_fraction: float = 0.6
+    train_task_fraction: float = 0.6
+    n_query: int | None = None
+    k: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tests", STATS_PARAMS)
+
+    def htt_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of distsim.stats.htt beyond features, tasks, protocol,
+        permutations and seed."""
+        return {"learner": self.learner, "train_fraction": self.train_fraction,
+                "train_task_fraction": self.train_task_fraction, "n_query": self.n_query,
+                "k": self.k}
+
+
+STATS_PARAMS: Table = {
+    "protocols": Array(Options(PROTOCOLS), distinct=True),
+    "permutations": Integer(lo=1),
+    "permanova_permutations": Integer(lo=0),
+    "learner": Options(LEARNERS),
+    "chunk_size": Integer(lo=1),
+    "seed": Integer(lo=0),
+    "train_fraction": Number(lo=0, hi=1, lo_open=True, hi_open=True),
+    "train_task_fraction": Number(lo=0, hi=1, lo_open=True, hi_open=True),
+    "n_query": Maybe(Integer(lo=1)),
+    "k": Maybe(Integer(lo=1)),
+}
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """All-pairs distances: per-model top_k neighbours, computed in blocks of `block` rows."""
+
+    top_k: int = 10
+    block: int = 512
+    metric: str = "euclidean"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "pairs", PAIR_PARAMS)
+
+
+PAIR_PARAMS: Table = {
+    "top_k": Integer(lo=1),
+    "block": Integer(lo=1),
+    "metric": Options(METRICS),
+}

@@ -1,0 +1,195 @@
+"""The study plan: a validated study (:class:`Study`), its zoo trials, feature matrices and hash.
+
+Model seeds: model i (0-based) of task t gets seed ``study.seed * 1_000_000 + t *
+train.seeds_per_task + i``, distinct over tasks, identical across architectures. Pack p of a
+task holds its seeds ``[p * seeds_per_trial, (p + 1) * seeds_per_trial)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from distsim.config.sections import FeatureSpec, PairSpec, Resources, StatsSpec
+from distsim.features import feature_layers
+from distsim.models import ArchConfig
+from distsim.tasks import DataConfig
+from distsim.train import TrainConfig
+
+SEED_STRIDE = 1_000_000
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How many models per task, how many share one trial (a pack), and how each is trained.
+
+    base: the TrainConfig fields [train] sets, as sorted (field, value) pairs; overrides:
+    (arch name, pairs) of [train.<arch name>]. Pairs, not dicts, keep a Study hashable.
+    """
+
+    seeds_per_task: int
+    seeds_per_trial: int
+    base: tuple[tuple[str, Any], ...] = ()
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def kwargs(self, arch_name: str | None = None) -> dict[str, Any]:
+        """TrainConfig keyword arguments: [train], then [train.<arch_name>] on top."""
+        over = dict(self.overrides).get(arch_name, ()) if arch_name is not None else ()
+        return {**dict(self.base), **dict(over)}
+
+    @property
+    def packs_per_task(self) -> int:
+        return math.ceil(self.seeds_per_task / self.seeds_per_trial)
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One zoo trial: `seeds` of architecture `arch` trained together on task `task`."""
+
+    arch: str
+    task: int
+    pack: int
+    seeds: tuple[int, ...]
+
+    @property
+    def trial_id(self) -> str:
+        return f"arch={self.arch}/task={self.task}/pack={self.pack}"
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """The store key (arch, task, pack) of the trial's models and weights shards."""
+        return {"arch": self.arch, "task": self.task, "pack": self.pack}
+
+
+@dataclass(frozen=True)
+class MatrixKey:
+    """One feature matrix of a study: the features of every model of `arch` by `method` at
+    `layer` (the unit of the pairs and tests stages)."""
+
+    arch: str
+    method: str
+    layer: str
+
+    @property
+    def key(self) -> dict[str, str]:
+        """The store key part (arch, method, layer) of its features, pairs and tests shards."""
+        return {"arch": self.arch, "method": self.method, "layer": self.layer}
+
+    def __str__(self) -> str:
+        return f"{self.arch}/{self.method}/{self.layer}"
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study file: what to train, featurize and test (see distsim.config)."""
+
+    name: str
+    seed: int
+    store: str
+    source: str
+    data: DataConfig
+    archs: tuple[ArchConfig, ...]
+    train: TrainPlan
+    resources: Resources
+    features: FeatureSpec
+    tests: StatsSpec
+    pairs: PairSpec
+
+    # ---- lookups
+    @property
+    def arch_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.archs)
+
+    def arch(self, name: str) -> ArchConfig:
+        """The ArchConfig named `name` (input_shape/num_classes still to be set per task)."""
+        for a in self.archs:
+            if a.name == name:
+                return a
+        raise KeyError(f"no arch named {name!r}; the study has {list(self.arch_names)}")
+
+    def train_config(self, arch_name: str) -> TrainConfig:
+        """The TrainConfig of one architecture ([train] + [train.<arch_name>])."""
+        self.arch(arch_name)  # KeyError for an unknown name
+        return TrainConfig(**self.train.kwargs(arch_name))
+
+    def model_seeds(self, task_id: int) -> tuple[int, ...]:
+        """Seeds of the seeds_per_task models of one task (the same for every arch)."""
+        n = self.train.seeds_per_task
+        base = self.seed * SEED_STRIDE + task_id * n
+        return tuple(range(base, base + n))
+
+    def packs(self, arch_name: str | None = None) -> list[Pack]:
+        """Every zoo trial (arch, task, pack) in a fixed order, or those of one arch."""
+        names = self.arch_names if arch_name is None else (self.arch(arch_name).name,)
+        size = self.train.seeds_per_trial
+        out = []
+        for name in names:
+            for t in range(self.data.num_tasks):
+                seeds = self.model_seeds(t)
+                for p in range(self.train.packs_per_task):
+                    out.append(Pack(name, t, p, seeds[p * size : (p + 1) * size]))
+        return out
+
+    def feature_layers(self, arch_name: str) -> tuple[str, ...]:
+        """Layer names to featurize for one arch: all, the last, or the listed ones it has."""
+        available = tuple(feature_layers(self.arch(arch_name)))
+        if self.features.layers == "all":
+            return available
+        if self.features.layers == "last":
+            return available[-1:]
+        return tuple(name for name in available if name in self.features.layers)
+
+    def matrices(self) -> list[MatrixKey]:
+        """Every feature matrix (arch, method, layer), in arch, layer, method order."""
+        return [
+            MatrixKey(arch, method, layer)
+            for arch in self.arch_names
+            for layer in self.feature_layers(arch)
+            for method in self.features.methods
+        ]
+
+    # ---- identity
+    def resolved(self) -> dict[str, Any]:
+        """The whole study as plain JSON types (lists, not tuples), defaults filled in."""
+        archs = []
+        for a in self.archs:
+            d = _plain(dataclasses.asdict(a))
+            d.pop("input_shape"), d.pop("num_classes")
+            archs.append(d)
+        return {
+            "study": {"name": self.name, "seed": self.seed, "store": self.store},
+            "data": _plain(dataclasses.asdict(self.data)),
+            "arch": archs,
+            "train": {
+                "seeds_per_task": self.train.seeds_per_task,
+                "seeds_per_trial": self.train.seeds_per_trial,
+                **_plain(dataclasses.asdict(TrainConfig(**self.train.kwargs()))),
+                **{arch: _plain(dict(pairs)) for arch, pairs in self.train.overrides},
+            },
+            "resources": _plain(dataclasses.asdict(self.resources)),
+            "features": _plain(dataclasses.asdict(self.features)),
+            "tests": _plain(dataclasses.asdict(self.tests)),
+            "pairs": _plain(dataclasses.asdict(self.pairs)),
+        }
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the resolved config minus study.store and resources: where a study runs
+        does not change what it computes, so a store can refuse a changed study."""
+        d = self.resolved()
+        d["study"].pop("store")
+        d.pop("resources")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
