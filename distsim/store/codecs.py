@@ -1,0 +1,88 @@
+"""Codecs between Arrow columns and arrays: torch weights <-> weights rows, features -> a matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from distsim.errors import StoreError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureMatrix:
+    """Features of one (arch, method, layer): X (N, D) float32, rows sorted by (task, seed)."""
+
+    model_ids: list[str]
+    tasks: np.ndarray  # (N,) int64
+    seeds: np.ndarray  # (N,) int64
+    X: np.ndarray  # (N, D) float32
+
+
+def weights_table(state_dicts: Mapping[str, Mapping[str, Any]]) -> pa.Table:
+    """Rows (model_id, tensor, shape, values) of {model_id: state_dict}, tensors in dict order;
+    values are the tensor flattened in C order as float32."""
+    ids, names, shapes, flats = [], [], [], []
+    for mid, sd in state_dicts.items():
+        for name, tensor in sd.items():
+            arr = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+            ids.append(mid)
+            names.append(name)
+            shapes.append(list(arr.shape))
+            flats.append(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
+    offsets = np.zeros(len(flats) + 1, dtype=np.int64)
+    np.cumsum([f.size for f in flats], out=offsets[1:])
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.float32)
+    values = pa.LargeListArray.from_arrays(offsets, flat).cast(pa.list_(pa.float32()))
+    return pa.table({
+        "model_id": pa.array(ids, pa.string()),
+        "tensor": pa.array(names, pa.string()),
+        "shape": pa.array(shapes, pa.list_(pa.int32())),
+        "values": values,
+    })
+
+
+def state_dicts(df: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
+    """{model_id: {tensor: float32 tensor}} of weights rows (model_id, tensor, shape, values),
+    in row order (the inverse of :func:`weights_table`)."""
+    import torch  # here, not at the top: `distsim query` and `status` never need torch
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    values = df.to_arrow().column("values").combine_chunks()
+    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    offsets = values.offsets.to_numpy()
+    rows = zip(df["model_id"], df["tensor"], df["shape"], strict=True)
+    for i, (mid, name, shape) in enumerate(rows):
+        chunk = flat[offsets[i] - offsets[0]: offsets[i + 1] - offsets[0]]
+        out.setdefault(mid, {})[name] = torch.from_numpy(chunk.reshape(list(shape)).copy())
+    return out
+
+
+def feature_matrix(df: pl.DataFrame, what: str) -> FeatureMatrix:
+    """The FeatureMatrix of features rows (model_id, task, seed, vector), sorted by (task, seed,
+    model_id); `what` names the matrix in errors (vectors of different lengths)."""
+    if df.height == 0:
+        return FeatureMatrix([], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                             np.zeros((0, 0), np.float32))
+    df = df.sort("task", "seed", "model_id")
+    vec = df.get_column("vector").to_arrow()
+    if isinstance(vec, pa.ChunkedArray):
+        vec = vec.combine_chunks()
+    lengths = vec.value_lengths().to_numpy(zero_copy_only=False)
+    if (lengths != lengths[0]).any():
+        raise StoreError(f"features {what}: vectors of different lengths "
+                         f"{sorted(set(lengths.tolist()))}")
+    X = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return FeatureMatrix(
+        df["model_id"].to_list(),
+        df["task"].to_numpy().astype(np.int64),
+        df["seed"].to_numpy().astype(np.int64),
+        X.reshape(df.height, int(lengths[0])),
+    )

@@ -1,0 +1,219 @@
+"""A folder of hive-partitioned Parquet tables written one whole shard at a time, atomically.
+
+A shard's file name is deterministic from its key (``models/arch=mlp/task=3-pack=0.parquet``),
+so an idempotent stage asks ``has_shard(table, key)`` and skips finished work. Every file is
+written by :func:`atomic_write`: a hidden temp file in the target's folder, fsynced, then
+``os.replace``d into place, so a crash leaves the old state or the whole new file, never half
+a file, and readers never see temp files. Partition columns (the folders) are not stored
+inside the files; ``scan`` adds them back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distsim.errors import StoreError
+from distsim.store.tables import KEY_VALUE, TABLES, TableSpec
+
+TEMP_PREFIX = ".tmp-"  # files being written (and the launch's probe files): never read
+
+
+def temp_path(folder: Path, name: str) -> Path:
+    """A unique hidden name in `folder` for a file on its way to being `name` (its ".partial"
+    ending keeps it out of every ``*.parquet`` glob)."""
+    return folder / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-{name}.partial"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Create or replace `path` with what `write(file)` writes: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def polars_schema(schema: pa.Schema) -> dict[str, pl.DataType]:
+    """The polars dtypes of an Arrow schema."""
+    frame = pl.from_arrow(schema.empty_table())
+    assert isinstance(frame, pl.DataFrame)  # a table (not an array) gives a DataFrame
+    return dict(frame.schema)
+
+
+class ShardStore:
+    """The tables of :data:`~distsim.store.tables.TABLES` under a local folder `root`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        text = str(root)
+        if "://" in text:
+            raise StoreError(
+                f"study.store: object-store URIs are not supported yet ({text!r}); use a directory "
+                "path, on a multi-node cluster one that every node mounts (NFS, EFS)"
+            )
+        self.root = Path(text).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {str(self.root)!r} is a file, not a directory")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    @staticmethod
+    def spec(table: str) -> TableSpec:
+        """The TableSpec of `table` (StoreError naming the tables for an unknown one)."""
+        if table not in TABLES:
+            raise StoreError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
+        return TABLES[table]
+
+    def shard_path(self, table: str, key: Mapping[str, Any]) -> Path:
+        """Where the shard of `key` lives (deterministic; the key must name exactly spec.key)."""
+        spec = self.spec(table)
+        if set(key) != set(spec.key):
+            raise StoreError(f"{table}: a shard key has exactly {list(spec.key)}, "
+                             f"got {sorted(key)}")
+        parts = []
+        for col in spec.key:
+            value = key[col]
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
+                raise StoreError(f"{table}: key {col} must be a string or an int, got {value!r}")
+            text = str(int(value)) if isinstance(value, (int, np.integer)) else value
+            if not KEY_VALUE.match(text):
+                raise StoreError(f"{table}: key {col}={text!r} must match [A-Za-z0-9_.-]+")
+            parts.append(f"{col}={text}")
+        folders, leaf = parts[: len(spec.partition)], parts[len(spec.partition):]
+        return self.root.joinpath(table, *folders, "-".join(leaf) + ".parquet")
+
+    def has_shard(self, table: str, key: Mapping[str, Any]) -> bool:
+        return self.shard_path(table, key).is_file()
+
+    def shard_files(self, table: str) -> list[Path]:
+        """The shard files of `table` present, sorted (temp files excluded)."""
+        spec = self.spec(table)
+        folder = self.root / table
+        if not folder.is_dir():
+            return []
+        pattern = "/".join(["*"] * len(spec.partition) + ["*.parquet"])
+        return [p for p in sorted(folder.glob(pattern)) if not p.name.startswith(TEMP_PREFIX)]
+
+    def shard_keys(self, table: str) -> list[dict[str, Any]]:
+        """Keys of the shards present, parsed back from their paths (ints as int)."""
+        spec = self.spec(table)
+        leaf_cols = "|".join(re.escape(c) for c in spec.key[len(spec.partition):])
+        keys = []
+        for path in self.shard_files(table):
+            rel = path.relative_to(self.root / table)
+            leaf = re.split(rf"-(?=(?:{leaf_cols})=)", rel.name[: -len(".parquet")])
+            key: dict[str, Any] = {}
+            for item in [*rel.parts[:-1], *leaf]:
+                col, _, value = item.partition("=")
+                integer = pa.types.is_integer(spec.schema.field(col).type)
+                key[col] = int(value) if integer else value
+            keys.append(key)
+        return keys
+
+    def write_shard(self, table: str, key: Mapping[str, Any], data: Any) -> Path:
+        """Write one shard atomically; replaces an existing shard of `key`.
+
+        data: a pyarrow Table, a polars DataFrame, a dict of columns or a list of row dicts.
+        Key columns missing from `data` are filled with the key's value; present ones must
+        equal it. Columns are cast to the table schema; unknown columns are an error.
+        """
+        spec = self.spec(table)
+        path = self.shard_path(table, key)
+        t = _to_table(spec, key, data).select(spec.file_schema.names)
+        return atomic_write(path, lambda f: pq.write_table(t, f))
+
+    def scan(self, table: str) -> pl.LazyFrame:
+        """A lazy polars scan of all shards of `table`, columns in schema order.
+
+        Filters on partition columns (arch, method, layer) prune files; others push down to
+        Parquet row groups. With no shard yet: an empty frame with the table's schema.
+        """
+        spec = self.spec(table)
+        schema = polars_schema(spec.schema)
+        folder = self.root / table
+        if not folder.is_dir() or not any(folder.rglob("*.parquet")):
+            return pl.LazyFrame(schema=schema)
+        pattern = str(folder) + "/" + "/".join(["*"] * len(spec.partition) + ["*.parquet"])
+        lf = pl.scan_parquet(
+            pattern,
+            schema={c: t for c, t in schema.items() if c not in spec.partition},
+            hive_partitioning=bool(spec.partition),
+            hive_schema={c: schema[c] for c in spec.partition} or None,
+            missing_columns="insert",  # shards written before a column was added read it as null
+        )
+        return lf.select(list(schema))
+
+    def clear_table(self, table: str) -> None:
+        """Remove every shard of `table` (to recompute a stage)."""
+        self.spec(table)
+        shutil.rmtree(self.root / table, ignore_errors=True)
+
+    def clean_temp_files(self, min_age_s: float = 3600.0) -> int:
+        """Delete temp files left by writers that crashed more than min_age_s ago; the count."""
+        count, now = 0, time.time()
+        for table in TABLES:
+            folder = self.root / table
+            if folder.is_dir():
+                for path in folder.rglob(f"{TEMP_PREFIX}*"):
+                    if now - path.stat().st_mtime >= min_age_s:
+                        path.unlink(missing_ok=True)
+                        count += 1
+        return count
+
+
+def _to_table(spec: TableSpec, key: Mapping[str, Any], data: Any) -> pa.Table:
+    """`data` as an Arrow table of exactly the table's schema (key columns from `key`)."""
+    if isinstance(data, pa.Table):
+        t = data
+    elif isinstance(data, pl.DataFrame):
+        t = data.to_arrow()
+    elif isinstance(data, Mapping):
+        t = pa.table({k: v if isinstance(v, (np.ndarray, pa.Array)) else list(v)
+                      for k, v in data.items()})
+    elif isinstance(data, Sequence):
+        t = pa.Table.from_pylist(list(data))
+    else:
+        raise StoreError(f"{spec.name}: data must be a pyarrow Table, polars DataFrame, dict or "
+                         f"rows, got {type(data).__name__}")
+    unknown = [c for c in t.column_names if c not in spec.schema.names]
+    if unknown:
+        raise StoreError(f"{spec.name}: unknown columns {unknown}; "
+                         f"columns: {', '.join(spec.schema.names)}")
+    n = t.num_rows
+    columns = []
+    for field in spec.schema:
+        if field.name in key:
+            value = key[field.name]
+            if field.name in t.column_names:
+                got = set(t.column(field.name).to_pylist())
+                if got - {value}:
+                    raise StoreError(f"{spec.name}: column {field.name} holds "
+                                     f"{sorted(got, key=str)} but the shard key says {value!r}")
+            columns.append(pa.array([value] * n, field.type))
+        elif field.name in t.column_names:
+            try:
+                columns.append(t.column(field.name).cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise StoreError(f"{spec.name}: column {field.name} cannot be {field.type} "
+                                 f"({exc})") from None
+        else:
+            columns.append(pa.nulls(n, field.type))
+    return pa.Table.from_arrays(columns, schema=spec.schema)

@@ -1,0 +1,265 @@
+"""A study's store: the shard store bound to one study, read as weights, features, markers.
+
+``study.json`` binds the folder to one study (its resolved config and hash); the store reads
+its shards back as torch weights and feature matrices, and keeps the stages' markers and a
+per-arch summary.
+
+Layout (one folder per study; ``<k>=<v>`` folders are hive partitions)::
+
+    <root>/study.json                                     resolved config + its hash
+    <root>/_stages/<stage>.json                           a stage's "done" marker
+    <root>/_<name>/                                       reserved for the pipeline (e.g. _tune)
+    <root>/models/arch=mlp/task=3-pack=0.parquet          one shard per zoo trial
+    <root>/weights/arch=mlp/task=3-pack=0.parquet
+    <root>/features/arch=mlp/method=raw/layer=fc1/task=3-pack=0.parquet
+    <root>/neighbors/arch=mlp/method=raw/layer=fc1/block=0.parquet
+    <root>/pairs/arch=mlp/method=raw/layer=fc1/block_i=0-block_j=1.parquet
+    <root>/tests/arch=mlp/method=raw/layer=fc1/protocol=closed-set.parquet
+
+A multi-node Ray cluster needs a store path that every node can reach (NFS, EFS, a shared
+disk): each trial writes its own shards from the node it runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import polars as pl
+
+from distsim.errors import StoreError
+from distsim.store import codecs
+from distsim.store.codecs import FeatureMatrix
+from distsim.store.shards import TEMP_PREFIX, ShardStore, atomic_write, polars_schema
+from distsim.store.tables import KEY_VALUE, STATUSES, TABLES, parse_model_id
+
+if TYPE_CHECKING:
+    import torch
+
+    from distsim.config import Study
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Store(ShardStore):
+    """A study's store at a local folder (created on first write)."""
+
+    @property
+    def exists(self) -> bool:
+        """True when root holds a study.json or any table folder."""
+        return (self.root / "study.json").is_file() or any((self.root / t).is_dir() for t in TABLES)
+
+    # ------------------------------------------------------------------ study binding
+    def read_study(self) -> dict[str, Any] | None:
+        """The contents of study.json ({hash, name, source, created, config}), or None."""
+        path = self.root / "study.json"
+        if not path.is_file():
+            return None
+        try:
+            doc: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{path}: unreadable study.json ({exc})") from None
+        return doc
+
+    def check_study(self, study: Study, fresh: bool = False) -> str:
+        """Bind this store to `study`: "created", "resumed" or "fresh".
+
+        A store written by a study with a different hash is refused (StoreError naming the
+        changed keys) unless fresh, which wipes the store first. A non-empty folder that is
+        not a distsim store is never wiped.
+        """
+        held = self.read_study()
+        if (held is None and self.root.is_dir() and any(self.root.iterdir())
+                and not self.exists):
+            raise StoreError(
+                f"{str(self.root)!r} is a non-empty folder without study.json, not a distsim "
+                "store; set study.store to a new or empty folder"
+            )
+        if fresh and self.root.exists():
+            self._wipe()
+            outcome = "fresh"
+        elif held is not None:
+            if held.get("hash") != study.hash:
+                raise StoreError(self._mismatch(held, study))
+            self.clean_temp_files()
+            return "resumed"
+        else:
+            outcome = "fresh" if fresh else "created"
+        doc = {"hash": study.hash, "name": study.name, "source": study.source,
+               "created": _now(), "config": study.resolved()}
+        self._write_json(self.root / "study.json", doc, indent=2)
+        return outcome
+
+    def _wipe(self) -> None:
+        """Delete what the store owns (study.json, tables, "_"-prefixed folders such as _stages
+        and the pipeline's _tune, temp files); anything else a user put in the folder stays."""
+        for entry in self.root.iterdir():
+            name = entry.name
+            if name == "study.json" or name in TABLES or name.startswith(("_", TEMP_PREFIX)):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+    def _mismatch(self, held: dict[str, Any], study: Study) -> str:
+        old, new = _flatten(held.get("config", {})), _flatten(study.resolved())
+        ignore = ("study.store", "resources.")
+        changed = [
+            k for k in sorted(set(old) | set(new))
+            if old.get(k, "<unset>") != new.get(k, "<unset>") and not k.startswith(ignore)
+        ]
+        shown = ", ".join(f"{k} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})"
+                          for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        what = f"changed: {shown}{more}" if changed else "the config differs"
+        return (
+            f"store {str(self.root)!r} holds study {held.get('name')!r} with config "
+            f"{str(held.get('hash'))[:12]}, this study is {study.hash[:12]} ({what}); launch "
+            "with --fresh to wipe the store, or set study.store to a new folder"
+        )
+
+    # ------------------------------------------------------------------ weights and features
+    def write_weights(self, key: Mapping[str, Any],
+                      state_dicts: Mapping[str, Mapping[str, Any]]) -> Path:
+        """Write the weights shard of one trial (key: arch, task, pack), {model_id: state_dict}."""
+        return self.write_shard("weights", key, codecs.weights_table(state_dicts))
+
+    def read_state_dicts(
+        self,
+        model_ids: Sequence[str] | None = None,
+        *,
+        arch: str | None = None,
+        task: int | None = None,
+        pack: int | None = None,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """{model_id: {tensor name: float32 tensor}} of the selected models, in stored order.
+
+        Reads only the shards that can hold them: the one of (arch, task, pack) when all
+        three are given, else those of the (arch, task) pairs named by the model ids.
+        """
+        columns = ["model_id", "tensor", "shape", "values"]
+        files = self._weight_files(model_ids, arch, task, pack)
+        lf: pl.LazyFrame
+        if files is not None:
+            parts = [pl.read_parquet(f, columns=["model_id", "task", "pack", *columns[1:]])
+                     for f in files]
+            empty = pl.LazyFrame(schema=polars_schema(TABLES["weights"].schema))
+            lf = pl.concat(parts).lazy() if parts else empty
+            for col, value in (("task", task), ("pack", pack)):
+                if value is not None:
+                    lf = lf.filter(pl.col(col) == value)
+        else:
+            lf = self.scan("weights")
+            for col, v in (("arch", arch), ("task", task), ("pack", pack)):
+                if v is not None:
+                    lf = lf.filter(pl.col(col) == v)
+        if model_ids is not None:
+            lf = lf.filter(pl.col("model_id").is_in(list(model_ids)))
+        df = lf.select(columns).collect()
+        out = codecs.state_dicts(df)
+        if model_ids is None:
+            return out
+        missing = sorted(set(model_ids) - set(out))
+        if missing:
+            raise StoreError(f"weights: no weights for {len(missing)} models, e.g. {missing[:3]}")
+        return {mid: out[mid] for mid in model_ids}
+
+    def _weight_files(self, model_ids: Sequence[str] | None, arch: str | None, task: int | None,
+                      pack: int | None) -> list[Path] | None:
+        """The weights shards that can hold the selection, or None when it needs a full scan."""
+        if arch is not None and task is not None and pack is not None:
+            path = self.shard_path("weights", {"arch": arch, "task": task, "pack": pack})
+            return [path] if path.is_file() else []
+        if model_ids is None:
+            return None
+        pairs = set()
+        for mid in model_ids:
+            parsed = parse_model_id(mid)
+            if parsed is None or (arch is not None and parsed[0] != arch):
+                return None  # not an id of model_id(): scan everything
+            pairs.add(parsed[:2])
+        files: list[Path] = []
+        for a, t in sorted(pairs):
+            if not KEY_VALUE.match(a):
+                return None
+            files += sorted((self.root / "weights" / f"arch={a}").glob(f"task={t}-pack=*.parquet"))
+        return files
+
+    def feature_matrix(self, arch: str, method: str, layer: str) -> FeatureMatrix:
+        """The features of one (arch, method, layer) as a dense (N, D) float32 matrix."""
+        key = {"arch": arch, "method": method, "layer": layer, "task": 0, "pack": 0}
+        folder = self.shard_path("features", key).parent
+        files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(TEMP_PREFIX))
+        columns = ["model_id", "task", "seed", "vector"]
+        df = pl.concat([pl.read_parquet(f, columns=columns) for f in files]) if files else None
+        return codecs.feature_matrix(df if df is not None else pl.DataFrame(),
+                                     f"{arch}/{method}/{layer}")
+
+    # ------------------------------------------------------------------ stages and status
+    def mark_stage(self, stage: str, **info: Any) -> None:
+        """Record that `stage` finished (info: any JSON-able facts, e.g. counts, seconds)."""
+        if not KEY_VALUE.match(stage):
+            raise StoreError(f"stage name {stage!r} must match [A-Za-z0-9_.-]+")
+        doc = {"stage": stage, "finished": _now(), **info}
+        self._write_json(self.root / "_stages" / f"{stage}.json", doc)
+
+    def stages(self) -> dict[str, dict[str, Any]]:
+        """{stage: info} of the stages marked done."""
+        folder = self.root / "_stages"
+        if not folder.is_dir():
+            return {}
+        return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+    def summary(self) -> pl.DataFrame:
+        """Per arch: models expected (from study.json), ok, diverged, failed, features, tests."""
+        cfg = (self.read_study() or {}).get("config", {})
+        n_tasks = cfg.get("data", {}).get("num_tasks", 0)
+        expected = n_tasks * cfg.get("train", {}).get("seeds_per_task", 0)
+        archs = [a["name"] for a in cfg.get("arch", [])]
+        count = pl.len().alias("n")
+        counts = self.scan("models").group_by("arch", "status").agg(count).collect()
+        feats = self.scan("features").group_by("arch").agg(count).collect()
+        tests = self.scan("tests").group_by("arch").agg(count).collect()
+        archs += sorted(set(counts["arch"].to_list()) - set(archs))
+        rows = []
+        for arch in archs:
+            by = dict.fromkeys(STATUSES, 0)
+            mine = counts.filter(pl.col("arch") == arch)
+            for status, n in mine.select("status", "n").iter_rows():
+                by[status] = by.get(status, 0) + int(n)
+            f = feats.filter(pl.col("arch") == arch)["n"]
+            t = tests.filter(pl.col("arch") == arch)["n"]
+            rows.append({"arch": arch, "expected": expected, **{s: by[s] for s in STATUSES},
+                         "features": int(f[0]) if len(f) else 0,
+                         "tests": int(t[0]) if len(t) else 0})
+        schema = {"arch": pl.String, "expected": pl.Int64, "ok": pl.Int64, "diverged": pl.Int64,
+                  "failed": pl.Int64, "features": pl.Int64, "tests": pl.Int64}
+        return pl.DataFrame(rows, schema=schema)
+
+    def _write_json(self, path: Path, doc: Mapping[str, Any], indent: int | None = None) -> None:
+        blob = json.dumps(doc, indent=indent, sort_keys=True, default=str).encode()
+
+        def write(f: IO[bytes]) -> None:
+            f.write(blob)
+
+        atomic_write(path, write)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.epochs": 10, "arch[0].kind": "mlp", ...} of a nested resolved config."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(d, list) and d and all(isinstance(v, dict) for v in d):
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = d
+    return out

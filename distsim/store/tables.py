@@ -1,0 +1,108 @@
+"""The table contract: every public table's columns, types and shard key, documented once.
+
+Column names are a stable public interface (changes are additive only). The README's table
+section is generated from :data:`TABLES` (``markdown_table()``) and a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from distsim.params import NAME_PATTERN
+
+STATUSES = ("ok", "diverged", "failed")  # models.status
+KEY_VALUE = re.compile(f"^{NAME_PATTERN}$")  # a shard key's value becomes a folder/file name
+_MODEL_ID = re.compile(r"^(.+)-t(\d+)-s(\d+)$")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: name, Arrow type and an optional note shown in the README."""
+
+    name: str
+    type: pa.DataType
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table: its columns, what one row is, the key naming a shard, and the key's folder
+    part (hive partitions: the partition columns live in folder names, not in the files)."""
+
+    name: str
+    row: str
+    key: tuple[str, ...]
+    partition: tuple[str, ...]
+    columns: tuple[Column, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field(c.name, c.type) for c in self.columns])
+
+    @property
+    def file_schema(self) -> pa.Schema:
+        """Columns stored inside a shard file (partition columns live in the folder names)."""
+        return pa.schema([f for f in self.schema if f.name not in self.partition])
+
+
+_S, _I32, _I64, _F32, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64()
+_MATRIX = ("arch", "method", "layer")  # the key of one feature matrix
+
+
+def _cols(*spec: tuple[str, pa.DataType] | tuple[str, pa.DataType, str]) -> tuple[Column, ...]:
+    return tuple(Column(*s) for s in spec)
+
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (
+    TableSpec("models", "trained model", ("arch", "task", "pack"), ("arch",), _cols(
+        ("model_id", _S), ("arch", _S), ("task", _I32), ("task_name", _S), ("pack", _I32),
+        ("seed", _I64), ("trial_id", _S), ("status", _S, "ok/diverged/failed"),
+        ("train_acc", _F64), ("test_acc", _F64), ("train_loss", _F64), ("test_loss", _F64),
+        ("epochs", _I32), ("seconds", _F64), ("node", _S), ("error", _S))),
+    TableSpec("weights", "model x tensor", ("arch", "task", "pack"), ("arch",), _cols(
+        ("model_id", _S), ("arch", _S), ("task", _I32), ("pack", _I32), ("tensor", _S),
+        ("shape", pa.list_(_I32), "list of int32"),
+        ("values", pa.list_(_F32), "list of float32, C order"))),
+    TableSpec("features", "model x method x layer", (*_MATRIX, "task", "pack"), _MATRIX, _cols(
+        ("model_id", _S), ("arch", _S), ("method", _S), ("layer", _S), ("task", _I32),
+        ("pack", _I32), ("seed", _I64), ("dim", _I32),
+        ("vector", pa.list_(_F32), "list of float32"))),
+    TableSpec("neighbors", "model x rank", (*_MATRIX, "block"), _MATRIX, _cols(
+        ("model_id", _S), ("arch", _S), ("method", _S), ("layer", _S), ("block", _I32),
+        ("task", _I32), ("rank", _I32, "1 = nearest"), ("neighbor_id", _S),
+        ("neighbor_task", _I32), ("distance", _F32), ("same_task", pa.bool_()))),
+    TableSpec("pairs", "block (I, J) of the distance matrix", (*_MATRIX, "block_i", "block_j"),
+              _MATRIX, _cols(
+        ("arch", _S), ("method", _S), ("layer", _S), ("block_i", _I32), ("block_j", _I32),
+        ("metric", _S), ("intra_count", _I64), ("intra_sum", _F64), ("intra_sumsq", _F64),
+        ("inter_count", _I64), ("inter_sum", _F64), ("inter_sumsq", _F64))),
+    TableSpec("tests", "arch x layer x method x protocol", (*_MATRIX, "protocol"), _MATRIX, _cols(
+        ("arch", _S), ("method", _S), ("layer", _S), ("protocol", _S), ("statistic", _S),
+        ("observed", _F64), ("chance", _F64), ("null_mean", _F64), ("null_sd", _F64),
+        ("effect_size", _F64), ("p_value", _F64), ("permutations", _I32), ("n_models", _I32),
+        ("n_tasks", _I32), ("seed", _I64), ("learner", _S), ("extra", _S, "JSON"),
+        ("seconds", _F64))),
+)}
+
+
+def model_id(arch: str, task: int, seed: int) -> str:
+    """The stable id of one model: ``f"{arch}-t{task}-s{seed}"`` (unique within a study)."""
+    return f"{arch}-t{int(task)}-s{int(seed)}"
+
+
+def parse_model_id(mid: str) -> tuple[str, int, int] | None:
+    """(arch, task, seed) of an id made by :func:`model_id`, or None for any other string."""
+    m = _MODEL_ID.match(mid)
+    return None if m is None else (m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+def markdown_table() -> str:
+    """The README's table of tables: one line per table (row meaning, columns with notes)."""
+    lines = ["| table | one row per | columns |", "|---|---|---|"]
+    for t in TABLES.values():
+        cols = ", ".join(f"{c.name} ({c.note})" if c.note else c.name for c in t.columns)
+        lines.append(f"| `{t.name}` | {t.row} | {cols} |")
+    return "\n".join(lines)
