@@ -7,9 +7,10 @@
                   [--protocol ..] [--status ..] [--model ..] [--limit N] [--format table|csv|json]
     distsim query sql STORE "SELECT ... FROM models ..."
 
-STORE is a store folder or a study TOML (whose study.store is used). User errors (bad study
-file, changed study, unknown table, bad SQL) print one line on stderr and exit with code 2.
-Only ``launch`` imports Ray (lazily, through distsim.pipeline).
+STORE is a store folder or a study TOML (whose study.store is used). User errors (any
+distsim.errors.DistsimError: bad study file, changed study, unknown table; bad SQL) print one
+line on stderr and exit with code 2. Only ``launch`` imports Ray; the store commands on a
+store folder import neither torch nor Ray, so they answer fast.
 """
 
 from __future__ import annotations
@@ -19,18 +20,23 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import polars as pl
 import typer
 
-from distsim.store import STAGES, Store, StoreError
+from distsim.errors import ConfigError, DistsimError, StoreError
+from distsim.store import TABLES, Store
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
     name="distsim",
-    help="Weight similarity of neural networks at scale: launch studies on Ray, query their stores.",
+    help=("Weight similarity of neural networks at scale: launch studies on Ray, "
+          "query their stores."),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -50,21 +56,27 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def user_errors(fn):
-    """Turn ConfigError / StoreError / polars query errors into one stderr line and exit code 2."""
+def user_errors(fn: F) -> F:
+    """Turn a DistsimError or a polars query error into one stderr line and exit code 2."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from distsim.config import ConfigError
-
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, StoreError) as exc:
+        except DistsimError as exc:
             _fail(str(exc))
         except pl.exceptions.PolarsError as exc:
-            _fail(f"query failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(f"query failed: {type(exc).__name__}: {first}")
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]
+
+
+def _stage_names() -> tuple[str, ...]:
+    """The registry's stage names (imports the pipeline's modules, and through them torch)."""
+    from distsim.pipeline.registry import STAGE_NAMES
+
+    return STAGE_NAMES
 
 
 # ----------------------------------------------------------------------------- study commands
@@ -84,13 +96,15 @@ def validate(study_file: Annotated[Path, typer.Argument(help="The study TOML fil
     for arch in study.archs:
         cfg = study.train_config(arch.name)
         typer.echo(
-            f"  arch {arch.name} ({arch.kind}): {n_models} models in {len(study.packs(arch.name))} trials "
-            f"of <= {study.train.seeds_per_trial} seeds, {cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}"
+            f"  arch {arch.name} ({arch.kind}): {n_models} models in "
+            f"{len(study.packs(arch.name))} trials of <= {study.train.seeds_per_trial} seeds, "
+            f"{cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}"
         )
     typer.echo(f"  features: {', '.join(study.features.methods)} at layers {study.features.layers}")
     b = study.tests.permanova_permutations
     typer.echo(
-        f"  tests: {', '.join(study.tests.protocols) or 'none'} ({study.tests.permutations} permutations), "
+        f"  tests: {', '.join(study.tests.protocols) or 'none'} "
+        f"({study.tests.permutations} permutations), "
         f"PERMANOVA ({f'{b} permutations' if b else 'skipped'})"
     )
 
@@ -101,29 +115,37 @@ def launch(
     study_file: Annotated[Path, typer.Argument(help="The study TOML file.")],
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster to join ('auto' after `ray up`); default: a local Ray (or RAY_ADDRESS)."),
+        typer.Option(help=("Ray cluster to join ('auto' after `ray up`); "
+                           "default: a local Ray (or RAY_ADDRESS).")),
     ] = None,
-    stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in pipeline order.")] = ",".join(STAGES),
-    fresh: Annotated[bool, typer.Option("--fresh", help="Wipe the study's store and start over.")] = False,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated stages to run (zoo,features,pairs,tests); default: all."
+        ),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Wipe the study's store and start over.")
+    ] = False,
 ) -> None:
     """Run a study on Ray: zoo -> features -> pairs -> tests, each stage skipping finished work."""
     from distsim.config import load_study
-
-    study = load_study(study_file)
-    chosen = [s.strip() for s in stages.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in STAGES]
-    if unknown or not chosen:
-        _fail(f"--stages: {unknown[0] if unknown else stages!r} is not a stage; stages: {','.join(STAGES)}")
-    _check_data(study)
     from distsim.pipeline.launch import run_study
 
-    run_study(study, address=address, stages=tuple(s for s in STAGES if s in chosen), fresh=fresh)
+    study = load_study(study_file)
+    names = _stage_names()
+    chosen = names if stages is None else [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in names]
+    if unknown or not chosen:
+        _fail(f"--stages: {unknown[0] if unknown else stages!r} is not a stage; "
+              f"stages: {','.join(names)}")
+    _check_data(study)
+    run_study(study, address=address, stages=tuple(s for s in names if s in chosen), fresh=fresh)
 
 
-def _check_data(study) -> None:
+def _check_data(study: Any) -> None:
     """Build the tasks once on the driver, so a missing or bad data file is one line here
     rather than a traceback in every Ray trial (ValueError from distsim.tasks -> ConfigError)."""
-    from distsim.config import ConfigError
     from distsim.tasks import make_tasks
 
     try:
@@ -143,21 +165,27 @@ def _open_store(path: Path) -> Store:
         path = Path(load_study(path).store)
     store = Store(path)
     if not store.exists:
-        raise StoreError(f"no distsim store at {str(path)!r} (no study.json or tables); run `distsim launch` first")
+        raise StoreError(f"no distsim store at {str(path)!r} (no study.json or tables); "
+                         "run `distsim launch` first")
     return store
 
 
 @app.command()
 @user_errors
-def status(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="Store folder or study TOML.")]) -> None:
+def status(
+    store_path: Annotated[
+        Path, typer.Argument(metavar="STORE", help="Store folder or study TOML.")
+    ],
+) -> None:
     """Stages done and models ok/diverged/failed per architecture."""
     store = _open_store(store_path)
     held = store.read_study() or {}
     typer.echo(f"store: {store.root}")
     if held:
-        typer.echo(f"study: {held.get('name')} (config {str(held.get('hash'))[:12]}, created {held.get('created')})")
+        typer.echo(f"study: {held.get('name')} (config {str(held.get('hash'))[:12]}, "
+                   f"created {held.get('created')})")
     done = store.stages()
-    for stage in STAGES:
+    for stage in _stage_names():
         info = done.get(stage)
         typer.echo(f"  {stage:<9} {'done ' + info.get('finished', '') if info else 'pending'}")
     _emit(store.summary(), Format.table, limit=0)
@@ -166,16 +194,18 @@ def status(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="Sto
 _QUERIES = {
     # table: (columns of the terminal table, sort order)
     "models": (
-        ["model_id", "arch", "task", "seed", "status", "train_acc", "test_acc", "test_loss", "epochs", "seconds", "node"],
+        ["model_id", "arch", "task", "seed", "status", "train_acc", "test_acc", "test_loss",
+         "epochs", "seconds", "node"],
         ["arch", "task", "seed"],
     ),
     "tests": (
-        ["arch", "layer", "method", "protocol", "statistic", "observed", "chance", "null_mean", "null_sd",
-         "p_value", "permutations", "n_models", "n_tasks"],
+        ["arch", "layer", "method", "protocol", "statistic", "observed", "chance", "null_mean",
+         "null_sd", "p_value", "permutations", "n_models", "n_tasks"],
         ["arch", "layer", "method", "protocol"],
     ),
     "neighbors": (
-        ["model_id", "arch", "layer", "method", "task", "rank", "neighbor_id", "neighbor_task", "distance", "same_task"],
+        ["model_id", "arch", "layer", "method", "task", "rank", "neighbor_id", "neighbor_task",
+         "distance", "same_task"],
         ["arch", "layer", "method", "task", "model_id", "rank"],
     ),
 }
@@ -185,11 +215,19 @@ ArchOpt = Annotated[str | None, typer.Option(help="Only this architecture (name)
 TaskOpt = Annotated[int | None, typer.Option(help="Only this task id.")]
 LayerOpt = Annotated[str | None, typer.Option(help="Only this layer (e.g. fc1, conv2, out).")]
 MethodOpt = Annotated[str | None, typer.Option(help="Only this feature method (chain-gram, raw).")]
-ProtocolOpt = Annotated[str | None, typer.Option(help="Only this protocol (closed-set, open-set, permanova).")]
-StatusOpt = Annotated[str | None, typer.Option(help="Only models with this status (ok, diverged, failed).")]
+ProtocolOpt = Annotated[
+    str | None, typer.Option(help="Only this protocol (closed-set, open-set, permanova).")
+]
+StatusOpt = Annotated[
+    str | None, typer.Option(help="Only models with this status (ok, diverged, failed).")
+]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Only this model_id.")]
-LimitOpt = Annotated[int | None, typer.Option(help="At most N rows (0 = all; default 50 for table, all otherwise).")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="table (terminal), csv, or json (rows).")]
+LimitOpt = Annotated[
+    int | None, typer.Option(help="At most N rows (0 = all; default 50 for table, all otherwise).")
+]
+FormatOpt = Annotated[
+    Format, typer.Option("--format", help="table (terminal), csv, or json (rows).")
+]
 
 
 def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: Format) -> None:
@@ -204,7 +242,8 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
             raise StoreError(f"--{col.replace('_', '-')} does not apply to {table}")
         lf = lf.filter(pl.col(col) == value)
     archs = [a.get("name") for a in ((store.read_study() or {}).get("config", {}).get("arch", []))]
-    rank = pl.col("arch").replace_strict(archs, list(range(len(archs))), default=len(archs), return_dtype=pl.Int64)
+    rank = pl.col("arch").replace_strict(archs, list(range(len(archs))), default=len(archs),
+                                         return_dtype=pl.Int64)
     lf = lf.sort([rank, *order])  # archs in study order, then by name
     if fmt is Format.table:  # a terminal gets the main columns; csv/json get every column
         lf = lf.select(columns)
@@ -221,27 +260,32 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
 
 @query_app.command("models")
 @user_errors
-def query_models(store_path: StoreArg, arch: ArchOpt = None, task: TaskOpt = None, status: StatusOpt = None,
-                 model: ModelOpt = None, limit: LimitOpt = None, fmt: FormatOpt = Format.table) -> None:
+def query_models(store_path: StoreArg, arch: ArchOpt = None, task: TaskOpt = None,
+                 status: StatusOpt = None, model: ModelOpt = None, limit: LimitOpt = None,
+                 fmt: FormatOpt = Format.table) -> None:
     """Trained models: seed, status, accuracy, loss, time, node."""
-    _query("models", store_path, {"arch": arch, "task": task, "status": status, "model_id": model}, limit, fmt)
+    _query("models", store_path,
+           {"arch": arch, "task": task, "status": status, "model_id": model}, limit, fmt)
 
 
 @query_app.command("tests")
 @user_errors
-def query_tests(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None, method: MethodOpt = None,
-                protocol: ProtocolOpt = None, limit: LimitOpt = None, fmt: FormatOpt = Format.table) -> None:
+def query_tests(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None,
+                method: MethodOpt = None, protocol: ProtocolOpt = None, limit: LimitOpt = None,
+                fmt: FormatOpt = Format.table) -> None:
     """Hypothesis tests: statistic, chance, null mean/sd, p-value per arch/layer/method/protocol."""
-    _query("tests", store_path, {"arch": arch, "layer": layer, "method": method, "protocol": protocol}, limit, fmt)
+    _query("tests", store_path,
+           {"arch": arch, "layer": layer, "method": method, "protocol": protocol}, limit, fmt)
 
 
 @query_app.command("neighbors")
 @user_errors
-def query_neighbors(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None, method: MethodOpt = None,
-                    task: TaskOpt = None, model: ModelOpt = None, limit: LimitOpt = None,
-                    fmt: FormatOpt = Format.table) -> None:
+def query_neighbors(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None,
+                    method: MethodOpt = None, task: TaskOpt = None, model: ModelOpt = None,
+                    limit: LimitOpt = None, fmt: FormatOpt = Format.table) -> None:
     """Per-model nearest neighbours in feature space (rank 1 = nearest)."""
-    _query("neighbors", store_path, {"arch": arch, "layer": layer, "method": method, "task": task, "model_id": model},
+    _query("neighbors", store_path,
+           {"arch": arch, "layer": layer, "method": method, "task": task, "model_id": model},
            limit, fmt)
 
 
@@ -249,13 +293,16 @@ def query_neighbors(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt 
 @user_errors
 def query_sql(
     store_path: StoreArg,
-    sql: Annotated[str, typer.Argument(help="A SELECT over the tables models, weights, features, neighbors, pairs, tests.")],
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help="A SELECT over the tables models, weights, features, neighbors, pairs, tests."
+        ),
+    ],
     limit: LimitOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Any SQL SELECT over the store's tables (polars SQL)."""
-    from distsim.store import TABLES
-
     store = _open_store(store_path)
     ctx = pl.SQLContext({name: store.scan(name) for name in TABLES}, eager=False)
     lf = ctx.execute(sql)
@@ -276,7 +323,9 @@ def _emit(df: pl.DataFrame, fmt: Format, limit: int) -> None:
         return
     if fmt is Format.csv:
         nested = [c for c, t in df.schema.items() if t.is_nested()]
-        out = df.with_columns(pl.col(c).map_elements(json.dumps, return_dtype=pl.String) for c in nested) if nested else df
+        out = df.with_columns(
+            pl.col(c).map_elements(json.dumps, return_dtype=pl.String) for c in nested
+        ) if nested else df
         sys.stdout.write(out.write_csv())
         return
     width = shutil.get_terminal_size((120, 40)).columns
@@ -307,10 +356,6 @@ def _json_value(v):
     if isinstance(v, list):
         return [_json_value(x) for x in v]
     return v
-
-
-def main() -> None:  # pragma: no cover - console entry point alias
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

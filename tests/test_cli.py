@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from _study import study_dict, study_toml
 from typer.testing import CliRunner
 
 from distsim.cli import app
@@ -21,23 +22,14 @@ from distsim.store import Store, StoreError, model_id
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-STUDY = """
-[study]
-name = "cli"
-store = "store"
-[data]
-dataset = "synthetic"
-num_tasks = 2
-[[arch]]
-kind = "mlp"
-widths = [4]
-[[arch]]
-kind = "cnn"
-channels = [2]
-[train]
-seeds_per_task = 3
-epochs = 1
-"""
+MLP, CNN = {"kind": "mlp", "widths": [4]}, {"kind": "cnn", "channels": [2]}
+CLI = study_dict(
+    study={"name": "cli", "store": "store"},
+    data={"dataset": "synthetic", "num_tasks": 2},
+    arch=[MLP, CNN],
+    train={"seeds_per_task": 3, "epochs": 1},
+)
+STUDY = study_toml(CLI)
 
 
 def run(*args: str):
@@ -54,7 +46,8 @@ def study_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(study_file) -> Store:
-    """2 archs x 2 tasks x 3 seeds of models, tests for 2 methods x 2 protocols, top-2 neighbours."""
+    """2 archs x 2 tasks x 3 seeds of models, tests for 2 methods x 2 protocols, top-2
+    neighbours."""
     study = parse_study(STUDY, base_dir=study_file.parent)
     store = Store(study.store)
     store.check_study(study)
@@ -64,21 +57,25 @@ def store(study_file) -> Store:
             rows = [{"model_id": model_id(arch, task, s), "seed": s, "task_name": f"syn:{task}",
                      "trial_id": f"arch={arch}/task={task}/pack=0", "node": "node-a",
                      "status": "diverged" if (arch, task, i) == ("cnn", 1, 2) else "ok",
-                     "train_acc": 1.0, "test_acc": 0.9 + i / 100, "test_loss": float("nan") if i == 2 else 0.1,
+                     "train_acc": 1.0, "test_acc": 0.9 + i / 100,
+                     "test_loss": float("nan") if i == 2 else 0.1,
                      "epochs": 1, "seconds": 0.5} for i, s in enumerate(seeds)]
             store.write_shard("models", {"arch": arch, "task": task, "pack": 0}, rows)
     for method, observed in (("chain-gram", 1.0), ("raw", 0.6)):
         for protocol, stat in (("closed-set", "accuracy"), ("open-set", "mAP")):
             key = {"arch": "mlp", "method": method, "layer": "out", "protocol": protocol}
             store.write_shard("tests", key, {
-                "statistic": [stat], "observed": [observed], "chance": [0.5], "null_mean": [0.5], "null_sd": [0.1],
-                "effect_size": [(observed - 0.5) / 0.1], "p_value": [0.01 if observed == 1.0 else 0.2],
-                "permutations": [99], "n_models": [6], "n_tasks": [2], "seed": [0], "extra": ['{"cmc@1": 1.0}']})
+                "statistic": [stat], "observed": [observed], "chance": [0.5], "null_mean": [0.5],
+                "null_sd": [0.1], "effect_size": [(observed - 0.5) / 0.1],
+                "p_value": [0.01 if observed == 1.0 else 0.2], "permutations": [99],
+                "n_models": [6], "n_tasks": [2], "seed": [0], "extra": ['{"cmc@1": 1.0}']})
     ids = [model_id("mlp", t, s) for t in (0, 1) for s in study.model_seeds(t)]
     rows = [{"model_id": m, "task": i // 3, "rank": r, "neighbor_id": ids[(i + r) % 6],
-             "neighbor_task": ((i + r) % 6) // 3, "distance": 0.1 * r, "same_task": (i // 3) == ((i + r) % 6) // 3}
+             "neighbor_task": ((i + r) % 6) // 3, "distance": 0.1 * r,
+             "same_task": (i // 3) == ((i + r) % 6) // 3}
             for i, m in enumerate(ids) for r in (1, 2)]
-    store.write_shard("neighbors", {"arch": "mlp", "method": "chain-gram", "layer": "out", "block": 0}, rows)
+    key = {"arch": "mlp", "method": "chain-gram", "layer": "out", "block": 0}
+    store.write_shard("neighbors", key, rows)
     store.mark_stage("zoo", models=12)
     return store
 
@@ -89,7 +86,8 @@ def store(study_file) -> Store:
 def test_validate_prints_the_plan(study_file):
     result = run("validate", study_file)
     assert result.exit_code == 0, result.output
-    assert "ok: study 'cli'" in result.stdout and "arch cnn (cnn): 6 models in 2 trials" in result.stdout
+    assert "ok: study 'cli'" in result.stdout
+    assert "arch cnn (cnn): 6 models in 2 trials" in result.stdout
 
 
 @pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)
@@ -101,12 +99,16 @@ def test_validate_every_job(job):
 @pytest.mark.parametrize(
     "text,start",
     [
-        (STUDY.replace("epochs = 1", "epochs = 0"), "error: train.epochs: must be in [1, inf)"),
-        (STUDY.replace("epochs = 1", "epoch = 1"), "error: train.epoch: unknown key; allowed:"),
-        (STUDY.replace('kind = "cnn"', 'kind = 3'), "error: arch[1].kind: must be a string"),
-        (STUDY.replace("[train]", "[trian]"), "error: trian: unknown key"),
+        (study_toml(CLI, train={"epochs": 0}),
+         "error: train.epochs: must be an integer in [1, inf)"),
+        (study_toml(CLI, train={"epochs": None, "epoch": 1}),
+         "error: train.epoch: unknown key; allowed:"),
+        (study_toml(CLI, arch=[MLP, {**CNN, "kind": 3}]),
+         "error: arch[1].kind: must be one of mlp, cnn, rnn, got integer 3"),
+        (study_toml(CLI, train=None, trian=CLI["train"]), "error: trian: unknown key"),
         (STUDY.replace("[data]", "[data"), "error: invalid TOML"),
-        (STUDY.replace("num_tasks = 2", "num_tasks = -2"), "error: data.num_tasks: must be in [1, inf)"),
+        (study_toml(CLI, data={"num_tasks": -2}),
+         "error: data.num_tasks: must be an integer in [1, inf)"),
     ],
     ids=["range", "unknown", "type", "section", "toml", "negative"],
 )
@@ -128,11 +130,13 @@ def test_missing_study_file_is_exit_2(tmp_path):
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(STUDY.replace("seeds_per_task = 3", "seeds_per_task = 3\nseeds_per_trial = 4"))
-    proc = subprocess.run([sys.executable, "-m", "distsim.cli", "validate", str(bad)], capture_output=True, text=True,
-                          timeout=120)
+    bad.write_text(study_toml(CLI, train={"seeds_per_trial": 4}))
+    proc = subprocess.run([sys.executable, "-m", "distsim.cli", "validate", str(bad)],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr == "error: train.seeds_per_trial: must be an integer in [1, 3] (train.seeds_per_task), got 4\n"
+    assert proc.stderr == (
+        "error: train.seeds_per_trial: must be an integer in [1, 3] (train.seeds_per_task), got 4\n"
+    )
 
 
 @pytest.fixture
@@ -156,14 +160,15 @@ def test_launch_passes_study_address_stages_and_fresh(study_file, fake_pipeline)
     result = run("launch", study_file, "--address", "auto", "--stages", "tests,zoo", "--fresh")
     assert result.exit_code == 0, result.output
     assert fake_pipeline == [
-        {"study": "cli", "address": None, "stages": ("zoo", "features", "pairs", "tests"), "fresh": False},
+        {"study": "cli", "address": None, "stages": ("zoo", "features", "pairs", "tests"),
+         "fresh": False},
         {"study": "cli", "address": "auto", "stages": ("zoo", "tests"), "fresh": True},
     ]
 
 
 def test_launch_checks_the_data_before_ray(tmp_path, fake_pipeline):
     path = tmp_path / "npz.toml"
-    path.write_text(STUDY.replace('dataset = "synthetic"', 'dataset = "npz"\npath = "missing.npz"'))
+    path.write_text(study_toml(CLI, data={"dataset": "npz", "path": "missing.npz"}))
     result = run("launch", path)
     assert result.exit_code == 2 and fake_pipeline == []
     assert result.stderr == f"error: data.path: no such file {str(tmp_path / 'missing.npz')!r}\n"
@@ -171,7 +176,8 @@ def test_launch_checks_the_data_before_ray(tmp_path, fake_pipeline):
 
 def test_launch_user_errors_exit_2(study_file, fake_pipeline):
     result = run("launch", study_file, "--stages", "zoo,train")
-    assert result.exit_code == 2 and result.stderr.startswith("error: --stages: 'train' is not a stage")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --stages: 'train' is not a stage")
     result = run("launch", study_file, "--address", "bad")
     assert result.exit_code == 2 and result.stderr == "error: study changed; launch with --fresh\n"
     assert len(fake_pipeline) == 1
@@ -201,7 +207,8 @@ def test_query_models_json_is_machine_readable(store):
 
 
 def test_query_models_filters_and_csv(store, study_file):
-    result = run("query", "models", study_file, "--arch", "cnn", "--status", "diverged", "--format", "csv")
+    result = run("query", "models", study_file, "--arch", "cnn", "--status", "diverged",
+                 "--format", "csv")
     assert result.exit_code == 0, result.output
     df = pl.read_csv(io.StringIO(result.stdout))
     assert df["model_id"].to_list() == ["cnn-t1-s5"] and df["status"].to_list() == ["diverged"]
@@ -219,7 +226,8 @@ def test_query_table_fits_a_terminal_and_says_when_cut(store):
 
 
 def test_query_table_drops_right_columns_on_a_narrow_terminal(store):
-    result = runner.invoke(app, ["query", "models", str(store.root), "--limit", "2"], env={"COLUMNS": "60"})
+    result = runner.invoke(app, ["query", "models", str(store.root), "--limit", "2"],
+                           env={"COLUMNS": "60"})
     assert result.exit_code == 0, result.output
     assert max(len(line) for line in result.stdout.splitlines()) <= 60
     assert "model_id" in result.stdout and "node" not in result.stdout
@@ -227,11 +235,14 @@ def test_query_table_drops_right_columns_on_a_narrow_terminal(store):
 
 
 def test_query_tests_and_neighbors(store):
-    result = run("query", "tests", store.root, "--method", "chain-gram", "--protocol", "open-set", "--format", "json")
+    result = run("query", "tests", store.root, "--method", "chain-gram", "--protocol", "open-set",
+                 "--format", "json")
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
-    assert (row["statistic"], row["observed"], row["p_value"], row["layer"]) == ("mAP", 1.0, 0.01, "out")
-    assert json.loads(row["extra"]) == {"cmc@1": 1.0} and row["effect_size"] == 5.0  # json: every column
+    assert (row["statistic"], row["observed"], row["p_value"], row["layer"]) == (
+        "mAP", 1.0, 0.01, "out")
+    # json: every column
+    assert json.loads(row["extra"]) == {"cmc@1": 1.0} and row["effect_size"] == 5.0
     result = run("query", "neighbors", store.root, "--model", "mlp-t0-s1", "--format", "json")
     rows = json.loads(result.stdout)
     assert [r["rank"] for r in rows] == [1, 2] and rows[0]["neighbor_id"] == "mlp-t0-s2"
@@ -244,7 +255,8 @@ def test_query_sql_over_the_tables(store):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [(r["arch"], r["n"]) for r in rows] == [("cnn", 5), ("mlp", 6)]
-    join = ("SELECT n.model_id, m.seed FROM neighbors n JOIN models m ON n.neighbor_id = m.model_id "
+    join = ("SELECT n.model_id, m.seed FROM neighbors n "
+            "JOIN models m ON n.neighbor_id = m.model_id "
             "WHERE n.rank = 1 ORDER BY n.model_id")
     result = run("query", "sql", store.root, join, "--format", "csv")
     assert result.exit_code == 0, result.output

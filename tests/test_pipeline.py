@@ -15,55 +15,31 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from _study import study_toml
 
 from distsim.config import parse_study
-from distsim.pipeline.pairs import _merge_block, compute_tile, tile_plan, tile_summary
+from distsim.pipeline.pairs import compute_tile, merge_block, tile_plan, tile_summary
 from distsim.pipeline.progress import Progress
-from distsim.pipeline.tests import chunk_sizes, combine
-from distsim.store import FeatureMatrix, Store, StoreError
+from distsim.pipeline.significance import chunk_sizes, combine
+from distsim.store import Store, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTSIM = str(Path(sys.executable).with_name("distsim"))
 
-TINY = """
-[study]
-name = "tiny"
-store = "{store}"
 
-[data]
-dataset = "synthetic"
-num_tasks = 4
-synthetic_samples = 40
-
-[[arch]]
-name = "mlp"
-kind = "mlp"
-widths = [8]
-
-[[arch]]
-name = "rnn"
-kind = "rnn"
-hidden = 4
-
-[train]
-seeds_per_task = 4
-seeds_per_trial = 2
-epochs = {epochs}
-batch_size = 16
-
-[features]
-methods = ["chain-gram", "raw"]
-layers = "all"
-
-[tests]
-permutations = 9
-permanova_permutations = 9
-chunk_size = 4
-
-[pairs]
-top_k = 3
-block = 5
-"""
+def tiny(store: Path, epochs: int) -> str:
+    """The tiny study: 4 tasks x 4 seeds of an mlp and an rnn, every layer, 9 permutations in
+    chunks of 4, top-3 neighbours in tiles of 5 models."""
+    return study_toml(
+        study={"name": "tiny", "store": str(store)},
+        data={"dataset": "synthetic", "num_tasks": 4, "synthetic_samples": 40},
+        arch=[{"name": "mlp", "kind": "mlp", "widths": [8]},
+              {"name": "rnn", "kind": "rnn", "hidden": 4}],
+        train={"seeds_per_task": 4, "seeds_per_trial": 2, "epochs": epochs, "batch_size": 16},
+        features={"methods": ["chain-gram", "raw"], "layers": "all"},
+        tests={"permutations": 9, "permanova_permutations": 9, "chunk_size": 4},
+        pairs={"top_k": 3, "block": 5},
+    )
 
 
 # ----------------------------------------------------------------------------- no Ray
@@ -75,7 +51,8 @@ def test_progress_plain_lines_off_a_terminal() -> None:
         for _ in range(3):
             p.update()
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("zoo") and "0/3 trial" in lines[0] and "(2 already in store)" in lines[0]
+    assert lines[0].startswith("zoo") and "0/3 trial" in lines[0]
+    assert "(2 already in store)" in lines[0]
     assert "3/3 trial" in lines[-1] and "trial/s" in lines[-1] and "\r" not in out.getvalue()
     assert sum("3/3" in line for line in lines) == 1  # the end state once, not again at close
 
@@ -110,15 +87,12 @@ def test_tiles_merge_to_the_exact_neighbours_and_pair_sums() -> None:
     n, block, k = 23, 5, 4
     X = rng.normal(size=(n, 7)).astype(np.float32)
     tasks = np.repeat(np.arange(5), 5)[:n]
-    fm = FeatureMatrix([f"m{i}" for i in range(n)], tasks, np.arange(n), X)
-    rows, idx, dist, sums = [], [], [], []
-    for i, j in tile_plan(n, block):
-        s, r, ii, dd = compute_tile(X, tasks, i, j, block, k, "euclidean")
-        rows.append(r), idx.append(ii), dist.append(dd), sums.append(s)
-    rows, idx, dist = np.concatenate(rows), np.concatenate(idx), np.concatenate(dist)
+    parts = [compute_tile(X, tasks, i, j, block, k, "euclidean") for i, j in tile_plan(n, block)]
+    sums = [p[0] for p in parts]
+    rows, idx, dist = (np.concatenate([p[c] for p in parts]) for c in (1, 2, 3))
     want_i, want_d = topk_neighbors(X, k)
     for b in range(math.ceil(n / block)):
-        r, got_i, got_d = _merge_block(fm, b, block, k, rows, idx, dist)
+        r, got_i, got_d = merge_block(n, b, block, k, rows, idx, dist)
         np.testing.assert_array_equal(got_i, want_i[r])
         np.testing.assert_allclose(got_d, want_d[r], rtol=1e-5)
     D = pairwise_distances(X).astype(np.float64)
@@ -127,7 +101,8 @@ def test_tiles_merge_to_the_exact_neighbours_and_pair_sums() -> None:
     assert sum(s["intra_count"] for s in sums) == same.sum()
     assert sum(s["inter_count"] for s in sums) == (~same).sum()
     np.testing.assert_allclose(sum(s["intra_sum"] for s in sums), D[iu][same].sum(), rtol=1e-5)
-    np.testing.assert_allclose(sum(s["inter_sumsq"] for s in sums), (D[iu][~same] ** 2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(sum(s["inter_sumsq"] for s in sums), (D[iu][~same] ** 2).sum(),
+                               rtol=1e-5)
     diag = tile_summary(np.zeros((3, 3)), np.array([0, 0, 1]), np.array([0, 0, 1]), diagonal=True)
     assert (diag["intra_count"], diag["inter_count"]) == (1, 2)
 
@@ -136,7 +111,8 @@ def test_chunks_and_combined_p_value() -> None:
     assert chunk_sizes(9, 4) == [4, 4, 1] and chunk_sizes(3, 50) == [3]
     with pytest.raises(ValueError):
         chunk_sizes(0, 4)
-    head = {"observed": 0.9, "statistic": "accuracy", "chance": 0.25, "null": np.array([0.2, 0.95]), "extra": {}}
+    head = {"observed": 0.9, "statistic": "accuracy", "chance": 0.25,
+            "null": np.array([0.2, 0.95]), "extra": {}}
     row = combine(head, [np.array([0.3]), np.array([0.1, 0.9])], 5)
     assert row["p_value"] == pytest.approx((1 + 2) / (1 + 5))  # 0.95 and the tie 0.9
     assert row["null_mean"] == pytest.approx(np.mean([0.2, 0.95, 0.3, 0.1, 0.9]))
@@ -157,11 +133,10 @@ def _files(root: Path) -> dict[str, tuple[int, int]]:
 def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: Path) -> None:
     from distsim.features import weight_features_batch
     from distsim.pipeline.launch import run_study
-    from distsim.stats import htt, htt_null_chunk, p_value
+    from distsim.stats import htt, htt_null_chunk, p_value, permanova, permanova_null_chunk
     from distsim.stats.distances import pairwise_distances, topk_neighbors
-    from distsim.stats.permanova import permanova, permanova_null_chunk
 
-    study = parse_study(TINY.format(store=tmp_path / "store", epochs=3))
+    study = parse_study(tiny(tmp_path / "store", epochs=3))
     out = io.StringIO()
     result = run_study(study, stream=out)
     assert ray_session.is_initialized(), "run_study must leave the session's Ray running"
@@ -180,7 +155,8 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
     assert len(fm.model_ids) == 16
     sds = store.read_state_dicts(fm.model_ids)
     arch = study.arch("rnn").with_task_shape((1, 8, 8), 2)
-    want = weight_features_batch([sds[m] for m in fm.model_ids], arch, "chain-gram", "gru_ih", None, 0)
+    want = weight_features_batch([sds[m] for m in fm.model_ids], arch, "chain-gram", "gru_ih",
+                                 None, 0)
     np.testing.assert_allclose(fm.X, want, rtol=1e-6)
 
     # neighbors and pairs of one group equal the single-process computation
@@ -195,7 +171,8 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
         assert group["neighbor_id"].to_list() == [fm.model_ids[j] for j in want_i[r]]
         np.testing.assert_allclose(group["distance"].to_numpy(), want_d[r], rtol=1e-5)
     pairs = store.scan("pairs").filter(
-        (pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram") & (pl.col("layer") == "out")).collect()
+        (pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram") & (pl.col("layer") == "out")
+    ).collect()
     assert pairs.height == len(tile_plan(16, 5))
     D = pairwise_distances(fm.X).astype(np.float64)
     iu = np.triu_indices(16, 1)
@@ -209,16 +186,19 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
     assert tests.height == (2 + 2) * 2 * 3  # (mlp fc1, out + rnn gru_ih, out) x 2 methods x 3 tests
     assert (tests["p_value"] >= 1 / 10 - 1e-12).all() and (tests["p_value"] <= 1).all()
     row = tests.filter((pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram")
-                       & (pl.col("layer") == "out") & (pl.col("protocol") == "closed-set")).row(0, named=True)
+                       & (pl.col("layer") == "out") & (pl.col("protocol") == "closed-set")
+                       ).row(0, named=True)
     kw = study.tests.htt_kwargs()
     head = htt(fm.X, fm.tasks, "closed-set", permutations=4, seed=0, **kw)
-    null = np.concatenate([head.null] + [htt_null_chunk(fm.X, fm.tasks, "closed-set", permutations=b, seed=(0, c),
-                                                         split_seed=0, **kw) for c, b in ((1, 4), (2, 1))])
+    chunks = [htt_null_chunk(fm.X, fm.tasks, "closed-set", permutations=b, seed=(0, c),
+                             split_seed=0, **kw) for c, b in ((1, 4), (2, 1))]
+    null = np.concatenate([head.null] + chunks)
     assert row["observed"] == pytest.approx(head.statistic) and row["chance"] == pytest.approx(0.25)
     assert row["p_value"] == pytest.approx(p_value(head.statistic, null))
     assert row["null_mean"] == pytest.approx(null.mean()) and row["permutations"] == 9
     row = tests.filter((pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram")
-                       & (pl.col("layer") == "out") & (pl.col("protocol") == "permanova")).row(0, named=True)
+                       & (pl.col("layer") == "out") & (pl.col("protocol") == "permanova")
+                       ).row(0, named=True)
     D = pairwise_distances(fm.X)
     first = permanova(D, fm.tasks, permutations=4, seed=0)
     null = np.concatenate([first.null, permanova_null_chunk(D, fm.tasks, 4, (0, 1)),
@@ -236,7 +216,7 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
     assert time.monotonic() - t0 < 60  # generous: "seconds", not a re-run (no timing claim)
 
     # a changed study is refused unless fresh
-    changed = parse_study(TINY.format(store=tmp_path / "store", epochs=4))
+    changed = parse_study(tiny(tmp_path / "store", epochs=4))
     with pytest.raises(StoreError, match="train.epochs"):
         run_study(changed, stages=("zoo",), stream=io.StringIO())
     assert _files(store.root) == before
@@ -244,10 +224,10 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
 
 @pytest.mark.ray
 def test_missing_upstream_stage_is_a_one_line_error(ray_session, tmp_path: Path) -> None:
-    from distsim.pipeline import LaunchError
+    from distsim.errors import LaunchError
     from distsim.pipeline.launch import run_study
 
-    study = parse_study(TINY.format(store=tmp_path / "store", epochs=1))
+    study = parse_study(tiny(tmp_path / "store", epochs=1))
     with pytest.raises(LaunchError, match="run the zoo stage first"):
         run_study(study, stages=("features",), stream=io.StringIO())
     with pytest.raises(ValueError, match="stages"):
@@ -257,9 +237,11 @@ def test_missing_upstream_stage_is_a_one_line_error(ray_session, tmp_path: Path)
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_quickstart_via_cli(tmp_path: Path) -> None:
-    """`distsim launch jobs/quickstart.toml`: chain-gram far above chance (p at its floor), raw weaker."""
+    """`distsim launch jobs/quickstart.toml`: chain-gram far above chance (p at its floor), raw
+    weaker."""
     text = (ROOT / "jobs" / "quickstart.toml").read_text()
-    lines = [f'store = "{tmp_path / "store"}"' if line.startswith("store =") else line for line in text.splitlines()]
+    lines = [f'store = "{tmp_path / "store"}"' if line.startswith("store =") else line
+             for line in text.splitlines()]
     (tmp_path / "quickstart.toml").write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -275,8 +257,9 @@ def test_quickstart_via_cli(tmp_path: Path) -> None:
     for arch in ("mlp", "cnn", "rnn"):
         last = study.feature_layers(arch)[-1]
         mine = tests.filter((pl.col("arch") == arch) & (pl.col("layer") == last))
-        chain = mine.filter((pl.col("method") == "chain-gram") & (pl.col("protocol") == "closed-set")).row(0, named=True)
-        raw = mine.filter((pl.col("method") == "raw") & (pl.col("protocol") == "closed-set")).row(0, named=True)
+        closed = mine.filter(pl.col("protocol") == "closed-set")
+        chain = closed.filter(pl.col("method") == "chain-gram").row(0, named=True)
+        raw = closed.filter(pl.col("method") == "raw").row(0, named=True)
         assert chain["p_value"] == pytest.approx(floor), (arch, chain)
         assert chain["observed"] >= chain["chance"] + 0.5, (arch, chain)
         assert raw["observed"] < chain["observed"] - 0.3, (arch, raw, chain)
@@ -286,42 +269,33 @@ def test_quickstart_via_cli(tmp_path: Path) -> None:
 def test_joining_an_address_nobody_serves_fails_fast() -> None:
     import socket
 
-    from distsim.pipeline import LaunchError
-    from distsim.pipeline.launch import _check_reachable
+    from distsim.errors import LaunchError
+    from distsim.pipeline.launch import check_reachable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         with pytest.raises(LaunchError, match="nothing answers there"):
-            _check_reachable(f"127.0.0.1:{port}")
-    _check_reachable("auto")  # left to ray.init
+            check_reachable(f"127.0.0.1:{port}")
+    check_reachable("auto")  # left to ray.init
 
 
 @pytest.mark.ray
 @pytest.mark.e2e
-def test_failed_trials_are_retried_recorded_and_trained_by_the_next_launch(ray_session, tmp_path: Path) -> None:
+def test_failed_trials_are_retried_recorded_and_trained_by_the_next_launch(
+    ray_session, tmp_path: Path
+) -> None:
     from distsim.pipeline.launch import run_study
 
     data = tmp_path / "data.npz"
     data.write_bytes(b"not an npz file")  # every trial fails while loading its task
-    study = parse_study(f"""
-[study]
-name = "failing"
-store = "{tmp_path / 'store'}"
-[data]
-dataset = "npz"
-path = "{data}"
-num_tasks = 2
-[[arch]]
-kind = "mlp"
-widths = [4]
-[train]
-seeds_per_task = 2
-seeds_per_trial = 2
-epochs = 1
-[resources]
-max_failures = 1
-""")
+    study = parse_study(study_toml(
+        study={"name": "failing", "store": str(tmp_path / "store")},
+        data={"dataset": "npz", "path": str(data), "num_tasks": 2},
+        arch=[{"kind": "mlp", "widths": [4]}],
+        train={"seeds_per_task": 2, "seeds_per_trial": 2, "epochs": 1},
+        resources={"max_failures": 1},
+    ))
     out = io.StringIO()
     result = run_study(study, stages=("zoo",), stream=out)
     assert result["stages"]["zoo"]["failed"] == 2
@@ -337,5 +311,6 @@ max_failures = 1
     result = run_study(study, stages=("zoo",), stream=io.StringIO())
     assert result["stages"]["zoo"]["trials"] == 2 and result["stages"]["zoo"]["failed"] == 0
     models = store.scan("models").collect()
-    assert models.height == 4 and (models["status"] == "ok").all() and models["error"].is_null().all()
+    assert models.height == 4 and (models["status"] == "ok").all()
+    assert models["error"].is_null().all()
     assert "zoo" in store.stages()

@@ -1,4 +1,4 @@
-"""Features stage: a pool of Ray actors turns each pack's weights into invariant features.
+"""The features stage: a pool of Ray actors turns each pack's weights into invariant features.
 
 One unit of work is one zoo pack (arch, task, pack): the actor reads the pack's weights, keeps
 its ``ok`` models, and for every configured method x layer computes the (K, D) features with
@@ -11,10 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+import torch
 
 from distsim.config import Pack, Study
-from distsim.pipeline import LaunchError
+from distsim.errors import LaunchError
+from distsim.features import weight_features_batch
 from distsim.pipeline.progress import Progress
+from distsim.pipeline.stage import RunContext, Stage
 from distsim.pipeline.zoo import failed_packs, study_tasks
 from distsim.store import Store
 
@@ -35,7 +38,8 @@ def pending_feature_packs(study: Study, store: Store) -> list[Pack]:
     """
     have_models = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
     have_models -= failed_packs(store)
-    have = {tuple(k[c] for c in ("arch", "method", "layer", "task", "pack")) for k in store.shard_keys("features")}
+    columns = ("arch", "method", "layer", "task", "pack")
+    have = {tuple(k[c] for c in columns) for k in store.shard_keys("features")}
     out = []
     for pack in study.packs():
         if (pack.arch, pack.task, pack.pack) not in have_models:
@@ -47,13 +51,9 @@ def pending_feature_packs(study: Study, store: Store) -> list[Pack]:
 
 def featurize_pack(study: Study, pack: Pack) -> int:
     """Compute and write the features shards of one pack; returns the number of rows written."""
-    import torch
-
-    from distsim.features import weight_features_batch
-
     store = Store(study.store)
     models = (
-        pl.read_parquet(store.shard_path("models", {"arch": pack.arch, "task": pack.task, "pack": pack.pack}))
+        pl.read_parquet(store.shard_path("models", pack.key))
         .filter(pl.col("status") == "ok")
         .sort("seed")
     )
@@ -68,8 +68,9 @@ def featurize_pack(study: Study, pack: Pack) -> int:
             if store.has_shard("features", key):
                 continue
             if ids:
-                X = weight_features_batch([state_dicts[i] for i in ids], arch, key["method"], key["layer"],
-                                          study.features.dim, study.features.seed, study.features.sketch)
+                spec = study.features
+                X = weight_features_batch([state_dicts[i] for i in ids], arch, key["method"],
+                                          key["layer"], spec.dim, spec.seed, spec.sketch)
             else:
                 X = None
             data = {
@@ -83,7 +84,7 @@ def featurize_pack(study: Study, pack: Pack) -> int:
     return rows
 
 
-def run_features(study: Study, store: Store, stream=None) -> dict[str, Any]:
+def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     """Featurize every pending pack with an actor pool; returns counts for the launch summary."""
     import ray
     from ray.util import ActorPool
@@ -91,25 +92,25 @@ def run_features(study: Study, store: Store, stream=None) -> dict[str, Any]:
     packs = pending_feature_packs(study, store)
     total = len(study.packs())
     if not store.shard_keys("models"):
-        raise LaunchError(f"features: store {str(store.root)!r} holds no models yet; run the zoo stage first")
-    progress = Progress("features", len(packs), unit="pack", skipped=total - len(packs), stream=stream)
-    if not packs:
-        progress.close()
-        return {"packs": 0, "skipped": total, "rows": 0}
-    cpus = study.resources.cpus_per_actor
-    Worker = ray.remote(num_cpus=cpus)(_FeatureWorker)
-    n_actors = min(study.resources.feature_actors, len(packs))
-    actors = [Worker.remote(study, max(1, int(cpus))) for _ in range(n_actors)]
-    pool = ActorPool(actors)
+        raise LaunchError(f"features: store {str(store.root)!r} holds no models yet; "
+                          "run the zoo stage first")
+    skipped = total - len(packs)
     rows = 0
-    try:
-        for n in pool.map_unordered(lambda a, p: a.run.remote(p), packs):
-            rows += n
-            progress.update(1)
-    finally:
-        progress.close()
-        for a in actors:
-            ray.kill(a)
+    with Progress("features", len(packs), unit="pack", skipped=skipped,
+                  stream=ctx.stream) as progress:
+        if not packs:
+            return {"packs": 0, "skipped": total, "rows": 0}
+        cpus = study.resources.cpus_per_actor
+        Worker = ray.remote(num_cpus=cpus)(_FeatureWorker)
+        n_actors = min(study.resources.feature_actors, len(packs))
+        actors: list[Any] = [Worker.remote(study, max(1, int(cpus))) for _ in range(n_actors)]
+        try:
+            for n in ActorPool(actors).map_unordered(lambda a, p: a.run.remote(p), packs):
+                rows += n
+                progress.update(1)
+        finally:
+            for a in actors:
+                ray.kill(a)
     return {"packs": len(packs), "skipped": total - len(packs), "rows": rows}
 
 
@@ -117,10 +118,16 @@ class _FeatureWorker:
     """A feature actor: holds the study (and its tasks, once loaded) across packs."""
 
     def __init__(self, study: Study, threads: int) -> None:
-        import torch
-
         torch.set_num_threads(threads)
         self.study = study
 
     def run(self, pack: Pack) -> int:
         return featurize_pack(self.study, pack)
+
+
+STAGE = Stage(
+    name="features",
+    pending=lambda study, store: len(pending_feature_packs(study, store)),
+    run=run_features,
+    complete=lambda study, store: not pending_feature_packs(study, store),
+)

@@ -1,52 +1,31 @@
-"""Pairs stage: all-pairs distances of each feature matrix as a Ray Data job over blocks (I, J).
+"""The pairs stage: all-pairs distances of each feature matrix, a Ray Data job over tiles (I, J).
 
-For every group (arch, method, layer) the (N, D) feature matrix is cut into row blocks of
+For every feature matrix (arch, method, layer) the (N, D) feature matrix is cut into row blocks of
 ``pairs.block`` rows; tile (I, J), I <= J, computes the distance block with
 ``distsim.stats.distances.distance_block``, writes its intra-task / inter-task distance sums
 as one ``pairs`` shard, and returns the partial top-k neighbours of the rows of I (and of J,
 from the transposed block). The driver merges the partials of each row block with
 ``merge_topk`` and writes one ``neighbors`` shard per block. Ray Data has no cross join, so the
 dataset is the list of tile ids (``ray.data.range``); each matrix is ``ray.put`` once and a
-callable class fetches it (see DESIGN.md, Ray notes). Tiles whose outputs are in the store
-are skipped.
+callable class fetches it. Tiles whose outputs are in the store are skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import polars as pl
 
-from distsim.config import Study
-from distsim.pipeline import LaunchError
+from distsim.config import MatrixKey, Study
+from distsim.errors import LaunchError
 from distsim.pipeline.progress import Progress
+from distsim.pipeline.stage import RunContext, Stage
+from distsim.stats import block_topk, distance_block, merge_topk
 from distsim.store import FeatureMatrix, Store
-
-
-@dataclass(frozen=True)
-class Group:
-    """One feature matrix of the study: (arch, method, layer)."""
-
-    arch: str
-    method: str
-    layer: str
-
-    @property
-    def key(self) -> dict[str, str]:
-        return {"arch": self.arch, "method": self.method, "layer": self.layer}
-
-
-def study_groups(study: Study) -> list[Group]:
-    """Every (arch, method, layer) of the study, in arch, layer, method order."""
-    return [
-        Group(arch, method, layer)
-        for arch in study.arch_names
-        for layer in study.feature_layers(arch)
-        for method in study.features.methods
-    ]
 
 
 def tile_plan(n: int, block: int) -> list[tuple[int, int]]:
@@ -57,23 +36,29 @@ def tile_plan(n: int, block: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(nb) for j in range(i, nb)]
 
 
-def pending_tiles(store: Store, group: Group, n: int, block: int) -> tuple[list[tuple[int, int]], set[int]]:
-    """Tiles to compute and row blocks whose neighbours are missing, for one group.
+def pending_tiles(store: Store, matrix: MatrixKey, n: int,
+                  block: int) -> tuple[list[tuple[int, int]], set[int]]:
+    """Tiles to compute and row blocks whose neighbours are missing, for one feature matrix.
 
     A tile is needed when its pairs shard is missing or when it touches a row block whose
     neighbors shard is missing (a block's top-k needs every tile of its row and column).
     """
     tiles = tile_plan(n, block)
     nb = math.ceil(n / block)
-    mine = [k for k in store.shard_keys("pairs") if all(k[c] == v for c, v in group.key.items())]
+    mine = [k for k in store.shard_keys("pairs") if _of(k, matrix)]
     have_pairs = {(k["block_i"], k["block_j"]) for k in mine}
-    have_nbrs = {k["block"] for k in store.shard_keys("neighbors") if all(k[c] == v for c, v in group.key.items())}
+    have_nbrs = {k["block"] for k in store.shard_keys("neighbors") if _of(k, matrix)}
     missing = set(range(nb)) - have_nbrs
     todo = [t for t in tiles if t not in have_pairs or t[0] in missing or t[1] in missing]
     return todo, missing
 
 
-def tile_summary(D: np.ndarray, tasks_i: np.ndarray, tasks_j: np.ndarray, diagonal: bool) -> dict[str, Any]:
+def _of(key: dict[str, Any], matrix: MatrixKey) -> bool:
+    return all(key[c] == v for c, v in matrix.key.items())
+
+
+def tile_summary(D: np.ndarray, tasks_i: np.ndarray, tasks_j: np.ndarray,
+                 diagonal: bool) -> dict[str, Any]:
     """Intra-task and inter-task distance count, sum and sum of squares of one block (float64).
 
     D (n_I, n_J); a diagonal block counts each unordered pair once (strict upper triangle).
@@ -83,16 +68,23 @@ def tile_summary(D: np.ndarray, tasks_i: np.ndarray, tasks_j: np.ndarray, diagon
     d = D.astype(np.float64)
     intra, inter = d[same & keep], d[~same & keep]
     return {
-        "intra_count": int(intra.size), "intra_sum": float(intra.sum()), "intra_sumsq": float((intra**2).sum()),
-        "inter_count": int(inter.size), "inter_sum": float(inter.sum()), "inter_sumsq": float((inter**2).sum()),
+        "intra_count": int(intra.size), "intra_sum": float(intra.sum()),
+        "intra_sumsq": float((intra**2).sum()),
+        "inter_count": int(inter.size), "inter_sum": float(inter.sum()),
+        "inter_sumsq": float((inter**2).sum()),
     }
 
 
-def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k: int, metric: str):
-    """One tile (I=i, J=j): its summary dict and partial top-k (rows, indices (r, k), distances (r, k))."""
-    from distsim.stats.distances import block_topk, distance_block
+TilePart = tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]
 
-    si, sj = slice(i * block, min((i + 1) * block, len(X))), slice(j * block, min((j + 1) * block, len(X)))
+
+def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k: int,
+                 metric: str) -> TilePart:
+    """One tile (I=i, J=j) of X (N, D): its summary dict and partial top-k
+    (rows (r,), neighbour indices (r, k), distances (r, k))."""
+    n = len(X)
+    si = slice(i * block, min((i + 1) * block, n))
+    sj = slice(j * block, min((j + 1) * block, n))
     diagonal = i == j
     D = distance_block(X[si], None if diagonal else X[sj], metric)
     summary = tile_summary(D, tasks[si], tasks[sj], diagonal)
@@ -106,14 +98,14 @@ def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k
 
 
 class _TileWorker:
-    """Ray Data callable class: fetches the feature matrices lazily (one ray.get per group)."""
+    """Ray Data callable class: fetches the feature matrices lazily (one ray.get per matrix)."""
 
-    def __init__(self, refs: list, groups: list[Group], tiles: np.ndarray, store_root: str,
-                 block: int, k: int, metric: str) -> None:
-        self.refs, self.groups, self.tiles = refs, groups, tiles
+    def __init__(self, refs: list[Any], matrices: list[MatrixKey], tiles: np.ndarray,
+                 store_root: str, block: int, k: int, metric: str) -> None:
+        self.refs, self.matrices, self.tiles = refs, matrices, tiles
         self.store = Store(store_root)
         self.block, self.k, self.metric = block, k, metric
-        self._cached: tuple[int, Any] | None = None
+        self._cached: tuple[int, FeatureMatrix] | None = None
 
     def _matrix(self, g: int) -> FeatureMatrix:
         import ray
@@ -123,22 +115,25 @@ class _TileWorker:
         return self._cached[1]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"tile": [], "group": [], "row": [], "nbr": [], "dist": []}
+        out: dict[str, list[np.ndarray]] = {"tile": [], "matrix": [], "row": [], "nbr": [],
+                                            "dist": []}
         for t in batch["id"]:
             g, i, j = (int(v) for v in self.tiles[int(t)])
             fm = self._matrix(g)
-            summary, rows, idx, dist = compute_tile(fm.X, fm.tasks, i, j, self.block, self.k, self.metric)
-            key = {**self.groups[g].key, "block_i": i, "block_j": j}
+            summary, rows, idx, dist = compute_tile(fm.X, fm.tasks, i, j, self.block, self.k,
+                                                    self.metric)
+            key = {**self.matrices[g].key, "block_i": i, "block_j": j}
             self.store.write_shard("pairs", key, [{"metric": self.metric, **summary}])
             out["tile"].append(np.full(len(rows), int(t)))
-            out["group"].append(np.full(len(rows), g))
+            out["matrix"].append(np.full(len(rows), g))
             out["row"].append(rows)
             out["nbr"].append(idx)
             out["dist"].append(dist)
         return {c: np.concatenate(v) for c, v in out.items()}
 
 
-def neighbor_rows(fm: FeatureMatrix, block: int, rows: np.ndarray, idx: np.ndarray, dist: np.ndarray) -> list[dict]:
+def neighbor_rows(fm: FeatureMatrix, block: int, rows: np.ndarray, idx: np.ndarray,
+                  dist: np.ndarray) -> list[dict[str, Any]]:
     """Rows of one neighbors shard: for each model, its neighbours by rank (padding dropped)."""
     out = []
     for r, nbrs, ds in zip(rows, idx, dist, strict=True):
@@ -146,87 +141,106 @@ def neighbor_rows(fm: FeatureMatrix, block: int, rows: np.ndarray, idx: np.ndarr
             if n < 0:
                 break
             out.append({
-                "model_id": fm.model_ids[r], "block": block, "task": int(fm.tasks[r]), "rank": rank,
-                "neighbor_id": fm.model_ids[n], "neighbor_task": int(fm.tasks[n]),
+                "model_id": fm.model_ids[r], "block": block, "task": int(fm.tasks[r]),
+                "rank": rank, "neighbor_id": fm.model_ids[n], "neighbor_task": int(fm.tasks[n]),
                 "distance": float(d), "same_task": bool(fm.tasks[r] == fm.tasks[n]),
             })
     return out
 
 
-def _merge_block(fm: FeatureMatrix, b: int, block: int, k: int, rows, idx, dist):
-    """Merge the partial top-k lists of row block b (every tile of its row and column)."""
-    from distsim.stats.distances import merge_topk
-
-    lo, hi = b * block, min((b + 1) * block, len(fm.X))
+def merge_block(n: int, b: int, block: int, k: int, rows: np.ndarray, idx: np.ndarray,
+                dist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top-k neighbours of the rows of block b of an n-row matrix, from the partial lists
+    (rows, idx (., k), dist (., k)) of every tile of its row and column: (rows, idx, dist)."""
+    lo, hi = b * block, min((b + 1) * block, n)
     sel = (rows >= lo) & (rows < hi)
     order = np.argsort(rows[sel], kind="stable")
     r, i, d = rows[sel][order], idx[sel][order], dist[sel][order]
-    parts = math.ceil(len(fm.X) / block)
+    parts = math.ceil(n / block)
     if len(r) != (hi - lo) * parts:
-        raise RuntimeError(f"pairs: block {b} got {len(r)} partial rows, expected {(hi - lo) * parts}")
-    n = hi - lo
-    best_i, best_d = merge_topk([i.reshape(n, parts * k)], [d.reshape(n, parts * k)], k)
+        raise RuntimeError(f"pairs: block {b} got {len(r)} partial rows, "
+                           f"expected {(hi - lo) * parts}")
+    m = hi - lo
+    best_i, best_d = merge_topk([i.reshape(m, parts * k)], [d.reshape(m, parts * k)], k)
     return np.arange(lo, hi), best_i, best_d
 
 
-def run_pairs(study: Study, store: Store, stream=None, pool_size: int = 1) -> dict[str, Any]:
-    """Compute the pending tiles of every group with one Ray Data job; write pairs and neighbors."""
-    import ray
-    import ray.data
+def _feature_counts(store: Store) -> dict[tuple[str, str, str], int]:
+    """{(arch, method, layer): feature rows} of the store."""
+    by = store.scan("features").group_by("arch", "method", "layer").agg(pl.len()).collect()
+    return {(a, m, layer): int(c) for a, m, layer, c in by.iter_rows()}
 
-    groups, matrices, todo, missing = [], [], [], []
+
+def pending(study: Study, store: Store) -> int:
+    """Tiles to compute over every feature matrix (a matrix with no features counts 1)."""
+    counts = _feature_counts(store)
+    block = study.pairs.block
+    total = 0
+    for m in study.matrices():
+        n = counts.get((m.arch, m.method, m.layer), 0)
+        total += len(pending_tiles(store, m, n, block)[0]) or int(n == 0)
+    return total
+
+
+def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
+    """Compute the pending tiles of every feature matrix with one Ray Data job (a pool of
+    half the cluster's CPUs); write pairs and neighbors."""
+    import ray
+
+    keys: list[MatrixKey] = []
+    matrices: list[FeatureMatrix] = []
+    missing: list[set[int]] = []
+    todo: list[tuple[int, int, int]] = []
     total_tiles = 0
     block, metric = study.pairs.block, study.pairs.metric
-    for group in study_groups(study):
-        fm = store.feature_matrix(group.arch, group.method, group.layer)
+    for key in study.matrices():
+        fm = store.feature_matrix(key.arch, key.method, key.layer)
         if len(fm.model_ids) < 2:
             raise LaunchError(
-                f"pairs: {group.arch}/{group.method}/{group.layer} has {len(fm.model_ids)} feature rows "
-                "in the store; run the features stage first (it needs at least 2 ok models)"
+                f"pairs: {key} has {len(fm.model_ids)} feature rows in the store; run the "
+                "features stage first (it needs at least 2 ok models)"
             )
-        tiles, blocks = pending_tiles(store, group, len(fm.model_ids), block)
+        tiles, blocks = pending_tiles(store, key, len(fm.model_ids), block)
         total_tiles += len(tile_plan(len(fm.model_ids), block))
         if not tiles:
             continue
-        g = len(groups)
-        groups.append(group)
+        g = len(keys)
+        keys.append(key)
         matrices.append(fm)
         missing.append(blocks)
         todo += [(g, i, j) for i, j in tiles]
-    progress = Progress("pairs", len(todo), unit="tile", skipped=total_tiles - len(todo), stream=stream)
-    if not todo:
-        progress.close()
-        return {"tiles": 0, "skipped": total_tiles, "groups": 0}
+    skipped = total_tiles - len(todo)
     k = study.pairs.top_k
-    quiet_ray_data()
-    refs = [ray.put(fm) for fm in matrices]
-    with warnings.catch_warnings():
-        # max_restarts=0 goes through map_batches' **ray_remote_args (deprecated in 2.60, still
-        # honoured): a tile actor that dies fails the job, and the next launch redoes only the
-        # missing tiles. With restarts on, Ray logs an error line about the constructor's args.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _tile_dataset(todo, pool_size, refs, groups, store, block, k, metric)
     parts: list[dict[str, np.ndarray]] = []
-    try:
+    with Progress("pairs", len(todo), unit="tile", skipped=skipped,
+                  stream=ctx.stream) as progress:
+        if not todo:
+            return {"tiles": 0, "skipped": total_tiles, "groups": 0}
+        quiet_ray_data()
+        refs = [ray.put(fm) for fm in matrices]
+        with warnings.catch_warnings():
+            # max_restarts=0 goes through map_batches' **ray_remote_args (deprecated in 2.60,
+            # still honoured): a tile actor that dies fails the job, and the next launch redoes
+            # only the missing tiles. With restarts on, Ray logs an error line about the
+            # constructor's args.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = _tile_dataset(todo, max(1, ctx.cpus // 2), refs, keys, store, block, k, metric)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            parts.append({c: batch[c] for c in ("group", "row", "nbr", "dist")})
+            parts.append({c: batch[c] for c in ("matrix", "row", "nbr", "dist")})
             progress.update(len(np.unique(batch["tile"])))
-    finally:
-        progress.close()
     cat = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-    for g, (group, fm) in enumerate(zip(groups, matrices, strict=True)):
-        mask = cat["group"] == g
+    for g, (key, fm) in enumerate(zip(keys, matrices, strict=True)):
+        mask = cat["matrix"] == g
         rows, idx, dist = cat["row"][mask], cat["nbr"][mask], cat["dist"][mask]
         for b in sorted(missing[g]):
-            r, best_i, best_d = _merge_block(fm, b, block, k, rows, idx, dist)
-            store.write_shard("neighbors", {**group.key, "block": b}, neighbor_rows(fm, b, r, best_i, best_d))
-    return {"tiles": len(todo), "skipped": total_tiles - len(todo), "groups": len(groups)}
+            r, best_i, best_d = merge_block(len(fm.X), b, block, k, rows, idx, dist)
+            store.write_shard("neighbors", {**key.key, "block": b},
+                              neighbor_rows(fm, b, r, best_i, best_d))
+    return {"tiles": len(todo), "skipped": total_tiles - len(todo), "groups": len(keys)}
 
 
 def quiet_ray_data() -> None:
     """No Ray Data progress bars or INFO lines: the stage prints its own progress."""
-    import logging
-
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -234,18 +248,24 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _tile_dataset(todo, pool_size, refs, groups, store, block, k, metric):
+def _tile_dataset(todo: list[tuple[int, int, int]], pool_size: int, refs: list[Any],
+                  keys: list[MatrixKey], store: Store, block: int, k: int, metric: str) -> Any:
     """The Ray Data pipeline: tile ids -> _TileWorker actors (pool of pool_size, 1 CPU each)."""
     import ray.data
 
     tiles = np.asarray(todo, dtype=np.int64)
-    return ray.data.range(len(todo), override_num_blocks=min(len(todo), 8 * pool_size)).map_batches(
+    blocks = min(len(todo), 8 * pool_size)
+    return ray.data.range(len(todo), override_num_blocks=blocks).map_batches(
         _TileWorker,
-        fn_constructor_kwargs={"refs": refs, "groups": groups, "tiles": tiles, "store_root": str(store.root),
-                               "block": block, "k": k, "metric": metric},
+        fn_constructor_kwargs={"refs": refs, "matrices": keys, "tiles": tiles,
+                               "store_root": str(store.root), "block": block, "k": k,
+                               "metric": metric},
         batch_size=1,
         num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=pool_size),
         batch_format="numpy",
         max_restarts=0,
     )
+
+
+STAGE = Stage(name="pairs", pending=pending, run=run_pairs, complete=lambda study, store: True)

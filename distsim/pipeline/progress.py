@@ -43,7 +43,8 @@ class Progress:
             raise ValueError(f"total must be >= 0, got {total}")
         self.name, self.total, self.unit, self.skipped = name, int(total), unit, int(skipped)
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(tty) if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = (bool(tty) if tty is not None
+                    else bool(getattr(self.stream, "isatty", lambda: False)()))
         self.min_interval, self.line_interval, self.width = min_interval, line_interval, width
         self.done = 0
         self.start = time.monotonic()

@@ -1,4 +1,4 @@
-"""Zoo stage: one Ray Tune trial per (arch, task, pack of seeds) not yet in the store.
+"""The zoo stage: one Ray Tune trial per (arch, task, pack of seeds) not yet in the store.
 
 A trial trains its pack with ``distsim.train.train_pack`` and writes the pack's weights shard,
 then its models shard (the models shard is the pack's "done" marker, so a crash between the two
@@ -19,22 +19,22 @@ import time
 from typing import Any
 
 import polars as pl
+import torch
 
 from distsim.config import Pack, Study
 from distsim.pipeline.progress import Progress
+from distsim.pipeline.stage import RunContext, Stage
 from distsim.store import Store, model_id
 from distsim.tasks import DataConfig, Task, make_tasks
+from distsim.train import SeedResult, train_pack
+
+DOWNSTREAM = ("neighbors", "pairs", "tests")  # tables built from a whole arch's feature matrix
 
 
 @functools.lru_cache(maxsize=4)
 def study_tasks(data: DataConfig) -> tuple[Task, ...]:
     """The study's tasks, built once per worker process (make_tasks is deterministic)."""
     return tuple(make_tasks(data))
-
-
-def pack_key(pack: Pack) -> dict[str, Any]:
-    """The store key (arch, task, pack) of one trial's models and weights shards."""
-    return {"arch": pack.arch, "task": pack.task, "pack": pack.pack}
 
 
 def failed_packs(store: Store) -> set[tuple[str, int, int]]:
@@ -67,7 +67,8 @@ def node_label() -> str:
     return f"{socket.gethostname()}/{node}"
 
 
-def model_rows(study: Study, pack: Pack, task: Task, results: list, trial_id: str, node: str) -> list[dict]:
+def model_rows(pack: Pack, task: Task, results: list[SeedResult], trial_id: str,
+               node: str) -> list[dict[str, Any]]:
     """Rows of the models table for one trained pack (one per seed, in pack order)."""
     return [
         {
@@ -89,7 +90,7 @@ def model_rows(study: Study, pack: Pack, task: Task, results: list, trial_id: st
     ]
 
 
-def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dict]:
+def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dict[str, Any]]:
     """Rows recording a trial that failed after all retries (NaN metrics, the error text)."""
     try:
         name = study_tasks(study.data)[pack.task].name
@@ -105,22 +106,20 @@ def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dic
     ]
 
 
-def train_and_store(study: Study, pack: Pack, trial_id: str, threads: int = 1) -> dict[str, float]:
+def train_and_store(study: Study, pack: Pack, trial_id: str,
+                    threads: int = 1) -> dict[str, float]:
     """Train one pack and write its weights then models shards; returns the trial's metrics.
 
     A pack whose models shard already says ok (a retried trial that had written it) is not
     trained again.
     """
-    import torch
-
-    from distsim.train import train_pack
-
     store = Store(study.store)
-    key = pack_key(pack)
+    key = pack.key
     if store.has_shard("models", key):
         held = pl.read_parquet(store.shard_path("models", key))
         if (held["status"] != "failed").all():
-            return {"ok": int((held["status"] == "ok").sum()), "test_acc": float(held["test_acc"].mean()),
+            return {"ok": held.filter(pl.col("status") == "ok").height,
+                    "test_acc": float(held["test_acc"].to_numpy().mean()),
                     "seconds": 0.0, "skipped": 1}
     torch.set_num_threads(max(1, threads))
     task = study_tasks(study.data)[pack.task]
@@ -128,8 +127,9 @@ def train_and_store(study: Study, pack: Pack, trial_id: str, threads: int = 1) -
     start = time.perf_counter()
     results = train_pack(task, arch, list(pack.seeds), study.train_config(pack.arch))
     seconds = time.perf_counter() - start
-    store.write_weights(key, {model_id(pack.arch, pack.task, r.seed): r.state_dict for r in results})
-    store.write_shard("models", key, model_rows(study, pack, task, results, trial_id, node_label()))
+    weights = {model_id(pack.arch, pack.task, r.seed): r.state_dict for r in results}
+    store.write_weights(key, weights)
+    store.write_shard("models", key, model_rows(pack, task, results, trial_id, node_label()))
     ok = [r for r in results if r.status == "ok"]
     return {
         "ok": len(ok),
@@ -139,50 +139,54 @@ def train_and_store(study: Study, pack: Pack, trial_id: str, threads: int = 1) -
     }
 
 
-def _trainable(config: dict, study: Study | None = None) -> None:
+def _trainable(config: dict[str, Any], study: Study | None = None) -> None:
     """The Tune function trainable: one pack, reported once to Tune when stored."""
     from ray import tune
 
+    assert study is not None  # bound by tune.with_parameters
     pack = _pack(config)
     trial_id = tune.get_context().get_trial_id() or pack.trial_id
     threads = int(max(1, math.floor(study.resources.cpus_per_trial)))
     tune.report(train_and_store(study, pack, trial_id, threads))
 
 
-def _tune_callback(progress: Progress):
+def _tune_callback(progress: Progress) -> Any:
     """A Tune callback that counts finished and errored trials on our progress line."""
     from ray import tune
 
     class _Count(tune.Callback):
-        def __init__(self) -> None:
-            self.errors = 0
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                              **info: Any) -> None:
             progress.update(1)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.errors += 1
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                           **info: Any) -> None:
             progress.update(1)
 
     return _Count()
 
 
-def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
-    """Train every pending pack as a Tune trial; returns counts for the launch summary."""
+def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
+    """Train every pending pack as a Tune trial; returns counts for the launch summary.
+
+    The neighbors, pairs and tests of an arch whose zoo gained packs are deleted: they were
+    computed from a smaller feature matrix and would be stale.
+    """
     from ray import tune
 
     packs = pending_packs(study, store)
     total = len(study.packs())
-    progress = Progress("zoo", len(packs), unit="trial", skipped=total - len(packs), stream=stream)
+    skipped = total - len(packs)
+    progress = Progress("zoo", len(packs), unit="trial", skipped=skipped, stream=ctx.stream)
     if not packs:
         progress.close()
-        return {"trials": 0, "skipped": total, "failed": 0, "archs": []}
+        return {"trials": 0, "skipped": total, "failed": 0}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no Tune tables, our progress only
     res = {"cpu": study.resources.cpus_per_trial}
     if study.resources.gpus_per_trial:
         res["gpu"] = study.resources.gpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(_trainable, study=study), res)
-    space = [{"arch": p.arch, "task": p.task, "pack": p.pack, "seeds": list(p.seeds)} for p in packs]
+    space = [{**p.key, "seeds": list(p.seeds)} for p in packs]
     storage = store.root / "_tune"
     name = "zoo-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     counter = _tune_callback(progress)
@@ -207,25 +211,35 @@ def run_zoo(study: Study, store: Store, stream=None) -> dict[str, Any]:
     finally:
         progress.close()
     failed = 0
-    for result in grid:
+    for result in [grid[i] for i in range(len(grid))]:  # a ResultGrid is indexed, not iterated
         if result.error is None:
             continue
+        assert result.config is not None  # every trial of the grid has its pack
         pack = _pack(result.config)
-        if store.has_shard("models", pack_key(pack)):
+        if store.has_shard("models", pack.key):
             continue  # the trial wrote its pack before it failed (e.g. while reporting)
         failed += 1
         error = error_text(result.error)
         trial = os.path.basename(str(result.path or "").rstrip("/")) or pack.trial_id
-        store.write_shard("models", pack_key(pack), failed_rows(study, pack, trial, error))
+        store.write_shard("models", pack.key, failed_rows(study, pack, trial, error))
     if failed:
-        print(f"zoo       {failed} trial(s) failed after {study.resources.max_failures} retries; their models "
-              "are recorded as failed and the next launch trains them again", file=progress.stream, flush=True)
+        print(f"zoo       {failed} trial(s) failed after {study.resources.max_failures} retries; "
+              "their models are recorded as failed and the next launch trains them again",
+              file=progress.stream, flush=True)
     if failed == 0:
         shutil.rmtree(storage / name, ignore_errors=True)  # everything it holds is in the store
         if storage.is_dir() and not any(storage.iterdir()):
             storage.rmdir()
-    return {"trials": len(packs), "skipped": total - len(packs), "failed": failed,
-            "archs": sorted({p.arch for p in packs})}
+    _clear_downstream(store, {p.arch for p in packs})
+    return {"trials": len(packs), "skipped": total - len(packs), "failed": failed}
+
+
+def _clear_downstream(store: Store, archs: set[str]) -> None:
+    """Remove the all-models shards (neighbors, pairs, tests) of `archs`."""
+    for table in DOWNSTREAM:
+        for key in store.shard_keys(table):
+            if key["arch"] in archs:
+                store.shard_path(table, key).unlink(missing_ok=True)
 
 
 def error_text(error: BaseException) -> str:
@@ -253,3 +267,11 @@ def _pack(config: dict) -> Pack:
 def _trial_name(config: dict) -> str:
     p = config["pack"]
     return f"{p['arch']}-t{p['task']}-p{p['pack']}"
+
+
+STAGE = Stage(
+    name="zoo",
+    pending=lambda study, store: len(pending_packs(study, store)),
+    run=run_zoo,
+    complete=lambda study, store: not pending_packs(study, store),
+)
