@@ -1,9 +1,11 @@
-"""Shared fixtures: one local Ray instance per test session, shut down at the end."""
+"""Shared fixtures: one local Ray instance per test session, shut down at the end; the study
+file builder (`study_toml`, from `tests/_study.py`)."""
 
 from __future__ import annotations
 
 import os
 
+import _study
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -22,6 +24,19 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def study_toml():
+    """`_study.study_toml`: `study_toml(**sections) -> str`, the TOML text of a small default
+    study (synthetic data, 2 tasks, one mlp with widths [4], 3 seeds per task, 1 epoch) where
+    a dict merges into its section (`None` keys removed), `None` removes the section and a
+    list or scalar replaces it; a full study dict passed first replaces the default.
+
+    Module constants and module-scoped fixtures import the function itself:
+    `from _study import study_toml`.
+    """
+    return _study.study_toml
 
 
 def _cuda_available() -> bool:

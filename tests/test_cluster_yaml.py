@@ -25,7 +25,8 @@ def raw() -> dict:
 
 
 def test_ray_version_is_the_pinned_one_and_matches_the_image(raw):
-    assert ray.__version__ == RAY_VERSION, "private autoscaler API: re-check cluster.yaml for this Ray"
+    assert ray.__version__ == RAY_VERSION, (
+        "private autoscaler API: re-check cluster.yaml for this Ray")
     assert raw["docker"]["image"] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
 
 
@@ -46,7 +47,8 @@ def test_cpu_head_and_autoscaling_gpu_workers(raw):
     types = raw["available_node_types"]
     head = types[raw["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0
-    gpu_workers = [t for name, t in types.items() if name != raw["head_node_type"] and t["resources"].get("GPU", 0) >= 1]
+    gpu_workers = [t for name, t in types.items()
+                   if name != raw["head_node_type"] and t["resources"].get("GPU", 0) >= 1]
     assert gpu_workers, "needs a GPU worker type"
     assert all(t["min_workers"] == 0 < t["max_workers"] <= raw["max_workers"] for t in gpu_workers)
 

@@ -45,7 +45,8 @@ def test_output_shape_and_packed_forward(arch, input_shape):
 
 def test_layer_layout_is_plain_sequential():
     mlp = build(ArchConfig(kind="mlp", widths=(4, 4)))
-    assert [type(m).__name__ for m in mlp] == ["Flatten", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in mlp] == [
+        "Flatten", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
     cnn = build(ArchConfig(kind="cnn", channels=(2, 3)))
     assert [type(m).__name__ for m in cnn] == [
         "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear"]

@@ -26,32 +26,14 @@ from distsim.store import Store
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
 BIN = Path(sys.executable).parent
-STUDY = """
-[study]
-name = "multinode"
-store = "{store}"
-
-[data]
-dataset = "synthetic"
-num_tasks = 2
-synthetic_samples = 100
-
-[[arch]]
-kind = "mlp"
-widths = [8]
-
-[train]
-seeds_per_task = 4
-seeds_per_trial = 2
-epochs = 60
-batch_size = 16
-
-[features]
-methods = ["chain-gram", "raw"]
-
-[pairs]
-top_k = 3
-"""
+# The study's sections but [study] (name and store), for the `study_toml` fixture.
+SECTIONS = {
+    "data": {"dataset": "synthetic", "num_tasks": 2, "synthetic_samples": 100},
+    "arch": [{"kind": "mlp", "widths": [8]}],
+    "train": {"seeds_per_task": 4, "seeds_per_trial": 2, "epochs": 60, "batch_size": 16},
+    "features": {"methods": ["chain-gram", "raw"]},
+    "pairs": {"top_k": 3},
+}
 
 
 def _free_port() -> int:
@@ -79,11 +61,13 @@ def two_nodes():
             f"--temp-dir={dirs[0]}", f"--dashboard-agent-listen-port={_free_port()}",
             f"--metrics-export-port={_free_port()}", *common]
     worker = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", f"--temp-dir={dirs[1]}",
-              f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}", *common]
+              f"--dashboard-agent-listen-port={_free_port()}",
+              f"--metrics-export-port={_free_port()}", *common]
     logs = [open(Path(d) / "start.log", "w") for d in dirs]
     try:
         for cmd, log in zip((head, worker), logs, strict=True):
-            proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             sessions.append(proc.pid)
             _wait_for_nodes(port, len(sessions), proc, log.name)
         yield f"127.0.0.1:{port}"
@@ -108,16 +92,22 @@ def _wait_for_nodes(port: int, n: int, proc: subprocess.Popen, log: str) -> None
     raise AssertionError(f"ray start did not bring up node {n}: {Path(log).read_text()[-2000:]}")
 
 
-def test_two_nodes_share_the_zoo_and_match_a_single_node_run(two_nodes, ray_session, tmp_path: Path) -> None:
+def test_two_nodes_share_the_zoo_and_match_a_single_node_run(
+    two_nodes, ray_session, tmp_path: Path, study_toml
+) -> None:
     from distsim.pipeline.launch import run_study
 
+    def study_text(store: Path) -> str:
+        return study_toml(study={"name": "multinode", "store": str(store)}, **SECTIONS)
+
     multi, single = tmp_path / "multi", tmp_path / "single"
-    (tmp_path / "study.toml").write_text(STUDY.format(store=multi))
+    (tmp_path / "study.toml").write_text(study_text(multi))
     # One actor per trial: the first two trials start together, one on each 1-CPU node (with
     # actor reuse a fast node may take every trial before the other node's worker is up).
     env = {**_env(), "DISTSIM_TUNE_REUSE_ACTORS": "0"}
-    proc = subprocess.run([str(BIN / "distsim"), "launch", str(tmp_path / "study.toml"), "--address", two_nodes,
-                           "--stages", "zoo,features"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(BIN / "distsim"), "launch", str(tmp_path / "study.toml"),
+                           "--address", two_nodes, "--stages", "zoo,features"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 node(s)" in proc.stderr
     models = Store(multi).scan("models").sort("model_id").collect()
@@ -126,16 +116,18 @@ def test_two_nodes_share_the_zoo_and_match_a_single_node_run(two_nodes, ray_sess
     assert len(nodes) == 2, f"all trials ran on one node: {nodes}"
 
     # the same study on one node (this session's Ray) gives the same weights, metrics, features
-    study = parse_study(STUDY.format(store=single))
+    study = parse_study(study_text(single))
     run_study(study, stages=("zoo", "features"), stream=io.StringIO())
     ref = Store(single).scan("models").sort("model_id").collect()
-    cols = ["model_id", "task", "pack", "seed", "status", "train_acc", "test_acc", "train_loss", "test_loss", "epochs"]
+    cols = ["model_id", "task", "pack", "seed", "status", "train_acc", "test_acc", "train_loss",
+            "test_loss", "epochs"]
     assert models.select(cols).equals(ref.select(cols))
     w_multi, w_single = Store(multi).read_state_dicts(), Store(single).read_state_dicts()
     assert w_multi.keys() == w_single.keys()
     for mid, sd in w_single.items():
         for name, tensor in sd.items():
-            np.testing.assert_array_equal(w_multi[mid][name].numpy(), tensor.numpy(), err_msg=f"{mid} {name}")
+            np.testing.assert_array_equal(w_multi[mid][name].numpy(), tensor.numpy(),
+                                          err_msg=f"{mid} {name}")
     for method in ("chain-gram", "raw"):
         for layer in study.feature_layers("mlp"):
             a = Store(multi).feature_matrix("mlp", method, layer)

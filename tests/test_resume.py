@@ -19,35 +19,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 DISTSIM = str(Path(sys.executable).with_name("distsim"))
 TASKS, SEEDS = 4, 6
 
-STUDY = f"""
-[study]
-name = "resume"
-store = "store"
-
-[data]
-dataset = "synthetic"
-num_tasks = {TASKS}
-synthetic_samples = 80
-
-[[arch]]
-kind = "mlp"
-widths = [16]
-
-[train]
-seeds_per_task = {SEEDS}
-seeds_per_trial = 1
-epochs = 10
-batch_size = 16
-
-[tests]
-permutations = 9
-permanova_permutations = 9
-chunk_size = 5
-
-[pairs]
-top_k = 3
-block = 8
-"""
+# The study's sections, for the `study_toml` fixture; its store is "store" beside the study file.
+SECTIONS = {
+    "study": {"name": "resume", "store": "store"},
+    "data": {"dataset": "synthetic", "num_tasks": TASKS, "synthetic_samples": 80},
+    "arch": [{"kind": "mlp", "widths": [16]}],
+    "train": {"seeds_per_task": SEEDS, "seeds_per_trial": 1, "epochs": 10, "batch_size": 16},
+    "tests": {"permutations": 9, "permanova_permutations": 9, "chunk_size": 5},
+    "pairs": {"top_k": 3, "block": 8},
+}
 
 
 def _env() -> dict[str, str]:
@@ -64,8 +44,8 @@ def _files(store: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path) -> None:
-    (tmp_path / "study.toml").write_text(STUDY)
+def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path, study_toml) -> None:
+    (tmp_path / "study.toml").write_text(study_toml(**SECTIONS))
     store = tmp_path / "store"
     models_dir = store / "models" / "arch=mlp"
     log = open(tmp_path / "first.log", "w")
@@ -77,7 +57,9 @@ def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path) -> None:
             if models_dir.is_dir() and len(list(models_dir.glob("*.parquet"))) >= 6:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the launch ended before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
+        assert proc.poll() is None, (
+            "the launch ended before it could be killed: "
+            + (tmp_path / "first.log").read_text()[-2000:])
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=30)
@@ -86,7 +68,8 @@ def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path) -> None:
     finished = sorted(p.name for p in models_dir.glob("*.parquet"))
     assert 6 <= len(finished) < TASKS * SEEDS, f"killed too late: {len(finished)} packs done"
     before = _files(store)
-    kept = {k: v for k, v in before.items() if k.startswith(("models/", "weights/")) and k.split("/")[-1] in finished}
+    kept = {k: v for k, v in before.items()
+            if k.startswith(("models/", "weights/")) and k.split("/")[-1] in finished}
     assert len(kept) == 2 * len(finished)
 
     second = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=_env(),
@@ -106,7 +89,8 @@ def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path) -> None:
     assert sorted(models.group_by("task").len()["len"].to_list()) == [SEEDS] * TASKS
     assert (models["status"] == "ok").all()
     after = _files(store)
-    assert {k: after[k] for k in kept} == kept, "a pack that had finished was trained or written again"
+    assert {k: after[k] for k in kept} == kept, (
+        "a pack that had finished was trained or written again")
     assert not list(store.rglob(".tmp-*")), "a temp file survived"
     tests = Store(store).scan("tests").collect()
     assert tests.height > 0 and tests.filter(pl.col("p_value").is_null()).height == 0

@@ -50,7 +50,8 @@ def test_digits_relabels_the_pair_to_0_1():
 
 
 def test_tasks_are_bit_identical_and_depend_on_the_seed():
-    for cfg in (DataConfig(num_tasks=5, seed=3), DataConfig(dataset="synthetic", num_tasks=3, seed=3)):
+    for cfg in (DataConfig(num_tasks=5, seed=3),
+                DataConfig(dataset="synthetic", num_tasks=3, seed=3)):
         assert _same(make_tasks(cfg), make_tasks(cfg))
     a = make_tasks(DataConfig(num_tasks=5, seed=0))
     b = make_tasks(DataConfig(num_tasks=5, seed=1))

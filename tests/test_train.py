@@ -42,7 +42,9 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def _sgd_alone(task: Task, arch: ArchConfig, seed: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def _sgd_alone(
+    task: Task, arch: ArchConfig, seed: int, cfg: TrainConfig
+) -> dict[str, torch.Tensor]:
     """The reference experiment: nn.Module + torch.optim (+ MultiStepLR), float64, one seed."""
     model = build_seeded(arch.with_task_shape(task.input_shape, task.num_classes), seed).double()
     if cfg.optimizer == "sgd":
@@ -77,7 +79,8 @@ def test_init_model_is_manual_seed_then_build_and_keeps_global_rng():
     model = init_model(arch, 7)
     assert torch.equal(torch.rand(3), expected_next)  # caller's RNG stream untouched
     lone = build_seeded(arch, 7)
-    for (name, a), (_, b) in zip(model.state_dict().items(), lone.state_dict().items(), strict=True):
+    pairs = zip(model.state_dict().items(), lone.state_dict().items(), strict=True)
+    for (name, a), (_, b) in pairs:
         assert torch.equal(a, b), name
 
 
@@ -95,7 +98,8 @@ def test_batch_order_of_a_seed_is_the_same_in_any_pack():
 def test_seed_in_pack_of_8_equals_seed_trained_alone(task, kind):
     # Measured on x86 CPU (torch 2.13), 2 epochs, max |diff| of any weight: float32 0 for MLP
     # and RNN (bitwise), 9e-8 for the CNN (grouped-conv kernels round differently for 8 groups
-    # than for 1); float64 0 (MLP, RNN) and 1.1e-16 (CNN). Asserted: 1e-6 (float32), 1e-12 (float64).
+    # than for 1); float64 0 (MLP, RNN) and 1.1e-16 (CNN). Asserted: 1e-6 (float32), 1e-12
+    # (float64).
     seeds = [0, 1, 2, 3, 4, 5, 6, 7]
     for dtype, tol in (("float32", 1e-6), ("float64", 1e-12)):
         cfg = TrainConfig(epochs=2, lr=0.05, dtype=dtype)
@@ -113,7 +117,8 @@ def test_seed_in_pack_of_8_equals_seed_trained_alone(task, kind):
         ("mlp", TrainConfig(epochs=3, lr=0.05, momentum=0.9, dtype="float64")),
         ("mlp", TrainConfig(epochs=3, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
                             milestones=(1, 2), gamma=0.5, dtype="float64")),
-        ("mlp", TrainConfig(epochs=2, lr=0.01, optimizer="adam", weight_decay=1e-4, dtype="float64")),
+        ("mlp", TrainConfig(epochs=2, lr=0.01, optimizer="adam", weight_decay=1e-4,
+                            dtype="float64")),
         ("cnn", TrainConfig(epochs=2, lr=0.05, momentum=0.5, dtype="float64")),
         ("rnn", TrainConfig(epochs=2, lr=0.05, momentum=0.9, dtype="float64")),
     ],
@@ -170,7 +175,8 @@ def test_diverged_seeds_are_frozen_and_do_not_touch_the_others(task):
     for r in survivors:
         assert _max_diff(r.state_dict, pack[r.seed].state_dict) <= 1e-6
     (alone,) = train_pack(task, arch, [diverged[0]], cfg)  # diverges alone the same way
-    assert alone.status == "diverged" and _max_diff(alone.state_dict, pack[diverged[0]].state_dict) <= 1e-6
+    assert alone.status == "diverged"
+    assert _max_diff(alone.state_dict, pack[diverged[0]].state_dict) <= 1e-6
 
 
 def test_divergence_at_the_first_step_keeps_the_init(task):
