@@ -9,8 +9,8 @@
 
 STORE is a store folder or a study TOML (whose study.store is used). User errors (any
 distsim.errors.DistsimError: bad study file, changed study, unknown table; bad SQL) print one
-line on stderr and exit with code 2. Only ``launch`` imports Ray; the store commands on a
-store folder import neither torch nor Ray, so they answer fast.
+line on stderr and exit with code 2. Only ``launch`` imports Ray; ``query`` on a store folder
+imports neither Ray nor torch, so it answers fast.
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import polars as pl
 import typer
 
 from distsim.errors import ConfigError, DistsimError, StoreError
 from distsim.store import TABLES, Store
+from distsim.tasks import make_tasks
+
+if TYPE_CHECKING:
+    from distsim.config import Study
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -143,11 +147,9 @@ def launch(
     run_study(study, address=address, stages=tuple(s for s in names if s in chosen), fresh=fresh)
 
 
-def _check_data(study: Any) -> None:
+def _check_data(study: Study) -> None:
     """Build the tasks once on the driver, so a missing or bad data file is one line here
     rather than a traceback in every Ray trial (ValueError from distsim.tasks -> ConfigError)."""
-    from distsim.tasks import make_tasks
-
     try:
         make_tasks(study.data)
     except ValueError as exc:
@@ -350,7 +352,8 @@ def _emit(df: pl.DataFrame, fmt: Format, limit: int) -> None:
                    "use a wider terminal or --format csv/json)", err=True)
 
 
-def _json_value(v):
+def _json_value(v: Any) -> Any:
+    """A JSON-safe cell: NaN and infinities become null (lists element-wise)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, list):
