@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_digits import train_zoo  # noqa: E402
 
 from distsim.features import feature_layers, weight_features_batch  # noqa: E402
-from distsim.tasks import DataConfig, _digits, make_tasks  # noqa: E402
+from distsim.tasks import DataConfig, digits, make_tasks  # noqa: E402
 from distsim.train import TrainConfig  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def nearest_centroid(x: np.ndarray, labels: np.ndarray, seeds_per_task: int) -> 
 
 def upsampled_digits(k: int, folder: Path) -> DataConfig:
     """DataConfig of the digits pair-tasks with every image blown up k times (an .npz in folder)."""
-    x, y = _digits()
+    x, y = digits()
     path = folder / f"digits_x{k}.npz"
     np.savez(path, X=np.kron(x, np.ones((1, 1, k, k), dtype=np.float32)), y=y)
     return DataConfig(dataset="npz", path=str(path), num_tasks=10, seed=0)

@@ -111,7 +111,7 @@ def make_tasks(cfg: DataConfig) -> list[Task]:
     if cfg.dataset == "synthetic":
         return [_synthetic_task(cfg, i) for i in range(cfg.num_tasks)]
     if cfg.dataset == "digits":
-        x, y = _digits()
+        x, y = digits()
         prefix = "digits"
     else:
         path = cfg.path
@@ -122,8 +122,10 @@ def make_tasks(cfg: DataConfig) -> list[Task]:
 
 
 @functools.lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images x (1797, 1, 8, 8) float32 in [0, 1], labels y
+    (1797,) int64 (no download)."""
+    from sklearn.datasets import load_digits  # sklearn only when digits are asked for
 
     data = load_digits()
     x = (data.images.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
