@@ -182,6 +182,22 @@ def test_shard_keys_round_trip_through_paths(tmp_path_factory, arch, method, lay
     assert store.shard_keys("features") == [key]
 
 
+def test_shard_keys_where_lists_only_the_selected_partitions(tmp_path):
+    store = Store(tmp_path)
+    keys = [{"arch": a, "method": m, "layer": "fc1", "block": b}
+            for a in ("cnn", "mlp") for m in ("chain-gram", "raw") for b in (0, 1)]
+    for key in keys:
+        store.write_shard("neighbors", key, [])
+    mine = {"arch": "mlp", "method": "raw", "layer": "fc1"}
+    assert store.shard_keys("neighbors", mine) == [{**mine, "block": 0}, {**mine, "block": 1}]
+    assert store.shard_keys("neighbors", {"arch": "cnn"}) == keys[:4]
+    assert store.shard_keys("neighbors", {"arch": "rnn"}) == []
+    with pytest.raises(StoreError, match="selected by"):
+        store.shard_keys("neighbors", {"block": 0})  # not a partition column
+    with pytest.raises(StoreError, match="must match"):
+        store.shard_files("neighbors", {"arch": "../x"})
+
+
 def test_shard_keys_with_dashes_in_leaf_values(tmp_path):
     store = Store(tmp_path)
     for protocol in ("closed-set", "open-set"):

@@ -45,16 +45,11 @@ def pending_tiles(store: Store, matrix: MatrixKey, n: int,
     """
     tiles = tile_plan(n, block)
     nb = math.ceil(n / block)
-    mine = [k for k in store.shard_keys("pairs") if _of(k, matrix)]
-    have_pairs = {(k["block_i"], k["block_j"]) for k in mine}
-    have_nbrs = {k["block"] for k in store.shard_keys("neighbors") if _of(k, matrix)}
+    have_pairs = {(k["block_i"], k["block_j"]) for k in store.shard_keys("pairs", matrix.key)}
+    have_nbrs = {k["block"] for k in store.shard_keys("neighbors", matrix.key)}
     missing = set(range(nb)) - have_nbrs
     todo = [t for t in tiles if t not in have_pairs or t[0] in missing or t[1] in missing]
     return todo, missing
-
-
-def _of(key: dict[str, Any], matrix: MatrixKey) -> bool:
-    return all(key[c] == v for c, v in matrix.key.items())
 
 
 def tile_summary(D: np.ndarray, tasks_i: np.ndarray, tasks_j: np.ndarray,

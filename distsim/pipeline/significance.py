@@ -30,7 +30,7 @@ from distsim.stats import (
     permanova,
     permanova_null_chunk,
 )
-from distsim.store import Store
+from distsim.store import TABLES, Store
 
 PERMANOVA = "permanova"
 
@@ -100,11 +100,9 @@ def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) ->
             "extra": json.dumps(head["extra"], sort_keys=True)}
 
 
-def _stored_tests(store: Store) -> set[tuple[str, str, str, str]]:
+def _stored_tests(store: Store) -> set[tuple[Any, ...]]:
     """(arch, method, layer, protocol) of every test in the store."""
-    columns = ("arch", "method", "layer", "protocol")
-    return {(k[columns[0]], k[columns[1]], k[columns[2]], k[columns[3]])
-            for k in store.shard_keys("tests")}
+    return {tuple(k[c] for c in TABLES["tests"].key) for k in store.shard_keys("tests")}
 
 
 def pending(study: Study, store: Store) -> int:

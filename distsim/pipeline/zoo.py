@@ -237,9 +237,9 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
 def _clear_downstream(store: Store, archs: set[str]) -> None:
     """Remove the all-models shards (neighbors, pairs, tests) of `archs`."""
     for table in DOWNSTREAM:
-        for key in store.shard_keys(table):
-            if key["arch"] in archs:
-                store.shard_path(table, key).unlink(missing_ok=True)
+        for arch in archs:
+            for path in store.shard_files(table, {"arch": arch}):
+                path.unlink(missing_ok=True)
 
 
 def error_text(error: BaseException) -> str:

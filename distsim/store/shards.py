@@ -88,36 +88,37 @@ class ShardStore:
         if set(key) != set(spec.key):
             raise StoreError(f"{table}: a shard key has exactly {list(spec.key)}, "
                              f"got {sorted(key)}")
-        parts = []
-        for col in spec.key:
-            value = key[col]
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
-                raise StoreError(f"{table}: key {col} must be a string or an int, got {value!r}")
-            text = str(int(value)) if isinstance(value, (int, np.integer)) else value
-            if not KEY_VALUE.match(text):
-                raise StoreError(f"{table}: key {col}={text!r} must match [A-Za-z0-9_.-]+")
-            parts.append(f"{col}={text}")
+        parts = [_key_part(table, col, key[col]) for col in spec.key]
         folders, leaf = parts[: len(spec.partition)], parts[len(spec.partition):]
         return self.root.joinpath(table, *folders, "-".join(leaf) + ".parquet")
 
     def has_shard(self, table: str, key: Mapping[str, Any]) -> bool:
         return self.shard_path(table, key).is_file()
 
-    def shard_files(self, table: str) -> list[Path]:
-        """The shard files of `table` present, sorted (temp files excluded)."""
+    def shard_files(self, table: str, where: Mapping[str, Any] | None = None) -> list[Path]:
+        """The shard files of `table` present, sorted (temp files excluded). `where` selects
+        partition values (e.g. {"arch": "mlp"}): only those folders are listed."""
         spec = self.spec(table)
+        where = where or {}
+        other = sorted(set(where) - set(spec.partition))
+        if other:
+            raise StoreError(f"{table}: shards are selected by {list(spec.partition)}, "
+                             f"got {other}")
         folder = self.root / table
         if not folder.is_dir():
             return []
-        pattern = "/".join(["*"] * len(spec.partition) + ["*.parquet"])
+        folders = [_key_part(table, c, where[c]) if c in where else "*" for c in spec.partition]
+        pattern = "/".join([*folders, "*.parquet"])
         return [p for p in sorted(folder.glob(pattern)) if not p.name.startswith(TEMP_PREFIX)]
 
-    def shard_keys(self, table: str) -> list[dict[str, Any]]:
-        """Keys of the shards present, parsed back from their paths (ints as int)."""
+    def shard_keys(self, table: str,
+                   where: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Keys of the shards present (those of the partition values `where`, if given),
+        parsed back from their paths (ints as int)."""
         spec = self.spec(table)
         leaf_cols = "|".join(re.escape(c) for c in spec.key[len(spec.partition):])
         keys = []
-        for path in self.shard_files(table):
+        for path in self.shard_files(table, where):
             rel = path.relative_to(self.root / table)
             leaf = re.split(rf"-(?=(?:{leaf_cols})=)", rel.name[: -len(".parquet")])
             key: dict[str, Any] = {}
@@ -177,6 +178,16 @@ class ShardStore:
                         path.unlink(missing_ok=True)
                         count += 1
         return count
+
+
+def _key_part(table: str, col: str, value: Any) -> str:
+    """``"<col>=<value>"``, the folder or file-name part of one key column."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
+        raise StoreError(f"{table}: key {col} must be a string or an int, got {value!r}")
+    text = str(int(value)) if isinstance(value, (int, np.integer)) else value
+    if not KEY_VALUE.match(text):
+        raise StoreError(f"{table}: key {col}={text!r} must match [A-Za-z0-9_.-]+")
+    return f"{col}={text}"
 
 
 def _to_table(spec: TableSpec, key: Mapping[str, Any], data: Any) -> pa.Table:

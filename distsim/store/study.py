@@ -188,14 +188,13 @@ class Store(ShardStore):
         for a, t in sorted(pairs):
             if not KEY_VALUE.match(a):
                 return None
-            files += sorted((self.root / "weights" / f"arch={a}").glob(f"task={t}-pack=*.parquet"))
+            files += [p for p in self.shard_files("weights", {"arch": a})
+                      if p.name.startswith(f"task={t}-")]
         return files
 
     def feature_matrix(self, arch: str, method: str, layer: str) -> FeatureMatrix:
         """The features of one (arch, method, layer) as a dense (N, D) float32 matrix."""
-        key = {"arch": arch, "method": method, "layer": layer, "task": 0, "pack": 0}
-        folder = self.shard_path("features", key).parent
-        files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(TEMP_PREFIX))
+        files = self.shard_files("features", {"arch": arch, "method": method, "layer": layer})
         columns = ["model_id", "task", "seed", "vector"]
         df = pl.concat([pl.read_parquet(f, columns=columns) for f in files]) if files else None
         return codecs.feature_matrix(df if df is not None else pl.DataFrame(),
