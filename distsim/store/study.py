@@ -196,9 +196,9 @@ class Store(ShardStore):
         """The features of one (arch, method, layer) as a dense (N, D) float32 matrix."""
         files = self.shard_files("features", {"arch": arch, "method": method, "layer": layer})
         columns = ["model_id", "task", "seed", "vector"]
-        df = pl.concat([pl.read_parquet(f, columns=columns) for f in files]) if files else None
-        return codecs.feature_matrix(df if df is not None else pl.DataFrame(),
-                                     f"{arch}/{method}/{layer}")
+        parts = [pl.read_parquet(f, columns=columns) for f in files]
+        df = pl.concat(parts) if parts else pl.DataFrame()
+        return codecs.feature_matrix(df, f"{arch}/{method}/{layer}")
 
     # ------------------------------------------------------------------ stages and status
     def mark_stage(self, stage: str, **info: Any) -> None:
