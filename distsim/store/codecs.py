@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow as pa
 
 from distsim.errors import StoreError
+from distsim.store.lineage import fingerprint, token
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +25,7 @@ class FeatureMatrix:
     tasks: np.ndarray  # (N,) int64
     seeds: np.ndarray  # (N,) int64
     X: np.ndarray  # (N, D) float32
+    upstream: str = ""  # fingerprint of its rows (model_id@trial_id), see distsim.store.lineage
 
 
 def weights_table(state_dicts: Mapping[str, Mapping[str, Any]]) -> pa.Table:
@@ -66,11 +68,11 @@ def state_dicts(df: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def feature_matrix(df: pl.DataFrame, what: str) -> FeatureMatrix:
-    """The FeatureMatrix of features rows (model_id, task, seed, vector), sorted by (task, seed,
-    model_id); `what` names the matrix in errors (vectors of different lengths)."""
+    """The FeatureMatrix of features rows (model_id, task, seed, vector, trial_id), sorted by
+    (task, seed, model_id); `what` names the matrix in errors (vectors of different lengths)."""
     if df.height == 0:
         return FeatureMatrix([], np.zeros(0, np.int64), np.zeros(0, np.int64),
-                             np.zeros((0, 0), np.float32))
+                             np.zeros((0, 0), np.float32), fingerprint([]))
     df = df.sort("task", "seed", "model_id")
     vec = df.get_column("vector").to_arrow()
     if isinstance(vec, pa.ChunkedArray):
@@ -85,4 +87,5 @@ def feature_matrix(df: pl.DataFrame, what: str) -> FeatureMatrix:
         df["task"].to_numpy().astype(np.int64),
         df["seed"].to_numpy().astype(np.int64),
         X.reshape(df.height, int(lengths[0])),
+        fingerprint(token(m, t) for m, t in zip(df["model_id"], df["trial_id"], strict=True)),
     )

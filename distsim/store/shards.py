@@ -168,15 +168,16 @@ class ShardStore:
         shutil.rmtree(self.root / table, ignore_errors=True)
 
     def clean_temp_files(self, min_age_s: float = 3600.0) -> int:
-        """Delete temp files left by writers that crashed more than min_age_s ago; the count."""
+        """Delete temp files (never symlinks) left by writers that crashed more than min_age_s
+        ago, in the tables, the root and _stages; the count."""
         count, now = 0, time.time()
-        for table in TABLES:
-            folder = self.root / table
-            if folder.is_dir():
-                for path in folder.rglob(f"{TEMP_PREFIX}*"):
-                    if now - path.stat().st_mtime >= min_age_s:
-                        path.unlink(missing_ok=True)
-                        count += 1
+        found = [p for t in TABLES for p in (self.root / t).rglob(f"{TEMP_PREFIX}*")]
+        found += [p for folder in (self.root, self.root / "_stages")
+                  for p in folder.glob(f"{TEMP_PREFIX}*")]  # study.json, markers, probes
+        for path in found:
+            if not path.is_symlink() and path.is_file() and now - path.stat().st_mtime >= min_age_s:
+                path.unlink(missing_ok=True)
+                count += 1
         return count
 
 

@@ -8,7 +8,8 @@ Layout (one folder per study; ``<k>=<v>`` folders are hive partitions)::
 
     <root>/study.json                                     resolved config + its hash
     <root>/_stages/<stage>.json                           a stage's "done" marker
-    <root>/_<name>/                                       reserved for the pipeline (e.g. _tune)
+    <root>/_launch.lock                                   the running launch (distsim.store.lock)
+    <root>/_tune/, _faults/                               Tune's trial folders; fault-test marks
     <root>/models/arch=mlp/task=3-pack=0.parquet          one shard per zoo trial
     <root>/weights/arch=mlp/task=3-pack=0.parquet
     <root>/features/arch=mlp/method=raw/layer=fc1/task=3-pack=0.parquet
@@ -23,6 +24,7 @@ disk): each trial writes its own shards from the node it runs on.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +36,7 @@ import polars as pl
 from distsim.errors import StoreError
 from distsim.store import codecs
 from distsim.store.codecs import FeatureMatrix
+from distsim.store.lock import LOCK_NAME
 from distsim.store.shards import TEMP_PREFIX, ShardStore, atomic_write, polars_schema
 from distsim.store.tables import KEY_VALUE, STATUSES, TABLES, parse_model_id
 
@@ -41,6 +44,9 @@ if TYPE_CHECKING:
     import torch
 
     from distsim.config import Study
+
+
+OWN_FOLDERS = ("_stages", "_tune", "_faults")  # what the pipeline keeps beside the tables
 
 
 def _now() -> str:
@@ -68,44 +74,84 @@ class Store(ShardStore):
         return doc
 
     def check_study(self, study: Study, fresh: bool = False) -> str:
-        """Bind this store to `study`: "created", "resumed" or "fresh".
+        """Bind this store to `study` (:meth:`binding`, then :meth:`bind`): "created",
+        "resumed" or "fresh" (the store wiped first)."""
+        outcome = self.binding(study, fresh)
+        self.bind(study, outcome)
+        return outcome
+
+    def binding(self, study: Study, fresh: bool = False) -> str:
+        """What binding `study` to this store would do, changing nothing: "created" (no
+        study yet), "resumed" (the same study) or "fresh" (fresh asked: wipe and start over).
 
         A store written by a study with a different hash is refused (StoreError naming the
-        changed keys) unless fresh, which wipes the store first. A non-empty folder that is
-        not a distsim store is never wiped.
+        changed keys) unless fresh. A non-empty folder that is not a distsim store is refused
+        even with fresh: it is never wiped.
         """
         held = self.read_study()
-        if (held is None and self.root.is_dir() and any(self.root.iterdir())
-                and not self.exists):
-            raise StoreError(
-                f"{str(self.root)!r} is a non-empty folder without study.json, not a distsim "
-                "store; set study.store to a new or empty folder"
-            )
-        if fresh and self.root.exists():
-            self._wipe()
-            outcome = "fresh"
-        elif held is not None:
-            if held.get("hash") != study.hash:
-                raise StoreError(self._mismatch(held, study))
+        if held is None and self.root.is_dir() and not self.exists:
+            foreign = [p.name for p in self.root.iterdir()
+                       if p.name != LOCK_NAME and not p.name.startswith(TEMP_PREFIX)]
+            if foreign:
+                raise StoreError(
+                    f"{str(self.root)!r} is a non-empty folder without study.json, not a "
+                    "distsim store; set study.store to a new or empty folder"
+                )
+        if fresh:
+            return "fresh"
+        if held is not None and held.get("hash") != study.hash:
+            raise StoreError(self._mismatch(held, study))
+        return "resumed" if held is not None else "created"
+
+    def bind(self, study: Study, outcome: str) -> None:
+        """Carry out a :meth:`binding` outcome: "fresh" wipes what distsim wrote and writes
+        study.json, "created" writes it, "resumed" deletes temp files left by crashed writers."""
+        if outcome == "resumed":
             self.clean_temp_files()
-            return "resumed"
-        else:
-            outcome = "fresh" if fresh else "created"
+            return
+        if outcome == "fresh" and self.root.is_dir():
+            self.wipe()
         doc = {"hash": study.hash, "name": study.name, "source": study.source,
                "created": _now(), "config": study.resolved()}
         self._write_json(self.root / "study.json", doc, indent=2)
-        return outcome
 
-    def _wipe(self) -> None:
-        """Delete what the store owns (study.json, tables, "_"-prefixed folders such as _stages
-        and the pipeline's _tune, temp files); anything else a user put in the folder stays."""
+    def wipe(self) -> list[Path]:
+        """Delete what distsim wrote: study.json, its own folders (_stages, _tune, _faults),
+        temp files, and the shard files of every table (then the folders left empty). The
+        launch lock and anything else stay; symlinks are never followed. Returns what was
+        left in the table folders (files distsim did not write)."""
+        for name in (*OWN_FOLDERS, "study.json"):
+            entry = self.root / name
+            if entry.is_symlink() or entry.is_file():
+                entry.unlink()
+            elif entry.is_dir():
+                shutil.rmtree(entry)
         for entry in self.root.iterdir():
-            name = entry.name
-            if name == "study.json" or name in TABLES or name.startswith(("_", TEMP_PREFIX)):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+            if entry.name.startswith(TEMP_PREFIX) and (entry.is_file() or entry.is_symlink()):
+                entry.unlink()
+        kept: list[Path] = []
+        for table in TABLES:
+            folder = self.root / table
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for here, dirs, files in os.walk(folder, topdown=False):  # never into symlinks
+                for name in files:
+                    path = Path(here) / name
+                    ours = name.startswith(TEMP_PREFIX) or (
+                        name.endswith(".parquet") and "=" in name and not path.is_symlink())
+                    if ours:
+                        path.unlink()
+                    else:
+                        kept.append(path)
+                for name in dirs:
+                    sub = Path(here) / name
+                    if not sub.is_symlink() and not any(sub.iterdir()):
+                        sub.rmdir()
+                    elif sub.is_symlink():
+                        kept.append(sub)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        return kept
 
     def _mismatch(self, held: dict[str, Any], study: Study) -> str:
         old, new = _flatten(held.get("config", {})), _flatten(study.resolved())
@@ -195,9 +241,10 @@ class Store(ShardStore):
     def feature_matrix(self, arch: str, method: str, layer: str) -> FeatureMatrix:
         """The features of one (arch, method, layer) as a dense (N, D) float32 matrix."""
         files = self.shard_files("features", {"arch": arch, "method": method, "layer": layer})
-        columns = ["model_id", "task", "seed", "vector"]
-        parts = [pl.read_parquet(f, columns=columns) for f in files]
-        df = pl.concat(parts) if parts else pl.DataFrame()
+        columns = ["model_id", "task", "seed", "vector", "trial_id"]
+        schema = polars_schema(TABLES["features"].file_schema)
+        df = (pl.scan_parquet(files, schema=schema, missing_columns="insert").select(columns)
+              .collect() if files else pl.DataFrame())
         return codecs.feature_matrix(df, f"{arch}/{method}/{layer}")
 
     # ------------------------------------------------------------------ stages and status

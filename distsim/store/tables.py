@@ -50,6 +50,7 @@ class TableSpec:
 
 _S, _I32, _I64, _F32, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64()
 _MATRIX = ("arch", "method", "layer")  # the key of one feature matrix
+_UPSTREAM = "fingerprint of the feature rows it was computed from (distsim.store.lineage)"
 
 
 def _cols(*spec: tuple[str, pa.DataType] | tuple[str, pa.DataType, str]) -> tuple[Column, ...]:
@@ -69,22 +70,25 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
     TableSpec("features", "model x method x layer", (*_MATRIX, "task", "pack"), _MATRIX, _cols(
         ("model_id", _S), ("arch", _S), ("method", _S), ("layer", _S), ("task", _I32),
         ("pack", _I32), ("seed", _I64), ("dim", _I32),
-        ("vector", pa.list_(_F32), "list of float32"))),
+        ("vector", pa.list_(_F32), "list of float32"),
+        ("trial_id", _S, "the training run of the weights it was computed from"))),
     TableSpec("neighbors", "model x rank", (*_MATRIX, "block"), _MATRIX, _cols(
         ("model_id", _S), ("arch", _S), ("method", _S), ("layer", _S), ("block", _I32),
         ("task", _I32), ("rank", _I32, "1 = nearest"), ("neighbor_id", _S),
-        ("neighbor_task", _I32), ("distance", _F32), ("same_task", pa.bool_()))),
+        ("neighbor_task", _I32), ("distance", _F32), ("same_task", pa.bool_()),
+        ("upstream", _S, _UPSTREAM))),
     TableSpec("pairs", "block (I, J) of the distance matrix", (*_MATRIX, "block_i", "block_j"),
               _MATRIX, _cols(
         ("arch", _S), ("method", _S), ("layer", _S), ("block_i", _I32), ("block_j", _I32),
         ("metric", _S), ("intra_count", _I64), ("intra_sum", _F64), ("intra_sumsq", _F64),
-        ("inter_count", _I64), ("inter_sum", _F64), ("inter_sumsq", _F64))),
+        ("inter_count", _I64), ("inter_sum", _F64), ("inter_sumsq", _F64),
+        ("upstream", _S, _UPSTREAM))),
     TableSpec("tests", "arch x layer x method x protocol", (*_MATRIX, "protocol"), _MATRIX, _cols(
         ("arch", _S), ("method", _S), ("layer", _S), ("protocol", _S), ("statistic", _S),
         ("observed", _F64), ("chance", _F64), ("null_mean", _F64), ("null_sd", _F64),
         ("effect_size", _F64), ("p_value", _F64), ("permutations", _I32), ("n_models", _I32),
         ("n_tasks", _I32), ("seed", _I64), ("learner", _S), ("extra", _S, "JSON"),
-        ("seconds", _F64))),
+        ("seconds", _F64), ("upstream", _S, _UPSTREAM))),
 )}
 
 

@@ -1,0 +1,95 @@
+"""Lineage: which upstream rows every output was computed from, and whether they still are.
+
+A features row records the ``trial_id`` of the models row (the training run) it was computed
+from. A pairs tile, a neighbors block and a test record ``upstream``: the fingerprint of the
+feature rows of their matrix, each row named ``model_id@trial_id``. An output whose record
+differs from what the store holds now is *stale* (a failed pack was retrained, models were
+added): the pipeline recomputes it, ``distsim status`` and ``distsim verify`` report it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from distsim.store.shards import ShardStore
+
+PackKey = tuple[str, int, int]  # (arch, task, pack)
+FeatureKey = tuple[str, str, str, int, int]  # (arch, method, layer, task, pack)
+MatrixId = tuple[str, str, str]  # (arch, method, layer)
+
+
+def token(model_id: str, trial_id: str | None) -> str:
+    """One upstream row: ``model_id@trial_id`` (the model and the training run that made it)."""
+    return f"{model_id}@{trial_id}"
+
+
+def fingerprint(tokens: Iterable[str]) -> str:
+    """16 hex digits of the SHA-256 of the sorted, distinct tokens (order-free, one per row)."""
+    text = "\n".join(sorted(set(tokens)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pack_tokens(store: ShardStore) -> dict[PackKey, frozenset[str]]:
+    """Tokens of the ``ok`` models of every pack with a models shard (empty for a pack whose
+    models all diverged or failed): what that pack's features must be computed from."""
+    df = store.scan("models").select("arch", "task", "pack", "model_id", "trial_id",
+                                     "status").collect()
+    out: dict[PackKey, set[str]] = {}
+    for arch, task, pack, mid, trial, status in df.iter_rows():
+        rows = out.setdefault((arch, task, pack), set())
+        if status == "ok":
+            rows.add(token(mid, trial))
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def feature_tokens(store: ShardStore) -> dict[FeatureKey, frozenset[str]]:
+    """Tokens of the rows of every features shard present (empty set for an empty shard)."""
+    cols = ("arch", "method", "layer", "task", "pack")
+    out: dict[FeatureKey, set[str]] = {
+        (k["arch"], k["method"], k["layer"], k["task"], k["pack"]): set()
+        for k in store.shard_keys("features")
+    }
+    df = store.scan("features").select(*cols, "model_id", "trial_id").collect()
+    for arch, method, layer, task, pack, mid, trial in df.iter_rows():
+        out.setdefault((arch, method, layer, task, pack), set()).add(token(mid, trial))
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def shard_tokens(path: Path) -> frozenset[str]:
+    """Tokens of the rows of one features shard file (trial None when it records none)."""
+    names = pq.read_schema(path).names
+    df = pl.read_parquet(path, columns=[c for c in ("model_id", "trial_id") if c in names])
+    trials = df["trial_id"] if "trial_id" in names else [None] * df.height
+    return frozenset(map(token, df["model_id"], trials))
+
+
+def matrix_rows(store: ShardStore) -> dict[MatrixId, frozenset[str]]:
+    """Tokens of the feature rows of every feature matrix (arch, method, layer) in the store."""
+    out: dict[MatrixId, set[str]] = {}
+    for (arch, method, layer, _, _), rows in feature_tokens(store).items():
+        out.setdefault((arch, method, layer), set()).update(rows)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def recorded(store: ShardStore, table: str) -> dict[tuple[object, ...], set[str | None]]:
+    """{shard key (in the table's key order): the ``upstream`` values its rows record} of a
+    pairs, neighbors or tests table (None where a row records none: written before lineage)."""
+    key = list(store.spec(table).key)
+    df = store.scan(table).select(*key, "upstream").unique().collect()
+    out: dict[tuple[object, ...], set[str | None]] = {}
+    for row in df.iter_rows():
+        out.setdefault(tuple(row[:-1]), set()).add(row[-1])
+    for k in store.shard_keys(table):  # an empty shard records nothing: never fresh
+        out.setdefault(tuple(k[c] for c in key), {None})
+    return out
+
+
+def fresh(values: set[str | None], expected: str) -> bool:
+    """True when a shard's rows all record `expected` as their upstream."""
+    return values == {expected}
+
