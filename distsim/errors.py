@@ -7,8 +7,10 @@ class DistsimError(Exception):
     """A mistake the user can fix (bad study file, changed store, unreachable cluster).
 
     The message is always one line (whitespace runs collapsed), so the CLI can print it as
-    ``error: <message>`` with exit code 2 and no traceback.
+    ``error: <message>`` with exit code ``exit_code`` (2) and no traceback.
     """
+
+    exit_code = 2
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
@@ -52,3 +54,10 @@ class StoreError(DistsimError):
 
 class LaunchError(DistsimError):
     """A launch that cannot go on as asked (a missing upstream stage, an unshared store)."""
+
+
+class IncompleteError(DistsimError):
+    """A launch that ran but could not finish every unit of a stage (trials, packs or tiles that
+    failed after their retries); what finished is stored and a relaunch resumes. Exit code 1."""
+
+    exit_code = 1

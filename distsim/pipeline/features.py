@@ -8,6 +8,7 @@ shard (arch, method, layer, task, pack). A pack whose shards are all present is 
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from typing import Any
 
 import polars as pl
@@ -16,10 +17,11 @@ import torch
 from distsim.config import Pack, Study
 from distsim.errors import LaunchError
 from distsim.features import weight_features_batch
+from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.progress import Progress
-from distsim.pipeline.stage import RunContext, Stage
-from distsim.pipeline.zoo import failed_packs, study_tasks
-from distsim.store import Store
+from distsim.pipeline.stage import Outputs, RunContext, Stage
+from distsim.pipeline.zoo import error_text, failed_packs, study_tasks
+from distsim.store import Store, lineage
 
 
 def feature_keys(study: Study, pack: Pack) -> list[dict[str, Any]]:
@@ -32,40 +34,64 @@ def feature_keys(study: Study, pack: Pack) -> list[dict[str, Any]]:
 
 
 def pending_feature_packs(study: Study, store: Store) -> list[Pack]:
-    """Packs with models in the store (none failed) and at least one features shard missing.
+    """Packs whose zoo is done (models shard, no failed trial) with a features shard missing
+    or stale (computed from other models than the pack's ``ok`` models now).
 
     A failed pack is left to the next launch's zoo stage, which retrains it.
     """
-    have_models = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
-    have_models -= failed_packs(store)
-    columns = ("arch", "method", "layer", "task", "pack")
-    have = {tuple(k[c] for c in columns) for k in store.shard_keys("features")}
-    out = []
+    return _feature_state(study, store)[0]
+
+
+def _feature_state(study: Study, store: Store) -> tuple[list[Pack], int]:
+    """(pending packs, how many of them have a stale shard)."""
+    models = lineage.pack_tokens(store)
+    failed = failed_packs(store)
+    have = lineage.feature_tokens(store)
+    pending, stale = [], 0
     for pack in study.packs():
-        if (pack.arch, pack.task, pack.pack) not in have_models:
+        pk = (pack.arch, pack.task, pack.pack)
+        if pk not in models or pk in failed:
             continue
-        if any(tuple(k.values()) not in have for k in feature_keys(study, pack)):
-            out.append(pack)
-    return out
+        held = [have.get((pack.arch, k["method"], k["layer"], pack.task, pack.pack))
+                for k in feature_keys(study, pack)]
+        if any(rows != models[pk] for rows in held):
+            pending.append(pack)
+            stale += any(rows is not None and rows != models[pk] for rows in held)
+    return pending, stale
 
 
-def featurize_pack(study: Study, pack: Pack) -> int:
-    """Compute and write the features shards of one pack; returns the number of rows written."""
+def outputs(study: Study, store: Store) -> Outputs:
+    """Packs whose every features shard is present and computed from the pack's models now."""
+    pending, stale = _feature_state(study, store)
+    ready = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
+    ready -= failed_packs(store)
+    total = len(study.packs())
+    done = sum((p.arch, p.task, p.pack) in ready for p in study.packs()) - len(pending)
+    return Outputs("packs", total, done, stale=stale)
+
+
+def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = None) -> int:
+    """Compute and write the features shards of one pack; returns the number of rows written.
+    `faults`: a fault-injection plan (distsim.pipeline.faults), for tests."""
     store = Store(study.store)
     models = (
         pl.read_parquet(store.shard_path("models", pack.key))
         .filter(pl.col("status") == "ok")
         .sort("seed")
     )
+    maybe_fail("feature", f"{pack.arch}-t{pack.task}-p{pack.pack}", study.store, faults or {})
     ids = models["model_id"].to_list()
     seeds = models["seed"].to_list()
+    trials = models["trial_id"].to_list()
+    want = frozenset(map(lineage.token, ids, trials))
     task = study_tasks(study.data)[pack.task]
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
     state_dicts = store.read_state_dicts(ids) if ids else {}
     rows = 0
     with torch.no_grad():
         for key in feature_keys(study, pack):
-            if store.has_shard("features", key):
+            path = store.shard_path("features", key)
+            if path.is_file() and lineage.shard_tokens(path) == want:
                 continue
             if ids:
                 spec = study.features
@@ -78,6 +104,7 @@ def featurize_pack(study: Study, pack: Pack) -> int:
                 "seed": seeds,
                 "dim": [int(X.shape[1])] * len(ids) if X is not None else [],
                 "vector": list(X) if X is not None else [],
+                "trial_id": trials,
             }
             store.write_shard("features", key, data)
             rows += len(ids)
@@ -85,49 +112,75 @@ def featurize_pack(study: Study, pack: Pack) -> int:
 
 
 def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
-    """Featurize every pending pack with an actor pool; returns counts for the launch summary."""
+    """Featurize every pending pack on a pool of actors; returns counts for the launch summary.
+
+    A pack whose task fails (an error, or its actor's process died: a new actor replaces it)
+    is submitted again, up to ``resources.max_failures`` times; packs that still fail are left
+    pending and counted as failed, with the first cause.
+    """
     import ray
-    from ray.util import ActorPool
 
     packs = pending_feature_packs(study, store)
     total = len(study.packs())
     if not store.shard_keys("models"):
         raise LaunchError(f"features: store {str(store.root)!r} holds no models yet; "
                           "run the zoo stage first")
-    skipped = total - len(packs)
     rows = 0
-    with Progress("features", len(packs), unit="pack", skipped=skipped,
+    failed: dict[Pack, str] = {}
+    with Progress("features", len(packs), unit="pack", skipped=total - len(packs),
                   stream=ctx.stream) as progress:
         if not packs:
-            return {"packs": 0, "skipped": total, "rows": 0}
+            return {"packs": 0, "skipped": total, "rows": 0, "failed": 0}
         cpus = study.resources.cpus_per_actor
         Worker = ray.remote(num_cpus=cpus)(_FeatureWorker)
         n_actors = min(study.resources.feature_actors, len(packs))
-        actors: list[Any] = [Worker.remote(study, max(1, int(cpus))) for _ in range(n_actors)]
+        idle: list[Any] = [Worker.remote(study, max(1, int(cpus)), plan()) for _ in range(n_actors)]
+        queue, tries = deque(packs), Counter[Pack]()
+        running: dict[Any, tuple[Any, Pack]] = {}  # task ref -> (actor, pack)
         try:
-            for n in ActorPool(actors).map_unordered(lambda a, p: a.run.remote(p), packs):
-                rows += n
+            while queue or running:
+                while idle and queue:
+                    actor, pack = idle.pop(), queue.popleft()
+                    running[actor.run.remote(pack)] = (actor, pack)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                actor, pack = running.pop(ready[0])
+                try:
+                    rows += ray.get(ready[0])
+                    idle.append(actor)
+                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                    if isinstance(exc, ray.exceptions.RayActorError):  # its process died
+                        ray.kill(actor, no_restart=True)
+                        actor = Worker.remote(study, max(1, int(cpus)), plan())
+                    idle.append(actor)
+                    tries[pack] += 1
+                    retry = tries[pack] <= study.resources.max_failures
+                    print(f"features  pack {pack.arch}-t{pack.task}-p{pack.pack} failed "
+                          f"({'retrying' if retry else 'giving up'}): {error_text(exc)[:300]}",
+                          file=ctx.stream, flush=True)
+                    if retry:
+                        queue.append(pack)
+                        continue
+                    failed[pack] = error_text(exc)
                 progress.update(1)
         finally:
-            for a in actors:
+            for a in idle + [a for a, _ in running.values()]:
                 ray.kill(a)
-    return {"packs": len(packs), "skipped": total - len(packs), "rows": rows}
+    out: dict[str, Any] = {"packs": len(packs), "skipped": total - len(packs), "rows": rows,
+                           "failed": len(failed)}
+    if failed:
+        out["error"] = next(iter(failed.values()))
+    return out
 
 
 class _FeatureWorker:
     """A feature actor: holds the study (and its tasks, once loaded) across packs."""
 
-    def __init__(self, study: Study, threads: int) -> None:
+    def __init__(self, study: Study, threads: int, faults: dict[str, float]) -> None:
         torch.set_num_threads(threads)
-        self.study = study
+        self.study, self.faults = study, faults
 
     def run(self, pack: Pack) -> int:
-        return featurize_pack(self.study, pack)
+        return featurize_pack(self.study, pack, self.faults)
 
 
-STAGE = Stage(
-    name="features",
-    pending=lambda study, store: len(pending_feature_packs(study, store)),
-    run=run_features,
-    complete=lambda study, store: not pending_feature_packs(study, store),
-)
+STAGE = Stage(name="features", outputs=outputs, run=run_features)

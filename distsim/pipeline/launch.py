@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from distsim.config import Study
-from distsim.errors import LaunchError
+from distsim.errors import IncompleteError, LaunchError
+from distsim.pipeline.preflight import check_cluster, check_offline
 from distsim.pipeline.registry import STAGE_NAMES, STAGES
-from distsim.pipeline.stage import RunContext
+from distsim.pipeline.signals import Interrupted, StopOnSignals
+from distsim.pipeline.stage import Outputs, RunContext
 from distsim.report import format_summary, summary_table
-from distsim.store import Store
+from distsim.store import TABLES, Store
+from distsim.store.lock import StoreLock
 from distsim.store.shards import temp_path
 
 
@@ -31,6 +36,11 @@ def _connect(address: str | None) -> tuple[bool, str]:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # no native stack dump and abort on SIGTERM: the launch's own handler ends it cleanly
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # every result a stage needs is collected and its errors reported in one line; the only
+    # unread ones are of trials a stopped stage left behind (their tracebacks are noise)
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     for name in ("ray.tune", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
@@ -117,60 +127,179 @@ def run_study(
     stages: tuple[str, ...] | list[str] | None = None,
     fresh: bool = False,
     *,
+    partial: bool = False,
+    confirm: Callable[[str], bool] | None = None,
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """Run the study's stages on Ray (each skipping what its store holds) and print the summary.
 
+    Order: offline checks, the store's binding and launch lock, Ray and the cluster checks,
+    then (``fresh``) ``confirm(question)`` when given and the wipe, then the stages. A stage
+    runs only when every stage before it is complete, unless ``partial`` (then it says so and
+    its marker records it). SIGINT/SIGTERM end the launch (:class:`Interrupted`) with one line
+    saying what is stored.
+
     Returns {"store": path, "outcome": created|resumed|fresh, "stages": {stage: counts},
     "seconds": wall time, "nodes": Ray nodes, "summary": polars DataFrame of the tests}.
-    Raises StoreError (a changed study without ``fresh``) or LaunchError (a stage whose input
-    is missing, a store the cluster's nodes cannot all reach).
+    Raises a DistsimError: StoreError (a changed study without ``fresh``, a locked store),
+    LaunchError (a cluster that cannot run it), IncompleteError (units that failed after
+    their retries; a relaunch resumes).
     """
     if not isinstance(study, Study):
         raise TypeError(f"run_study takes a distsim.config.Study, got {type(study).__name__}")
     names = STAGE_NAMES if stages is None else tuple(stages)
     unknown = [s for s in names if s not in STAGE_NAMES]
     if unknown or not names:
-        raise ValueError(f"stages must be a non-empty subset of {STAGE_NAMES}, got {list(names)}")
+        raise LaunchError(f"stages: {unknown[0] if unknown else '(none)'!r} is not a stage; "
+                          f"stages: {','.join(STAGE_NAMES)}")
     chosen = [stage for stage in STAGES if stage.name in names]
     out = stream if stream is not None else sys.stderr
     start = time.perf_counter()
+    check_offline(study, stages=names)
     store = Store(study.store)
-    outcome = store.check_study(study, fresh=fresh)
-    print(f"distsim: study {study.name!r} ({outcome} store {store.root})", file=out, flush=True)
+    store.binding(study, fresh=fresh)  # a changed study fails here, before the lock
+    with StopOnSignals(out) as signals, StoreLock(store.root, out):
+        outcome = store.binding(study, fresh=fresh)
+        what = "store to wipe once the checks pass (--fresh)" if outcome == "fresh" else (
+            f"{outcome} store")
+        print(f"distsim: study {study.name!r} ({what} {store.root})", file=out, flush=True)
+        if outcome != "fresh" and not any(pending_work(study, store, names).values()):
+            print("distsim: the store holds every stage's output; nothing to run", file=out,
+                  flush=True)
+            chosen = []
+        if not chosen:
+            store.bind(study, outcome)
+        done: dict[str, Any] = {}
+        nodes, current = 0, "start"
+        started = False
+        try:
+            if chosen:
+                import ray
 
-    import ray
-
-    done: dict[str, Any] = {}
-    nodes = 0
-    if not any(pending_work(study, store, [s.name for s in chosen]).values()):
-        print("distsim: the store holds every stage's output; nothing to run", file=out, flush=True)
-        chosen = []
-    started, where = _connect(address) if chosen else (False, "")
-    try:
-        if chosen:
-            nodes = check_shared_store(store)
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            print(f"distsim: running {', '.join(s.name for s in chosen)} on {where}, {nodes} "
-                  f"node(s), {cpus} CPUs", file=out, flush=True)
-            ctx = RunContext(stream=out, cpus=cpus)
-        for stage in chosen:
-            t0 = time.perf_counter()
-            info = stage.run(study, store, ctx)
-            info["seconds"] = round(time.perf_counter() - t0, 2)
-            done[stage.name] = info
-            worked = any(v for k, v in info.items() if k not in ("skipped", "seconds"))
-            if stage.complete(study, store) and (worked or stage.name not in store.stages()):
-                store.mark_stage(stage.name, **info)
-    finally:
-        if started:
-            ray.shutdown()
+                started, where = _connect(address)
+                signals.arm()  # ray.init installs a SIGTERM handler of its own
+                nodes = check_shared_store(store)
+                check_cluster(study)
+                if outcome == "fresh":
+                    _confirm_fresh(store, confirm)
+                store.bind(study, outcome)
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                print(f"distsim: running {', '.join(s.name for s in chosen)} on {where}, "
+                      f"{nodes} node(s), {cpus} CPUs", file=out, flush=True)
+                ctx = RunContext(stream=out, cpus=cpus)
+            for stage in chosen:
+                current = stage.name
+                upstream = _gate(study, store, stage.name, done, partial, out)
+                t0 = time.perf_counter()
+                info = stage.run(study, store, ctx)
+                info["seconds"] = round(time.perf_counter() - t0, 2)
+                if upstream:
+                    info["partial"] = True
+                done[stage.name] = info
+                worked = any(v for k, v in info.items() if k not in ("skipped", "seconds"))
+                if stage.outputs(study, store).complete and (
+                        worked or stage.name not in store.stages()):
+                    store.mark_stage(stage.name, **info)
+            current = "summary"
+        except KeyboardInterrupt:  # Ray or Tune may re-raise ours as a plain one
+            if started:
+                ray.shutdown()
+                started = False
+            stop = Interrupted(signals.signum or signal.SIGINT)
+            print(f"distsim: interrupted by {stop} during {current} after "
+                  f"{time.perf_counter() - start:.1f} s; stored: {stored_line(study, store)}; "
+                  "the same launch again resumes from there", file=out, flush=True)
+            raise stop from None
+        finally:
+            if started:
+                ray.shutdown()
+    last = [s for s in STAGES if s.name in names][-1]
+    if chosen and not last.outputs(study, store).complete:
+        raise IncompleteError(f"{last.name}: {last.outputs(study, store)} after this launch; "
+                              f"{_first_error(done)}a relaunch redoes the missing units")
     table = summary_table(store, study)
     seconds = time.perf_counter() - start
     print(format_summary(table), file=out)
+    if any(info.get("partial") for info in done.values()):
+        print("distsim: PARTIAL: these results were computed on an incomplete upstream "
+              "(see above); `distsim status` shows which stages", file=out)
     print(f"distsim: done in {seconds:.1f} s (store {store.root})", file=out, flush=True)
     return {"store": str(store.root), "outcome": outcome, "stages": done, "seconds": seconds,
             "nodes": nodes, "summary": table}
+
+
+def _gate(study: Study, store: Store, name: str, done: dict[str, Any], partial: bool,
+          out: TextIO) -> bool:
+    """Let stage `name` run only on complete upstream stages: raise IncompleteError (an upstream
+    stage of this launch left units failed) or LaunchError (one not run yet), or, with
+    `partial`, say loudly that it runs on what is stored. True when the upstream is partial."""
+    upstream = _incomplete_upstream(study, store, name)
+    if not upstream:
+        return False
+    why = "; ".join(f"{s} {o}" for s, o in upstream)
+    if partial:
+        print(f"distsim: PARTIAL: {name} runs on an incomplete upstream ({why}); its outputs "
+              "cover only what is stored", file=out, flush=True)
+        return True
+    if not any(s in done for s, _ in upstream):
+        raise LaunchError(f"{name}: not run, its upstream is incomplete ({why}); run the "
+                          f"{upstream[0][0]} stage first, or pass --partial to run {name} on "
+                          "what is stored")
+    raise IncompleteError(f"{name}: not run, its upstream is incomplete ({why}); "
+                          f"{_first_error(done)}a relaunch redoes the missing units, or pass "
+                          "--partial to run the later stages on what is stored")
+
+
+def _first_error(done: dict[str, Any]) -> str:
+    cause = next((info["error"] for info in done.values() if "error" in info), None)
+    return f"first cause: {cause[:300]}; " if cause else ""
+
+
+def _incomplete_upstream(study: Study, store: Store, name: str) -> list[tuple[str, Outputs]]:
+    """(stage, outputs) of every stage before `name` whose outputs are incomplete."""
+    out = []
+    for stage in STAGES:
+        if stage.name == name:
+            break
+        outputs = stage.outputs(study, store)
+        if not outputs.complete:
+            out.append((stage.name, outputs))
+    return out
+
+
+def _confirm_fresh(store: Store, confirm: Callable[[str], bool] | None) -> None:
+    """Ask before wiping a store that holds something (LaunchError when refused)."""
+    held = store.read_study()
+    shards = sum(len(store.shard_files(t)) for t in TABLES)
+    if confirm is None or (held is None and not shards):
+        return
+    what = f"study {held.get('name')!r}" if held else "a study"
+    if not confirm(f"--fresh deletes {what} in {store.root} ({shards} shard files); go on?"):
+        raise LaunchError("--fresh: not confirmed; nothing was deleted")
+
+
+def stage_states(study: Study, store: Store) -> list[tuple[str, str, Outputs]]:
+    """(stage, state, outputs) of every stage: state "complete", "partial" (outputs missing, or
+    all there but computed on an incomplete upstream), "stale" (some computed from upstream
+    rows that changed since) or "pending" (nothing stored)."""
+    out: list[tuple[str, str, Outputs]] = []
+    upstream_complete = True
+    for stage in STAGES:
+        o = stage.outputs(study, store)
+        if o.stale:
+            state = "stale"
+        elif o.complete:
+            state = "complete" if upstream_complete else "partial"
+        else:
+            state = "partial" if o.done else "pending"
+        out.append((stage.name, state, o))
+        upstream_complete = upstream_complete and o.complete
+    return out
+
+
+def stored_line(study: Study, store: Store) -> str:
+    """What the store holds per stage, e.g. "zoo 14/24 packs, features 0/24 packs, ..."."""
+    return ", ".join(f"{s.name} {s.outputs(study, store)}" for s in STAGES)
 
 
 def pending_work(study: Study, store: Store, stages: list[str] | tuple[str, ...]) -> dict[str, int]:
@@ -179,7 +308,7 @@ def pending_work(study: Study, store: Store, stages: list[str] | tuple[str, ...]
     out: dict[str, int] = {}
     upstream = False
     for stage in STAGES:
-        n = 1 if upstream else stage.pending(study, store)
+        n = 1 if upstream else stage.outputs(study, store).pending
         out[stage.name] = n
         upstream = upstream or n > 0
     return {s: out[s] for s in stages}

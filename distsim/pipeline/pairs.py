@@ -15,17 +15,20 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from distsim.config import MatrixKey, Study
-from distsim.errors import LaunchError
+from distsim.errors import IncompleteError, LaunchError
+from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.progress import Progress
-from distsim.pipeline.stage import RunContext, Stage
+from distsim.pipeline.stage import Outputs, RunContext, Stage
+from distsim.pipeline.zoo import error_text
 from distsim.stats import block_topk, distance_block, merge_topk
-from distsim.store import FeatureMatrix, Store
+from distsim.store import FeatureMatrix, Store, lineage
 
 
 def tile_plan(n: int, block: int) -> list[tuple[int, int]]:
@@ -36,20 +39,40 @@ def tile_plan(n: int, block: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(nb) for j in range(i, nb)]
 
 
-def pending_tiles(store: Store, matrix: MatrixKey, n: int,
-                  block: int) -> tuple[list[tuple[int, int]], set[int]]:
-    """Tiles to compute and row blocks whose neighbours are missing, for one feature matrix.
+@dataclass(frozen=True)
+class MatrixWork:
+    """What the pairs stage owes one feature matrix of n rows (fingerprint `upstream`)."""
+
+    tiles: list[tuple[int, int]]  # tiles to compute
+    blocks: set[int]  # row blocks whose neighbors shard to write
+    stale: bool  # some stored shard was computed from other feature rows: all are redone
+
+
+def matrix_work(study: Study, matrix: MatrixKey, n: int, upstream: str,
+                recorded: dict[str, dict[tuple[Any, ...], set[str | None]]]) -> MatrixWork:
+    """The tiles and neighbour blocks of one feature matrix still to compute.
 
     A tile is needed when its pairs shard is missing or when it touches a row block whose
-    neighbors shard is missing (a block's top-k needs every tile of its row and column).
+    neighbors shard is missing (a block's top-k needs every tile of its row and column); all
+    of them when any stored shard of the matrix records another upstream than `upstream`.
+    `recorded`: {"pairs": ..., "neighbors": ...} of :func:`distsim.store.lineage.recorded`.
     """
+    block = study.pairs.block
     tiles = tile_plan(n, block)
     nb = math.ceil(n / block)
-    have_pairs = {(k["block_i"], k["block_j"]) for k in store.shard_keys("pairs", matrix.key)}
-    have_nbrs = {k["block"] for k in store.shard_keys("neighbors", matrix.key)}
-    missing = set(range(nb)) - have_nbrs
+    this = (matrix.arch, matrix.method, matrix.layer)
+    mine = {t: {k[3:]: v for k, v in rec.items() if k[:3] == this} for t, rec in recorded.items()}
+    stale = any(not lineage.fresh(v, upstream) for rec in mine.values() for v in rec.values())
+    if stale:
+        return MatrixWork(tiles, set(range(nb)), True)
+    have_pairs = set(mine["pairs"])
+    missing = set(range(nb)) - {b for (b,) in mine["neighbors"]}
     todo = [t for t in tiles if t not in have_pairs or t[0] in missing or t[1] in missing]
-    return todo, missing
+    return MatrixWork(todo, missing, False)
+
+
+def _recorded(store: Store) -> dict[str, dict[tuple[Any, ...], set[str | None]]]:
+    return {t: lineage.recorded(store, t) for t in ("pairs", "neighbors")}
 
 
 def tile_summary(D: np.ndarray, tasks_i: np.ndarray, tasks_j: np.ndarray,
@@ -96,8 +119,9 @@ class _TileWorker:
     """Ray Data callable class: fetches the feature matrices lazily (one ray.get per matrix)."""
 
     def __init__(self, refs: list[Any], matrices: list[MatrixKey], tiles: np.ndarray,
-                 store_root: str, block: int, k: int, metric: str) -> None:
-        self.refs, self.matrices, self.tiles = refs, matrices, tiles
+                 store_root: str, block: int, k: int, metric: str,
+                 faults: dict[str, float]) -> None:
+        self.refs, self.matrices, self.tiles, self.faults = refs, matrices, tiles, faults
         self.store = Store(store_root)
         self.block, self.k, self.metric = block, k, metric
         self._cached: tuple[int, FeatureMatrix] | None = None
@@ -110,20 +134,31 @@ class _TileWorker:
         return self._cached[1]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[np.ndarray]] = {"tile": [], "matrix": [], "row": [], "nbr": [],
-                                            "dist": []}
+        """Compute and store each tile of the batch; a tile that fails returns one row with
+        row -1 and its error (the driver retries it), the others one row per partial top-k."""
+        out: dict[str, list[np.ndarray]] = {c: [] for c in ("tile", "matrix", "row", "nbr",
+                                                            "dist", "error")}
         for t in batch["id"]:
             g, i, j = (int(v) for v in self.tiles[int(t)])
-            fm = self._matrix(g)
-            summary, rows, idx, dist = compute_tile(fm.X, fm.tasks, i, j, self.block, self.k,
-                                                    self.metric)
-            key = {**self.matrices[g].key, "block_i": i, "block_j": j}
-            self.store.write_shard("pairs", key, [{"metric": self.metric, **summary}])
+            try:
+                fm = self._matrix(g)
+                maybe_fail("tile", f"{self.matrices[g]}-{i}-{j}".replace("/", "-"),
+                           self.store.root, self.faults)
+                summary, rows, idx, dist = compute_tile(fm.X, fm.tasks, i, j, self.block,
+                                                        self.k, self.metric)
+                key = {**self.matrices[g].key, "block_i": i, "block_j": j}
+                self.store.write_shard("pairs", key, [{"metric": self.metric, **summary,
+                                                       "upstream": fm.upstream}])
+                error = ""
+            except Exception as exc:  # reported to the driver, which retries the tile
+                rows, idx = np.array([-1]), np.full((1, self.k), -1, np.int64)
+                dist, error = np.full((1, self.k), np.inf, np.float32), error_text(exc)
             out["tile"].append(np.full(len(rows), int(t)))
             out["matrix"].append(np.full(len(rows), g))
             out["row"].append(rows)
             out["nbr"].append(idx)
             out["dist"].append(dist)
+            out["error"].append(np.full(len(rows), error, dtype=object))
         return {c: np.concatenate(v) for c, v in out.items()}
 
 
@@ -160,26 +195,27 @@ def merge_block(n: int, b: int, block: int, k: int, rows: np.ndarray, idx: np.nd
     return np.arange(lo, hi), best_i, best_d
 
 
-def _feature_counts(store: Store) -> dict[tuple[str, str, str], int]:
-    """{(arch, method, layer): feature rows} of the store."""
-    by = store.scan("features").group_by("arch", "method", "layer").agg(pl.len()).collect()
-    return {(a, m, layer): int(c) for a, m, layer, c in by.iter_rows()}
-
-
-def pending(study: Study, store: Store) -> int:
-    """Tiles to compute over every feature matrix (a matrix with no features counts 1)."""
-    counts = _feature_counts(store)
-    block = study.pairs.block
-    total = 0
+def outputs(study: Study, store: Store) -> Outputs:
+    """Feature matrices whose tiles and neighbour blocks are all stored, computed from the
+    matrix's feature rows now (a matrix with fewer than 2 rows is not done)."""
+    rows, recorded = lineage.matrix_rows(store), _recorded(store)
+    done = stale = 0
     for m in study.matrices():
-        n = counts.get((m.arch, m.method, m.layer), 0)
-        total += len(pending_tiles(store, m, n, block)[0]) or int(n == 0)
-    return total
+        tokens = rows.get((m.arch, m.method, m.layer), frozenset())
+        work = matrix_work(study, m, len(tokens), lineage.fingerprint(tokens), recorded)
+        done += len(tokens) >= 2 and not work.tiles and not work.blocks
+        stale += work.stale
+    return Outputs("matrices", len(study.matrices()), done, stale=stale)
 
 
 def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
-    """Compute the pending tiles of every feature matrix with one Ray Data job (a pool of
-    half the cluster's CPUs); write pairs and neighbors."""
+    """Compute the pending tiles of every feature matrix with Ray Data jobs (a pool of half
+    the cluster's CPUs); write pairs and neighbors.
+
+    A tile that fails is computed again in the next round, up to ``resources.max_failures``
+    times; a tile that still fails is left pending (with the neighbour blocks it touches) and
+    counted as failed, with the first cause. The shards of a stale matrix are deleted first.
+    """
     import ray
 
     keys: list[MatrixKey] = []
@@ -188,6 +224,7 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     todo: list[tuple[int, int, int]] = []
     total_tiles = 0
     block, metric = study.pairs.block, study.pairs.metric
+    recorded = _recorded(store)
     for key in study.matrices():
         fm = store.feature_matrix(key.arch, key.method, key.layer)
         if len(fm.model_ids) < 2:
@@ -195,43 +232,78 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 f"pairs: {key} has {len(fm.model_ids)} feature rows in the store; run the "
                 "features stage first (it needs at least 2 ok models)"
             )
-        tiles, blocks = pending_tiles(store, key, len(fm.model_ids), block)
+        work = matrix_work(study, key, len(fm.model_ids), fm.upstream, recorded)
         total_tiles += len(tile_plan(len(fm.model_ids), block))
-        if not tiles:
+        if work.stale:  # computed from other feature rows: none of its shards can be reused
+            for table in ("pairs", "neighbors"):
+                for path in store.shard_files(table, key.key):
+                    path.unlink(missing_ok=True)
+        if not work.tiles:
             continue
         g = len(keys)
         keys.append(key)
         matrices.append(fm)
-        missing.append(blocks)
-        todo += [(g, i, j) for i, j in tiles]
-    skipped = total_tiles - len(todo)
+        missing.append(work.blocks)
+        todo += [(g, i, j) for i, j in work.tiles]
     k = study.pairs.top_k
     parts: list[dict[str, np.ndarray]] = []
-    with Progress("pairs", len(todo), unit="tile", skipped=skipped,
+    failed: dict[tuple[int, int, int], str] = {}
+    with Progress("pairs", len(todo), unit="tile", skipped=total_tiles - len(todo),
                   stream=ctx.stream) as progress:
         if not todo:
-            return {"tiles": 0, "skipped": total_tiles, "groups": 0}
+            return {"tiles": 0, "skipped": total_tiles, "groups": 0, "failed": 0}
         quiet_ray_data()
         refs = [ray.put(fm) for fm in matrices]
-        with warnings.catch_warnings():
-            # max_restarts=0 goes through map_batches' **ray_remote_args (deprecated in 2.60,
-            # still honoured): a tile actor that dies fails the job, and the next launch redoes
-            # only the missing tiles. With restarts on, Ray logs an error line about the
-            # constructor's args.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ds = _tile_dataset(todo, max(1, ctx.cpus // 2), refs, keys, store, block, k, metric)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            parts.append({c: batch[c] for c in ("matrix", "row", "nbr", "dist")})
-            progress.update(len(np.unique(batch["tile"])))
-    cat = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+        round_tiles, tries = todo, Counter[tuple[int, int, int]]()
+        while round_tiles:
+            with warnings.catch_warnings():
+                # max_restarts=0 goes through map_batches' **ray_remote_args (deprecated in
+                # 2.60, still honoured): a tile actor that dies fails the job. With restarts
+                # on, Ray logs an error line about the constructor's args.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ds = _tile_dataset(round_tiles, max(1, ctx.cpus // 2), refs, keys, store, block,
+                                   k, metric)
+            errors: dict[int, str] = {}
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    ok = batch["error"] == ""
+                    parts.append({c: batch[c][ok] for c in ("matrix", "row", "nbr", "dist")})
+                    bad = batch["tile"][~ok].tolist()
+                    errors.update(zip(bad, batch["error"][~ok], strict=True))
+                    progress.update(len(np.unique(batch["tile"][ok])))
+            except ray.exceptions.RayError as exc:
+                raise IncompleteError(
+                    f"pairs: the Ray Data job failed ({error_text(exc)[:300]}); the tiles it "
+                    "finished are stored and a relaunch computes the rest") from None
+            retry = []
+            for t, error in errors.items():
+                tile = round_tiles[t]
+                tries[tile] += 1
+                again = tries[tile] <= study.resources.max_failures
+                print(f"pairs     tile {keys[tile[0]]} ({tile[1]}, {tile[2]}) failed "
+                      f"({'retrying' if again else 'giving up'}): {error[:300]}",
+                      file=ctx.stream, flush=True)
+                if again:
+                    retry.append(tile)
+                else:
+                    failed[tile] = error
+                    progress.update(1)
+            round_tiles = retry
+    cat = {c: np.concatenate([p[c] for p in parts]) for c in ("matrix", "row", "nbr", "dist")}
     for g, (key, fm) in enumerate(zip(keys, matrices, strict=True)):
         mask = cat["matrix"] == g
         rows, idx, dist = cat["row"][mask], cat["nbr"][mask], cat["dist"][mask]
-        for b in sorted(missing[g]):
+        broken = {b for (h, i, j) in failed if h == g for b in (i, j)}
+        for b in sorted(missing[g] - broken):
             r, best_i, best_d = merge_block(len(fm.X), b, block, k, rows, idx, dist)
             store.write_shard("neighbors", {**key.key, "block": b},
-                              neighbor_rows(fm, b, r, best_i, best_d))
-    return {"tiles": len(todo), "skipped": total_tiles - len(todo), "groups": len(keys)}
+                              [{**row, "upstream": fm.upstream}
+                               for row in neighbor_rows(fm, b, r, best_i, best_d)])
+    out: dict[str, Any] = {"tiles": len(todo), "skipped": total_tiles - len(todo),
+                           "groups": len(keys), "failed": len(failed)}
+    if failed:
+        out["error"] = next(iter(failed.values()))
+    return out
 
 
 def quiet_ray_data() -> None:
@@ -254,7 +326,7 @@ def _tile_dataset(todo: list[tuple[int, int, int]], pool_size: int, refs: list[A
         _TileWorker,
         fn_constructor_kwargs={"refs": refs, "matrices": keys, "tiles": tiles,
                                "store_root": str(store.root), "block": block, "k": k,
-                               "metric": metric},
+                               "metric": metric, "faults": plan()},
         batch_size=1,
         num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=pool_size),
@@ -263,4 +335,4 @@ def _tile_dataset(todo: list[tuple[int, int, int]], pool_size: int, refs: list[A
     )
 
 
-STAGE = Stage(name="pairs", pending=pending, run=run_pairs, complete=lambda study, store: True)
+STAGE = Stage(name="pairs", outputs=outputs, run=run_pairs)

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from distsim.config import MatrixKey, Study
 from distsim.errors import LaunchError
+from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.progress import Progress
-from distsim.pipeline.stage import RunContext, Stage
+from distsim.pipeline.stage import Outputs, RunContext, Stage
+from distsim.pipeline.zoo import error_text
 from distsim.stats import (
     htt,
     htt_null_chunk,
@@ -30,7 +34,7 @@ from distsim.stats import (
     permanova,
     permanova_null_chunk,
 )
-from distsim.store import TABLES, Store
+from distsim.store import Store, lineage
 
 PERMANOVA = "permanova"
 
@@ -77,6 +81,13 @@ def permanova_chunk(D: np.ndarray, tasks: np.ndarray, permutations: int, seed: i
     return permanova_null_chunk(D, tasks, permutations, (seed, chunk))
 
 
+def _chunk(unit: str, store_root: str, faults: dict[str, float], fn: Callable[..., Any],
+           *args: Any) -> Any:
+    """One chunk of a test as a Ray task: fn(*args), after the fault-injection hook."""
+    maybe_fail("test", unit, store_root, faults)
+    return fn(*args)
+
+
 def distance_matrix(X: np.ndarray, metric: str) -> np.ndarray:
     """All-pairs distance matrix (N, N) float64 of the features X (N, D), for PERMANOVA."""
     return pairwise_distances(X, metric=metric).astype(np.float64)
@@ -100,16 +111,28 @@ def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) ->
             "extra": json.dumps(head["extra"], sort_keys=True)}
 
 
-def _stored_tests(store: Store) -> set[tuple[Any, ...]]:
-    """(arch, method, layer, protocol) of every test in the store."""
-    return {tuple(k[c] for c in TABLES["tests"].key) for k in store.shard_keys("tests")}
+def _test_state(study: Study, store: Store) -> tuple[set[tuple[str, ...]], int]:
+    """(tests (arch, method, layer, protocol) stored and computed from their matrix's feature
+    rows now, how many stored tests are stale)."""
+    rows, recorded = lineage.matrix_rows(store), lineage.recorded(store, "tests")
+    fresh: set[tuple[str, ...]] = set()
+    stale = 0
+    for m in study.matrices():
+        upstream = lineage.fingerprint(rows.get((m.arch, m.method, m.layer), frozenset()))
+        for p in study_protocols(study):
+            held = recorded.get((m.arch, m.method, m.layer, p))
+            if held is not None and lineage.fresh(held, upstream):
+                fresh.add((m.arch, m.method, m.layer, p))
+            else:
+                stale += held is not None
+    return fresh, stale
 
 
-def pending(study: Study, store: Store) -> int:
-    """Tests (feature matrix x protocol) missing from the store."""
-    have = _stored_tests(store)
-    return sum((m.arch, m.method, m.layer, p) not in have
-               for m in study.matrices() for p in study_protocols(study))
+def outputs(study: Study, store: Store) -> Outputs:
+    """Tests (feature matrix x protocol) stored and computed from their matrix now."""
+    fresh, stale = _test_state(study, store)
+    return Outputs("tests", len(study.matrices()) * len(study_protocols(study)), len(fresh),
+                   stale=stale)
 
 
 def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
@@ -117,11 +140,10 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     import ray
 
     spec = study.tests
-    have = _stored_tests(store)
-    head_htt, chunk_htt = ray.remote(num_cpus=1)(htt_head), ray.remote(num_cpus=1)(htt_chunk)
-    head_perm = ray.remote(num_cpus=1)(permanova_head)
-    chunk_perm = ray.remote(num_cpus=1)(permanova_chunk)
+    have = _test_state(study, store)[0]
+    task = ray.remote(num_cpus=1)(_chunk)  # a chunk that raises is resubmitted below
     dist_task = ray.remote(num_cpus=1)(distance_matrix)
+    root, fault_plan = str(store.root), plan()
     kwargs = spec.htt_kwargs()
     jobs: dict[tuple[MatrixKey, str], dict[str, Any]] = {}  # -> head ref, chunk refs, meta
     n_tests = 0
@@ -139,66 +161,94 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 "and features stages first"
             )
         x_ref, t_ref = ray.put(fm.X), ray.put(fm.tasks)
-        meta = {"n_models": len(fm.model_ids), "n_tasks": int(len(np.unique(fm.tasks)))}
+        meta = {"n_models": len(fm.model_ids), "n_tasks": int(len(np.unique(fm.tasks))),
+                "upstream": fm.upstream}
         d_ref = None
         for protocol in protocols:
+            unit = f"{matrix}-{protocol}".replace("/", "-")
+
+            calls: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+
+            def submit(c: int, fn: Callable[..., Any], *args: Any, unit: str = unit,
+                       calls: list[Any] = calls) -> Any:
+                calls.append((f"{unit}-{c}", fn, args))
+                return task.remote(f"{unit}-{c}", root, fault_plan, fn, *args)
+
             if protocol == PERMANOVA:
                 B = spec.permanova_permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
                 if d_ref is None:
                     d_ref = dist_task.remote(x_ref, study.pairs.metric)
-                head = head_perm.remote(d_ref, t_ref, sizes[0], spec.seed)
-                rest = [chunk_perm.remote(d_ref, t_ref, b, spec.seed, c)
-                        for c, b in enumerate(sizes[1:], 1)]
+                refs = [submit(0, permanova_head, d_ref, t_ref, sizes[0], spec.seed)]
+                refs += [submit(c, permanova_chunk, d_ref, t_ref, b, spec.seed, c)
+                         for c, b in enumerate(sizes[1:], 1)]
             else:
                 B = spec.permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
-                head = head_htt.remote(x_ref, t_ref, protocol, sizes[0], spec.seed, kwargs)
-                rest = [chunk_htt.remote(x_ref, t_ref, protocol, b, spec.seed, c, kwargs)
-                        for c, b in enumerate(sizes[1:], 1)]
-            jobs[(matrix, protocol)] = {"head": head, "rest": rest, "B": B,
-                                        "start": time.perf_counter(), **meta}
-    n_chunks = sum(1 + len(j["rest"]) for j in jobs.values())
+                refs = [submit(0, htt_head, x_ref, t_ref, protocol, sizes[0], spec.seed, kwargs)]
+                refs += [submit(c, htt_chunk, x_ref, t_ref, protocol, b, spec.seed, c, kwargs)
+                         for c, b in enumerate(sizes[1:], 1)]
+            jobs[(matrix, protocol)] = {"refs": refs, "calls": calls, "values": [None] * len(refs),
+                                        "B": B, "start": time.perf_counter(), **meta}
+    n_chunks = sum(len(j["refs"]) for j in jobs.values())
     progress = Progress("tests", n_chunks, unit="chunk", skipped=0, stream=ctx.stream)
     if n_tests > len(jobs):
         print(f"tests     {n_tests - len(jobs)} of {n_tests} tests already in store",
               file=progress.stream)
-    owner = {}
-    for key, job in jobs.items():
-        for ref in [job["head"], *job["rest"]]:
-            owner[ref] = key
-    left = {key: 1 + len(job["rest"]) for key, job in jobs.items()}
+    owner = {ref: (key, i) for key, job in jobs.items() for i, ref in enumerate(job["refs"])}
+    left = {key: len(job["refs"]) for key, job in jobs.items()}
+    tries: Counter[tuple[Any, int]] = Counter()
+    failed: dict[tuple[MatrixKey, str], str] = {}
     waiting = list(owner)
     try:
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
-            for ref in ready:
-                key = owner[ref]
-                left[key] -= 1
-                progress.update(1)
-                if left[key] == 0:
-                    _write_test(store, study, key, jobs[key])
+            key, i = owner.pop(ready[0])
+            job = jobs[key]
+            try:
+                job["values"][i] = ray.get(ready[0])
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                if key in failed:
+                    continue
+                name, fn, args = job["calls"][i]
+                tries[key, i] += 1
+                retry = tries[key, i] <= study.resources.max_failures
+                print(f"tests     chunk {name} failed ({'retrying' if retry else 'giving up'}): "
+                      f"{error_text(exc)[:300]}", file=progress.stream, flush=True)
+                if retry:
+                    ref = task.remote(name, root, fault_plan, fn, *args)
+                    owner[ref] = (key, i)
+                    waiting.append(ref)
+                else:
+                    failed[key] = error_text(exc)
+                    progress.update(left.pop(key))
+                continue
+            if key in failed:
+                continue
+            left[key] -= 1
+            progress.update(1)
+            if left[key] == 0:
+                _write_test(store, study, key, job)
     finally:
         progress.close()
-    return {"tests": len(jobs), "skipped": n_tests - len(jobs), "chunks": n_chunks}
+    out: dict[str, Any] = {"tests": len(jobs), "skipped": n_tests - len(jobs), "chunks": n_chunks,
+                           "failed": len(failed)}
+    if failed:
+        out["error"] = next(iter(failed.values()))
+    return out
 
 
 def _write_test(store: Store, study: Study, key: tuple[MatrixKey, str],
                 job: dict[str, Any]) -> None:
-    import ray
-
+    """Combine a test's chunks (job["values"]: head, then nulls) into its tests shard."""
     matrix, protocol = key
-    try:
-        head = ray.get(job["head"])
-        nulls = ray.get(job["rest"])
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        raise LaunchError(f"tests: {matrix} {protocol}: {type(cause).__name__}: {cause}") from None
+    head, *nulls = job["values"]
     row = combine(head, nulls, job["B"])
     row.update({"n_models": job["n_models"], "n_tasks": job["n_tasks"], "seed": study.tests.seed,
+                "upstream": job["upstream"],
                 "learner": study.tests.learner if protocol != PERMANOVA else None,
                 "seconds": time.perf_counter() - job["start"]})
     store.write_shard("tests", {**matrix.key, "protocol": protocol}, [row])
 
 
-STAGE = Stage(name="tests", pending=pending, run=run_tests, complete=lambda study, store: True)
+STAGE = Stage(name="tests", outputs=outputs, run=run_tests)

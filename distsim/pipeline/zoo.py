@@ -10,25 +10,30 @@ the packs that are missing (or whose models were recorded as failed).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
 import shutil
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import torch
 
 from distsim.config import Pack, Study
+from distsim.errors import LaunchError
+from distsim.pipeline import faults
+from distsim.pipeline.faults import maybe_fail
 from distsim.pipeline.progress import Progress
-from distsim.pipeline.stage import RunContext, Stage
+from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.store import Store, model_id
 from distsim.tasks import DataConfig, Task, make_tasks
 from distsim.train import SeedResult, train_pack
 
-DOWNSTREAM = ("neighbors", "pairs", "tests")  # tables built from a whole arch's feature matrix
+SYSTEMATIC = 3  # this many failed attempts with one cause before any trial succeeds: stop
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,38 +144,92 @@ def train_and_store(study: Study, pack: Pack, trial_id: str,
     }
 
 
-def _trainable(config: dict[str, Any], study: Study | None = None) -> None:
+def _trainable(config: dict[str, Any], study: Study | None = None,
+               faults: dict[str, float] | None = None) -> None:
     """The Tune function trainable: one pack, reported once to Tune when stored."""
     from ray import tune
 
     assert study is not None  # bound by tune.with_parameters
     pack = _pack(config)
+    maybe_fail("trial", _trial_name(config), study.store, faults or {})
     trial_id = tune.get_context().get_trial_id() or pack.trial_id
     threads = int(max(1, math.floor(study.resources.cpus_per_trial)))
     tune.report(train_and_store(study, pack, trial_id, threads))
 
 
-def _tune_callback(progress: Progress) -> Any:
-    """A Tune callback that counts finished and errored trials on our progress line."""
-    from ray import tune
+class _Watch:
+    """Tune callback and stopper in one: counts finished trials on our progress line, prints
+    one line per failed attempt, and stops the experiment when the first SYSTEMATIC failed
+    attempts, of more than one trial, share one cause before any trial succeeded (a broken
+    setup: retrying every trial would only flood the terminal)."""
 
-    class _Count(tune.Callback):
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
-                              **info: Any) -> None:
-            progress.update(1)
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.succeeded = 0
+        self.causes: list[str] = []
+        self.trials: set[str] = set()  # trials with a failed attempt
+        self.systematic: str | None = None
 
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
-                           **info: Any) -> None:
-            progress.update(1)
+    def failed(self, trial: Any) -> None:
+        try:  # the text file of its errors, the latest last (its pickle is not read)
+            text = Path(trial.error_file).read_text() if trial.error_file else ""
+        except OSError:  # an unreadable error file is a failure with an unknown cause
+            text = ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        # the last line names the root cause, e.g. "pkg.module.SomeError: message"
+        cause = re.sub(r"^[\w.]+\.(\w+): ", r"\1: ", " ".join(lines[-1].split())[:1000]) \
+            if lines else "unknown error"
+        self.causes.append(cause)
+        self.trials.add(str(getattr(trial, "trial_id", trial)))
+        print(f"zoo       trial {getattr(trial, 'trial_name', trial)} failed: {cause[:300]}",
+              file=self.progress.stream, flush=True)
+        first = self.causes[:SYSTEMATIC]
+        if (not self.succeeded and len(first) == SYSTEMATIC and len(self.trials) > 1
+                and len({re.sub(r"[0-9a-f]{2,}|[0-9]+", "#", c) for c in first}) == 1):
+            self.systematic = cause
 
-    return _Count()
+    def callback(self) -> Any:
+        from ray import tune
+
+        watch = self
+
+        class _Callback(tune.Callback):
+            def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                                  **info: Any) -> None:
+                watch.succeeded += 1
+                watch.progress.update(1)
+
+            def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
+                                 **info: Any) -> None:
+                watch.failed(trial)
+
+            def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                               **info: Any) -> None:
+                watch.failed(trial)
+                watch.progress.update(1)
+
+        return _Callback()
+
+    def stopper(self) -> Any:
+        from ray import tune
+
+        watch = self
+
+        class _Stopper(tune.Stopper):
+            def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+                return False
+
+            def stop_all(self) -> bool:
+                return watch.systematic is not None
+
+        return _Stopper()
 
 
 def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     """Train every pending pack as a Tune trial; returns counts for the launch summary.
 
-    The neighbors, pairs and tests of an arch whose zoo gained packs are deleted: they were
-    computed from a smaller feature matrix and would be stale.
+    A trial that fails after its retries is recorded as failed (the next launch trains it
+    again); a failure that repeats for the first trials stops the stage (LaunchError).
     """
     from ray import tune
 
@@ -182,14 +241,21 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         progress.close()
         return {"trials": 0, "skipped": total, "failed": 0}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no Tune tables, our progress only
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C stops the launch, not only Tune
+    # a failed trial is one line from our callback, not Tune's error log with its traceback
+    # (and a stopped zoo's unstarted trials are not warned about one by one)
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune",
+                 "ray.tune.analysis.experiment_analysis"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     res = {"cpu": study.resources.cpus_per_trial}
     if study.resources.gpus_per_trial:
         res["gpu"] = study.resources.gpus_per_trial
-    trainable = tune.with_resources(tune.with_parameters(_trainable, study=study), res)
+    bound = tune.with_parameters(_trainable, study=study, faults=faults.plan())
+    trainable = tune.with_resources(bound, res)
     space = [{**p.key, "seeds": list(p.seeds)} for p in packs]
     storage = store.root / "_tune"
     name = "zoo-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    counter = _tune_callback(progress)
+    watch = _Watch(progress)
     tuner = tune.Tuner(
         trainable,
         param_space={"pack": tune.grid_search(space)},
@@ -202,7 +268,8 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             name=name,
             storage_path=str(storage),
             verbose=0,
-            callbacks=[counter],
+            callbacks=[watch.callback()],
+            stop=watch.stopper(),
             failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
         ),
     )
@@ -210,7 +277,12 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         grid = tuner.fit()
     finally:
         progress.close()
-    failed = 0
+    if watch.systematic is not None:
+        raise LaunchError(
+            f"zoo: the first {SYSTEMATIC} trial attempts failed with the same error, so the "
+            f"stage stopped instead of retrying every trial: {watch.systematic[:400]}"
+        )
+    failed, first = 0, None
     for result in [grid[i] for i in range(len(grid))]:  # a ResultGrid is indexed, not iterated
         if result.error is None:
             continue
@@ -220,6 +292,7 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             continue  # the trial wrote its pack before it failed (e.g. while reporting)
         failed += 1
         error = error_text(result.error)
+        first = first or error
         trial = os.path.basename(str(result.path or "").rstrip("/")) or pack.trial_id
         store.write_shard("models", pack.key, failed_rows(study, pack, trial, error))
     if failed:
@@ -230,16 +303,18 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         shutil.rmtree(storage / name, ignore_errors=True)  # everything it holds is in the store
         if storage.is_dir() and not any(storage.iterdir()):
             storage.rmdir()
-    _clear_downstream(store, {p.arch for p in packs})
-    return {"trials": len(packs), "skipped": total - len(packs), "failed": failed}
+    out: dict[str, Any] = {"trials": len(packs), "skipped": total - len(packs), "failed": failed}
+    if first:
+        out["error"] = first
+    return out
 
 
-def _clear_downstream(store: Store, archs: set[str]) -> None:
-    """Remove the all-models shards (neighbors, pairs, tests) of `archs`."""
-    for table in DOWNSTREAM:
-        for arch in archs:
-            for path in store.shard_files(table, {"arch": arch}):
-                path.unlink(missing_ok=True)
+def outputs(study: Study, store: Store) -> Outputs:
+    """Packs of the study with a models shard (done) or one that records a failed trial."""
+    packs = {(p.arch, p.task, p.pack) for p in study.packs()}
+    present = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")} & packs
+    failed = failed_packs(store) & packs
+    return Outputs("packs", len(packs), len(present - failed), failed=len(failed))
 
 
 def error_text(error: BaseException) -> str:
@@ -269,9 +344,4 @@ def _trial_name(config: dict) -> str:
     return f"{p['arch']}-t{p['task']}-p{p['pack']}"
 
 
-STAGE = Stage(
-    name="zoo",
-    pending=lambda study, store: len(pending_packs(study, store)),
-    run=run_zoo,
-    complete=lambda study, store: not pending_packs(study, store),
-)
+STAGE = Stage(name="zoo", outputs=outputs, run=run_zoo)

@@ -47,6 +47,7 @@ from distsim.stats.scoring import (
 )
 
 PROTOCOLS = ("closed-set", "open-set")
+MIN_TASKS = {"closed-set": 2, "open-set": 4}  # 2 train + 2 held-out tasks for open-set
 # Working memory per chunk of permutations. Lower it to bound memory; the null does not depend
 # on it (each permutation is evaluated on its own).
 CHUNK_BYTES = 64 * 2**20
@@ -135,7 +136,7 @@ def _check_inputs(
         raise ValueError(f"permutations must be >= {min_permutations}, got {permutations}")
     names, codes = np.unique(labels, return_inverse=True)
     n_tasks = len(names)
-    min_tasks = 2 if protocol == "closed-set" else 4
+    min_tasks = MIN_TASKS[protocol]
     if n_tasks < min_tasks:
         raise ValueError(f"{protocol} HTT needs at least {min_tasks} tasks, got {n_tasks}")
     counts = np.bincount(codes, minlength=n_tasks)
