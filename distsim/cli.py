@@ -2,15 +2,18 @@
 
     distsim validate STUDY.toml
     distsim launch STUDY.toml [--address ADDR] [--stages zoo,features,pairs,tests] [--fresh]
+                  [--yes] [--partial]
     distsim status STORE
+    distsim verify STORE
     distsim query models|tests|neighbors STORE [--arch ..] [--task ..] [--layer ..] [--method ..]
                   [--protocol ..] [--status ..] [--model ..] [--limit N] [--format table|csv|json]
     distsim query sql STORE "SELECT ... FROM models ..."
 
 STORE is a store folder or a study TOML (whose study.store is used). User errors (any
 distsim.errors.DistsimError: bad study file, changed study, unknown table; bad SQL) print one
-line on stderr and exit with code 2. Only ``launch`` imports Ray; ``query`` on a store folder
-imports neither Ray nor torch, so it answers fast.
+line on stderr and exit with code 2; a launch whose units failed after their retries exits 1;
+Ctrl-C / SIGTERM exit 130 / 143. Only ``launch`` imports Ray; ``query`` and ``verify`` on a
+store folder import neither Ray nor torch, so they answer fast.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import polars as pl
 import typer
 
-from distsim.errors import ConfigError, DistsimError, StoreError
-from distsim.store import TABLES, Store
-from distsim.tasks import make_tasks
+from distsim.errors import DistsimError, StoreError
+from distsim.store import Store
+from distsim.store.query import empty_filter_note, read_only_sql
 
 if TYPE_CHECKING:
     from distsim.config import Study
@@ -55,20 +58,26 @@ class Format(str, Enum):
     json = "json"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def user_errors(fn: F) -> F:
-    """Turn a DistsimError or a polars query error into one stderr line and exit code 2."""
+    """Turn a DistsimError or a polars query error into one stderr line and its exit code (2;
+    1 for an incomplete launch), and Ctrl-C / SIGTERM into exit code 130 / 143."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:  # the launch printed what it stored (Interrupted)
+            code = getattr(exc, "exit_code", 130)
+            if code == 130 and not hasattr(exc, "exit_code"):
+                typer.echo("distsim: interrupted", err=True)
+            raise typer.Exit(code) from None
         except DistsimError as exc:
-            _fail(str(exc))
+            _fail(str(exc), exc.exit_code)
         except pl.exceptions.PolarsError as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
             _fail(f"query failed: {type(exc).__name__}: {first}")
@@ -88,15 +97,24 @@ def _stage_names() -> tuple[str, ...]:
 
 @app.command()
 @user_errors
-def validate(study_file: Annotated[Path, typer.Argument(help="The study TOML file.")]) -> None:
-    """Check a study file without running it; print what it would launch."""
+def validate(
+    study_file: Annotated[Path, typer.Argument(help="The study TOML file.")],
+    no_data: Annotated[
+        bool, typer.Option("--no-data", help=("Skip building the tasks (a cluster job whose "
+                                               "data is only on the cluster)."))
+    ] = False,
+) -> None:
+    """Check a study file without running it (values, data, store path); print what it would
+    launch. The cluster (GPUs, resources) is checked by `launch` once connected."""
     from distsim.config import load_study
+    from distsim.pipeline.preflight import check_offline
 
     study = load_study(study_file)
+    notes = check_offline(study, data=not no_data)
     n_models = study.data.num_tasks * study.train.seeds_per_task
     typer.echo(f"ok: study {study.name!r} (config {study.hash[:12]})")
-    typer.echo(f"  store: {study.store}")
-    typer.echo(f"  data: {study.data.dataset}, {study.data.num_tasks} tasks")
+    for note in notes:
+        typer.echo(f"  {note}")
     for arch in study.archs:
         cfg = study.train_config(arch.name)
         typer.echo(
@@ -129,12 +147,25 @@ def launch(
         ),
     ] = None,
     fresh: Annotated[
-        bool, typer.Option("--fresh", help="Wipe the study's store and start over.")
+        bool, typer.Option("--fresh", help=("Wipe the study's store and start over (after the "
+                                             "checks; asks on a terminal)."))
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask before --fresh wipes the store.")
+    ] = False,
+    partial: Annotated[
+        bool, typer.Option("--partial", help=("Run later stages even when an earlier one is "
+                                              "incomplete (marked as partial)."))
     ] = False,
 ) -> None:
-    """Run a study on Ray: zoo -> features -> pairs -> tests, each stage skipping finished work."""
+    """Run a study on Ray: zoo -> features -> pairs -> tests, each stage skipping finished work.
+
+    Exit codes: 0 done; 1 units failed after their retries (stored work is kept, a relaunch
+    resumes); 2 a user error (one line); 130 / 143 stopped by Ctrl-C / SIGTERM.
+    """
     from distsim.config import load_study
     from distsim.pipeline.launch import run_study
+    from distsim.pipeline.preflight import check_offline
 
     study = load_study(study_file)
     names = _stage_names()
@@ -143,17 +174,12 @@ def launch(
     if unknown or not chosen:
         _fail(f"--stages: {unknown[0] if unknown else stages!r} is not a stage; "
               f"stages: {','.join(names)}")
-    _check_data(study)
-    run_study(study, address=address, stages=tuple(s for s in names if s in chosen), fresh=fresh)
-
-
-def _check_data(study: Study) -> None:
-    """Build the tasks once on the driver, so a missing or bad data file is one line here
-    rather than a traceback in every Ray trial (ValueError from distsim.tasks -> ConfigError)."""
-    try:
-        make_tasks(study.data)
-    except ValueError as exc:
-        raise ConfigError(str(exc), "data") from None
+    chosen = [s for s in names if s in chosen]
+    check_offline(study, stages=chosen)  # data, store path, splits: one line, before Ray starts
+    ask = sys.stdin.isatty() and not yes
+    run_study(study, address=address, stages=tuple(chosen),
+              fresh=fresh, partial=partial,
+              confirm=(lambda q: typer.confirm(q, err=True)) if ask else None)
 
 
 # ----------------------------------------------------------------------------- store commands
@@ -179,18 +205,67 @@ def status(
         Path, typer.Argument(metavar="STORE", help="Store folder or study TOML.")
     ],
 ) -> None:
-    """Stages done and models ok/diverged/failed per architecture."""
+    """Each stage complete / partial / stale / pending, the launch holding the store, and
+    models ok/diverged/failed per architecture."""
+    from distsim.pipeline.launch import stage_states
+    from distsim.store.lock import StoreLock
+
     store = _open_store(store_path)
     held = store.read_study() or {}
     typer.echo(f"store: {store.root}")
     if held:
         typer.echo(f"study: {held.get('name')} (config {str(held.get('hash'))[:12]}, "
                    f"created {held.get('created')})")
-    done = store.stages()
-    for stage in _stage_names():
-        info = done.get(stage)
-        typer.echo(f"  {stage:<9} {'done ' + info.get('finished', '') if info else 'pending'}")
+    lock = StoreLock(store.root, sys.stderr).holder()
+    if lock is not None:
+        typer.echo(f"launch: running (pid {lock.get('pid')} on {lock.get('host')}, since "
+                   f"{lock.get('started')})" if lock else "launch: locked (unreadable lock)")
+    study = _held_study(store)
+    marks = store.stages()
+    if study is None:
+        typer.echo("  (study.json missing or unreadable: stage states unknown)")
+    else:
+        for stage, state, outputs in stage_states(study, store):
+            finished = marks.get(stage, {}).get("finished", "") if state == "complete" else ""
+            typer.echo(f"  {stage:<9} {state:<9} {str(outputs):<28} {finished}".rstrip())
     _emit(store.summary(), Format.table, limit=0)
+
+
+@app.command()
+@user_errors
+def verify(
+    store_path: Annotated[
+        Path, typer.Argument(metavar="STORE", help="Store folder or study TOML.")
+    ],
+) -> None:
+    """Read every shard and check it against the table contract: readable, right columns and
+    types, no duplicate keys, no leftover temp files, lineage fresh. Exit 0 when sound, 1 with
+    one line per problem."""
+    from distsim.store.verify import verify_store
+
+    store = _open_store(store_path)
+    problems = verify_store(store)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        typer.echo(f"{len(problems)} problem(s) in {store.root}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {store.root} is sound")
+
+
+def _held_study(store: Store) -> Study | None:
+    """The study a store was written by (from its study.json, at the store's real path)."""
+    from distsim.config import study_from_dict
+
+    held = store.read_study()
+    if not held or not isinstance(held.get("config"), dict):
+        return None
+    config = dict(held["config"])
+    config["study"] = {**config.get("study", {}), "store": str(store.root)}
+    try:
+        return study_from_dict(config, source=str(held.get("source", "<store>")))
+    except DistsimError:
+        return None
 
 
 _QUERIES = {
@@ -256,6 +331,10 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
     total = lf.select(pl.len()).collect().item() if fmt is Format.table and limit else None
     df = (lf.head(limit) if limit else lf).collect()
     _emit(df, fmt, limit=limit)
+    if df.height == 0:
+        note = empty_filter_note(store, table, filters)
+        if note:
+            typer.echo(note, err=True)
     if total is not None and total > df.height:
         typer.echo(f"({df.height} of {total} rows; --limit 0 shows all)", err=True)
 
@@ -304,10 +383,10 @@ def query_sql(
     limit: LimitOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Any SQL SELECT over the store's tables (polars SQL)."""
+    """One SQL SELECT over the store's tables (polars SQL); anything else, and every table
+    function that reads files (read_csv, read_parquet, ...), is refused."""
     store = _open_store(store_path)
-    ctx = pl.SQLContext({name: store.scan(name) for name in TABLES}, eager=False)
-    lf = ctx.execute(sql)
+    lf = read_only_sql(store, sql)
     if limit is None:
         limit = 50 if fmt is Format.table else 0
     df = (lf.head(limit) if limit else lf).collect()
