@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -28,6 +29,7 @@ CLI = study_dict(
     data={"dataset": "synthetic", "num_tasks": 2},
     arch=[MLP, CNN],
     train={"seeds_per_task": 3, "epochs": 1},
+    tests={"protocols": ["closed-set"]},  # open-set needs 4 tasks
 )
 STUDY = study_toml(CLI)
 
@@ -92,7 +94,13 @@ def test_validate_prints_the_plan(study_file):
 
 @pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)
 def test_validate_every_job(job):
-    result = run("validate", job)
+    if job.name == "cifar100-gpu.toml":  # its .npz is on the cluster's shared volume
+        refused = run("validate", job)
+        assert refused.exit_code == 2
+        assert refused.stderr.startswith("error: data.path: no such file '/mnt/shared/")
+        result = run("validate", job, "--no-data")
+    else:
+        result = run("validate", job)
     assert result.exit_code == 0, result.output
 
 
@@ -145,8 +153,9 @@ def fake_pipeline(monkeypatch):
     calls = []
     module = types.ModuleType("distsim.pipeline.launch")
 
-    def run_study(study, *, address=None, stages=(), fresh=False):
-        calls.append({"study": study.name, "address": address, "stages": stages, "fresh": fresh})
+    def run_study(study, *, address=None, stages=(), fresh=False, partial=False, confirm=None):
+        calls.append({"study": study.name, "address": address, "stages": stages, "fresh": fresh,
+                      "partial": partial, "asks": confirm is not None})
         if address == "bad":
             raise StoreError("study changed; launch with --fresh")
 
@@ -157,12 +166,14 @@ def fake_pipeline(monkeypatch):
 
 def test_launch_passes_study_address_stages_and_fresh(study_file, fake_pipeline):
     assert run("launch", study_file).exit_code == 0
-    result = run("launch", study_file, "--address", "auto", "--stages", "tests,zoo", "--fresh")
+    result = run("launch", study_file, "--address", "auto", "--stages", "tests,zoo", "--fresh",
+                 "--partial")
     assert result.exit_code == 0, result.output
     assert fake_pipeline == [
         {"study": "cli", "address": None, "stages": ("zoo", "features", "pairs", "tests"),
-         "fresh": False},
-        {"study": "cli", "address": "auto", "stages": ("zoo", "tests"), "fresh": True},
+         "fresh": False, "partial": False, "asks": False},  # no terminal here: nobody to ask
+        {"study": "cli", "address": "auto", "stages": ("zoo", "tests"), "fresh": True,
+         "partial": True, "asks": False},
     ]
 
 
@@ -190,8 +201,13 @@ def test_status_shows_stages_and_model_counts(store):
     result = run("status", store.root)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert any(line.split()[:2] == ["zoo", "done"] for line in lines)
-    assert any(line.split() == ["pairs", "pending"] for line in lines)
+    states = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ")}
+    assert states["zoo"][:2] == ["complete", "4/4"]
+    assert states["features"][:3] == ["pending", "0/4", "packs"]
+    # neighbors and tests stored without the fingerprint of the feature rows they came from
+    assert states["pairs"][:3] == ["stale", "0/8", "matrices"]
+    # 8 matrices x (closed-set, permanova); the fixture's closed-set rows have no lineage
+    assert states["tests"] == ["stale", "0/16", "tests", "(2", "stale)"]
     row = [line for line in lines if "cnn" in line][0]
     assert [c.strip() for c in row.strip("│ ").split("┆")] == ["cnn", "6", "5", "1", "0", "0", "0"]
 
@@ -204,6 +220,28 @@ def test_query_models_json_is_machine_readable(store):
     assert rows[0]["model_id"] == "mlp-t0-s0" and rows[0]["test_acc"] == 0.9  # archs in study order
     assert rows[6]["model_id"] == "cnn-t0-s0"
     assert rows[2]["test_loss"] is None  # NaN -> null
+
+
+def test_a_filter_that_matches_nothing_says_what_the_store_has(store):
+    result = run("query", "models", store.root, "--arch", "transformer")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("no models match --arch 'transformer'; the store has arch: cnn, "
+                             "mlp\n")
+    result = run("query", "models", store.root, "--arch", "cnn", "--status", "failed")
+    assert "no models match --arch 'cnn' --status 'failed'" in result.stderr
+
+
+def test_verify_reports_one_line_per_problem_and_exits_1(store, tmp_path):
+    store = Store(shutil.copytree(store.root, tmp_path / "copy"))  # the fixture is shared
+    result = run("verify", store.root)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines and all(": no lineage" in line or ": stale" in line for line in lines), lines
+    assert result.stderr == f"{len(lines)} problem(s) in {store.root}\n"
+    for path in store.shard_files("tests") + store.shard_files("neighbors"):
+        path.unlink()
+    result = run("verify", store.root)
+    assert result.exit_code == 0 and result.stdout == f"ok: {store.root} is sound\n", result.output
 
 
 def test_query_models_filters_and_csv(store, study_file):
@@ -266,8 +304,15 @@ def test_query_sql_over_the_tables(store):
 @pytest.mark.parametrize(
     "args,words",
     [
-        (["query", "sql", "{store}", "SELEC 1"], "error: query failed"),
-        (["query", "sql", "{store}", "SELECT * FROM nope"], "error: query failed"),
+        (["query", "sql", "{store}", "SELEC 1"], "error: query sql: only one SELECT"),
+        (["query", "sql", "{store}", "SELECT * FROM nope"],
+         "error: query sql: relation 'nope' was not found"),
+        (["query", "sql", "{store}", "DELETE FROM models"], "error: query sql: only one SELECT"),
+        (["query", "sql", "{store}", "DROP TABLE models"], "error: query sql: only one SELECT"),
+        (["query", "sql", "{store}", "CREATE TABLE t AS SELECT * FROM models"],
+         "error: query sql: only one SELECT"),
+        (["query", "sql", "{store}", "SELECT * FROM read_csv('/etc/os-release')"],
+         "error: query sql: table function read_csv"),
         (["query", "models", "{missing}"], "error: no distsim store at"),
         (["status", "{missing}"], "error: no distsim store at"),
         (["query", "models", "{store}", "--limit", "-1"], "error: --limit must be >= 0"),

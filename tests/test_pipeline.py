@@ -230,7 +230,7 @@ def test_missing_upstream_stage_is_a_one_line_error(ray_session, tmp_path: Path)
     study = parse_study(tiny(tmp_path / "store", epochs=1))
     with pytest.raises(LaunchError, match="run the zoo stage first"):
         run_study(study, stages=("features",), stream=io.StringIO())
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(LaunchError, match="'train' is not a stage"):
         run_study(study, stages=("train",), stream=io.StringIO())
 
 
@@ -283,33 +283,36 @@ def test_joining_an_address_nobody_serves_fails_fast() -> None:
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_failed_trials_are_retried_recorded_and_trained_by_the_next_launch(
-    ray_session, tmp_path: Path
+    ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from distsim.errors import IncompleteError
+    from distsim.pipeline import faults
     from distsim.pipeline.launch import run_study
 
-    data = tmp_path / "data.npz"
-    data.write_bytes(b"not an npz file")  # every trial fails while loading its task
     study = parse_study(study_toml(
         study={"name": "failing", "store": str(tmp_path / "store")},
-        data={"dataset": "npz", "path": str(data), "num_tasks": 2},
+        data={"num_tasks": 2},
         arch=[{"kind": "mlp", "widths": [4]}],
         train={"seeds_per_task": 2, "seeds_per_trial": 2, "epochs": 1},
         resources={"max_failures": 1},
     ))
+    # a seed that makes exactly the trial of task 1 fail, on its first 2 attempts
+    seed = next(s for s in range(100) if [faults.chosen("trial", f"mlp-t{t}-p0", {
+        "trial": 0.5, "seed": s}) for t in (0, 1)] == [False, True])
+    monkeypatch.setenv(faults.ENV, f"trial=0.5,seed={seed},times=2")
     out = io.StringIO()
-    result = run_study(study, stages=("zoo",), stream=out)
-    assert result["stages"]["zoo"]["failed"] == 2
-    assert "2 trial(s) failed after 1 retries" in out.getvalue()
+    with pytest.raises(IncompleteError, match=r"zoo: 1/2 packs \(1 failed\).*injected trial fault"):
+        run_study(study, stages=("zoo",), stream=out)
+    assert "1 trial(s) failed after 1 retries" in out.getvalue()
     store = Store(study.store)
-    models = store.scan("models").collect()
-    assert models.height == 4 and (models["status"] == "failed").all()
-    assert models["error"].str.contains("cannot read").all() and models["test_acc"].is_nan().all()
+    models = store.scan("models").sort("model_id").collect()
+    assert models["status"].to_list() == ["ok", "ok", "failed", "failed"]
+    assert models["error"][2].startswith("InjectedFault: injected trial fault in mlp-t1-p0")
+    assert models["test_acc"][2:].is_nan().all()
     assert "zoo" not in store.stages()
 
-    rng = np.random.default_rng(0)
-    np.savez(data, X=rng.normal(size=(90, 8, 8)).astype(np.float32), y=np.repeat(np.arange(3), 30))
-    result = run_study(study, stages=("zoo",), stream=io.StringIO())
-    assert result["stages"]["zoo"]["trials"] == 2 and result["stages"]["zoo"]["failed"] == 0
+    result = run_study(study, stages=("zoo",), stream=io.StringIO())  # its 2 failures are spent
+    assert result["stages"]["zoo"]["trials"] == 1 and result["stages"]["zoo"]["failed"] == 0
     models = store.scan("models").collect()
     assert models.height == 4 and (models["status"] == "ok").all()
     assert models["error"].is_null().all()
