@@ -63,7 +63,8 @@ def files(store: Path) -> dict[str, tuple[int, int]]:
     if not store.is_dir():
         return {}
     return {str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in store.rglob("*") if p.is_file() and "_tune" not in p.parts}
+            for p in store.rglob("*")
+            if p.is_file() and "_tune" not in p.parts and p.name != "_launch.lock"}
 
 
 def lost(before: dict, after: dict) -> str:
@@ -93,7 +94,9 @@ def interrupt(folder: Path, stage: str, sig: int, twice: bool) -> tuple[int, flo
     proc = subprocess.Popen([DISTSIM, "launch", "study.toml"], cwd=folder,
                             env=env(DISTSIM_FAULTS="slow=1"), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-    while f"{stage:<9} 0/" not in log.read_text():
+    models = folder / "store" / "models" / "arch=mlp"
+    while f"{stage:<9} 0/" not in log.read_text() or (
+            stage == "zoo" and len(list(models.glob("*.parquet"))) < 3):
         if proc.poll() is not None:
             raise RuntimeError(log.read_text())
         time.sleep(0.05)
@@ -151,14 +154,15 @@ def main() -> None:
         add("`launch --fresh --address HOST:PORT`, nobody there", rc, took, last,
             lost(before, files(done)))
 
-        log = chain / "holder.log"
-        holder = subprocess.Popen([DISTSIM, "launch", "study.toml", "--fresh", "--yes"],
-                                  cwd=chain, env=env(DISTSIM_FAULTS="slow=1"),
+        busy = study_dir(base, "busy")
+        log = busy / "holder.log"
+        holder = subprocess.Popen([DISTSIM, "launch", "study.toml"],
+                                  cwd=busy, env=env(DISTSIM_FAULTS="slow=1"),
                                   stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
         while "zoo       0/" not in log.read_text():
             time.sleep(0.05)
-        rc, took, last = run(chain, "launch", "study.toml")
+        rc, took, last = run(busy, "launch", "study.toml")
         add("a second launch of a running study", rc, took, last, "nothing (the first goes on)")
         os.killpg(holder.pid, signal.SIGINT)
         holder.wait(timeout=120)
