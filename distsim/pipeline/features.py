@@ -8,7 +8,7 @@ shard (arch, method, layer, task, pack). A pack whose shards are all present is 
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from typing import Any
 
 import polars as pl
@@ -18,7 +18,7 @@ from distsim.config import Pack, Study
 from distsim.errors import LaunchError
 from distsim.features import weight_features_batch
 from distsim.pipeline.faults import maybe_fail, plan
-from distsim.pipeline.progress import Progress
+from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.zoo import error_text, failed_packs, study_tasks
 from distsim.store import Store, lineage
@@ -126,7 +126,7 @@ def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         raise LaunchError(f"features: store {str(store.root)!r} holds no models yet; "
                           "run the zoo stage first")
     rows = 0
-    failed: dict[Pack, str] = {}
+    retries = Retries("features", study.resources.max_failures, ctx.stream)
     with Progress("features", len(packs), unit="pack", skipped=total - len(packs),
                   stream=ctx.stream) as progress:
         if not packs:
@@ -135,7 +135,7 @@ def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         Worker = ray.remote(num_cpus=cpus)(_FeatureWorker)
         n_actors = min(study.resources.feature_actors, len(packs))
         idle: list[Any] = [Worker.remote(study, max(1, int(cpus)), plan()) for _ in range(n_actors)]
-        queue, tries = deque(packs), Counter[Pack]()
+        queue = deque(packs)
         running: dict[Any, tuple[Any, Pack]] = {}  # task ref -> (actor, pack)
         try:
             while queue or running:
@@ -152,24 +152,16 @@ def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                         ray.kill(actor, no_restart=True)
                         actor = Worker.remote(study, max(1, int(cpus)), plan())
                     idle.append(actor)
-                    tries[pack] += 1
-                    retry = tries[pack] <= study.resources.max_failures
-                    print(f"features  pack {pack.arch}-t{pack.task}-p{pack.pack} failed "
-                          f"({'retrying' if retry else 'giving up'}): {error_text(exc)[:300]}",
-                          file=ctx.stream, flush=True)
-                    if retry:
+                    if retries.failed(f"pack {pack.arch}-t{pack.task}-p{pack.pack}",
+                                      error_text(exc)):
                         queue.append(pack)
                         continue
-                    failed[pack] = error_text(exc)
                 progress.update(1)
         finally:
             for a in idle + [a for a, _ in running.values()]:
                 ray.kill(a)
-    out: dict[str, Any] = {"packs": len(packs), "skipped": total - len(packs), "rows": rows,
-                           "failed": len(failed)}
-    if failed:
-        out["error"] = next(iter(failed.values()))
-    return out
+    return {"packs": len(packs), "skipped": total - len(packs), "rows": rows,
+            **retries.outcome()}
 
 
 class _FeatureWorker:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 from distsim.config import MatrixKey, Study
 from distsim.errors import IncompleteError, LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
-from distsim.pipeline.progress import Progress
+from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.zoo import error_text
 from distsim.stats import block_topk, distance_block, merge_topk
@@ -247,14 +246,15 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         todo += [(g, i, j) for i, j in work.tiles]
     k = study.pairs.top_k
     parts: list[dict[str, np.ndarray]] = []
-    failed: dict[tuple[int, int, int], str] = {}
+    failed: set[tuple[int, int, int]] = set()
+    retries = Retries("pairs", study.resources.max_failures, ctx.stream)
     with Progress("pairs", len(todo), unit="tile", skipped=total_tiles - len(todo),
                   stream=ctx.stream) as progress:
         if not todo:
             return {"tiles": 0, "skipped": total_tiles, "groups": 0, "failed": 0}
         quiet_ray_data()
         refs = [ray.put(fm) for fm in matrices]
-        round_tiles, tries = todo, Counter[tuple[int, int, int]]()
+        round_tiles = todo
         while round_tiles:
             with warnings.catch_warnings():
                 # max_restarts=0 goes through map_batches' **ray_remote_args (deprecated in
@@ -278,15 +278,10 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             retry = []
             for t, error in errors.items():
                 tile = round_tiles[t]
-                tries[tile] += 1
-                again = tries[tile] <= study.resources.max_failures
-                print(f"pairs     tile {keys[tile[0]]} ({tile[1]}, {tile[2]}) failed "
-                      f"({'retrying' if again else 'giving up'}): {error[:300]}",
-                      file=ctx.stream, flush=True)
-                if again:
+                if retries.failed(f"tile {keys[tile[0]]} ({tile[1]}, {tile[2]})", error):
                     retry.append(tile)
                 else:
-                    failed[tile] = error
+                    failed.add(tile)
                     progress.update(1)
             round_tiles = retry
     cat = {c: np.concatenate([p[c] for p in parts]) for c in ("matrix", "row", "nbr", "dist")}
@@ -299,11 +294,8 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             store.write_shard("neighbors", {**key.key, "block": b},
                               [{**row, "upstream": fm.upstream}
                                for row in neighbor_rows(fm, b, r, best_i, best_d)])
-    out: dict[str, Any] = {"tiles": len(todo), "skipped": total_tiles - len(todo),
-                           "groups": len(keys), "failed": len(failed)}
-    if failed:
-        out["error"] = next(iter(failed.values()))
-    return out
+    return {"tiles": len(todo), "skipped": total_tiles - len(todo), "groups": len(keys),
+            **retries.outcome()}
 
 
 def quiet_ray_data() -> None:

@@ -115,3 +115,28 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Retries:
+    """Failed attempts of a stage's units (packs, tiles, chunks) against ``max_failures``
+    retries, each said in one line: ``failed(unit, error)`` is True while the unit may run
+    again; ``outcome()`` gives the counts the launch reports (failed units, first cause)."""
+
+    def __init__(self, stage: str, max_failures: int, stream: TextIO) -> None:
+        self.stage, self.max_failures, self.stream = stage, max_failures, stream
+        self.tries: dict[str, int] = {}
+        self.given_up: dict[str, str] = {}  # unit -> its last error
+
+    def failed(self, unit: str, error: str) -> bool:
+        self.tries[unit] = self.tries.get(unit, 0) + 1
+        again = self.tries[unit] <= self.max_failures
+        print(f"{self.stage:<9} {unit} failed ({'retrying' if again else 'giving up'}): "
+              f"{error[:300]}", file=self.stream, flush=True)
+        if not again:
+            self.given_up[unit] = error
+        return again
+
+    def outcome(self) -> dict[str, int | str]:
+        """{"failed": units given up} plus {"error": the first one's cause} when any."""
+        first = next(iter(self.given_up.values()), None)
+        return {"failed": len(self.given_up), **({"error": first} if first else {})}

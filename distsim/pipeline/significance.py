@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 from distsim.config import MatrixKey, Study
 from distsim.errors import LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
-from distsim.pipeline.progress import Progress
+from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.zoo import error_text
 from distsim.stats import (
@@ -197,8 +196,8 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
               file=progress.stream)
     owner = {ref: (key, i) for key, job in jobs.items() for i, ref in enumerate(job["refs"])}
     left = {key: len(job["refs"]) for key, job in jobs.items()}
-    tries: Counter[tuple[Any, int]] = Counter()
-    failed: dict[tuple[MatrixKey, str], str] = {}
+    retries = Retries("tests", study.resources.max_failures, ctx.stream)
+    failed: set[tuple[MatrixKey, str]] = set()  # tests with a chunk given up
     waiting = list(owner)
     try:
         while waiting:
@@ -211,16 +210,12 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 if key in failed:
                     continue
                 name, fn, args = job["calls"][i]
-                tries[key, i] += 1
-                retry = tries[key, i] <= study.resources.max_failures
-                print(f"tests     chunk {name} failed ({'retrying' if retry else 'giving up'}): "
-                      f"{error_text(exc)[:300]}", file=progress.stream, flush=True)
-                if retry:
+                if retries.failed(f"chunk {name}", error_text(exc)):
                     ref = task.remote(name, root, fault_plan, fn, *args)
                     owner[ref] = (key, i)
                     waiting.append(ref)
                 else:
-                    failed[key] = error_text(exc)
+                    failed.add(key)
                     progress.update(left.pop(key))
                 continue
             if key in failed:
@@ -231,11 +226,8 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 _write_test(store, study, key, job)
     finally:
         progress.close()
-    out: dict[str, Any] = {"tests": len(jobs), "skipped": n_tests - len(jobs), "chunks": n_chunks,
-                           "failed": len(failed)}
-    if failed:
-        out["error"] = next(iter(failed.values()))
-    return out
+    return {"tests": len(jobs), "skipped": n_tests - len(jobs), "chunks": n_chunks,
+            **retries.outcome()}
 
 
 def _write_test(store: Store, study: Study, key: tuple[MatrixKey, str],
