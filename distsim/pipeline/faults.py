@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from distsim.errors import ConfigError
+
 ENV = "DISTSIM_FAULTS"
 KINDS = ("trial", "feature", "tile", "test")
 
@@ -26,8 +28,8 @@ class InjectedFault(RuntimeError):
 
 
 def plan(text: str | None = None) -> dict[str, float]:
-    """The parsed knob: {kind: rate, "seed": s, "times": t}; {} when unset. ValueError on a bad
-    item (one line naming it)."""
+    """The parsed knob: {kind: rate, "seed": s, "times": t}; {} when unset. ConfigError (also a
+    ValueError) on a bad item, one line naming it."""
     text = os.environ.get(ENV, "") if text is None else text
     out: dict[str, float] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -39,8 +41,8 @@ def plan(text: str | None = None) -> dict[str, float]:
         ok = (name in KINDS and 0 <= number <= 1) or (name == "slow" and number >= 0) or (
             name in ("seed", "times") and number >= 0 and number == int(number))
         if not ok:
-            raise ValueError(f"{ENV}: {item!r} is not kind=rate (kinds {', '.join(KINDS)}; "
-                             "rate in [0, 1]), slow=SECONDS, seed=N or times=N")
+            raise ConfigError.at(ENV, f"{item!r} is not kind=rate (kinds {', '.join(KINDS)}; "
+                                 "rate in [0, 1]), slow=SECONDS, seed=N or times=N")
         out[name] = number
     return out
 

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from distsim.config import Study
 from distsim.errors import IncompleteError, LaunchError
+from distsim.pipeline import faults
 from distsim.pipeline.preflight import check_cluster, check_offline
 from distsim.pipeline.registry import STAGE_NAMES, STAGES
 from distsim.pipeline.signals import Interrupted, StopOnSignals
@@ -156,6 +157,7 @@ def run_study(
     out = stream if stream is not None else sys.stderr
     start = time.perf_counter()
     check_offline(study, stages=names)
+    faults.plan()  # a malformed DISTSIM_FAULTS fails here, before Ray starts
     store = Store(study.store)
     store.binding(study, fresh=fresh)  # a changed study fails here, before the lock
     with StopOnSignals(out) as signals, StoreLock(store.root, out):

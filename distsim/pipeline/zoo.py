@@ -170,7 +170,8 @@ class _Watch:
         self.trials: set[str] = set()  # trials with a failed attempt
         self.systematic: str | None = None
 
-    def failed(self, trial: Any) -> None:
+    def failed(self, trial: Any, again: bool) -> None:
+        """Note one failed attempt of `trial` (`again`: Tune retries it)."""
         try:  # the text file of its errors, the latest last (its pickle is not read)
             text = Path(trial.error_file).read_text() if trial.error_file else ""
         except OSError:  # an unreadable error file is a failure with an unknown cause
@@ -180,12 +181,12 @@ class _Watch:
         cause = re.sub(r"^[\w.]+\.(\w+): ", r"\1: ", " ".join(lines[-1].split())[:1000]) \
             if lines else "unknown error"
         self.causes.append(cause)
-        self.trials.add(str(getattr(trial, "trial_id", trial)))
-        print(f"zoo       trial {getattr(trial, 'trial_name', trial)} failed: {cause[:300]}",
-              file=self.progress.stream, flush=True)
+        self.trials.add(str(trial))  # the trial's name, e.g. mlp-t3-p0
+        print(f"zoo       trial {trial} failed ({'retrying' if again else 'giving up'}): "
+              f"{cause[:300]}", file=self.progress.stream, flush=True)
         first = self.causes[:SYSTEMATIC]
         if (not self.succeeded and len(first) == SYSTEMATIC and len(self.trials) > 1
-                and len({re.sub(r"[0-9a-f]{2,}|[0-9]+", "#", c) for c in first}) == 1):
+                and len({re.sub(r"\b[0-9a-f]{8,}\b|\d+", "#", c) for c in first}) == 1):
             self.systematic = cause
 
     def callback(self) -> Any:
@@ -201,11 +202,11 @@ class _Watch:
 
             def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
                                  **info: Any) -> None:
-                watch.failed(trial)
+                watch.failed(trial, again=True)
 
             def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
                                **info: Any) -> None:
-                watch.failed(trial)
+                watch.failed(trial, again=False)
                 watch.progress.update(1)
 
         return _Callback()
@@ -241,7 +242,6 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         progress.close()
         return {"trials": 0, "skipped": total, "failed": 0}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no Tune tables, our progress only
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C stops the launch, not only Tune
     # a failed trial is one line from our callback, not Tune's error log with its traceback
     # (and a stopped zoo's unstarted trials are not warned about one by one)
     for name in ("ray.tune.execution.tune_controller", "ray.tune.tune",
@@ -273,11 +273,18 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
         ),
     )
+    sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C stops the launch, not only Tune
     try:
         grid = tuner.fit()
     finally:
         progress.close()
+        if sigint is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint
     if watch.systematic is not None:
+        shutil.rmtree(storage / name, ignore_errors=True)  # no trial stored anything
         raise LaunchError(
             f"zoo: the first {SYSTEMATIC} trial attempts failed with the same error, so the "
             f"stage stopped instead of retrying every trial: {watch.systematic[:400]}"
