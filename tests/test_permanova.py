@@ -6,9 +6,17 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.spatial.distance import cdist
 
-from distsim.stats import PermanovaResult, p_value, permanova, permanova_null_chunk
+from distsim.stats import (
+    PermanovaResult,
+    p_value,
+    permanova,
+    permanova_features,
+    permanova_null_chunk,
+)
 
 
 def _grouped_distances(rng, sizes, dim=5, effect=0.0):
@@ -161,3 +169,42 @@ def test_invalid_permutations():
         permanova(D, labels, permutations=-1)
     with pytest.raises(TypeError, match="integer"):
         permanova_null_chunk(D, labels, 9.5, seed=0)
+
+
+# ----------------------------------------------------------------------------- without D
+
+
+@given(n_groups=st.integers(2, 6), extra=st.lists(st.integers(0, 9), min_size=6, max_size=6),
+       dim=st.sampled_from([1, 3, 8, 80]), effect=st.sampled_from([0.0, 0.5, 3.0]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_permanova_features_equals_permanova_on_the_distance_matrix(n_groups, extra, dim, effect,
+                                                                    seed):
+    """The Euclidean identity route: same pseudo-F (1e-9), same null permutation by permutation,
+    same p, for unbalanced groups and for D > N (the thin-SVD basis)."""
+    rng = np.random.default_rng(seed)
+    sizes = [2 + e for e in extra[:n_groups]]
+    labels = np.repeat(np.arange(n_groups), sizes)
+    X = rng.standard_normal((len(labels), dim)) * rng.uniform(0.5, 2.0, dim)
+    X[:, 0] += effect * labels
+    order = rng.permutation(len(labels))
+    X, labels = X[order], np.array([f"task-{g}" for g in labels[order]])
+    ref = permanova(cdist(X, X), labels, permutations=60, seed=seed)
+    got = permanova_features(X, labels, permutations=60, seed=seed)
+    assert got.statistic == pytest.approx(ref.statistic, rel=1e-9)
+    np.testing.assert_allclose(got.null, ref.null, rtol=1e-9)
+    assert got.p_value == ref.p_value
+    assert (got.n_samples, got.n_groups, got.permutations) == (ref.n_samples, ref.n_groups, 60)
+
+
+def test_permanova_features_refuses_what_permanova_refuses():
+    X = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="one label per row of X"):
+        permanova_features(X, [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="groups of size 1"):
+        permanova_features(X, [0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match=r"real \(N, D\) feature matrix"):
+        permanova_features(np.zeros(5), [0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        permanova_features(np.full((4, 2), np.nan), [0, 0, 1, 1])
+    assert np.isnan(permanova_features(np.eye(4), [0, 0, 1, 1], permutations=0).p_value)

@@ -4,6 +4,7 @@ Ray (results checked against the single-process science code), and the quickstar
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -205,6 +206,7 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
                            permanova_null_chunk(D, fm.tasks, 1, (0, 2))])
     assert row["observed"] == pytest.approx(first.statistic)
     assert row["p_value"] == pytest.approx(p_value(first.statistic, null))
+    assert json.loads(row["extra"])["route"] == "features"  # Euclidean: no N x N matrix
     assert re.search(r"^mlp +out +chain-gram +closed-set +accuracy", log, re.M)
 
     # a second launch of the finished study runs nothing and changes nothing

@@ -6,8 +6,10 @@ c >= 1 draws its permutations from seed (s, c) with the same split (``htt_null_c
 seed=(s, c), split_seed=s)`` / ``permanova_null_chunk(..., seed=(s, c))``). The chunks run as
 Ray tasks; their nulls concatenate into one null of B values and
 p = (1 + #{null >= S}) / (1 + B) (``distsim.stats.p_value``). With one chunk the result equals
-the single-process ``htt`` / ``permanova`` call exactly. One ``tests`` shard per
-(arch, method, layer, protocol); tests already in the store are skipped.
+the single-process ``htt`` / ``permanova`` call exactly. PERMANOVA with the Euclidean metric
+never builds the N x N distance matrix: it runs ``permanova_features`` on the features'
+Euclidean basis (same permutations, same pseudo-F to 1e-9); other metrics use the matrix. One
+``tests`` shard per (arch, method, layer, protocol); tests already in the store are skipped.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.zoo import error_text
 from distsim.stats import (
+    euclidean_basis,
     htt,
     htt_null_chunk,
     p_value,
     pairwise_distances,
     permanova,
+    permanova_features,
     permanova_null_chunk,
 )
 from distsim.store import Store, lineage
@@ -66,18 +70,23 @@ def htt_chunk(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int
                           split_seed=seed, **kwargs)
 
 
-def permanova_head(D: np.ndarray, tasks: np.ndarray, permutations: int,
-                   seed: int) -> dict[str, Any]:
-    """Chunk 0 of PERMANOVA: the pseudo-F and the first null chunk."""
-    r = permanova(D, tasks, permutations=permutations, seed=seed)
+def permanova_head(data: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
+                   route: str) -> dict[str, Any]:
+    """Chunk 0 of PERMANOVA: the pseudo-F and the first null chunk. `data` is the features'
+    Euclidean basis (route "features": no N x N array) or the distance matrix ("matrix")."""
+    test = permanova_features if route == "features" else permanova
+    r = test(data, tasks, permutations=permutations, seed=seed)
     return {"observed": r.statistic, "statistic": "pseudo-F", "chance": float("nan"),
-            "null": r.null, "extra": {"n_groups": r.n_groups}}
+            "null": r.null, "extra": {"n_groups": r.n_groups, "route": route}}
 
 
-def permanova_chunk(D: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
-                    chunk: int) -> np.ndarray:
-    """Null chunk c >= 1 of PERMANOVA: permutations from seed (seed, c)."""
-    return permanova_null_chunk(D, tasks, permutations, (seed, chunk))
+def permanova_chunk(data: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
+                    chunk: int, route: str) -> np.ndarray:
+    """Null chunk c >= 1 of PERMANOVA: permutations from seed (seed, c); `data` as in
+    :func:`permanova_head`. Both routes draw the same permutations."""
+    if route == "features":
+        return permanova_features(data, tasks, permutations, (seed, chunk)).null
+    return permanova_null_chunk(data, tasks, permutations, (seed, chunk))
 
 
 def _chunk(unit: str, store_root: str, faults: dict[str, float], fn: Callable[..., Any],
@@ -142,6 +151,8 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     have = _test_state(study, store)[0]
     task = ray.remote(num_cpus=1)(_chunk)  # a chunk that raises is resubmitted below
     dist_task = ray.remote(num_cpus=1)(distance_matrix)
+    basis_task = ray.remote(num_cpus=1)(euclidean_basis)
+    route = "features" if study.pairs.metric == "euclidean" else "matrix"
     root, fault_plan = str(store.root), plan()
     kwargs = spec.htt_kwargs()
     jobs: dict[tuple[MatrixKey, str], dict[str, Any]] = {}  # -> head ref, chunk refs, meta
@@ -176,10 +187,11 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             if protocol == PERMANOVA:
                 B = spec.permanova_permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
-                if d_ref is None:
-                    d_ref = dist_task.remote(x_ref, study.pairs.metric)
-                refs = [submit(0, permanova_head, d_ref, t_ref, sizes[0], spec.seed)]
-                refs += [submit(c, permanova_chunk, d_ref, t_ref, b, spec.seed, c)
+                if d_ref is None:  # Euclidean: the features' basis, no distance matrix
+                    d_ref = (basis_task.remote(x_ref) if route == "features"
+                             else dist_task.remote(x_ref, study.pairs.metric))
+                refs = [submit(0, permanova_head, d_ref, t_ref, sizes[0], spec.seed, route)]
+                refs += [submit(c, permanova_chunk, d_ref, t_ref, b, spec.seed, c, route)
                          for c, b in enumerate(sizes[1:], 1)]
             else:
                 B = spec.permutations

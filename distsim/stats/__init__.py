@@ -14,7 +14,13 @@ from distsim.stats.distances import (
 from distsim.stats.hypothesis_training import PROTOCOLS, HTTResult, htt, htt_null_chunk
 from distsim.stats.linear_embedding import LEARNERS
 from distsim.stats.permutation import p_value
-from distsim.stats.permutational_anova import PermanovaResult, permanova, permanova_null_chunk
+from distsim.stats.permutational_anova import (
+    PermanovaResult,
+    euclidean_basis,
+    permanova,
+    permanova_features,
+    permanova_null_chunk,
+)
 from distsim.stats.scoring import expected_ap, expected_cmc
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "PermanovaResult",
     "block_topk",
     "distance_block",
+    "euclidean_basis",
     "expected_ap",
     "expected_cmc",
     "htt",
@@ -33,6 +40,7 @@ __all__ = [
     "p_value",
     "pairwise_distances",
     "permanova",
+    "permanova_features",
     "permanova_null_chunk",
     "topk_neighbors",
     "upper_tiles",

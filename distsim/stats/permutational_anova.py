@@ -26,6 +26,7 @@ from distsim.stats.permutation import SeedLike, p_value
 
 _CHUNK = 1024  # permutations drawn at a time: (1024, N - 1) float64 uniforms
 _SLICE = 128  # permutations per parallel slice; one distance row serves all of them
+_SLICE_F = 16  # permutations per slice of the features route: (16, a, r) group sums
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,15 @@ def _validate(D: np.ndarray, labels: Sequence | np.ndarray) -> tuple[np.ndarray,
         raise ValueError("D must have a zero diagonal (the distance of an object to itself)")
     if np.abs(arr - arr.T).max(initial=0.0) > tol:
         raise ValueError("D must be symmetric (D[i, j] == D[j, i])")
+    return arr, _codes(labels, len(arr), "D")
+
+
+def _codes(labels: Sequence | np.ndarray, n: int, what: str) -> np.ndarray:
+    """Integer group codes (N,) in 0..a-1 of labels (N,): at least 2 groups of 2 members."""
     lab = np.asarray(labels)
-    if lab.ndim != 1 or len(lab) != len(arr):
+    if lab.ndim != 1 or len(lab) != n:
         raise ValueError(
-            f"labels must be 1-D with one label per row of D ({len(arr)}), got shape {lab.shape}"
+            f"labels must be 1-D with one label per row of {what} ({n}), got shape {lab.shape}"
         )
     groups, codes = np.unique(lab, return_inverse=True)
     if len(groups) < 2:
@@ -70,7 +76,7 @@ def _validate(D: np.ndarray, labels: Sequence | np.ndarray) -> tuple[np.ndarray,
     if sizes.min() < 2:
         small = groups[np.flatnonzero(sizes < 2)].tolist()
         raise ValueError(f"every group needs at least 2 members; groups of size 1: {small}")
-    return arr, codes.astype(np.int64)
+    return codes.astype(np.int64)
 
 
 def _check_permutations(permutations: int) -> int:
@@ -206,3 +212,103 @@ def permanova(
         n_samples=design.n,
         n_groups=design.n_groups,
     )
+
+
+# ------------------------------------------------------------------ Euclidean, without D
+# For Euclidean distances PERMANOVA needs no distance matrix. With Y the centred features,
+#     s_T = sum_i ||y_i||^2,   s_W = s_T - sum_g ||S_g||^2 / n_g   (S_g = sum of group g's rows),
+# the textbook identity sum_{i<j in g} ||y_i - y_j||^2 / n_g = sum_{i in g} ||y_i - mean_g||^2.
+# A relabelling only moves rows between the S_g: O(N r) per permutation (r = columns of Y,
+# at most N - 1 after a thin SVD), and O(N r) memory.
+
+
+@numba.njit(parallel=True, cache=True)
+def _null_between(
+    Y: np.ndarray, codes: np.ndarray, sizes: np.ndarray, u: np.ndarray, out: np.ndarray
+) -> None:
+    """out[b] = sum_g ||S_g||^2 / n_g for codes (N,) shuffled by Fisher-Yates with u[b] (N-1,),
+    the same shuffle as _null_within_ss; Y (N, r) float64. Slices of _SLICE_F permutations run
+    in parallel; within a slice each row of Y is read once and added to every permutation's
+    group sum (the row stays in L1 cache)."""
+    n, r = Y.shape
+    a = sizes.shape[0]
+    n_perm = u.shape[0]
+    n_slices = (n_perm + _SLICE_F - 1) // _SLICE_F
+    for t in numba.prange(n_slices):
+        b0 = t * _SLICE_F
+        m = min(n_perm, b0 + _SLICE_F) - b0
+        labels = np.empty((n, m), np.int32)
+        for b in range(m):
+            perm = codes.copy()
+            for k in range(n - 1, 0, -1):
+                j = int(u[b0 + b, k - 1] * (k + 1))
+                perm[k], perm[j] = perm[j], perm[k]
+            labels[:, b] = perm
+        sums = np.zeros((m, a, r))
+        for i in range(n):
+            row = Y[i]
+            for b in range(m):
+                acc = sums[b, labels[i, b]]
+                for c in range(r):
+                    acc[c] += row[c]
+        for b in range(m):
+            total = 0.0
+            for g in range(a):
+                sq = 0.0
+                for c in range(r):
+                    sq += sums[b, g, c] * sums[b, g, c]
+                total += sq / sizes[g]
+            out[b0 + b] = total
+
+
+def euclidean_basis(X: np.ndarray) -> np.ndarray:
+    """Centred X (N, D) float64 in at most min(N, D) columns with the same pairwise Euclidean
+    distances (N, r): the thin SVD's U S when D > N, else the centred X itself. Computing it
+    once lets chunks of one test share it."""
+    Y = X - X.mean(axis=0)
+    if Y.shape[1] <= Y.shape[0]:
+        return np.ascontiguousarray(Y)
+    U, S, _ = np.linalg.svd(Y, full_matrices=False)
+    return np.ascontiguousarray(U * S)
+
+
+def permanova_features(
+    X: np.ndarray, labels: Sequence | np.ndarray, permutations: int = 999, seed: SeedLike = 0
+) -> PermanovaResult:
+    """PERMANOVA of a grouping (N,) on the Euclidean distances of features X (N, D), without
+    the distance matrix: O(N r) time per permutation and O(N r) memory, r <= min(N - 1, D).
+
+    Equals ``permanova(pairwise_distances(X), labels, permutations, seed)``: the same
+    permutations (same seed, same shuffle), pseudo-F to float rounding (1e-9 relative).
+    """
+    permutations = _check_permutations(permutations)
+    arr = np.asarray(X)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.floating)
+                             or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape} "
+                         f"and dtype {arr.dtype}")
+    Y = euclidean_basis(np.asarray(arr, dtype=np.float64))
+    if not np.isfinite(Y).all():
+        raise ValueError("X contains NaN or infinite values")
+    codes = _codes(labels, len(Y), "X").astype(np.int32)
+    n, sizes = len(Y), np.bincount(codes).astype(np.int64)
+    a = len(sizes)
+    s_t = float((Y * Y).sum())
+
+    def pseudo_f(between: np.ndarray) -> np.ndarray:
+        s_w = s_t - between
+        return ((s_t - s_w) / (a - 1)) / (s_w / (n - a))
+
+    S = np.zeros((a, Y.shape[1]))
+    np.add.at(S, codes, Y)  # (a, r) the groups' row sums
+    statistic = float(pseudo_f(np.array([((S * S).sum(axis=1) / sizes).sum()]))[0])
+    rng = np.random.default_rng(seed)
+    between = np.empty(permutations)
+    for start in range(0, permutations, _CHUNK):
+        b = min(_CHUNK, permutations - start)
+        _null_between(Y, codes, sizes, rng.random((b, n - 1)), between[start : start + b])
+    null = pseudo_f(between)
+    p = p_value(statistic, null) if permutations else float("nan")
+    return PermanovaResult(statistic=statistic, p_value=p, permutations=permutations, null=null,
+                           n_samples=n, n_groups=a)
+
