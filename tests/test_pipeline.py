@@ -19,7 +19,7 @@ import pytest
 from _study import study_toml
 
 from distsim.config import parse_study
-from distsim.pipeline.pairs import compute_tile, merge_block, tile_plan, tile_summary
+from distsim.pipeline.pairs import BlockMerges, compute_tile, tile_plan, tile_summary
 from distsim.pipeline.progress import Progress
 from distsim.pipeline.significance import chunk_sizes, combine
 from distsim.store import Store, StoreError
@@ -90,10 +90,15 @@ def test_tiles_merge_to_the_exact_neighbours_and_pair_sums() -> None:
     tasks = np.repeat(np.arange(5), 5)[:n]
     parts = [compute_tile(X, tasks, i, j, block, k, "euclidean") for i, j in tile_plan(n, block)]
     sums = [p[0] for p in parts]
-    rows, idx, dist = (np.concatenate([p[c] for p in parts]) for c in (1, 2, 3))
     want_i, want_d = topk_neighbors(X, k)
-    for b in range(math.ceil(n / block)):
-        r, got_i, got_d = merge_block(n, b, block, k, rows, idx, dist)
+    nb = math.ceil(n / block)
+    merges = BlockMerges(n, block, k, set(range(nb)) - {2})  # block 2's neighbours are stored
+    completed = []
+    for t in rng.permutation(len(parts)):  # tiles arrive in any order
+        completed += merges.add(*parts[t][1:])
+    assert sorted(b for b, *_ in completed) == [0, 1, 3, 4] and not merges.best
+    for b, r, got_i, got_d in completed:
+        np.testing.assert_array_equal(r, np.arange(b * block, min((b + 1) * block, n)))
         np.testing.assert_array_equal(got_i, want_i[r])
         np.testing.assert_allclose(got_d, want_d[r], rtol=1e-5)
     D = pairwise_distances(X).astype(np.float64)

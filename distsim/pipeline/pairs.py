@@ -4,8 +4,9 @@ For every feature matrix (arch, method, layer) the (N, D) feature matrix is cut 
 ``pairs.block`` rows; tile (I, J), I <= J, computes the distance block with
 ``distsim.stats.distances.distance_block``, writes its intra-task / inter-task distance sums
 as one ``pairs`` shard, and returns the partial top-k neighbours of the rows of I (and of J,
-from the transposed block). The driver merges the partials of each row block with
-``merge_topk`` and writes one ``neighbors`` shard per block. Ray Data has no cross join, so the
+from the transposed block). The driver merges the partials into each row block's running
+top-k as tiles arrive (:class:`BlockMerges`, O(N k) numbers held, never every partial list) and
+writes a block's ``neighbors`` shard once all its tiles are in. Ray Data has no cross join, so the
 dataset is the list of tile ids (``ray.data.range``); each matrix is ``ray.put`` once and a
 callable class fetches it. Tiles whose outputs are in the store are skipped.
 """
@@ -177,21 +178,43 @@ def neighbor_rows(fm: FeatureMatrix, block: int, rows: np.ndarray, idx: np.ndarr
     return out
 
 
-def merge_block(n: int, b: int, block: int, k: int, rows: np.ndarray, idx: np.ndarray,
-                dist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The top-k neighbours of the rows of block b of an n-row matrix, from the partial lists
-    (rows, idx (., k), dist (., k)) of every tile of its row and column: (rows, idx, dist)."""
-    lo, hi = b * block, min((b + 1) * block, n)
-    sel = (rows >= lo) & (rows < hi)
-    order = np.argsort(rows[sel], kind="stable")
-    r, i, d = rows[sel][order], idx[sel][order], dist[sel][order]
-    parts = math.ceil(n / block)
-    if len(r) != (hi - lo) * parts:
-        raise RuntimeError(f"pairs: block {b} got {len(r)} partial rows, "
-                           f"expected {(hi - lo) * parts}")
-    m = hi - lo
-    best_i, best_d = merge_topk([i.reshape(m, parts * k)], [d.reshape(m, parts * k)], k)
-    return np.arange(lo, hi), best_i, best_d
+class BlockMerges:
+    """Top-k neighbours of the row blocks of one n-row matrix, built tile by tile.
+
+    Each tile's partial lists are merged into a running best (m, k) of each block they touch
+    as they arrive, so the driver holds O(N k) numbers rather than every tile's partial lists
+    (O(N^2 k / block)). A block is complete once all ceil(n / block) tiles of its row and
+    column arrived; only the `blocks` asked for are kept.
+    """
+
+    def __init__(self, n: int, block: int, k: int, blocks: set[int]) -> None:
+        self.n, self.block, self.k, self.blocks = n, block, k, blocks
+        self.parts = math.ceil(n / block)  # tiles touching each block
+        self.best: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.seen: dict[int, int] = {}
+
+    def add(self, rows: np.ndarray, idx: np.ndarray, dist: np.ndarray
+            ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Merge one tile's partial lists (rows (r,), idx (r, k), dist (r, k)); returns the
+        blocks it completed as (block, rows (m,), idx (m, k), dist (m, k))."""
+        done = []
+        of = rows // self.block
+        for b in (int(v) for v in np.unique(of)):
+            if b not in self.blocks:
+                continue
+            lo, hi = b * self.block, min((b + 1) * self.block, self.n)
+            if b not in self.best:
+                self.best[b] = (np.full((hi - lo, self.k), -1, np.int64),
+                                np.full((hi - lo, self.k), np.inf, np.float32))
+            best_i, best_d = self.best[b]
+            sel = of == b
+            local = rows[sel] - lo
+            best_i[local], best_d[local] = merge_topk([best_i[local], idx[sel]],
+                                                      [best_d[local], dist[sel]], self.k)
+            self.seen[b] = self.seen.get(b, 0) + 1
+            if self.seen[b] == self.parts:
+                done.append((b, np.arange(lo, hi), *self.best.pop(b)))
+        return done
 
 
 def outputs(study: Study, store: Store) -> Outputs:
@@ -245,8 +268,8 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         missing.append(work.blocks)
         todo += [(g, i, j) for i, j in work.tiles]
     k = study.pairs.top_k
-    parts: list[dict[str, np.ndarray]] = []
-    failed: set[tuple[int, int, int]] = set()
+    merges = [BlockMerges(len(fm.X), block, k, blocks)
+              for fm, blocks in zip(matrices, missing, strict=True)]
     retries = Retries("pairs", study.resources.max_failures, ctx.stream)
     with Progress("pairs", len(todo), unit="tile", skipped=total_tiles - len(todo),
                   stream=ctx.stream) as progress:
@@ -267,7 +290,14 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     ok = batch["error"] == ""
-                    parts.append({c: batch[c][ok] for c in ("matrix", "row", "nbr", "dist")})
+                    for t in np.unique(batch["tile"][ok]):
+                        sel = batch["tile"] == t
+                        g = int(batch["matrix"][sel][0])
+                        for b, r, best_i, best_d in merges[g].add(
+                                batch["row"][sel], batch["nbr"][sel], batch["dist"][sel]):
+                            store.write_shard("neighbors", {**keys[g].key, "block": b}, [
+                                {**row, "upstream": matrices[g].upstream}
+                                for row in neighbor_rows(matrices[g], b, r, best_i, best_d)])
                     bad = batch["tile"][~ok].tolist()
                     errors.update(zip(bad, batch["error"][~ok], strict=True))
                     progress.update(len(np.unique(batch["tile"][ok])))
@@ -280,20 +310,9 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 tile = round_tiles[t]
                 if retries.failed(f"tile {keys[tile[0]]} ({tile[1]}, {tile[2]})", error):
                     retry.append(tile)
-                else:
-                    failed.add(tile)
+                else:  # its blocks never complete: their neighbors stay pending
                     progress.update(1)
             round_tiles = retry
-    cat = {c: np.concatenate([p[c] for p in parts]) for c in ("matrix", "row", "nbr", "dist")}
-    for g, (key, fm) in enumerate(zip(keys, matrices, strict=True)):
-        mask = cat["matrix"] == g
-        rows, idx, dist = cat["row"][mask], cat["nbr"][mask], cat["dist"][mask]
-        broken = {b for (h, i, j) in failed if h == g for b in (i, j)}
-        for b in sorted(missing[g] - broken):
-            r, best_i, best_d = merge_block(len(fm.X), b, block, k, rows, idx, dist)
-            store.write_shard("neighbors", {**key.key, "block": b},
-                              [{**row, "upstream": fm.upstream}
-                               for row in neighbor_rows(fm, b, r, best_i, best_d)])
     return {"tiles": len(todo), "skipped": total_tiles - len(todo), "groups": len(keys),
             **retries.outcome()}
 
