@@ -61,6 +61,7 @@ class StoreLock:
         self.stream = stream
         self.token = uuid.uuid4().hex
         self.held = False
+        self.created = False
 
     def holder(self) -> dict[str, Any] | None:
         """The lock's content, {} when it is unreadable, None when there is no lock."""
@@ -78,6 +79,7 @@ class StoreLock:
         return doc if isinstance(doc, dict) else {}
 
     def acquire(self) -> None:
+        self.created = not self.path.parent.exists()  # removed on release if still empty
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
@@ -124,9 +126,13 @@ class StoreLock:
                          f"wait for it to end or stop it{gone}")
 
     def release(self) -> None:
-        """Remove the lock when it is still this launch's (same token)."""
+        """Remove the lock when it is still this launch's (same token), and the store folder
+        when this launch created it and left it empty (a launch refused by its checks)."""
         if self.held and (self.holder() or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)
+            folder = self.path.parent
+            if self.created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         self.held = False
 
     def __enter__(self) -> StoreLock:
