@@ -120,6 +120,22 @@ def _within_ss(d2: np.ndarray, labels: np.ndarray, offsets: np.ndarray, out: np.
         out[b] = total
 
 
+@numba.njit(cache=True)
+def _shuffled(codes: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """(N, m) int32: codes (N,) shuffled by Fisher-Yates with each row of uniforms u (m, N-1),
+    swapping k <-> floor(u[b, k-1] (k+1)) for k = N-1..1. Both routes' kernels use it, so they
+    draw the same permutations from the same uniforms."""
+    n, m = codes.shape[0], u.shape[0]
+    labels = np.empty((n, m), np.int32)
+    for b in range(m):
+        perm = codes.copy()
+        for k in range(n - 1, 0, -1):
+            j = int(u[b, k - 1] * (k + 1))
+            perm[k], perm[j] = perm[j], perm[k]
+        labels[:, b] = perm
+    return labels
+
+
 @numba.njit(parallel=True, cache=True)
 def _null_within_ss(
     d2: np.ndarray, codes: np.ndarray, offsets: np.ndarray, u: np.ndarray, out: np.ndarray
@@ -129,19 +145,12 @@ def _null_within_ss(
     Swap k <-> floor(u[b, k-1] (k+1)) for k = N-1..1: uniform permutations up to the 2^-53
     granularity of u. Slices of _SLICE permutations run in parallel.
     """
-    n = codes.shape[0]
     n_perm = u.shape[0]
     n_slices = (n_perm + _SLICE - 1) // _SLICE
     for t in numba.prange(n_slices):
         b0 = t * _SLICE
         m = min(n_perm, b0 + _SLICE) - b0
-        labels = np.empty((n, m), np.int32)
-        for b in range(m):
-            perm = codes.copy()
-            for k in range(n - 1, 0, -1):
-                j = int(u[b0 + b, k - 1] * (k + 1))
-                perm[k], perm[j] = perm[j], perm[k]
-            labels[:, b] = perm
+        labels = _shuffled(codes, u[b0 : b0 + m])
         _within_ss(d2, labels, offsets, out[b0 : b0 + m])
 
 
@@ -237,13 +246,7 @@ def _null_between(
     for t in numba.prange(n_slices):
         b0 = t * _SLICE_F
         m = min(n_perm, b0 + _SLICE_F) - b0
-        labels = np.empty((n, m), np.int32)
-        for b in range(m):
-            perm = codes.copy()
-            for k in range(n - 1, 0, -1):
-                j = int(u[b0 + b, k - 1] * (k + 1))
-                perm[k], perm[j] = perm[j], perm[k]
-            labels[:, b] = perm
+        labels = _shuffled(codes, u[b0 : b0 + m])
         sums = np.zeros((m, a, r))
         for i in range(n):
             row = Y[i]
