@@ -42,32 +42,29 @@ def pending_feature_packs(study: Study, store: Store) -> list[Pack]:
     return _feature_state(study, store)[0]
 
 
-def _feature_state(study: Study, store: Store) -> tuple[list[Pack], int]:
-    """(pending packs, how many of them have a stale shard)."""
+def _feature_state(study: Study, store: Store) -> tuple[list[Pack], int, int]:
+    """(pending packs, how many of them have a stale shard, packs whose zoo is done)."""
     models = lineage.pack_tokens(store)
     failed = failed_packs(store)
     have = lineage.feature_tokens(store)
-    pending, stale = [], 0
+    pending, stale, ready = [], 0, 0
     for pack in study.packs():
         pk = (pack.arch, pack.task, pack.pack)
         if pk not in models or pk in failed:
             continue
+        ready += 1
         held = [have.get((pack.arch, k["method"], k["layer"], pack.task, pack.pack))
                 for k in feature_keys(study, pack)]
         if any(rows != models[pk] for rows in held):
             pending.append(pack)
             stale += any(rows is not None and rows != models[pk] for rows in held)
-    return pending, stale
+    return pending, stale, ready
 
 
 def outputs(study: Study, store: Store) -> Outputs:
     """Packs whose every features shard is present and computed from the pack's models now."""
-    pending, stale = _feature_state(study, store)
-    ready = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")}
-    ready -= failed_packs(store)
-    total = len(study.packs())
-    done = sum((p.arch, p.task, p.pack) in ready for p in study.packs()) - len(pending)
-    return Outputs("packs", total, done, stale=stale)
+    pending, stale, ready = _feature_state(study, store)
+    return Outputs("packs", len(study.packs()), ready - len(pending), stale=stale)
 
 
 def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = None) -> int:
