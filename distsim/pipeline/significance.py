@@ -6,10 +6,36 @@ c >= 1 draws its permutations from seed (s, c) with the same split (``htt_null_c
 seed=(s, c), split_seed=s)`` / ``permanova_null_chunk(..., seed=(s, c))``). The chunks run as
 Ray tasks; their nulls concatenate into one null of B values and
 p = (1 + #{null >= S}) / (1 + B) (``distsim.stats.p_value``). With one chunk the result equals
-the single-process ``htt`` / ``permanova`` call exactly. PERMANOVA with the Euclidean metric
-never builds the N x N distance matrix: it runs ``permanova_features`` on the features'
-Euclidean basis (same permutations, same pseudo-F to 1e-9); other metrics use the matrix. One
-``tests`` shard per (arch, method, layer, protocol); tests already in the store are skipped.
+the single-process ``htt`` / ``permanova`` call exactly. One ``tests`` shard per (arch, method,
+layer, protocol); tests already in the store are skipped.
+
+PERMANOVA never builds the N x N distance matrix; its route is recorded in the row's extra:
+
+* ``"features"`` (metric euclidean): ``permanova_features`` on the features' Euclidean basis,
+  one task per permutation chunk.
+* ``"tiles"`` (any other metric): s_T and each labelling's s_W are sums over pairs, so they
+  split over the upper tiles of the distance matrix (``upper_tiles(N, pairs.block)``). The
+  labellings are drawn once per chunk, from seed s / (s, c) exactly as ``permanova`` /
+  ``permanova_null_chunk`` draw them (``permanova_labels``: (N, b_c) int32 each, N (B + 1)
+  int32 in all, in the object store and read zero-copy). One task per tile computes its
+  distances (``distance_block`` in the matrix's shared ``distance_frame``: bit for bit those
+  of ``pairwise_distances(X, metric, block=pairs.block)``) and returns its shares for all
+  B + 1 labellings (``permanova_tile``); the driver adds them as they arrive (``TileSums``,
+  O(B) held, order-free) and forms the pseudo-F. A worker holds one tile of distances and
+  the tile's rows of the labels; the result is ``permanova`` on that matrix with the same
+  seeds (pseudo-F to ~1e-13, the same p).
+
+The tile tasks live here rather than in the pairs stage, although the pairs tiles see every
+distance once too. They recompute the tile's distances (one GEMM, about 2 D t^2 flops for a
+t x t tile) beside the permutation sums (about B t^2 / a gathers and B (t + a) bucket
+writes); at N = 5,000, D = 512, B = 999, a = 50 the distances were 1.5 s of the tile route's
+6.3 s (benchmarks/bench_permanova_routes.py, 2 shared cores), so fusing would save about a
+quarter of PERMANOVA's time. It would instead tie the pairs stage to the tests' permutations:
+a change of ``tests.seed``, ``permanova_permutations`` or ``chunk_size`` would redo the pairs
+stage, the pairs stage would need the labels (N x B) before its tiles run and would have to
+store B + 1 sums per tile and test (or hold them until every tile is in), and its
+skip-what-is-stored resumption would track the tests' state too. Kept apart, each stage
+stays resumable and retried on its own units.
 """
 
 from __future__ import annotations
@@ -28,14 +54,17 @@ from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.zoo import error_text
 from distsim.stats import (
+    TileSums,
+    distance_frame,
     euclidean_basis,
     htt,
     htt_null_chunk,
     p_value,
-    pairwise_distances,
-    permanova,
     permanova_features,
-    permanova_null_chunk,
+    permanova_labels,
+    permanova_tile,
+    tile_pseudo_f,
+    upper_tiles,
 )
 from distsim.store import Store, lineage
 
@@ -70,35 +99,46 @@ def htt_chunk(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int
                           split_seed=seed, **kwargs)
 
 
-def permanova_head(data: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
-                   route: str) -> dict[str, Any]:
-    """Chunk 0 of PERMANOVA: the pseudo-F and the first null chunk. `data` is the features'
-    Euclidean basis (route "features": no N x N array) or the distance matrix ("matrix")."""
-    test = permanova_features if route == "features" else permanova
-    r = test(data, tasks, permutations=permutations, seed=seed)
+def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int,
+                   seed: int) -> dict[str, Any]:
+    """Chunk 0 of PERMANOVA's features route: the pseudo-F and the first null chunk of
+    ``permanova_features`` on the features' Euclidean basis Y (no N x N array)."""
+    r = permanova_features(Y, tasks, permutations=permutations, seed=seed)
     return {"observed": r.statistic, "statistic": "pseudo-F", "chance": float("nan"),
-            "null": r.null, "extra": {"n_groups": r.n_groups, "route": route}}
+            "null": r.null, "extra": {"n_groups": r.n_groups, "route": "features"}}
 
 
-def permanova_chunk(data: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
-                    chunk: int, route: str) -> np.ndarray:
-    """Null chunk c >= 1 of PERMANOVA: permutations from seed (seed, c); `data` as in
-    :func:`permanova_head`. Both routes draw the same permutations."""
-    if route == "features":
-        return permanova_features(data, tasks, permutations, (seed, chunk)).null
-    return permanova_null_chunk(data, tasks, permutations, (seed, chunk))
+def permanova_chunk(Y: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
+                    chunk: int) -> np.ndarray:
+    """Null chunk c >= 1 of PERMANOVA's features route: permutations from seed (seed, c), the
+    ones ``permanova_null_chunk`` draws."""
+    return permanova_features(Y, tasks, permutations, (seed, chunk)).null
+
+
+def chunk_labels(tasks: np.ndarray, permutations: int, seed: int, chunk: int) -> np.ndarray:
+    """The labellings of chunk c of PERMANOVA's tiles route, (N, b_c) int32: seed s for chunk 0
+    (with the observed labels first), (s, c) after, as ``permanova`` /
+    ``permanova_null_chunk`` draw them."""
+    if chunk == 0:
+        return permanova_labels(tasks, permutations, seed, observed=True)
+    return permanova_labels(tasks, permutations, (seed, chunk))
+
+
+def tiles_head(sums: TileSums, sizes: np.ndarray, n_tiles: int) -> dict[str, Any]:
+    """The head of a tiles-route PERMANOVA from its tiles' summed shares: the observed pseudo-F
+    and the whole null (the labellings of all chunks, in order)."""
+    f = tile_pseudo_f(*sums.sums(), sizes)
+    return {"observed": float(f[0]), "statistic": "pseudo-F", "chance": float("nan"),
+            "null": f[1:], "extra": {"n_groups": len(sizes), "route": "tiles",
+                                     "tiles": n_tiles}}
 
 
 def _chunk(unit: str, store_root: str, faults: dict[str, float], fn: Callable[..., Any],
            *args: Any) -> Any:
-    """One chunk of a test as a Ray task: fn(*args), after the fault-injection hook."""
+    """One unit of a test (a permutation chunk, or a tile of PERMANOVA's tiles route) as a Ray
+    task: fn(*args), after the fault-injection hook."""
     maybe_fail("test", unit, store_root, faults)
     return fn(*args)
-
-
-def distance_matrix(X: np.ndarray, metric: str) -> np.ndarray:
-    """All-pairs distance matrix (N, N) float64 of the features X (N, D), for PERMANOVA."""
-    return pairwise_distances(X, metric=metric).astype(np.float64)
 
 
 def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) -> dict[str, Any]:
@@ -144,18 +184,20 @@ def outputs(study: Study, store: Store) -> Outputs:
 
 
 def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
-    """Run every pending test of every feature matrix as chunked Ray tasks; one shard per test."""
+    """Run every pending test of every feature matrix as Ray tasks (permutation chunks, or
+    tiles for PERMANOVA on a non-Euclidean metric); one shard per test."""
     import ray
 
     spec = study.tests
+    metric = study.pairs.metric
     have = _test_state(study, store)[0]
-    task = ray.remote(num_cpus=1)(_chunk)  # a chunk that raises is resubmitted below
-    dist_task = ray.remote(num_cpus=1)(distance_matrix)
+    task = ray.remote(num_cpus=1)(_chunk)  # a unit that raises is resubmitted below
     basis_task = ray.remote(num_cpus=1)(euclidean_basis)
-    route = "features" if study.pairs.metric == "euclidean" else "matrix"
+    frame_task = ray.remote(num_cpus=1)(distance_frame)
+    labels_task = ray.remote(num_cpus=1)(chunk_labels)
     root, fault_plan = str(store.root), plan()
     kwargs = spec.htt_kwargs()
-    jobs: dict[tuple[MatrixKey, str], dict[str, Any]] = {}  # -> head ref, chunk refs, meta
+    jobs: dict[tuple[MatrixKey, str], dict[str, Any]] = {}  # -> refs, calls, values, meta
     n_tests = 0
     for matrix in study.matrices():
         protocols = list(study_protocols(study))
@@ -173,43 +215,52 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         x_ref, t_ref = ray.put(fm.X), ray.put(fm.tasks)
         meta = {"n_models": len(fm.model_ids), "n_tasks": int(len(np.unique(fm.tasks))),
                 "upstream": fm.upstream}
-        d_ref = None
         for protocol in protocols:
             unit = f"{matrix}-{protocol}".replace("/", "-")
 
             calls: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
 
-            def submit(c: int, fn: Callable[..., Any], *args: Any, unit: str = unit,
+            def submit(part: str, fn: Callable[..., Any], *args: Any, unit: str = unit,
                        calls: list[Any] = calls) -> Any:
-                calls.append((f"{unit}-{c}", fn, args))
-                return task.remote(f"{unit}-{c}", root, fault_plan, fn, *args)
+                calls.append((f"{unit}-{part}", fn, args))
+                return task.remote(f"{unit}-{part}", root, fault_plan, fn, *args)
 
-            if protocol == PERMANOVA:
+            job: dict[str, Any] = {}
+            if protocol == PERMANOVA and metric == "euclidean":  # the features' basis
                 B = spec.permanova_permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
-                if d_ref is None:  # Euclidean: the features' basis, no distance matrix
-                    d_ref = (basis_task.remote(x_ref) if route == "features"
-                             else dist_task.remote(x_ref, study.pairs.metric))
-                refs = [submit(0, permanova_head, d_ref, t_ref, sizes[0], spec.seed, route)]
-                refs += [submit(c, permanova_chunk, d_ref, t_ref, b, spec.seed, c, route)
+                y_ref = basis_task.remote(x_ref)
+                refs = [submit("0", permanova_head, y_ref, t_ref, sizes[0], spec.seed)]
+                refs += [submit(str(c), permanova_chunk, y_ref, t_ref, b, spec.seed, c)
                          for c, b in enumerate(sizes[1:], 1)]
+            elif protocol == PERMANOVA:  # any metric: tiles of the distance matrix
+                B = spec.permanova_permutations
+                groups = np.unique(fm.tasks, return_counts=True)[1].astype(np.int64)
+                frame_ref = frame_task.remote(x_ref, metric)
+                label_refs = [labels_task.remote(t_ref, b, spec.seed, c)
+                              for c, b in enumerate(chunk_sizes(B, spec.chunk_size))]
+                tiles = upper_tiles(len(fm.model_ids), study.pairs.block)
+                refs = [submit(f"tile{t[0]}-{t[2]}", permanova_tile, x_ref, frame_ref, t,
+                               metric, groups, *label_refs) for t in tiles]
+                job = {"sums": TileSums(B + 1), "groups": groups}
             else:
                 B = spec.permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
-                refs = [submit(0, htt_head, x_ref, t_ref, protocol, sizes[0], spec.seed, kwargs)]
-                refs += [submit(c, htt_chunk, x_ref, t_ref, protocol, b, spec.seed, c, kwargs)
-                         for c, b in enumerate(sizes[1:], 1)]
+                refs = [submit("0", htt_head, x_ref, t_ref, protocol, sizes[0], spec.seed,
+                               kwargs)]
+                refs += [submit(str(c), htt_chunk, x_ref, t_ref, protocol, b, spec.seed, c,
+                                kwargs) for c, b in enumerate(sizes[1:], 1)]
             jobs[(matrix, protocol)] = {"refs": refs, "calls": calls, "values": [None] * len(refs),
-                                        "B": B, "start": time.perf_counter(), **meta}
-    n_chunks = sum(len(j["refs"]) for j in jobs.values())
-    progress = Progress("tests", n_chunks, unit="chunk", skipped=0, stream=ctx.stream)
+                                        "B": B, "start": time.perf_counter(), **meta, **job}
+    n_units = sum(len(j["refs"]) for j in jobs.values())
+    progress = Progress("tests", n_units, unit="task", skipped=0, stream=ctx.stream)
     if n_tests > len(jobs):
         print(f"tests     {n_tests - len(jobs)} of {n_tests} tests already in store",
               file=progress.stream)
     owner = {ref: (key, i) for key, job in jobs.items() for i, ref in enumerate(job["refs"])}
     left = {key: len(job["refs"]) for key, job in jobs.items()}
     retries = Retries("tests", study.resources.max_failures, ctx.stream)
-    failed: set[tuple[MatrixKey, str]] = set()  # tests with a chunk given up
+    failed: set[tuple[MatrixKey, str]] = set()  # tests with a unit given up
     waiting = list(owner)
     try:
         while waiting:
@@ -217,12 +268,13 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             key, i = owner.pop(ready[0])
             job = jobs[key]
             try:
-                job["values"][i] = ray.get(ready[0])
+                value = ray.get(ready[0])
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                 if key in failed:
                     continue
                 name, fn, args = job["calls"][i]
-                if retries.failed(f"chunk {name}", error_text(exc)):
+                kind = "tile" if "sums" in job else "chunk"
+                if retries.failed(f"{kind} {name}", error_text(exc)):
                     ref = task.remote(name, root, fault_plan, fn, *args)
                     owner[ref] = (key, i)
                     waiting.append(ref)
@@ -232,13 +284,19 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 continue
             if key in failed:
                 continue
+            if "sums" in job:  # a tile's shares: added now, never all held
+                job["sums"].add(*value)
+            else:
+                job["values"][i] = value
             left[key] -= 1
             progress.update(1)
             if left[key] == 0:
+                if "sums" in job:
+                    job["values"] = [tiles_head(job["sums"], job["groups"], len(job["refs"]))]
                 _write_test(store, study, key, job)
     finally:
         progress.close()
-    return {"tests": len(jobs), "skipped": n_tests - len(jobs), "chunks": n_chunks,
+    return {"tests": len(jobs), "skipped": n_tests - len(jobs), "tasks": n_units,
             **retries.outcome()}
 
 

@@ -6,6 +6,7 @@ from distsim.stats.distances import (
     METRICS,
     block_topk,
     distance_block,
+    distance_frame,
     merge_topk,
     pairwise_distances,
     topk_neighbors,
@@ -13,6 +14,15 @@ from distsim.stats.distances import (
 )
 from distsim.stats.hypothesis_training import PROTOCOLS, HTTResult, htt, htt_null_chunk
 from distsim.stats.linear_embedding import LEARNERS
+from distsim.stats.permanova_tiled import (
+    TileSums,
+    permanova_groups,
+    permanova_labels,
+    permanova_tile,
+    permanova_tiles,
+    tile_pseudo_f,
+    tile_within_sums,
+)
 from distsim.stats.permutation import p_value
 from distsim.stats.permutational_anova import (
     PermanovaResult,
@@ -29,8 +39,10 @@ __all__ = [
     "PROTOCOLS",
     "HTTResult",
     "PermanovaResult",
+    "TileSums",
     "block_topk",
     "distance_block",
+    "distance_frame",
     "euclidean_basis",
     "expected_ap",
     "expected_cmc",
@@ -41,7 +53,13 @@ __all__ = [
     "pairwise_distances",
     "permanova",
     "permanova_features",
+    "permanova_groups",
+    "permanova_labels",
     "permanova_null_chunk",
+    "permanova_tile",
+    "permanova_tiles",
+    "tile_pseudo_f",
+    "tile_within_sums",
     "topk_neighbors",
     "upper_tiles",
 ]

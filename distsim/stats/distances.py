@@ -146,14 +146,17 @@ def _centre(pairs: list[tuple[np.ndarray, np.ndarray | None]], dim: int) -> np.n
     return (total / count).astype(np.float32).astype(np.float64)
 
 
+Frame = tuple[np.ndarray, float]  # (centre (D,) float64, unit): see distance_frame
+
+
 def _prepare_pair(
-    X: np.ndarray, Y: np.ndarray | None, metric: str
+    X: np.ndarray, Y: np.ndarray | None, metric: str, frame: Frame | None = None
 ) -> tuple[_Prepared, _Prepared | None, float]:
     """Validate and prepare X (and Y) with one shared centre, the mean of all rows.
 
     Returns the prepared rows and `unit`, a power of two the euclidean rows were divided by
     (exactly) when their norms would overflow or underflow float32 squares; distances computed
-    from the prepared rows are multiplied by it.
+    from the prepared rows are multiplied by it. A given `frame` (centre, unit) replaces both.
     """
     _check_metric(metric)
     x = _validate(X, "X")
@@ -164,6 +167,8 @@ def _prepare_pair(
         )
     sx = _unit_scale(x, "X") if metric == "cosine" else None
     sy = _unit_scale(y, "Y") if (metric == "cosine" and y is not None) else None
+    if frame is not None:
+        return _prepare_in(frame, x, sx, y, sy)
     unit = 1.0
     for _ in range(2):  # a second pass only after rescaling extreme magnitudes
         pairs = [(arr, s) for arr, s in ((x, sx), (y, sy)) if arr is not None and len(arr)]
@@ -180,6 +185,40 @@ def _prepare_pair(
         x = (x / unit).astype(np.float32)  # float64 division by a power of two: exact
         y = None if y is None else (y / unit).astype(np.float32)
     raise AssertionError("unreachable")
+
+
+def _prepare_in(frame: Frame, x: np.ndarray, sx: np.ndarray | None, y: np.ndarray | None,
+                sy: np.ndarray | None) -> tuple[_Prepared, _Prepared | None, float]:
+    """Prepare x (and y) with a given frame (centre, unit), as _prepare_pair on all rows did."""
+    centre = np.asarray(frame[0], dtype=np.float64)
+    unit = float(frame[1])
+    if centre.shape != (x.shape[1],) or not np.isfinite(centre).all():
+        raise ValueError(f"frame centre must be a finite ({x.shape[1]},) vector, got shape "
+                         f"{centre.shape}")
+    if not (unit > 0 and np.isfinite(unit)) or np.frexp(unit)[0] != 0.5:
+        raise ValueError(f"frame unit must be a positive power of two, got {unit!r}")
+    if unit != 1.0:  # float64 division by a power of two: exact, as in _prepare_pair
+        x = (x / unit).astype(np.float32)
+        y = None if y is None else (y / unit).astype(np.float32)
+    px = _prepare(x, sx, centre)
+    py = None if y is None else _prepare(y, sy, centre)
+    for p in (px, py):
+        if p is not None:
+            _require_finite(p.sq, (x, "X"), (y, "Y"))
+    return px, py, unit
+
+
+def distance_frame(X: np.ndarray, metric: str = "euclidean") -> Frame:
+    """The frame `pairwise_distances(X, metric=metric)` computes every distance in: the shared
+    centre (D,) float64 of all rows (unit rows for cosine) and the power-of-two `unit` extreme
+    euclidean rows are divided by (1.0 otherwise). O(N D) time, one pass.
+
+    ``distance_block(X[I], X[J], metric, frame=distance_frame(X, metric))`` then gives the
+    block (I, J) of ``pairwise_distances(X, metric=metric)``, whatever the tiling (bitwise for
+    the same tiles; the BLAS may round a differently shaped GEMM in another last bit).
+    """
+    a, _, unit = _prepare_pair(X, None, metric)
+    return a.centre, unit
 
 
 def _rows(p: _Prepared, sl: slice) -> _Prepared:
@@ -306,14 +345,17 @@ def _check_block(block: int) -> int:
 
 
 def distance_block(
-    X_I: np.ndarray, X_J: np.ndarray | None = None, metric: str = "euclidean"
+    X_I: np.ndarray, X_J: np.ndarray | None = None, metric: str = "euclidean",
+    frame: Frame | None = None,
 ) -> np.ndarray:
     """Distances of one block: (n_I, D) rows vs (n_J, D) rows -> (n_I, n_J) float32.
 
     X_J=None means a diagonal block (X_I against itself): symmetric with an exact zero diagonal.
-    The pipeline runs blocks (I, J), I <= J, and mirrors the off-diagonal ones.
+    The pipeline runs blocks (I, J), I <= J, and mirrors the off-diagonal ones. The rows are
+    centred on their own mean unless `frame` (`distance_frame` of the whole matrix) is given:
+    then the block equals that of `pairwise_distances` of the whole matrix.
     """
-    a, b, unit = _prepare_pair(X_I, X_J, metric)
+    a, b, unit = _prepare_pair(X_I, X_J, metric, frame)
     if b is None:  # a diagonal block
         return _finish(_sq_block(a, a, True), metric, unit)
     return _finish(_sq_block(a, b, False), metric, unit)

@@ -12,6 +12,14 @@ slices run in parallel. Permutations are Fisher-Yates shuffles of the label code
 uniforms drawn in bulk from one numpy Generator (reproducible for any thread count).
 numba is used because this gather is several times faster than vectorized numpy, whose fancy
 indexing materialises every gathered block (see benchmarks/bench_core.py).
+
+Three routes give the same test (same seed: the same permutations, by the one shuffle
+`_shuffled`):
+
+* `permanova(D, ...)`: on a distance matrix (N, N).
+* `permanova_features(X, ...)`: Euclidean distances of features X, without D (O(N r)).
+* `permanova_tiles(X, ..., metric=...)` (`distsim.stats.permanova_tiled`): any metric, summed
+  over the upper tiles of D, one tile of distances at a time.
 """
 
 from __future__ import annotations
@@ -123,7 +131,7 @@ def _within_ss(d2: np.ndarray, labels: np.ndarray, offsets: np.ndarray, out: np.
 @numba.njit(cache=True)
 def _shuffled(codes: np.ndarray, u: np.ndarray) -> np.ndarray:
     """(N, m) int32: codes (N,) shuffled by Fisher-Yates with each row of uniforms u (m, N-1),
-    swapping k <-> floor(u[b, k-1] (k+1)) for k = N-1..1. Both routes' kernels use it, so they
+    swapping k <-> floor(u[b, k-1] (k+1)) for k = N-1..1. Every route's kernels use it, so they
     draw the same permutations from the same uniforms."""
     n, m = codes.shape[0], u.shape[0]
     labels = np.empty((n, m), np.int32)
@@ -314,4 +322,3 @@ def permanova_features(
     p = p_value(statistic, null) if permutations else float("nan")
     return PermanovaResult(statistic=statistic, p_value=p, permutations=permutations, null=null,
                            n_samples=n, n_groups=a)
-
