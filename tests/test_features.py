@@ -18,7 +18,6 @@ from distsim.features import (
     METHODS,
     chain_map,
     feature_layers,
-    project,
     projection_matrix,
     sketch_matrix,
     sketch_width,
@@ -27,6 +26,7 @@ from distsim.features import (
 )
 from distsim.models import ArchConfig, build
 from distsim.normalize import normalize_stacked, plan_for, stack_state_dicts
+from distsim.projection import gaussian_project
 
 torch.set_num_threads(1)
 
@@ -186,7 +186,9 @@ def test_batch_chunking_matches_one_chunk(monkeypatch) -> None:
     np.testing.assert_allclose(again, sketched, rtol=1e-6)
 
 
-def test_projection_is_seeded_shared_and_streamable(monkeypatch) -> None:
+def test_gaussian_projection_is_seeded_shared_and_streamable(monkeypatch) -> None:
+    """The legacy projection="gaussian" (CountSketch: tests/test_sketch.py)."""
+    project = gaussian_project
     x = np.random.default_rng(0).standard_normal((4, 9000)).astype(np.float32)
     a, b, c = project(x, 32, seed=1), project(x[:2], 32, seed=1), project(x, 32, seed=2)
     # the same matrix whatever the batch: exactly on one-hot rows (the rows of R, across its

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distsim.errors import ConfigError
-from distsim.features import METHODS, SKETCHES
+from distsim.features import METHODS, PROJECTIONS, SKETCHES
 from distsim.params import (
     NAME_PATTERN,
     Array,
@@ -67,19 +67,27 @@ RESOURCE_PARAMS: Table = {
 @dataclass(frozen=True)
 class FeatureSpec:
     """Which invariant features to build: methods x layers, optional seeded projection to dim
-    (sketch: "output" projects the vector, "input" the chain maps; see distsim.features)."""
+    (sketch: "output" projects the vector, "input" the chain maps; projection: the output map,
+    "countsketch" or the legacy dense "gaussian"; see distsim.features)."""
 
     methods: tuple[str, ...] = ("chain-gram", "raw")
     layers: str | tuple[str, ...] = "all"
     dim: int | None = None
     seed: int = 0
     sketch: str = "output"
+    projection: str = "countsketch"
 
     def __post_init__(self) -> None:
         check_fields(self, "features", FEATURE_PARAMS)
         if self.sketch == "input" and self.dim is None:
             raise ConfigError.at("features.sketch",
                                  '"input" needs features.dim (the size of a sketched Gram)')
+
+    @property
+    def projects(self) -> bool:
+        """Whether some feature goes through the output projection (so ``projection`` matters):
+        dim is set and either sketch is "output" or raw (which has no chain) is a method."""
+        return self.dim is not None and (self.sketch == "output" or "raw" in self.methods)
 
 
 FEATURE_PARAMS: Table = {
@@ -89,6 +97,7 @@ FEATURE_PARAMS: Table = {
     "dim": Maybe(Integer(lo=1)),
     "seed": Integer(lo=0),
     "sketch": Options(SKETCHES),
+    "projection": Options(PROJECTIONS),
 }
 
 

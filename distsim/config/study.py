@@ -179,10 +179,20 @@ class Study:
     @property
     def hash(self) -> str:
         """sha256 of the resolved config minus study.store and resources: where a study runs
-        does not change what it computes, so a store can refuse a changed study."""
+        does not change what it computes, so a store can refuse a changed study.
+
+        features.projection is hashed only where it changes what is computed and is not the
+        map every store made before the key existed used: when the output projection is used
+        (FeatureSpec.projects) and projection is not "gaussian". So a study without dim keeps
+        its hash, a legacy Gaussian store resumes with projection = "gaussian", and one made
+        with the Gaussian refuses the "countsketch" default (naming features.projection)
+        rather than mixing the two maps' features.
+        """
         d = self.resolved()
         d["study"].pop("store")
         d.pop("resources")
+        if not self.features.projects or self.features.projection == "gaussian":
+            d["features"].pop("projection")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -93,7 +93,8 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
             if ids:
                 spec = study.features
                 X = weight_features_batch([state_dicts[i] for i in ids], arch, key["method"],
-                                          key["layer"], spec.dim, spec.seed, spec.sketch)
+                                          key["layer"], spec.dim, spec.seed, spec.sketch,
+                                          spec.projection)
             else:
                 X = None
             data = {
