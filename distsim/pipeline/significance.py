@@ -6,8 +6,11 @@ c >= 1 draws its permutations from seed (s, c) with the same split (``htt_null_c
 seed=(s, c), split_seed=s)`` / ``permanova_null_chunk(..., seed=(s, c))``). The chunks run as
 Ray tasks; their nulls concatenate into one null of B values and
 p = (1 + #{null >= S}) / (1 + B) (``distsim.stats.p_value``). With one chunk the result equals
-the single-process ``htt`` / ``permanova`` call exactly. One ``tests`` shard per (arch, method,
-layer, protocol); tests already in the store are skipped.
+the single-process ``htt`` / ``permanova`` call exactly. An HTT's learner basis (``htt_prepare``:
+the training rows' basis, (n + m) x r with r <= min(n, D), from the D x D Gram when n > D so
+that no n x n array exists) is computed once per test by one task and shared by its chunks
+through the object store. One ``tests`` shard per (arch, method, layer, protocol); tests
+already in the store are skipped.
 
 PERMANOVA never builds the N x N distance matrix; its route is recorded in the row's extra:
 
@@ -59,6 +62,7 @@ from distsim.stats import (
     euclidean_basis,
     htt,
     htt_null_chunk,
+    htt_prepare,
     p_value,
     permanova_features,
     permanova_labels,
@@ -66,6 +70,7 @@ from distsim.stats import (
     tile_pseudo_f,
     upper_tiles,
 )
+from distsim.stats.linear_embedding import Fit
 from distsim.store import Store, lineage
 
 PERMANOVA = "permanova"
@@ -84,19 +89,26 @@ def chunk_sizes(permutations: int, chunk: int) -> list[int]:
     return [min(chunk, permutations - s) for s in range(0, permutations, chunk)]
 
 
+def htt_fit(X: np.ndarray, tasks: np.ndarray, protocol: str, seed: int,
+            kwargs: dict[str, Any]) -> Fit:
+    """The learner's label-independent part for the split of `seed` (``htt_prepare``): computed
+    once per test, shared by its chunks through the object store."""
+    return htt_prepare(X, tasks, protocol, seed, **{k: v for k, v in kwargs.items() if k != "k"})
+
+
 def htt_head(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int, seed: int,
-             kwargs: dict[str, Any]) -> dict[str, Any]:
+             kwargs: dict[str, Any], fit: Fit | None = None) -> dict[str, Any]:
     """Chunk 0 of an HTT: the observed statistic, chance, extras and the first null chunk."""
-    r = htt(X, tasks, protocol, permutations=permutations, seed=seed, **kwargs)
+    r = htt(X, tasks, protocol, permutations=permutations, seed=seed, fit=fit, **kwargs)
     return {"observed": r.statistic, "statistic": r.metric, "chance": r.chance, "null": r.null,
             "extra": {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str))}}
 
 
 def htt_chunk(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int, seed: int,
-              chunk: int, kwargs: dict[str, Any]) -> np.ndarray:
+              chunk: int, kwargs: dict[str, Any], fit: Fit | None = None) -> np.ndarray:
     """Null chunk c >= 1 of an HTT: permutations from seed (seed, c), the split of `seed`."""
     return htt_null_chunk(X, tasks, protocol, permutations=permutations, seed=(seed, chunk),
-                          split_seed=seed, **kwargs)
+                          split_seed=seed, fit=fit, **kwargs)
 
 
 def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int,
@@ -193,6 +205,7 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     have = _test_state(study, store)[0]
     task = ray.remote(num_cpus=1)(_chunk)  # a unit that raises is resubmitted below
     basis_task = ray.remote(num_cpus=1)(euclidean_basis)
+    fit_task = ray.remote(num_cpus=1)(htt_fit)
     frame_task = ray.remote(num_cpus=1)(distance_frame)
     labels_task = ray.remote(num_cpus=1)(chunk_labels)
     root, fault_plan = str(store.root), plan()
@@ -246,10 +259,11 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             else:
                 B = spec.permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
+                fit_ref = fit_task.remote(x_ref, t_ref, protocol, spec.seed, kwargs)
                 refs = [submit("0", htt_head, x_ref, t_ref, protocol, sizes[0], spec.seed,
-                               kwargs)]
+                               kwargs, fit_ref)]
                 refs += [submit(str(c), htt_chunk, x_ref, t_ref, protocol, b, spec.seed, c,
-                                kwargs) for c, b in enumerate(sizes[1:], 1)]
+                                kwargs, fit_ref) for c, b in enumerate(sizes[1:], 1)]
             jobs[(matrix, protocol)] = {"refs": refs, "calls": calls, "values": [None] * len(refs),
                                         "B": B, "start": time.perf_counter(), **meta, **job}
     n_units = sum(len(j["refs"]) for j in jobs.values())

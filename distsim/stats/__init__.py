@@ -12,7 +12,13 @@ from distsim.stats.distances import (
     topk_neighbors,
     upper_tiles,
 )
-from distsim.stats.hypothesis_training import PROTOCOLS, HTTResult, htt, htt_null_chunk
+from distsim.stats.hypothesis_training import (
+    PROTOCOLS,
+    HTTResult,
+    htt,
+    htt_null_chunk,
+    htt_prepare,
+)
 from distsim.stats.linear_embedding import LEARNERS
 from distsim.stats.permanova_tiled import (
     TileSums,
@@ -48,6 +54,7 @@ __all__ = [
     "expected_cmc",
     "htt",
     "htt_null_chunk",
+    "htt_prepare",
     "merge_topk",
     "p_value",
     "pairwise_distances",

@@ -18,9 +18,10 @@ train/query/gallery). This is "permute the labels, then split each task by posit
 positions keep their roles and every permuted task keeps its per-role counts, so it is the
 permutation null conditional on the observed partition of positions into roles, which is exact
 under H0 (solutions exchangeable across tasks). Because the training positions do not change,
-standardization, the Gram and its regularized inverse are shared by all permutations and the
-learners run batched; ``batched=False`` runs the same test as a loop of full re-fits (the
-reference).
+standardization and the basis of the training rows' span (distsim.stats.linear_embedding:
+primal D x D when there are more training rows than features, dual n x n otherwise) are shared
+by all permutations and the learners run batched; ``batched=False`` runs the same test as a
+loop of full re-fits (the reference).
 
 Chance: closed-set 1/tasks; open-set the exact expected mAP of a uniformly random ranking of
 that query/gallery structure, averaged over queries (likewise the CMC chance in ``extra``).
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from distsim.stats.linear_embedding import LEARNERS, DualFit, embed, prepare_fit
+from distsim.stats.linear_embedding import LEARNERS, SOLVES, Fit, embed, prepare_fit
 from distsim.stats.permutation import SeedLike, p_value
 from distsim.stats.scoring import (
     CMC_RANKS,
@@ -50,7 +51,7 @@ PROTOCOLS = ("closed-set", "open-set")
 MIN_TASKS = {"closed-set": 2, "open-set": 4}  # 2 train + 2 held-out tasks for open-set
 # Working memory per chunk of permutations. Lower it to bound memory; the null does not depend
 # on it (each permutation is evaluated on its own).
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,15 @@ class Split:
 
 @dataclass(frozen=True)
 class _Learning:
-    """How the representation is learned: learner, ridge, embedding dims k, softmax steps."""
+    """How the representation is learned: learner, ridge, embedding dims k, the softmax's
+    stopping rule (tol, max_iter), primal/dual basis (solve)."""
 
     learner: str
     ridge: float
     k: int | None
-    n_iter: int
+    tol: float
+    max_iter: int
+    solve: str
     batched: bool
 
 
@@ -263,8 +267,21 @@ def _one_hot(codes: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return (col[..., None] == np.arange(len(classes))).astype(np.float64)
 
 
-def _prepare(X: np.ndarray, split: Split, how: _Learning) -> DualFit:
-    return prepare_fit(X, split.blocks["train"], split.eval_rows(), how.learner, how.ridge)
+def _prepare(X: np.ndarray, split: Split, how: _Learning, fit: Fit | None = None) -> Fit:
+    """The fit shared by every permutation: `fit` when given (checked to be this split's and
+    learner's, from `htt_prepare`), else computed."""
+    if fit is None:
+        return prepare_fit(X, split.blocks["train"], split.eval_rows(), how.learner, how.ridge,
+                           how.solve)
+    if (fit.learner, fit.ridge) != (how.learner, how.ridge) or not (
+        np.array_equal(fit.train_idx, split.blocks["train"])
+        and np.array_equal(fit.eval_idx, split.eval_rows())
+    ):
+        raise ValueError("fit was prepared for another split, learner or ridge; make it with "
+                         "htt_prepare and the same arguments")
+    if fit.basis.eval.shape[0] != len(fit.eval_idx) or how.solve not in ("auto", fit.basis.solve):
+        raise ValueError(f"fit has solve={fit.basis.solve!r}, asked for {how.solve!r}")
+    return fit
 
 
 def _evaluate(
@@ -272,7 +289,7 @@ def _evaluate(
     split: Split,
     labels: dict[str, np.ndarray],
     how: _Learning,
-    fit: DualFit | None = None,
+    fit: Fit | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Statistic (B,) and, for open-set, CMC (B, 3) for B label assignments {role: (B, n_role)}."""
     ytr = labels["train"]
@@ -284,7 +301,9 @@ def _evaluate(
         how.learner,
         ridge=how.ridge,
         k=how.k,
-        n_iter=how.n_iter,
+        tol=how.tol,
+        max_iter=how.max_iter,
+        solve=how.solve,
         batched=how.batched,
         fit=fit,
     )
@@ -294,11 +313,16 @@ def _evaluate(
     return retrieval_scores(Zev[:, :n_q], Zev[:, n_q:], labels["query"], labels["gallery"])
 
 
-def _check_options(split: Split, ridge: float, k: int | None, n_iter: int) -> None:
+def _check_options(split: Split, how: _Learning) -> None:
+    ridge, k, tol, max_iter = how.ridge, how.k, how.tol, how.max_iter
     if not (isinstance(ridge, (int, float, np.floating)) and np.isfinite(ridge) and ridge > 0):
         raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
-        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+    if not (isinstance(tol, (int, float, np.floating)) and 0 < tol < 1):
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if how.solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {how.solve!r}")
     n_classes = len(split.train_classes)
     if k is not None and (
         isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_classes - 1
@@ -327,7 +351,7 @@ def _setup(
     split = make_split(
         codes, names, protocol, split_seed, train_fraction, train_task_fraction, n_query
     )
-    _check_options(split, how.ridge, how.k, how.n_iter)
+    _check_options(split, how)
     if np.ptp(X[split.blocks["train"]], axis=0).max() == 0:
         raise ValueError("features are constant over the training solutions: nothing to learn")
     return X, split
@@ -339,18 +363,16 @@ def _null(
     permutations: int,
     seed: SeedLike,
     how: _Learning,
-    fit: DualFit | None = None,
+    fit: Fit | None = None,
 ) -> np.ndarray:
     """(permutations,) statistics under `permuted_labels`, in chunks of about CHUNK_BYTES."""
     labels = permuted_labels(split, permutations, seed)
     n_eval = sum(len(v) for r, v in split.blocks.items() if r != "train")
     n_train, n_cls = len(split.blocks["train"]), len(split.train_classes)
     per_perm = 8 * (4 * (n_train + n_eval) * max(n_cls, split.n_tasks) + n_train * n_cls * 4)
-    if split.protocol == "open-set":
-        per_perm += 8 * 4 * len(split.blocks["query"]) * len(split.blocks["gallery"])
     chunk = max(1, CHUNK_BYTES // per_perm)
-    if how.batched and fit is None:
-        fit = _prepare(X, split, how)
+    if how.batched:
+        fit = _prepare(X, split, how, fit)
     out = np.empty(permutations)
     for start in range(0, permutations, chunk):
         part = {role: y[start : start + chunk] for role, y in labels.items()}
@@ -359,6 +381,29 @@ def _null(
 
 
 # ----------------------------------------------------------------------------- entry points
+
+
+def htt_prepare(
+    features: np.ndarray,
+    tasks: Sequence[Hashable] | np.ndarray,
+    protocol: str = "closed-set",
+    seed: SeedLike = 0,
+    learner: str = "lda",
+    *,
+    train_fraction: float = 0.6,
+    train_task_fraction: float = 0.6,
+    n_query: int | None = None,
+    ridge: float = 1.0,
+    solve: str = "auto",
+) -> Fit:
+    """The label-independent part of an HTT's learner for the split of `seed`: the basis of the
+    training rows (n, r) and the evaluation rows in it (m, r), r <= min(n, D). Pass it as
+    ``fit=`` to `htt` / `htt_null_chunk` calls with the same split, learner and ridge, so that
+    chunks of one test compute it once (the tests stage ships it to every chunk)."""
+    how = _Learning(learner, ridge, None, 1e-5, 1, solve, True)
+    X, split = _setup(features, tasks, protocol, 1, 0, seed, train_fraction,
+                      train_task_fraction, n_query, how)
+    return _prepare(X, split, how)
 
 
 def htt_null_chunk(
@@ -375,8 +420,11 @@ def htt_null_chunk(
     n_query: int | None = None,
     k: int | None = None,
     ridge: float = 1.0,
-    n_iter: int = 100,
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+    solve: str = "auto",
     batched: bool = True,
+    fit: Fit | None = None,
 ) -> np.ndarray:
     """Null statistics (B,) for one chunk of label permutations; features (N, D), tasks (N,).
 
@@ -384,14 +432,15 @@ def htt_null_chunk(
     split. Chunks that share `split_seed` but differ in `seed` combine into one null: e.g.
     ``htt(..., seed=s)`` plus chunks ``seed=(s, i), split_seed=s`` for i = 1, 2, ..., then
     ``p_value(result.statistic, concatenate([result.null, *chunks]))``.
-    batched=False: a loop of full re-fits (the reference; same values).
+    batched=False: a loop of full re-fits (the reference; same values). fit: `htt_prepare` of
+    the same split (split_seed), learner and ridge, shared by chunks.
     """
-    how = _Learning(learner, ridge, k, n_iter, batched)
+    how = _Learning(learner, ridge, k, tol, max_iter, solve, batched)
     X, split = _setup(
         features, tasks, protocol, permutations, 0, seed if split_seed is None else split_seed,
         train_fraction, train_task_fraction, n_query, how,
     )
-    return _null(X, split, permutations, seed, how)
+    return _null(X, split, permutations, seed, how, fit)
 
 
 def htt(
@@ -407,8 +456,11 @@ def htt(
     n_query: int | None = None,
     k: int | None = None,
     ridge: float = 1.0,
-    n_iter: int = 100,
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+    solve: str = "auto",
     batched: bool = True,
+    fit: Fit | None = None,
 ) -> HTTResult:
     """HTT of "solutions of one task are closer"; features (N, D), tasks (N,).
 
@@ -417,14 +469,16 @@ def htt(
     open-set: train_task_fraction of the tasks train (paper 30 of 50); each held-out task gives
     n_query queries (default 20% of its solutions) and the rest gallery; statistic = mAP, chance
     = exact expected mAP of a random ranking. k: embedding dims (default all, tasks - 1);
-    ridge: relative L2 strength; n_iter: gradient steps of the softmax learner.
+    ridge: relative L2 strength; tol, max_iter: the softmax learner runs until every fit's step
+    is below tol of its weights (at most max_iter steps); solve: "primal" (D x D, no n x n
+    array), "dual" (n x n) or "auto" (the smaller; the same result to rounding).
     """
-    how = _Learning(learner, ridge, k, n_iter, batched)
+    how = _Learning(learner, ridge, k, tol, max_iter, solve, batched)
     X, split = _setup(
         features, tasks, protocol, permutations, 1, seed,
         train_fraction, train_task_fraction, n_query, how,
     )
-    fit = _prepare(X, split, how) if batched else None
+    fit = _prepare(X, split, how, fit) if batched else None
     observed, cmc = _evaluate(X, split, _observed_labels(split), how, fit)
     null = _null(X, split, permutations, seed, how, fit)
     statistic = float(observed[0])
@@ -451,8 +505,11 @@ def htt(
         extra["n_train_tasks"] = len(split.train_classes)
         extra.update({f"cmc@{r}": float(cmc[0, i]) for i, r in enumerate(CMC_RANKS)})
         extra.update(chance_extra)
+    extra["solve"] = fit.basis.solve if fit is not None else solve
+    if fit is not None:
+        extra["rank"] = len(fit.basis.s2)
     if learner == "softmax":
-        extra["n_iter"] = int(n_iter)
+        extra.update(tol=float(tol), max_iter=int(max_iter))
     return HTTResult(
         statistic=statistic,
         metric="accuracy" if protocol == "closed-set" else "mAP",

@@ -1,45 +1,75 @@
-"""Linear task embeddings for HTT: ridge (regularized LDA) and softmax regression, in the dual.
+"""Linear task embeddings for HTT: ridge (regularized LDA) and softmax regression, exact at any N.
 
 Both learners are linear in the features standardized on the training rows and carry an L2
-penalty; both are run in the dual (W = X^T alpha), on the Gram of the training rows:
+penalty on the weights W (D, C). Both optima lie in the span of the training rows, so both are
+solved in an orthogonal basis of that span: with the thin SVD X_train = U S V^T (rank r),
+
+    F_train = X_train V = U S (n, r),   F_eval = X_eval V (m, r),   W = V beta (beta (r, C)),
+
+and ||W|| = ||beta||: the same problem in r <= min(n, D) coordinates, exactly. The basis comes
+from the smaller Gram: the primal X^T X (D, D) when n > D (no n x n array anywhere), the dual
+X X^T (n, n) otherwise (`training_basis`; both give the same embeddings to rounding).
 
 - ``"lda"``: ridge regression onto centred one-hot task indicators (penalized optimal scoring,
-  i.e. regularized LDA, Hastie, Buja & Tibshirani 1995); closed form through one regularized
-  inverse of the training Gram, shared by every label matrix.
-- ``"softmax"``: softmax cross-entropy (multinomial logistic regression), a fixed number of
-  full-batch Nesterov gradient steps from zero; deterministic.
+  i.e. regularized LDA, Hastie, Buja & Tibshirani 1995): beta = diag(1 / (s^2 + lam)) F^T Y_c,
+  closed form, two GEMMs per label matrix.
+- ``"softmax"``: softmax cross-entropy (multinomial logistic regression) with an L2 penalty,
+  solved to a checked tolerance: preconditioned gradient steps with the diagonal curvature model
+  s^2 / (n C) + lam (exact at beta = 0, where every prediction is uniform: the first step is a
+  Newton step), a step halved for a labelling whose objective would rise (so the objective
+  never increases), until every labelling's step is below ``tol`` of its weights (float32
+  GEMMs down to 1e-3, then float64).
 
-The training rows, hence the Gram and its inverse, do not depend on the labels, so `prepare_fit`
-computes them once and `embed` runs B label matrices (B permutations) as a few GEMMs.
-``batched=False`` re-fits each label matrix from scratch instead (standardize, Gram, solve; the
-softmax in the primal): the reference the batched path is tested against.
+The training rows, hence the basis, do not depend on the labels, so `prepare_fit` computes it
+once and `embed` runs B label matrices (B permutations) as a few GEMMs. ``batched=False`` fits
+each label matrix from scratch instead (standardize, Gram, solve; the ridge by a dense solve in
+the dual): the reference the batched path is tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 LEARNERS = ("lda", "softmax")
+SOLVES = ("auto", "primal", "dual")
+# Directions of the training rows with s^2 below this fraction of the largest are dropped:
+# their share of any embedding is at most s^2 / lam of it, below float64 rounding for ridge >= 1e-3.
+_RANK_TOL = 1e-13
+_FLOAT32_TOL = 1e-3  # the softmax's float32 pass stops here; see _softmax
+MOMENTUM = 0.3  # heavy-ball momentum of the softmax's steps; reset when a step is rejected
 
 
 @dataclass(frozen=True)
-class DualFit:
-    """Label-independent part of a fit, shared by every permutation (the training rows are fixed).
+class Basis:
+    """Standardized rows in an orthogonal basis of the training rows' span (r directions).
 
-    K (n, n): Gram of the standardized training rows; Kev (m, n): evaluation rows x training
-    rows; lam: L2 strength. lda: hat_train (n, n) = K (K + lam I)^-1 and hat_eval (m, n) =
-    K_ev (K + lam I)^-1. softmax: lr, the gradient step 1/L.
+    train (n, r) = U S and eval (m, r) = X_eval V: coordinates of the training and evaluation
+    rows; s2 (r,): squared singular values of X_train, descending (train^T train = diag(s2));
+    trace: ||X_train||_F^2; solve: "primal" (from X^T X, D x D) or "dual" (from X X^T, n x n).
     """
 
-    K: np.ndarray
-    Kev: np.ndarray
+    train: np.ndarray
+    eval: np.ndarray
+    s2: np.ndarray
+    trace: float
+    solve: str
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The label-independent part of a fit, shared by every permutation: the basis of the
+    training rows train_idx (n,) with eval_idx (m,) expressed in it, the learner, its relative
+    ridge and the L2 strength lam it gives."""
+
+    basis: Basis
+    learner: str
+    ridge: float
     lam: float
-    hat_train: np.ndarray | None = None
-    hat_eval: np.ndarray | None = None
-    lr: float = float("nan")
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
 
 
 def _standardize(X: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
@@ -51,46 +81,66 @@ def _standardize(X: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
     return (X - mean) / sd
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def training_basis(
+    X: np.ndarray, train_idx: np.ndarray, eval_idx: np.ndarray, solve: str = "auto"
+) -> Basis:
+    """Standardize X (N, D) on rows train_idx (n,) and express the rows train_idx and eval_idx
+    (m,) in the orthogonal basis of the training rows' span (see the module docstring).
 
-
-def _grams(
-    X: np.ndarray, train_idx: np.ndarray, eval_idx: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Standardize on the training rows -> Gram K (n, n) of training rows, K_ev (m, n)."""
+    solve: "primal" eigendecomposes X_train^T X_train (D, D), "dual" X_train X_train^T (n, n),
+    "auto" the smaller. Memory O((n + m) r + min(n, D)^2).
+    """
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
     Z = _standardize(X, train_idx)
-    Xtr = Z[train_idx]
-    Xev = Z[eval_idx]
-    return Xtr @ Xtr.T, Xev @ Xtr.T
+    Xtr, Xev = Z[train_idx], Z[eval_idx]
+    n, d = Xtr.shape
+    if solve == "auto":
+        solve = "primal" if n > d else "dual"
+    gram = Xtr.T @ Xtr if solve == "primal" else Xtr @ Xtr.T
+    s2, vecs = np.linalg.eigh(gram)  # ascending
+    keep = s2 > _RANK_TOL * max(float(s2[-1]), 1e-300)
+    s2, vecs = s2[keep][::-1], vecs[:, keep][:, ::-1]
+    if solve == "primal":  # vecs = V (D, r)
+        V = vecs
+    else:  # vecs = U (n, r): V = X_train^T U / s
+        V = (Xtr.T @ vecs) / np.sqrt(s2)
+    return Basis(
+        train=np.ascontiguousarray(Xtr @ V),
+        eval=np.ascontiguousarray(Xev @ V),
+        s2=s2,
+        trace=float(np.einsum("ij,ij->", Xtr, Xtr)),
+        solve=solve,
+    )
 
 
-def _ridge_lambda(K: np.ndarray, ridge: float) -> float:
-    return ridge * float(np.trace(K)) / K.shape[0]
+def _ridge_lambda(trace: float, n: int, ridge: float) -> float:
+    """L2 strength of the ridge: ridge x the mean squared norm of a standardized training row."""
+    return ridge * trace / n
 
 
-def _softmax_lambda(K: np.ndarray, ridge: float) -> float:
-    return ridge * float(np.trace(K)) / K.shape[0] ** 2
+def _softmax_lambda(trace: float, n: int, ridge: float) -> float:
+    """L2 strength of the softmax (its loss is a mean over n rows): ridge x trace / n^2."""
+    return ridge * trace / n**2
 
 
 def prepare_fit(
-    X: np.ndarray, train_idx: np.ndarray, eval_idx: np.ndarray, learner: str, ridge: float
-) -> DualFit:
+    X: np.ndarray,
+    train_idx: np.ndarray,
+    eval_idx: np.ndarray,
+    learner: str,
+    ridge: float,
+    solve: str = "auto",
+) -> Fit:
     """The label-independent part of fitting `learner` on rows train_idx (n,) of X (N, D).
 
     eval_idx (m,): the rows to embed besides the training rows. ridge: L2 strength relative to
     the mean squared norm of the standardized training rows.
     """
-    K, Kev = _grams(X, train_idx, eval_idx)
-    n = len(K)
-    if learner == "lda":
-        lam = _ridge_lambda(K, ridge)
-        inv = np.linalg.inv(K + lam * np.eye(n))  # SPD; numpy's LAPACK (no 2nd BLAS pool)
-        return DualFit(K, Kev, lam, hat_train=np.eye(n) - lam * inv, hat_eval=Kev @ inv)
-    lam = _softmax_lambda(K, ridge)
-    lr = 1.0 / (0.5 * np.linalg.eigvalsh(K)[-1] / n + lam)  # 1/L: CE Hessian in logits <= 1/2
-    return DualFit(K, Kev, lam, lr=lr)
+    basis = training_basis(X, train_idx, eval_idx, solve)
+    n = len(basis.train)
+    lam = (_ridge_lambda if learner == "lda" else _softmax_lambda)(basis.trace, n, ridge)
+    return Fit(basis, learner, float(ridge), lam, np.asarray(train_idx), np.asarray(eval_idx))
 
 
 def _left(M: np.ndarray, A: np.ndarray) -> np.ndarray:
@@ -100,74 +150,95 @@ def _left(M: np.ndarray, A: np.ndarray) -> np.ndarray:
     return np.moveaxis(out.reshape(len(M), B, C), 1, 0)
 
 
-def _lda_batched(fit: DualFit, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge onto centred one-hot Y (B, n, C) for all B at once: (Z_train (B,n,C), Z_eval (B,m,C)).
-
-    alpha = (K + lam I)^-1 Yc, Z_train = K alpha, Z_eval = K_ev alpha: two GEMMs with the
-    label-independent maps K (K + lam I)^-1 = I - lam (K + lam I)^-1 and K_ev (K + lam I)^-1.
-    """
-    assert fit.hat_train is not None and fit.hat_eval is not None, "not an lda fit"
+def _lda(fit: Fit, Y: np.ndarray) -> np.ndarray:
+    """Ridge onto centred one-hot Y (B, n, C) for all B at once -> beta (B, r, C)."""
+    b = fit.basis
     Yc = Y - Y.mean(axis=1, keepdims=True)
-    return _left(fit.hat_train, Yc), _left(fit.hat_eval, Yc)
+    return _left(b.train.T, Yc) / (b.s2 + fit.lam)[:, None]
 
 
 def _lda_refit(
     X: np.ndarray, train_idx: np.ndarray, eval_idx: np.ndarray, Y: np.ndarray, ridge: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reference: one full re-fit (standardize, Gram, dense solve) for one label matrix (n, C)."""
-    K, Kev = _grams(X, train_idx, eval_idx)
-    lam = _ridge_lambda(K, ridge)
-    alpha = np.linalg.solve(K + lam * np.eye(len(K)), Y - Y.mean(axis=0))
-    return K @ alpha, Kev @ alpha
-
-
-def _nesterov(
-    n_iter: int, lr: float, grad: Callable[[np.ndarray], np.ndarray], x0: np.ndarray
-) -> np.ndarray:
-    """Fixed-step Nesterov accelerated gradient descent for n_iter steps from x0."""
-    x, prev = x0, x0
-    for t in range(n_iter):
-        v = x + (t / (t + 3.0)) * (x - prev)
-        prev, x = x, v - lr * grad(v)
-    return x
-
-
-def _softmax_batched(
-    fit: DualFit, Y: np.ndarray, n_iter: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax regression for all B label matrices (B, n, C) at once, in the dual W = X^T alpha."""
-    n = len(fit.K)
-    alpha = _nesterov(
-        n_iter,
-        fit.lr,
-        lambda a: (_softmax(_left(fit.K, a)) - Y) / n + fit.lam * a,
-        np.zeros_like(Y),
-    )
-    return _left(fit.K, alpha), _left(fit.Kev, alpha)
-
-
-def _softmax_refit(
-    X: np.ndarray,
-    train_idx: np.ndarray,
-    eval_idx: np.ndarray,
-    Y: np.ndarray,
-    ridge: float,
-    n_iter: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reference: one full re-fit in the primal (weights W (D, C)) for one label matrix (n, C)."""
+    """Reference: one full re-fit (standardize, Gram, dense solve in the dual) for one label
+    matrix (n, C)."""
     Z = _standardize(X, train_idx)
-    Xtr = Z[train_idx]
-    Xev = Z[eval_idx]
-    n = len(Xtr)
-    lam = ridge * float(np.sum(Xtr**2)) / n**2  # = _softmax_lambda(Xtr Xtr^T, ridge)
-    lr = float(1.0 / (0.5 * np.linalg.norm(Xtr, 2) ** 2 / n + lam))
-    W = _nesterov(
-        n_iter,
-        lr,
-        lambda w: Xtr.T @ (_softmax(Xtr @ w) - Y) / n + lam * w,
-        np.zeros((Xtr.shape[1], Y.shape[1])),
-    )
-    return Xtr @ W, Xev @ W
+    Xtr, Xev = Z[train_idx], Z[eval_idx]
+    K = Xtr @ Xtr.T
+    lam = _ridge_lambda(float(np.trace(K)), len(K), ridge)
+    alpha = np.linalg.solve(K + lam * np.eye(len(K)), Y - Y.mean(axis=0))
+    return K @ alpha, (Xev @ Xtr.T) @ alpha
+
+
+def _softmax_value_grad(
+    F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Objective (B,) and gradient (B, r, C) of mean cross-entropy + lam/2 ||beta||^2 at beta
+    (B, r, C) float64, for rows F (n, r) and one-hot labels Y (B, n, C). The two GEMMs run in
+    F's dtype (float32 in `_softmax`), everything else in float64."""
+    logits = _left(F, beta.astype(F.dtype)).astype(np.float64)  # (B, n, C)
+    logits -= logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    total = e.sum(axis=-1)  # (B, n)
+    ce = (np.log(total) - np.einsum("bnc,bnc->bn", logits, Y)).mean(axis=1)
+    value = ce + 0.5 * lam * np.einsum("brc,brc->b", beta, beta)
+    residual = (e / total[..., None] - Y).astype(F.dtype)
+    grad = _left(F.T, residual).astype(np.float64) / len(F) + lam * beta
+    return value, grad
+
+
+def _softmax(fit: Fit, Y: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndarray, int, int]:
+    """Penalized softmax regression for all B label matrices (B, n, C) -> (beta (B, r, C),
+    steps of the slowest labelling, labellings not converged within max_iter).
+
+    Two passes of `_descend`: float32 GEMMs (about 1.7x faster) down to a step of 1e-3 of the
+    weights (float32 rounding of the logits shows near 1e-4), then float64 until tol; so tol
+    holds in float64 whatever the first pass did.
+    """
+    F, s2, lam = fit.basis.train, fit.basis.s2, fit.lam
+    B, n, C = Y.shape
+    curvature = (s2 / (n * C) + lam)[:, None]  # (r, 1): exact at beta = 0
+    beta = np.zeros((B, F.shape[1], C))
+    steps = 0
+    if tol < _FLOAT32_TOL:
+        beta, steps, _ = _descend(F.astype(np.float32), Y, beta, lam, curvature, _FLOAT32_TOL,
+                                  max_iter)
+    beta, more, left = _descend(F, Y, beta, lam, curvature, tol, max_iter - steps)
+    return beta, steps + more, left
+
+
+def _descend(F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float, curvature: np.ndarray,
+             tol: float, max_iter: int) -> tuple[np.ndarray, int, int]:
+    """Preconditioned descent from beta (B, r, C) -> (beta, steps taken, labellings whose last
+    step was above tol of their weights' norm).
+
+    Step: beta += MOMENTUM x (last step) - eta grad / curvature; a labelling whose objective
+    would rise keeps its beta, drops its momentum, then halves its eta.
+    """
+    B = len(Y)
+    beta = beta.copy()
+    active = np.arange(B)
+    value, grad = _softmax_value_grad(F, Y, beta, lam)
+    eta = np.ones(B)
+    last = np.zeros_like(beta)
+    it = 0
+    while len(active) and it < max_iter:
+        it += 1
+        step = MOMENTUM * last - eta[:, None, None] * grad / curvature
+        cand = beta[active] + step
+        v_new, g_new = _softmax_value_grad(F, Y[active], cand, lam)
+        ok = v_new <= value + 1e-13 * np.abs(value)
+        beta[active[ok]] = cand[ok]
+        value = np.where(ok, v_new, value)
+        grad = np.where(ok[:, None, None], g_new, grad)
+        eta = np.where(ok | np.any(last != 0, axis=(1, 2)), eta, 0.5 * eta)
+        last = np.where(ok[:, None, None], step, 0.0)
+        size = np.sqrt(np.einsum("brc,brc->b", step, step))
+        norm = np.sqrt(np.einsum("brc,brc->b", beta[active], beta[active]))
+        going = size > tol * np.maximum(norm, 1e-300)
+        active, value, grad, eta, last = (active[going], value[going], grad[going],
+                                          eta[going], last[going])
+    return beta, it, len(active)
 
 
 def _reduce(
@@ -190,30 +261,42 @@ def embed(
     *,
     ridge: float,
     k: int | None,
-    n_iter: int,
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+    solve: str = "auto",
     batched: bool = True,
-    fit: DualFit | None = None,
+    fit: Fit | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of the training and evaluation rows learned from B label matrices at once.
 
     X (N, D) features; train_idx (n,), eval_idx (m,) row indices; Y (B, n, C) one-hot labels of
     the training rows. Returns (Z_train (B, n, k), Z_eval (B, m, k)): the learned projection
     reduced to its top-k principal directions on the training rows (k=None: all C).
+    tol, max_iter: the softmax's stopping rule (see `_softmax`); a labelling not converged
+    within max_iter is used as it is, with a RuntimeWarning. solve: see `training_basis`.
     ``fit``: `prepare_fit` of the same rows, learner and ridge, to share it between calls.
     ``batched=False``: a loop of full re-fits (the reference; the same values up to rounding).
     """
-    if batched:
-        fit = fit if fit is not None else prepare_fit(X, train_idx, eval_idx, learner, ridge)
-        if learner == "lda":
-            Ztr, Zev = _lda_batched(fit, Y)
-        else:
-            Ztr, Zev = _softmax_batched(fit, Y, n_iter)
-    else:
+    if not batched:
         pairs = [
             _lda_refit(X, train_idx, eval_idx, y, ridge) if learner == "lda"
-            else _softmax_refit(X, train_idx, eval_idx, y, ridge, n_iter)
+            else embed(X, train_idx, eval_idx, y[None], learner, ridge=ridge, k=None, tol=tol,
+                       max_iter=max_iter, solve=solve)
             for y in Y
         ]
-        Ztr = np.stack([p[0] for p in pairs])
-        Zev = np.stack([p[1] for p in pairs])
-    return _reduce(Ztr, Zev, k)
+        Ztr = np.concatenate([np.reshape(p[0], (-1, *Y.shape[1:])) for p in pairs])
+        Zev = np.concatenate([np.reshape(p[1], (-1, len(eval_idx), Y.shape[2])) for p in pairs])
+        return _reduce(Ztr, Zev, k)
+    fit = fit if fit is not None else prepare_fit(X, train_idx, eval_idx, learner, ridge, solve)
+    if learner == "lda":
+        beta = _lda(fit, Y)
+    else:
+        beta, _, left = _softmax(fit, Y, tol, max_iter)
+        if left:
+            warnings.warn(
+                f"softmax learner: {left} of {len(Y)} fits did not reach tol={tol} within "
+                f"max_iter={max_iter} steps; their last iterates are used",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _reduce(_left(fit.basis.train, beta), _left(fit.basis.eval, beta), k)

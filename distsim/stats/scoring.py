@@ -14,6 +14,7 @@ import numpy as np
 
 CMC_RANKS = (1, 5, 10)
 _DECIMALS = 10
+QUERY_BLOCK_BYTES = 64 * 2**20  # working memory of one block of queries in retrieval_scores
 
 
 def _unit(Z: np.ndarray) -> np.ndarray:
@@ -40,15 +41,22 @@ def retrieval_scores(
     """Queries vs gallery -> (mAP (B,), CMC (B, len(CMC_RANKS))).
 
     Zq (B, q, k), Zg (B, g, k) embeddings; yq (B, q), yg (B, g) task codes. Tied scores keep
-    the gallery's order (stable sort).
+    the gallery's order (stable sort). Queries run in blocks of about QUERY_BLOCK_BYTES of
+    (B, block, g) scores, so memory does not grow with q x g.
     """
-    scores = np.round(np.matmul(_unit(Zq), np.swapaxes(_unit(Zg), 1, 2)), _DECIMALS)  # (B, q, g)
-    order = np.argsort(-scores, axis=-1, kind="stable")
-    rel = np.take_along_axis(yq[:, :, None] == yg[:, None, :], order, axis=-1)
-    hits = np.cumsum(rel, axis=-1)
-    precision = hits / np.arange(1, rel.shape[-1] + 1)
-    ap = (precision * rel).sum(axis=-1) / rel.sum(axis=-1)
-    cmc = np.stack([hits[..., min(r, rel.shape[-1]) - 1] > 0 for r in CMC_RANKS], axis=-1)
+    B, q, g = Zq.shape[0], Zq.shape[1], Zg.shape[1]
+    Uq, Ug = _unit(Zq), np.swapaxes(_unit(Zg), 1, 2)
+    ap, cmc = np.empty((B, q)), np.empty((B, q, len(CMC_RANKS)))
+    step = max(1, QUERY_BLOCK_BYTES // (40 * B * g))
+    for a in range(0, q, step):
+        sl = slice(a, min(q, a + step))
+        scores = np.round(np.matmul(Uq[:, sl], Ug), _DECIMALS)  # (B, block, g)
+        order = np.argsort(-scores, axis=-1, kind="stable")
+        rel = np.take_along_axis(yq[:, sl, None] == yg[:, None, :], order, axis=-1)
+        hits = np.cumsum(rel, axis=-1)
+        precision = hits / np.arange(1, g + 1)
+        ap[:, sl] = (precision * rel).sum(axis=-1) / rel.sum(axis=-1)
+        cmc[:, sl] = np.stack([hits[..., min(r, g) - 1] > 0 for r in CMC_RANKS], axis=-1)
     return ap.mean(axis=1), cmc.mean(axis=1)
 
 
