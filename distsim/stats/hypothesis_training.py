@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from distsim.stats.linear_embedding import LEARNERS, SOLVES, Fit, embed, prepare_fit
+from distsim.stats.linear_embedding import LEARNERS, MEMORY, SOLVES, Fit, embed, prepare_fit
 from distsim.stats.permutation import SeedLike, p_value
 from distsim.stats.scoring import (
     CMC_RANKS,
@@ -370,9 +370,11 @@ def _null(
     n_eval = sum(len(v) for r, v in split.blocks.items() if r != "train")
     n_train, n_cls = len(split.blocks["train"]), len(split.train_classes)
     per_perm = 8 * (4 * (n_train + n_eval) * max(n_cls, split.n_tasks) + n_train * n_cls * 4)
-    chunk = max(1, CHUNK_BYTES // per_perm)
     if how.batched:
         fit = _prepare(X, split, how, fit)
+        if how.learner == "softmax":  # L-BFGS's step pairs, (r, C) each
+            per_perm += 8 * 2 * MEMORY * len(fit.basis.s2) * n_cls
+    chunk = max(1, CHUNK_BYTES // per_perm)
     out = np.empty(permutations)
     for start in range(0, permutations, chunk):
         part = {role: y[start : start + chunk] for role, y in labels.items()}

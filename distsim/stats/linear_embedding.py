@@ -14,11 +14,11 @@ X X^T (n, n) otherwise (`training_basis`; both give the same embeddings to round
   i.e. regularized LDA, Hastie, Buja & Tibshirani 1995): beta = diag(1 / (s^2 + lam)) F^T Y_c,
   closed form, two GEMMs per label matrix.
 - ``"softmax"``: softmax cross-entropy (multinomial logistic regression) with an L2 penalty,
-  solved to a checked tolerance: preconditioned gradient steps with the diagonal curvature model
-  s^2 / (n C) + lam (exact at beta = 0, where every prediction is uniform: the first step is a
-  Newton step), a step halved for a labelling whose objective would rise (so the objective
-  never increases), until every labelling's step is below ``tol`` of its weights (float32
-  GEMMs down to 1e-3, then float64).
+  solved to a checked tolerance by L-BFGS batched over the labellings, preconditioned with the
+  Hessian at beta = 0, s^2 / (n C) + lam (every prediction uniform there: the first step is a
+  Newton step); a step that does not lower the objective enough is halved for that labelling
+  (the objective never rises); it stops when every labelling's step is below ``tol`` of its
+  weights (float32 GEMMs down to 1e-3, then float64).
 
 The training rows, hence the basis, do not depend on the labels, so `prepare_fit` computes it
 once and `embed` runs B label matrices (B permutations) as a few GEMMs. ``batched=False`` fits
@@ -39,7 +39,7 @@ SOLVES = ("auto", "primal", "dual")
 # their share of any embedding is at most s^2 / lam of it, below float64 rounding for ridge >= 1e-3.
 _RANK_TOL = 1e-13
 _FLOAT32_TOL = 1e-3  # the softmax's float32 pass stops here; see _softmax
-MOMENTUM = 0.3  # heavy-ball momentum of the softmax's steps; reset when a step is rejected
+MEMORY = 5  # step pairs the softmax's L-BFGS keeps
 
 
 @dataclass(frozen=True)
@@ -191,53 +191,91 @@ def _softmax(fit: Fit, Y: np.ndarray, tol: float, max_iter: int) -> tuple[np.nda
     """Penalized softmax regression for all B label matrices (B, n, C) -> (beta (B, r, C),
     steps of the slowest labelling, labellings not converged within max_iter).
 
-    Two passes of `_descend`: float32 GEMMs (about 1.7x faster) down to a step of 1e-3 of the
+    Two passes of `_lbfgs`: float32 GEMMs (about 1.7x faster) down to a step of 1e-3 of the
     weights (float32 rounding of the logits shows near 1e-4), then float64 until tol; so tol
     holds in float64 whatever the first pass did.
     """
     F, s2, lam = fit.basis.train, fit.basis.s2, fit.lam
     B, n, C = Y.shape
-    curvature = (s2 / (n * C) + lam)[:, None]  # (r, 1): exact at beta = 0
+    inverse = 1.0 / (s2 / (n * C) + lam)[:, None]  # (r, 1): the Hessian at beta = 0, inverted
     beta = np.zeros((B, F.shape[1], C))
     steps = 0
     if tol < _FLOAT32_TOL:
-        beta, steps, _ = _descend(F.astype(np.float32), Y, beta, lam, curvature, _FLOAT32_TOL,
-                                  max_iter)
-    beta, more, left = _descend(F, Y, beta, lam, curvature, tol, max_iter - steps)
+        beta, steps, _ = _lbfgs(F.astype(np.float32), Y, beta, lam, inverse, _FLOAT32_TOL,
+                                max_iter)
+    beta, more, left = _lbfgs(F, Y, beta, lam, inverse, tol, max_iter - steps)
     return beta, steps + more, left
 
 
-def _descend(F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float, curvature: np.ndarray,
-             tol: float, max_iter: int) -> tuple[np.ndarray, int, int]:
-    """Preconditioned descent from beta (B, r, C) -> (beta, steps taken, labellings whose last
-    step was above tol of their weights' norm).
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-labelling inner products of (b, r, C) arrays -> (b,)."""
+    return np.einsum("brc,brc->b", a, b)
 
-    Step: beta += MOMENTUM x (last step) - eta grad / curvature; a labelling whose objective
-    would rise keeps its beta, drops its momentum, then halves its eta.
+
+def _lbfgs(F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float, inverse: np.ndarray,
+           tol: float, max_iter: int) -> tuple[np.ndarray, int, int]:
+    """L-BFGS from beta (B, r, C), batched over the B labellings -> (beta, steps taken,
+    labellings whose last step was above tol of their weights' norm).
+
+    The direction is the two-loop recursion over the last MEMORY steps (a rejected one holds no
+    pair for its labelling), started from
+    the diagonal `inverse` (the Hessian at beta = 0, inverted: the first step is a Newton step)
+    scaled by s^T y / y^T inverse y. A labelling's step of length eta is accepted when it
+    lowers the objective enough (Armijo, 1e-4); otherwise that labelling keeps its beta and
+    halves eta for its next step, so the objective never rises.
     """
     B = len(Y)
     beta = beta.copy()
     active = np.arange(B)
     value, grad = _softmax_value_grad(F, Y, beta, lam)
+    shape = (MEMORY, *beta.shape)
+    hist_s, hist_y = np.zeros(shape), np.zeros(shape)  # slot = step number % MEMORY
+    rho = np.zeros((MEMORY, B))  # 1 / s^T y; 0 where a labelling's step was rejected
+    gamma = np.ones(B)
     eta = np.ones(B)
-    last = np.zeros_like(beta)
     it = 0
     while len(active) and it < max_iter:
-        it += 1
-        step = MOMENTUM * last - eta[:, None, None] * grad / curvature
+        q = grad.copy()
+        lags = range(1, min(it, MEMORY) + 1)
+        alpha = {}
+        for lag in lags:  # newest to oldest
+            slot = (it - lag) % MEMORY
+            alpha[lag] = rho[slot] * _dot(hist_s[slot], q)
+            q -= alpha[lag][:, None, None] * hist_y[slot]
+        d = gamma[:, None, None] * inverse * q
+        for lag in reversed(lags):  # oldest to newest
+            slot = (it - lag) % MEMORY
+            d += (alpha[lag] - rho[slot] * _dot(hist_y[slot], d))[:, None, None] * hist_s[slot]
+        d = -d
+        slope = _dot(grad, d)
+        uphill = slope >= 0  # rounding: fall back to the preconditioned gradient
+        if uphill.any():
+            d[uphill] = -(inverse * grad)[uphill]
+            slope[uphill] = _dot(grad[uphill], d[uphill])
+        step = eta[:, None, None] * d
         cand = beta[active] + step
         v_new, g_new = _softmax_value_grad(F, Y[active], cand, lam)
-        ok = v_new <= value + 1e-13 * np.abs(value)
+        ok = v_new <= value + 1e-4 * eta * slope + 1e-13 * np.abs(value)
         beta[active[ok]] = cand[ok]
+        change = g_new - grad
+        ys = _dot(change, step)
+        keep = ok & (ys > 0)
+        slot = it % MEMORY
+        hist_s[slot], hist_y[slot] = step, change
+        rho[slot] = np.where(keep, 1.0 / np.where(keep, ys, 1.0), 0.0)
+        yy = _dot(change, inverse * change)
+        gamma = np.where(keep, ys / np.maximum(yy, 1e-300), gamma)
+        it += 1
         value = np.where(ok, v_new, value)
         grad = np.where(ok[:, None, None], g_new, grad)
-        eta = np.where(ok | np.any(last != 0, axis=(1, 2)), eta, 0.5 * eta)
-        last = np.where(ok[:, None, None], step, 0.0)
-        size = np.sqrt(np.einsum("brc,brc->b", step, step))
-        norm = np.sqrt(np.einsum("brc,brc->b", beta[active], beta[active]))
+        eta = np.where(ok, 1.0, 0.5 * eta)
+        size = np.sqrt(_dot(step, step))
+        norm = np.sqrt(_dot(beta[active], beta[active]))
         going = size > tol * np.maximum(norm, 1e-300)
-        active, value, grad, eta, last = (active[going], value[going], grad[going],
-                                          eta[going], last[going])
+        if not going.all():
+            active, value, grad, eta = active[going], value[going], grad[going], eta[going]
+            hist_s, hist_y, rho = hist_s[:, going], hist_y[:, going], rho[:, going]
+            gamma = gamma[going]
     return beta, it, len(active)
 
 
