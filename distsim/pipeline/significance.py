@@ -65,6 +65,7 @@ from distsim.stats import (
     htt_prepare,
     p_value,
     permanova_features,
+    permanova_groups,
     permanova_labels,
     permanova_tile,
     tile_pseudo_f,
@@ -248,7 +249,7 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                          for c, b in enumerate(sizes[1:], 1)]
             elif protocol == PERMANOVA:  # any metric: tiles of the distance matrix
                 B = spec.permanova_permutations
-                groups = np.unique(fm.tasks, return_counts=True)[1].astype(np.int64)
+                groups = permanova_groups(fm.tasks)[1]
                 frame_ref = frame_task.remote(x_ref, metric)
                 label_refs = [labels_task.remote(t_ref, b, spec.seed, c)
                               for c, b in enumerate(chunk_sizes(B, spec.chunk_size))]
