@@ -181,7 +181,7 @@ def test_invalid_permutations():
 def test_permanova_features_equals_permanova_on_the_distance_matrix(n_groups, extra, dim, effect,
                                                                     seed):
     """The Euclidean identity route: same pseudo-F (1e-9), same null permutation by permutation,
-    same p, for unbalanced groups and for D > N (the thin-SVD basis)."""
+    same p, for unbalanced groups and for D > N (the pivoted Cholesky basis)."""
     rng = np.random.default_rng(seed)
     sizes = [2 + e for e in extra[:n_groups]]
     labels = np.repeat(np.arange(n_groups), sizes)

@@ -115,13 +115,17 @@ def _check_inputs(
     permutations: int,
     min_permutations: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate -> (float64 features (N, D), sorted task names (T,), task codes (N,) int64)."""
+    """Validate -> (float features (N, D), sorted task names (T,), task codes (N,) int64).
+
+    Float features keep their dtype (no copy per chunk: a shared fit does not read them);
+    `training_basis` computes in float64."""
     X = np.asarray(features)
     if X.ndim != 2:
         raise ValueError(f"features must be a 2-D (N, D) array, got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
         raise TypeError(f"features must be real numbers, got dtype {X.dtype}")
-    X = X.astype(np.float64)
+    if not np.issubdtype(X.dtype, np.floating):
+        X = X.astype(np.float64)
     if not np.all(np.isfinite(X)):
         raise ValueError("features contain NaN or inf values; all entries must be finite")
     labels = np.asarray(tasks)
@@ -306,6 +310,7 @@ def _evaluate(
         solve=how.solve,
         batched=how.batched,
         fit=fit,
+        train=split.protocol == "closed-set",  # open-set scores the evaluation rows only
     )
     if split.protocol == "closed-set":
         return centroid_accuracy(Ztr, Zev, ytr, labels["test"], split.n_tasks), None
@@ -344,7 +349,7 @@ def _setup(
     n_query: int | None,
     how: _Learning,
 ) -> tuple[np.ndarray, Split]:
-    """Validate everything, split -> (float64 features (N, D), split)."""
+    """Validate everything, split -> (float features (N, D), split)."""
     X, names, codes = _check_inputs(
         features, tasks, protocol, how.learner, permutations, min_permutations
     )

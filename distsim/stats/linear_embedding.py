@@ -18,7 +18,8 @@ X X^T (n, n) otherwise (`training_basis`; both give the same embeddings to round
   Hessian at beta = 0, s^2 / (n C) + lam (every prediction uniform there: the first step is a
   Newton step); a step that does not lower the objective enough is halved for that labelling
   (the objective never rises); it stops when every labelling's step is below ``tol`` of its
-  weights (float32 GEMMs down to 1e-3, then float64).
+  weights (float32 GEMMs down to 1e-3, then float32 GEMMs on the corrections to a float64 base
+  point, which keeps float64's accuracy; see `_softmax`).
 
 The training rows, hence the basis, do not depend on the labels, so `prepare_fit` computes it
 once and `embed` runs B label matrices (B permutations) as a few GEMMs. ``batched=False`` fits
@@ -29,6 +30,7 @@ the dual): the reference the batched path is tested against.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +41,8 @@ SOLVES = ("auto", "primal", "dual")
 # their share of any embedding is at most s^2 / lam of it, below float64 rounding for ridge >= 1e-3.
 _RANK_TOL = 1e-13
 _FLOAT32_TOL = 1e-3  # the softmax's float32 pass stops here; see _softmax
+_REFINED_TOL = 1e-6  # and its refined pass here (float64 below)
+REBASE = 1e-2  # `_refined` recomputes a labelling's float64 base beyond this drift
 MEMORY = 5  # step pairs the softmax's L-BFGS keeps
 
 
@@ -73,7 +77,9 @@ class Fit:
 
 
 def _standardize(X: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
-    """Centre and scale every feature by its training mean/sd (fit on training rows only)."""
+    """Centre and scale every feature by its training mean/sd (fit on training rows only), in
+    float64 whatever X's dtype."""
+    X = np.asarray(X, dtype=np.float64)
     Xtr = X[train_idx]
     mean = Xtr.mean(axis=0)
     sd = Xtr.std(axis=0)
@@ -170,41 +176,105 @@ def _lda_refit(
     return K @ alpha, (Xev @ Xtr.T) @ alpha
 
 
+Objective = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""(labellings (b,) indices into Y, beta (b, r, C)) -> (objective (b,), gradient (b, r, C))."""
+
+
 def _softmax_value_grad(
     F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Objective (B,) and gradient (B, r, C) of mean cross-entropy + lam/2 ||beta||^2 at beta
     (B, r, C) float64, for rows F (n, r) and one-hot labels Y (B, n, C). The two GEMMs run in
-    F's dtype (float32 in `_softmax`), everything else in float64."""
-    logits = _left(F, beta.astype(F.dtype)).astype(np.float64)  # (B, n, C)
-    logits -= logits.max(axis=-1, keepdims=True)
-    e = np.exp(logits)
-    total = e.sum(axis=-1)  # (B, n)
-    ce = (np.log(total) - np.einsum("bnc,bnc->bn", logits, Y)).mean(axis=1)
-    value = ce + 0.5 * lam * np.einsum("brc,brc->b", beta, beta)
-    residual = (e / total[..., None] - Y).astype(F.dtype)
+    F's dtype (float32 in `_softmax`'s first pass), everything else in float64."""
+    if beta.any():
+        logits = _left(F, beta.astype(F.dtype)).astype(np.float64)  # (B, n, C)
+    else:  # the start, beta = 0: the GEMM's result is known
+        logits = np.zeros(Y.shape)
+    value, p = _cross_entropy(logits, Y)
+    residual = (p - Y).astype(F.dtype)
     grad = _left(F.T, residual).astype(np.float64) / len(F) + lam * beta
-    return value, grad
+    return value + 0.5 * lam * _dot(beta, beta), grad
+
+
+def _cross_entropy(logits: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean cross-entropy (B,) of logits (B, n, C) against one-hot Y, and the softmax (B, n, C)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    total = e.sum(axis=-1)  # (B, n)
+    ce = (np.log(total) - np.einsum("bnc,bnc->bn", shifted, Y)).mean(axis=1)
+    return ce, e / total[..., None]
+
+
+def _refined(F: np.ndarray, F32: np.ndarray, Y: np.ndarray, beta0: np.ndarray,
+             lam: float) -> Objective:
+    """The objective of `_softmax_value_grad` to float64 accuracy near beta0 (B, r, C), from
+    float32 GEMMs (F32 = F in float32).
+
+    Around a base point computed once in float64 (logits0 = F beta0, p0 = softmax, g0 = F^T (p0
+    - Y) / n), only the corrections run in float32:
+
+        logits = logits0 + F (beta - beta0),   F^T (p - Y) = n g0 + F^T (p - p0),
+
+    so float32 rounds a term |beta - beta0| / |beta| of the whole: below 1e-2 x 1e-7 = 1e-9,
+    since a labelling that drifts further than REBASE from its base gets a new float64 base.
+    """
+    n = len(F)
+    logits0 = _left(F, beta0)  # (B, n, C)
+    _, p0 = _cross_entropy(logits0, Y)
+    g0 = _left(F.T, p0 - Y) / n  # (B, r, C)
+    beta0 = beta0.copy()
+
+    def objective(rows: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        delta = beta - beta0[rows]
+        if not delta.any():  # at the bases themselves
+            value = _cross_entropy(logits0[rows], Y[rows])[0]
+            return value + 0.5 * lam * _dot(beta, beta), g0[rows] + lam * beta
+        far = _dot(delta, delta) > REBASE**2 * _dot(beta0[rows], beta0[rows])
+        if far.any():  # new float64 bases for these labellings
+            moved = rows[far]
+            beta0[moved] = beta[far]
+            logits0[moved] = _left(F, beta[far])
+            p0[moved] = _cross_entropy(logits0[moved], Y[moved])[1]
+            g0[moved] = _left(F.T, p0[moved] - Y[moved]) / n
+            delta[far] = 0.0
+        logits = logits0[rows] + _left(F32, delta.astype(np.float32))
+        value, p = _cross_entropy(logits, Y[rows])
+        grad = g0[rows] + _left(F32.T, (p - p0[rows]).astype(np.float32)) / n + lam * beta
+        return value + 0.5 * lam * _dot(beta, beta), grad
+
+    return objective
 
 
 def _softmax(fit: Fit, Y: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndarray, int, int]:
     """Penalized softmax regression for all B label matrices (B, n, C) -> (beta (B, r, C),
     steps of the slowest labelling, labellings not converged within max_iter).
 
-    Two passes of `_lbfgs`: float32 GEMMs (about 1.7x faster) down to a step of 1e-3 of the
-    weights (float32 rounding of the logits shows near 1e-4), then float64 until tol; so tol
-    holds in float64 whatever the first pass did.
+    Up to three passes of `_lbfgs`, each down to the accuracy its arithmetic allows:
+    float32 GEMMs (about 2x faster than float64) down to a step of 1e-3 of the weights (float32
+    rounding of the logits shows near 1e-4); then the same float32 GEMMs on the corrections
+    around a float64 base point (`_refined`, float64 to about 1e-9) down to max(tol, 1e-6);
+    then, only when tol < 1e-6, plain float64. So tol holds whatever the earlier passes did.
     """
     F, s2, lam = fit.basis.train, fit.basis.s2, fit.lam
     B, n, C = Y.shape
     inverse = 1.0 / (s2 / (n * C) + lam)[:, None]  # (r, 1): the Hessian at beta = 0, inverted
     beta = np.zeros((B, F.shape[1], C))
-    steps = 0
-    if tol < _FLOAT32_TOL:
-        beta, steps, _ = _lbfgs(F.astype(np.float32), Y, beta, lam, inverse, _FLOAT32_TOL,
-                                max_iter)
-    beta, more, left = _lbfgs(F, Y, beta, lam, inverse, tol, max_iter - steps)
-    return beta, steps + more, left
+    steps = left = 0
+    F32 = F.astype(np.float32)
+    passes: list[tuple[Callable[[np.ndarray], Objective], float]] = [
+        (lambda b: lambda rows, x: _softmax_value_grad(F32, Y[rows], x, lam), _FLOAT32_TOL),
+        (lambda b: _refined(F, F32, Y, b, lam), _REFINED_TOL),
+        (lambda b: lambda rows, x: _softmax_value_grad(F, Y[rows], x, lam), 0.0),
+    ]
+    for make, floor in passes:
+        if steps >= max_iter:
+            break
+        beta, more, left = _lbfgs(make(beta), B, beta, inverse, max(tol, floor),
+                                  max_iter - steps)
+        steps += more
+        if tol >= floor:
+            break
+    return beta, steps, left
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -212,8 +282,8 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("brc,brc->b", a, b)
 
 
-def _lbfgs(F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float, inverse: np.ndarray,
-           tol: float, max_iter: int) -> tuple[np.ndarray, int, int]:
+def _lbfgs(objective: Objective, B: int, beta: np.ndarray, inverse: np.ndarray, tol: float,
+           max_iter: int) -> tuple[np.ndarray, int, int]:
     """L-BFGS from beta (B, r, C), batched over the B labellings -> (beta, steps taken,
     labellings whose last step was above tol of their weights' norm).
 
@@ -224,10 +294,9 @@ def _lbfgs(F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float, inverse: 
     lowers the objective enough (Armijo, 1e-4); otherwise that labelling keeps its beta and
     halves eta for its next step, so the objective never rises.
     """
-    B = len(Y)
     beta = beta.copy()
     active = np.arange(B)
-    value, grad = _softmax_value_grad(F, Y, beta, lam)
+    value, grad = objective(active, beta)
     shape = (MEMORY, *beta.shape)
     hist_s, hist_y = np.zeros(shape), np.zeros(shape)  # slot = step number % MEMORY
     rho = np.zeros((MEMORY, B))  # 1 / s^T y; 0 where a labelling's step was rejected
@@ -254,7 +323,7 @@ def _lbfgs(F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float, inverse: 
             slope[uphill] = _dot(grad[uphill], d[uphill])
         step = eta[:, None, None] * d
         cand = beta[active] + step
-        v_new, g_new = _softmax_value_grad(F, Y[active], cand, lam)
+        v_new, g_new = objective(active, cand)
         ok = v_new <= value + 1e-4 * eta * slope + 1e-13 * np.abs(value)
         beta[active[ok]] = cand[ok]
         change = g_new - grad
@@ -304,6 +373,7 @@ def embed(
     solve: str = "auto",
     batched: bool = True,
     fit: Fit | None = None,
+    train: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of the training and evaluation rows learned from B label matrices at once.
 
@@ -314,6 +384,8 @@ def embed(
     within max_iter is used as it is, with a RuntimeWarning. solve: see `training_basis`.
     ``fit``: `prepare_fit` of the same rows, learner and ridge, to share it between calls.
     ``batched=False``: a loop of full re-fits (the reference; the same values up to rounding).
+    ``train=False`` with k=None: Z_train is not computed (returned with 0 rows), for callers that
+    only read the evaluation rows.
     """
     if not batched:
         pairs = [
@@ -337,4 +409,6 @@ def embed(
                 RuntimeWarning,
                 stacklevel=2,
             )
+    if not train and k is None:
+        return np.empty((len(Y), 0, Y.shape[2])), _left(fit.basis.eval, beta)
     return _reduce(_left(fit.basis.train, beta), _left(fit.basis.eval, beta), k)
