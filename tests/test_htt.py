@@ -153,10 +153,10 @@ def test_primal_equals_dual(n_tasks, n_seeds, dim, protocol, learner, seed):
                                htt_null_chunk(X, y, solve="dual", **kw), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize(("tol", "atol"), [(1e-9, 1e-6), (1e-6, 1e-7)])
+@pytest.mark.parametrize(("tol", "atol"), [(1e-9, 1e-6), (1e-5, 1e-6)])
 def test_softmax_reaches_the_penalized_optimum(tol, atol):
     """The batched softmax stops at the minimum of mean cross-entropy + lam/2 ||W||^2 over W
-    (D, C), found independently by scipy's L-BFGS in the original coordinates. tol = 1e-6 stops
+    (D, C), found independently by scipy's L-BFGS in the original coordinates. tol = 1e-5 stops
     in the refined pass (float32 GEMMs on float64 corrections), 1e-9 in plain float64."""
     from scipy.optimize import minimize
 
@@ -401,11 +401,13 @@ def test_refined_softmax_objective_keeps_float64_accuracy(seed, drift):
     F = rng.normal(size=(n, r)) * np.linspace(3, 0.1, r)
     Y = np.eye(C)[rng.integers(0, C, (B, n))]
     beta0 = rng.normal(size=(B, r, C))
-    objective = linear_embedding._refined(F, F.astype(np.float32), Y, beta0, lam)
+    codes = Y.argmax(axis=-1)
+    objective = linear_embedding._refined(F, F.astype(np.float32), codes, beta0, lam)
     for _ in range(2):  # the second call starts from the bases the first may have moved
         beta = beta0 + drift * rng.normal(size=beta0.shape)
         value, grad = objective(np.arange(B), beta)
-        ref_value, ref_grad = linear_embedding._softmax_value_grad(F, Y, beta, lam)
+        ref_value, ref_grad = linear_embedding._softmax_value_grad(F, codes, np.arange(B), beta,
+                                                                   lam)
         scale = np.linalg.norm(ref_grad - lam * beta) + np.linalg.norm(lam * beta)
         np.testing.assert_allclose(value, ref_value, rtol=1e-9)  # float32 GEMMs: 1e-8
         assert np.linalg.norm(grad - ref_grad) < 5e-9 * scale

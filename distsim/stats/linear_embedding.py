@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 LEARNERS = ("lda", "softmax")
@@ -41,7 +42,7 @@ SOLVES = ("auto", "primal", "dual")
 # their share of any embedding is at most s^2 / lam of it, below float64 rounding for ridge >= 1e-3.
 _RANK_TOL = 1e-13
 _FLOAT32_TOL = 1e-3  # the softmax's float32 pass stops here; see _softmax
-_REFINED_TOL = 1e-6  # and its refined pass here (float64 below)
+_REFINED_TOL = 1e-5  # its refined pass here: below, value noise (~1e-12) rivals the decrease
 REBASE = 1e-2  # `_refined` recomputes a labelling's float64 base beyond this drift
 MEMORY = 5  # step pairs the softmax's L-BFGS keeps
 
@@ -180,35 +181,80 @@ Objective = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 """(labellings (b,) indices into Y, beta (b, r, C)) -> (objective (b,), gradient (b, r, C))."""
 
 
+@numba.njit(cache=True)
+def _softmax_rows(z: np.ndarray, z0: np.ndarray, rows: np.ndarray, codes: np.ndarray,
+                  p0: np.ndarray, mode: int, out: np.ndarray) -> np.ndarray:
+    """Softmax of every (labelling, training row) of the logits z (b, n, C), plus z0[rows]
+    when z0 (B, n, C) is not empty -> cross-entropy (b, n) against codes[rows] ((B, n) class
+    codes), and into out (n, b, C): p - onehot (mode 0, the gradient's residual), p - p0[:,
+    rows] (mode 1; p0 (n, B, C)) or p (mode 2). One pass over memory per row, in float64."""
+    b, n, C = z.shape
+    ce = np.empty((b, n))
+    row = np.empty(C)
+    for j in range(b):
+        lab = rows[j]
+        for i in range(n):
+            top = -np.inf
+            for c in range(C):
+                v = z[j, i, c] + (z0[lab, i, c] if z0.shape[0] else 0.0)
+                row[c] = v
+                top = max(top, v)
+            label = row[codes[lab, i]] - top
+            total = 0.0
+            for c in range(C):
+                row[c] = np.exp(row[c] - top)
+                total += row[c]
+            ce[j, i] = np.log(total) - label
+            for c in range(C):
+                q = row[c] / total
+                if mode == 0:
+                    q -= 1.0 if c == codes[lab, i] else 0.0
+                elif mode == 1:
+                    q -= p0[i, lab, c]
+                out[i, j, c] = q
+    return ce
+
+
+_NONE = np.empty((0, 0, 0))
+
+
+def _codes(Y: np.ndarray) -> np.ndarray:
+    """One-hot labels Y (B, n, C) -> class codes (B, n) int64 (checked one-hot)."""
+    codes = Y.argmax(axis=-1)
+    if not (np.all(Y.sum(axis=-1) == 1) and np.all((Y == 0) | (Y == 1))):
+        raise ValueError("the softmax learner needs one-hot label matrices Y (B, n, C)")
+    return codes
+
+
+def _residual_grad(F: np.ndarray, residual: np.ndarray, beta: np.ndarray, lam: float,
+                   ) -> np.ndarray:
+    """F^T residual / n + lam beta (b, r, C) for residual (n, b, C) in F's dtype."""
+    n, b, C = residual.shape
+    g = (F.T @ residual.reshape(n, b * C)).reshape(-1, b, C)  # (r, b, C)
+    return np.moveaxis(g, 1, 0).astype(np.float64) / n + lam * beta
+
+
 def _softmax_value_grad(
-    F: np.ndarray, Y: np.ndarray, beta: np.ndarray, lam: float
+    F: np.ndarray, codes: np.ndarray, rows: np.ndarray, beta: np.ndarray, lam: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Objective (B,) and gradient (B, r, C) of mean cross-entropy + lam/2 ||beta||^2 at beta
-    (B, r, C) float64, for rows F (n, r) and one-hot labels Y (B, n, C). The two GEMMs run in
-    F's dtype (float32 in `_softmax`'s first pass), everything else in float64."""
+    """Objective (b,) and gradient (b, r, C) of mean cross-entropy + lam/2 ||beta||^2 at beta
+    (b, r, C) float64 of the labellings `rows` of codes (B, n), for training rows F (n, r).
+    The two GEMMs run in F's dtype (float32 in `_softmax`'s first pass), the rest in float64."""
+    n, (b, _, C) = len(F), beta.shape
     if beta.any():
-        logits = _left(F, beta.astype(F.dtype)).astype(np.float64)  # (B, n, C)
+        logits = _left(F, beta.astype(F.dtype))  # (b, n, C)
     else:  # the start, beta = 0: the GEMM's result is known
-        logits = np.zeros(Y.shape)
-    value, p = _cross_entropy(logits, Y)
-    residual = (p - Y).astype(F.dtype)
-    grad = _left(F.T, residual).astype(np.float64) / len(F) + lam * beta
-    return value + 0.5 * lam * _dot(beta, beta), grad
+        logits = np.zeros((b, n, C), F.dtype)
+    residual = np.empty((n, b, C), F.dtype)
+    ce = _softmax_rows(logits, _NONE, rows, codes, _NONE, 0, residual)
+    grad = _residual_grad(F, residual, beta, lam)
+    return ce.mean(axis=1) + 0.5 * lam * _dot(beta, beta), grad
 
 
-def _cross_entropy(logits: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean cross-entropy (B,) of logits (B, n, C) against one-hot Y, and the softmax (B, n, C)."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    total = e.sum(axis=-1)  # (B, n)
-    ce = (np.log(total) - np.einsum("bnc,bnc->bn", shifted, Y)).mean(axis=1)
-    return ce, e / total[..., None]
-
-
-def _refined(F: np.ndarray, F32: np.ndarray, Y: np.ndarray, beta0: np.ndarray,
+def _refined(F: np.ndarray, F32: np.ndarray, codes: np.ndarray, beta0: np.ndarray,
              lam: float) -> Objective:
     """The objective of `_softmax_value_grad` to float64 accuracy near beta0 (B, r, C), from
-    float32 GEMMs (F32 = F in float32).
+    float32 GEMMs (F32 = F in float32; codes (B, n) the labels).
 
     Around a base point computed once in float64 (logits0 = F beta0, p0 = softmax, g0 = F^T (p0
     - Y) / n), only the corrections run in float32:
@@ -218,29 +264,37 @@ def _refined(F: np.ndarray, F32: np.ndarray, Y: np.ndarray, beta0: np.ndarray,
     so float32 rounds a term |beta - beta0| / |beta| of the whole: below 1e-2 x 1e-7 = 1e-9,
     since a labelling that drifts further than REBASE from its base gets a new float64 base.
     """
-    n = len(F)
-    logits0 = _left(F, beta0)  # (B, n, C)
-    _, p0 = _cross_entropy(logits0, Y)
-    g0 = _left(F.T, p0 - Y) / n  # (B, r, C)
+    n, (B, _, C) = len(F), beta0.shape
+    every = np.arange(B)
+    logits0 = np.ascontiguousarray(_left(F, beta0))  # (B, n, C)
+    p0 = np.empty((n, B, C))
+    _softmax_rows(logits0, _NONE, every, codes, _NONE, 2, p0)
+    residual = np.empty((n, B, C))
+    ce0 = _softmax_rows(logits0, _NONE, every, codes, _NONE, 0, residual).mean(axis=1)
+    g0 = _residual_grad(F, residual, np.zeros_like(beta0), 0.0)  # (B, r, C)
     beta0 = beta0.copy()
 
     def objective(rows: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         delta = beta - beta0[rows]
         if not delta.any():  # at the bases themselves
-            value = _cross_entropy(logits0[rows], Y[rows])[0]
-            return value + 0.5 * lam * _dot(beta, beta), g0[rows] + lam * beta
+            return ce0[rows] + 0.5 * lam * _dot(beta, beta), g0[rows] + lam * beta
         far = _dot(delta, delta) > REBASE**2 * _dot(beta0[rows], beta0[rows])
         if far.any():  # new float64 bases for these labellings
             moved = rows[far]
             beta0[moved] = beta[far]
             logits0[moved] = _left(F, beta[far])
-            p0[moved] = _cross_entropy(logits0[moved], Y[moved])[1]
-            g0[moved] = _left(F.T, p0[moved] - Y[moved]) / n
+            fresh = np.empty((n, len(moved), C))
+            _softmax_rows(logits0[moved], _NONE, moved, codes, _NONE, 2, fresh)
+            p0[:, moved] = fresh
+            ce0[moved] = _softmax_rows(logits0[moved], _NONE, moved, codes, _NONE, 0,
+                                       fresh).mean(axis=1)
+            g0[moved] = _residual_grad(F, fresh, np.zeros_like(beta[far]), 0.0)
             delta[far] = 0.0
-        logits = logits0[rows] + _left(F32, delta.astype(np.float32))
-        value, p = _cross_entropy(logits, Y[rows])
-        grad = g0[rows] + _left(F32.T, (p - p0[rows]).astype(np.float32)) / n + lam * beta
-        return value + 0.5 * lam * _dot(beta, beta), grad
+        dlogits = _left(F32, delta.astype(np.float32))  # (b, n, C)
+        dp = np.empty((n, len(rows), C), np.float32)
+        ce = _softmax_rows(dlogits, logits0, rows, codes, p0, 1, dp)
+        grad = g0[rows] + _residual_grad(F32, dp, beta, lam)
+        return ce.mean(axis=1) + 0.5 * lam * _dot(beta, beta), grad
 
     return objective
 
@@ -252,19 +306,20 @@ def _softmax(fit: Fit, Y: np.ndarray, tol: float, max_iter: int) -> tuple[np.nda
     Up to three passes of `_lbfgs`, each down to the accuracy its arithmetic allows:
     float32 GEMMs (about 2x faster than float64) down to a step of 1e-3 of the weights (float32
     rounding of the logits shows near 1e-4); then the same float32 GEMMs on the corrections
-    around a float64 base point (`_refined`, float64 to about 1e-9) down to max(tol, 1e-6);
-    then, only when tol < 1e-6, plain float64. So tol holds whatever the earlier passes did.
+    around a float64 base point (`_refined`, float64 to about 1e-9) down to max(tol, 1e-5);
+    then, only when tol < 1e-5, plain float64. So tol holds whatever the earlier passes did.
     """
     F, s2, lam = fit.basis.train, fit.basis.s2, fit.lam
     B, n, C = Y.shape
+    codes = _codes(Y)
     inverse = 1.0 / (s2 / (n * C) + lam)[:, None]  # (r, 1): the Hessian at beta = 0, inverted
     beta = np.zeros((B, F.shape[1], C))
     steps = left = 0
     F32 = F.astype(np.float32)
     passes: list[tuple[Callable[[np.ndarray], Objective], float]] = [
-        (lambda b: lambda rows, x: _softmax_value_grad(F32, Y[rows], x, lam), _FLOAT32_TOL),
-        (lambda b: _refined(F, F32, Y, b, lam), _REFINED_TOL),
-        (lambda b: lambda rows, x: _softmax_value_grad(F, Y[rows], x, lam), 0.0),
+        (lambda b: lambda rows, x: _softmax_value_grad(F32, codes, rows, x, lam), _FLOAT32_TOL),
+        (lambda b: _refined(F, F32, codes, b, lam), _REFINED_TOL),
+        (lambda b: lambda rows, x: _softmax_value_grad(F, codes, rows, x, lam), 0.0),
     ]
     for make, floor in passes:
         if steps >= max_iter:
