@@ -6,8 +6,10 @@ unit i (a column of a linear layer, an input-channel slice of a conv, the block 
 columns of a linear layer after conv + flatten) by s_i. ReLU/LeakyReLU are positively
 homogeneous and max/avg pooling commute with a positive per-channel scale, so the network's
 function is unchanged and every hidden unit's incoming vector has unit norm afterwards. GRU gates
-are not homogeneous: there every gate row (W_ih[i], W_hh[i], b_ih[i], b_hh[i]) is normalized
-without pushing the scale on, and the result is flagged ``function_preserving = False``.
+(σ, tanh) are not homogeneous, so a GRU has no rescaling symmetry to remove: its weights are left
+as they are (normalizing its rows would discard scale that the function depends on and remove no
+symmetry); its symmetries, hidden-unit permutations and tanh sign flips, are handled by
+:mod:`distsim.recurrent`.
 
 Everything runs on stacks of K models (leading K dimension), so a pack of trained weights is
 normalized at once: ``chain_normalize_state(state_dicts, arch_config)``. The walk of the layers
@@ -19,7 +21,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -287,12 +288,8 @@ def _normalize_sequential(plan: Plan, p: dict[str, torch.Tensor]) -> None:
 
 
 def _normalize_gru(plan: Plan, p: dict[str, torch.Tensor]) -> None:
-    for k in range(plan.num_layers):
-        names = _gru_keys(plan, k)
-        sq = [p[n].reshape(*p[n].shape[:2], -1).square().sum(-1) for n in names]  # (K, 3H) each
-        s = _safe(functools.reduce(operator.add, sq).sqrt())
-        for n in names:
-            p[n] = p[n] / s.reshape(*s.shape, *[1] * (p[n].dim() - 2))
+    """No-op: σ and tanh are not positively homogeneous, so no rescaling of a GRU's rows keeps
+    its function, and a row normalization would only discard scale (see distsim.recurrent)."""
 
 
 def normalize_stacked(plan: Plan, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -320,7 +317,8 @@ def chain_normalize_state(
 def chain_normalize(model: nn.Module) -> nn.Module:
     """A chain-normalized deep copy of ``model`` with attribute ``function_preserving`` (bool).
 
-    MLP/CNN (ReLU/LeakyReLU): same outputs, unit-norm hidden units. GRU: rows only, flag False.
+    MLP/CNN (ReLU/LeakyReLU): same outputs, unit-norm hidden units. GRU: unchanged (no rescaling
+    symmetry to remove), so also function-preserving.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"chain_normalize takes an nn.Module, got {type(model).__name__}")
@@ -329,5 +327,5 @@ def chain_normalize(model: nn.Module) -> nn.Module:
     normed = normalize_stacked(plan, {k: v[None] for k, v in state.items()})
     out = copy.deepcopy(model)
     out.load_state_dict({k: v[0] for k, v in normed.items()})
-    out.function_preserving = plan.kind == "sequential"  # type: ignore[assignment]
+    out.function_preserving = True  # type: ignore[assignment]
     return out

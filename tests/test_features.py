@@ -14,6 +14,7 @@ from torch import nn
 
 import distsim.features as features_module
 import distsim.projection as projection_module
+from distsim.alignment import make_template
 from distsim.features import (
     METHODS,
     chain_map,
@@ -163,16 +164,23 @@ def test_batch_equals_single_and_stacked(cfg: ArchConfig) -> None:
     models = [_model(cfg, s) for s in range(3)]
     states = [m.state_dict() for m in models]
     stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+    extra = {"probe": torch.randn(6, *cfg.input_shape),
+             "template": make_template(states, cfg, iterations=1)}
     for method in METHODS:
         for layer in feature_layers(cfg):
             for dim, sketch in ((None, "output"), (16, "output"), (16, "input")):
-                kw = dict(dim=dim, seed=5, sketch=sketch)
+                if sketch == "input" and method in ("aligned", "cka"):
+                    with pytest.raises(ValueError, match="is for chain-gram and gram"):
+                        weight_features_batch(states, cfg, method, layer, dim, sketch=sketch,
+                                              **extra)
+                    continue
+                kw = dict(dim=dim, seed=5, sketch=sketch, **extra)
                 batch = weight_features_batch(states, cfg, method, layer, **kw)
                 assert batch.dtype == np.float32 and batch.ndim == 2 and batch.shape[0] == 3
                 again = weight_features_batch(stacked, cfg, method, layer, **kw)
                 np.testing.assert_array_equal(again, batch)
                 for i, m in enumerate(models):
-                    single = weight_features(m, method, layer, dim=dim, seed=5, sketch=sketch)
+                    single = weight_features(m, method, layer, **kw)
                     np.testing.assert_allclose(single, batch[i], rtol=1e-5, atol=1e-6)
 
 
@@ -214,31 +222,24 @@ def _from_upper(v: np.ndarray, n: int) -> np.ndarray:
     return g + np.triu(g, 1).T
 
 
-@pytest.mark.parametrize("cfg", [MLP, CNN, RNN], ids=["mlp", "cnn", "rnn"])
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])  # the GRU: test_recurrent.py
 def test_input_sketch_is_s_transpose_g_s(cfg: ArchConfig) -> None:
-    """Hidden layers: upper(S^T G S) of the full Gram G (each GRU gate); 'out': M_L S, then any
-    head bias."""
+    """Hidden layers: upper(S^T G S) of the full Gram G; 'out': M_L S."""
     model, dim, seed = _model(cfg, 3), 21, 7
-    gates = 3 if cfg.kind == "rnn" else 1
-    m = sketch_width(dim // gates)  # a GRU's three gate Grams share dim
+    m = sketch_width(dim)
     assert [sketch_width(d) for d in (21, 20, 1, 7)] == [6, 5, 1, 3]
     layers = feature_layers(cfg)
     for layer in layers[:-1]:
         full = weight_features(model, "chain-gram", layer).astype(np.float64)
-        n = round((np.sqrt(8 * (full.size // gates) + 1) - 1) / 2)
+        n = round((np.sqrt(8 * full.size + 1) - 1) / 2)
         s = sketch_matrix(n, m, seed)
         i, j = np.triu_indices(m)
-        want = np.concatenate([(s.T @ _from_upper(g, n) @ s)[i, j] for g in np.split(full, gates)])
+        want = (s.T @ _from_upper(full, n) @ s)[i, j]
         got = weight_features(model, "chain-gram", layer, dim=dim, seed=seed, sketch="input")
         assert got.shape == (want.size,) and want.size <= dim and _rel(got, want) < 1e-5
     full = weight_features(model, "chain-gram", layers[-1]).astype(np.float64)
     c = cfg.num_classes
-    if cfg.kind == "rnn":  # per gate W_head A_g (c x (in+1)), then the head bias
-        gates, bias = np.split(full[:-c], 3), full[-c:]
-        s = sketch_matrix(gates[0].size // c, m, seed)
-        want = np.concatenate([(g.reshape(c, -1) @ s).ravel() for g in gates] + [bias])
-    else:
-        want = (full.reshape(c, -1) @ sketch_matrix(full.size // c, m, seed)).ravel()
+    want = (full.reshape(c, -1) @ sketch_matrix(full.size // c, m, seed)).ravel()
     got = weight_features(model, "chain-gram", layers[-1], dim=dim, seed=seed, sketch="input")
     assert got.shape == want.shape and _rel(got, want) < 1e-5
     # raw has no chain: the input sketch leaves it to the output projection
@@ -283,7 +284,8 @@ def test_feature_layers_and_errors() -> None:
     assert feature_layers(RNN) == ["gru_ih", "gru_ih_l1", "out"]
     model = _model(MLP, 0)
     with pytest.raises(ValueError, match="method must be one of"):
-        weight_features(model, method="gram")
+        weight_features(model, method="grams")
+    assert METHODS == ("chain-gram", "raw", "gram", "aligned", "cka")
     with pytest.raises(ValueError, match="not one of"):
         weight_features(model, layer="conv1")
     with pytest.raises(ValueError, match="int in"):
@@ -318,3 +320,26 @@ def test_chain_forward_and_backward_agree(cfg: ArchConfig) -> None:
         torch.testing.assert_close(auto, fwd, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="direction must be one of"):
         chain_map(plan, p, cfg.input_shape, 0, "sideways")
+
+
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_gram_is_chain_gram_without_the_normalization(cfg: ArchConfig) -> None:
+    """'out': the same affine input-output map as chain-gram (the normalization is a symmetry of
+    the linearized network too), to rounding; hidden layers: the Grams of the unnormalized chain,
+    which differ."""
+    model = _model(cfg, 2)
+    layers = feature_layers(cfg)
+    assert _rel(weight_features(model, "gram"), weight_features(model, "chain-gram")) < 1e-6
+    for layer in layers[:-1]:
+        assert _rel(weight_features(model, "gram", layer),
+                    weight_features(model, "chain-gram", layer)) > 1e-2
+    sketched = [weight_features(model, m, "out", dim=10, seed=1, sketch="input")
+                for m in ("gram", "chain-gram")]
+    assert _rel(*sketched) < 1e-6
+    first = next(m for m in model if isinstance(m, (nn.Linear, nn.Conv2d)))
+    if isinstance(first, nn.Linear):  # fc1: upper triangle of M^T M, M = [W_1 | b_1] as it is
+        m1 = torch.cat([first.weight, first.bias[:, None]], 1).detach().double()
+        g = (m1.T @ m1).numpy()
+        i, j = np.triu_indices(g.shape[0])
+        np.testing.assert_allclose(weight_features(model, "gram", "fc1"), g[i, j], rtol=1e-5,
+                                   atol=1e-6)
