@@ -21,7 +21,7 @@ from distsim.stats import (
     hypothesis_training,
     linear_embedding,
 )
-from distsim.stats.hypothesis_training import make_split, permuted_labels
+from distsim.stats.htt_split import make_split, permuted_labels
 
 
 def _zoo(n_tasks, n_seeds, dim, effect, seed=0, rank=None):

@@ -27,7 +27,8 @@ import numpy as np
 from distsim.config import Study
 from distsim.errors import ConfigError, LaunchError, StoreError
 from distsim.pipeline.registry import STAGE_NAMES
-from distsim.stats.hypothesis_training import MIN_TASKS, make_split
+from distsim.stats.htt_split import make_split
+from distsim.stats.hypothesis_training import MIN_TASKS
 from distsim.store import Store
 from distsim.tasks import DataConfig, make_tasks
 

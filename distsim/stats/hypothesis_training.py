@@ -23,6 +23,10 @@ primal D x D when there are more training rows than features, dual n x n otherwi
 by all permutations and the learners run batched; ``batched=False`` runs the same test as a
 loop of full re-fits (the reference).
 
+Strata (``strata=``, e.g. the init seed of each model when model i of every task starts from the
+same initial weights): the split is by stratum and the null permutes within (role, stratum)
+cells; see distsim.stats.htt_split.
+
 Chance: closed-set 1/tasks; open-set the exact expected mAP of a uniformly random ranking of
 that query/gallery structure, averaged over queries (likewise the CMC chance in ``extra``).
 Ties: the gallery is stored in a seeded random order and sorted stably, so tied scores (e.g. a
@@ -37,13 +41,18 @@ from typing import Any
 
 import numpy as np
 
+from distsim.stats.htt_split import (
+    Split,
+    chance_levels,
+    make_split,
+    observed_labels,
+    permuted_labels,
+)
 from distsim.stats.linear_embedding import LEARNERS, MEMORY, SOLVES, Fit, embed, prepare_fit
 from distsim.stats.permutation import SeedLike, p_value
 from distsim.stats.scoring import (
     CMC_RANKS,
     centroid_accuracy,
-    expected_ap,
-    expected_cmc,
     retrieval_scores,
 )
 
@@ -68,26 +77,6 @@ class HTTResult:
     permutations: int
     null: np.ndarray = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Split:
-    """Roles of the N positions of a zoo for one HTT.
-
-    codes (N,): task codes 0..n_tasks-1. blocks: role -> position indices; closed-set roles
-    train/test, open-set train/query/gallery (sorted; the gallery in a seeded random order).
-    train_classes: the task codes present in the train block (the learner's classes).
-    """
-
-    protocol: str
-    codes: np.ndarray
-    n_tasks: int
-    blocks: dict[str, np.ndarray]
-    train_classes: np.ndarray
-
-    def eval_rows(self) -> np.ndarray:
-        """Positions of every role but train, in role order (test; or query then gallery)."""
-        return np.concatenate([idx for role, idx in self.blocks.items() if role != "train"])
 
 
 @dataclass(frozen=True)
@@ -154,112 +143,6 @@ def _check_inputs(
             f"every task needs at least 2 solutions to split, task {bad!r} has {counts.min()}"
         )
     return X, names, codes.astype(np.int64)
-
-
-def make_split(
-    codes: np.ndarray,
-    names: np.ndarray,
-    protocol: str,
-    seed: SeedLike,
-    train_fraction: float = 0.6,
-    train_task_fraction: float = 0.6,
-    n_query: int | None = None,
-) -> Split:
-    """Seeded split of positions into roles: per task for closed-set, by task for open-set.
-
-    codes (N,): task codes 0..T-1, every task with at least 2 positions; names (T,): the task
-    names (for error messages). closed-set: train_fraction of each task's positions train, the
-    rest test. open-set: train_task_fraction of the tasks train (at least 2, and 2 held out);
-    each held-out task gives n_query queries (None: 20% of its positions) and the rest gallery.
-    The split is drawn from default_rng([*seed, 0]); `permuted_labels` uses stream 1.
-    """
-    n_tasks = len(names)
-    rng = np.random.default_rng([*_seed_words(seed), 0])
-    members = [np.flatnonzero(codes == t) for t in range(n_tasks)]
-    if protocol == "closed-set":
-        if not 0.0 < train_fraction < 1.0:
-            raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-        train, test = [], []
-        for idx in members:
-            idx = rng.permutation(idx)
-            n_tr = int(np.clip(round(train_fraction * len(idx)), 1, len(idx) - 1))
-            train.append(idx[:n_tr])
-            test.append(idx[n_tr:])
-        blocks = {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
-        return Split(protocol, codes, n_tasks, blocks, np.arange(n_tasks))
-    if not 0.0 < train_task_fraction < 1.0:
-        raise ValueError(f"train_task_fraction must be in (0, 1), got {train_task_fraction}")
-    if n_query is not None and (
-        isinstance(n_query, bool) or not isinstance(n_query, (int, np.integer)) or n_query < 1
-    ):
-        raise ValueError(f"n_query must be a positive int or None, got {n_query!r}")
-    order = rng.permutation(n_tasks)
-    n_train_tasks = int(np.clip(round(train_task_fraction * n_tasks), 2, n_tasks - 2))
-    train_tasks = np.sort(order[:n_train_tasks])
-    query, gallery = [], []
-    for t in np.sort(order[n_train_tasks:]):
-        idx = rng.permutation(members[t])
-        if n_query is None:
-            n_q = int(np.clip(round(0.2 * len(idx)), 1, len(idx) - 1))
-        else:
-            n_q = int(n_query)
-        if n_q >= len(idx):
-            raise ValueError(
-                f"n_query={n_q} leaves no gallery for task {names[t].item()!r} "
-                f"with {len(idx)} solutions"
-            )
-        query.append(idx[:n_q])
-        gallery.append(idx[n_q:])
-    blocks = {
-        "train": np.sort(np.concatenate([members[t] for t in train_tasks])),
-        "query": np.sort(np.concatenate(query)),
-        # gallery in a seeded random order: the stable sort of tied scores then breaks ties in an
-        # order independent of the labels (zoos are usually stored task by task)
-        "gallery": rng.permutation(np.concatenate(gallery)),
-    }
-    return Split(protocol, codes, n_tasks, blocks, train_tasks)
-
-
-def _seed_words(seed: SeedLike) -> list[int]:
-    words = [seed] if isinstance(seed, (int, np.integer)) else list(seed)
-    if not words or any(
-        isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0 for w in words
-    ):
-        raise ValueError(f"seed must be a non-negative int or a sequence of them, got {seed!r}")
-    return [int(w) for w in words]
-
-
-def permuted_labels(split: Split, permutations: int, seed: SeedLike) -> dict[str, np.ndarray]:
-    """The null's relabellings: role -> (permutations, n_role) task codes.
-
-    Each row is a uniform permutation of the block's codes within the block, so every role
-    keeps its per-task counts. Drawn from default_rng([*seed, 1]), block by block.
-    """
-    rng = np.random.default_rng([*_seed_words(seed), 1])
-    out = {}
-    for role, idx in split.blocks.items():
-        tiled = np.tile(split.codes[idx], (permutations, 1))
-        out[role] = rng.permuted(tiled, axis=1)
-    return out
-
-
-def _observed_labels(split: Split) -> dict[str, np.ndarray]:
-    return {role: split.codes[idx][None, :] for role, idx in split.blocks.items()}
-
-
-def _chance(split: Split) -> tuple[float, dict[str, float]]:
-    """Chance level of the statistic (closed-set 1/tasks, open-set E[mAP]) and of CMC@r."""
-    if split.protocol == "closed-set":
-        return 1.0 / split.n_tasks, {}
-    yq = split.codes[split.blocks["query"]]
-    g_counts = np.bincount(split.codes[split.blocks["gallery"]], minlength=split.n_tasks)
-    G = len(split.blocks["gallery"])
-    chance_map = float(np.mean([expected_ap(int(g_counts[t]), G) for t in yq]))
-    cmc = {
-        f"chance_cmc@{r}": float(np.mean([expected_cmc(int(g_counts[t]), G, r) for t in yq]))
-        for r in CMC_RANKS
-    }
-    return chance_map, cmc
 
 
 # ----------------------------------------------------------------------------- batched evaluation
@@ -348,13 +231,14 @@ def _setup(
     train_task_fraction: float,
     n_query: int | None,
     how: _Learning,
+    strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, Split]:
     """Validate everything, split -> (float features (N, D), split)."""
     X, names, codes = _check_inputs(
         features, tasks, protocol, how.learner, permutations, min_permutations
     )
     split = make_split(
-        codes, names, protocol, split_seed, train_fraction, train_task_fraction, n_query
+        codes, names, protocol, split_seed, train_fraction, train_task_fraction, n_query, strata
     )
     _check_options(split, how)
     if np.ptp(X[split.blocks["train"]], axis=0).max() == 0:
@@ -402,14 +286,16 @@ def htt_prepare(
     n_query: int | None = None,
     ridge: float = 1.0,
     solve: str = "auto",
+    strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> Fit:
     """The label-independent part of an HTT's learner for the split of `seed`: the basis of the
     training rows (n, r) and the evaluation rows in it (m, r), r <= min(n, D). Pass it as
     ``fit=`` to `htt` / `htt_null_chunk` calls with the same split, learner and ridge, so that
-    chunks of one test compute it once (the tests stage ships it to every chunk)."""
+    chunks of one test compute it once (the tests stage ships it to every chunk); with the
+    same `strata` too (they change the split)."""
     how = _Learning(learner, ridge, None, 1e-5, 1, solve, True)
     X, split = _setup(features, tasks, protocol, 1, 0, seed, train_fraction,
-                      train_task_fraction, n_query, how)
+                      train_task_fraction, n_query, how, strata)
     return _prepare(X, split, how)
 
 
@@ -432,6 +318,7 @@ def htt_null_chunk(
     solve: str = "auto",
     batched: bool = True,
     fit: Fit | None = None,
+    strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Null statistics (B,) for one chunk of label permutations; features (N, D), tasks (N,).
 
@@ -440,12 +327,13 @@ def htt_null_chunk(
     ``htt(..., seed=s)`` plus chunks ``seed=(s, i), split_seed=s`` for i = 1, 2, ..., then
     ``p_value(result.statistic, concatenate([result.null, *chunks]))``.
     batched=False: a loop of full re-fits (the reference; same values). fit: `htt_prepare` of
-    the same split (split_seed), learner and ridge, shared by chunks.
+    the same split (split_seed), learner and ridge, shared by chunks. strata (N,): as in
+    `htt`, the same for every chunk of one test.
     """
     how = _Learning(learner, ridge, k, tol, max_iter, solve, batched)
     X, split = _setup(
         features, tasks, protocol, permutations, 0, seed if split_seed is None else split_seed,
-        train_fraction, train_task_fraction, n_query, how,
+        train_fraction, train_task_fraction, n_query, how, strata,
     )
     return _null(X, split, permutations, seed, how, fit)
 
@@ -468,6 +356,7 @@ def htt(
     solve: str = "auto",
     batched: bool = True,
     fit: Fit | None = None,
+    strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> HTTResult:
     """HTT of "solutions of one task are closer"; features (N, D), tasks (N,).
 
@@ -479,17 +368,22 @@ def htt(
     ridge: relative L2 strength; tol, max_iter: the softmax learner runs until every fit's step
     is below tol of its weights (at most max_iter steps); solve: "primal" (D x D, no n x n
     array), "dual" (n x n) or "auto" (the smaller; the same result to rounding).
+    strata (N,): a hashable stratum label per model (e.g. its init seed, when model i of every
+    task starts from the same weights), or None: the split keeps a stratum in one role
+    (closed-set: train_fraction of the strata train; open-set: n_query of the held-out tasks'
+    strata, default 20%, give the queries) and the null permutes labels within each (role,
+    stratum) cell; see the module docstring.
     """
     how = _Learning(learner, ridge, k, tol, max_iter, solve, batched)
     X, split = _setup(
         features, tasks, protocol, permutations, 1, seed,
-        train_fraction, train_task_fraction, n_query, how,
+        train_fraction, train_task_fraction, n_query, how, strata,
     )
     fit = _prepare(X, split, how, fit) if batched else None
-    observed, cmc = _evaluate(X, split, _observed_labels(split), how, fit)
+    observed, cmc = _evaluate(X, split, observed_labels(split), how, fit)
     null = _null(X, split, permutations, seed, how, fit)
     statistic = float(observed[0])
-    chance, chance_extra = _chance(split)
+    chance, chance_extra = chance_levels(split)
     null_mean = float(null.mean())
     null_sd = float(null.std(ddof=1)) if permutations > 1 else 0.0
     if null_sd > 0:
@@ -507,6 +401,11 @@ def htt(
         "null": "labels permuted within each role of the fixed split",
         **{f"n_{role}": len(idx) for role, idx in split.blocks.items()},
     }
+    if split.strata is not None:
+        extra["null"] = "labels permuted within each (role, stratum) cell of the fixed split"
+        extra["strata"] = int(split.strata.max()) + 1
+        extra.update({f"n_{role}_strata": len(np.unique(split.strata[idx]))
+                      for role, idx in split.blocks.items()})
     if protocol == "open-set":
         assert cmc is not None  # open-set statistics come with CMC
         extra["n_train_tasks"] = len(split.train_classes)
