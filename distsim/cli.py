@@ -377,7 +377,8 @@ def query_sql(
     sql: Annotated[
         str,
         typer.Argument(
-            help="A SELECT over the tables models, weights, features, neighbors, pairs, tests."
+            help="A SELECT over the tables models, weights, templates, features, neighbors, "
+                 "pairs, tests."
         ),
     ],
     limit: LimitOpt = None,

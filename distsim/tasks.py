@@ -121,6 +121,22 @@ def make_tasks(cfg: DataConfig) -> list[Task]:
     return _pair_tasks(cfg, x, y, prefix)
 
 
+def study_inputs(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Every input of a study's data with a class id, x (N, C, H, W) float32 and y (N,) int64:
+    the whole dataset for digits and npz (all classes, not only the tasks'), the tasks' samples
+    for synthetic (class = task x classes + label). The pool a study's CKA probe is drawn from."""
+    if cfg.dataset == "digits":
+        return digits()
+    if cfg.dataset == "npz":
+        assert cfg.path is not None  # DataConfig requires a path for npz
+        return _load_npz(cfg.path)
+    tasks = make_tasks(cfg)
+    x = np.concatenate([np.concatenate([t.x_train, t.x_test]) for t in tasks])
+    y = np.concatenate([t.task_id * t.num_classes + np.concatenate([t.y_train, t.y_test])
+                        for t in tasks])
+    return x, y
+
+
 @functools.lru_cache(maxsize=1)
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits: images x (1797, 1, 8, 8) float32 in [0, 1], labels y

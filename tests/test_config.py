@@ -147,8 +147,23 @@ def test_hash_is_sha256_of_the_resolved_config_without_store_and_resources():
     d["study"].pop("store")
     d.pop("resources")
     d["features"].pop("projection")  # no dim: no projection (tests/test_sketch.py)
+    for key in ("probe_size", "template_models", "template_iterations"):  # no cka, no aligned
+        d["features"].pop(key)
+    if any(a["kind"] == "rnn" for a in d["arch"]):
+        d["features"]["gru_features"] = 2
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     assert study.hash == hashlib.sha256(blob.encode()).hexdigest()
+
+
+def test_method_options_enter_the_hash_only_with_their_method():
+    """probe_size changes what cka computes, template_* what aligned computes: hashed only when
+    the method runs, so studies without them keep their hash."""
+    def hash_of(**features):
+        return parse_study(small(features={"methods": ["chain-gram"], **features})).hash
+
+    assert hash_of(probe_size=64, template_models=9) == hash_of()
+    assert hash_of(methods=["cka"], probe_size=64) != hash_of(methods=["cka"])
+    assert hash_of(methods=["aligned"], template_iterations=1) != hash_of(methods=["aligned"])
 
 
 def test_hash_is_stable_and_sees_what_matters(tmp_path):
@@ -241,7 +256,7 @@ BAD = [
     ({"resources": {"gpus_per_trial": 1.5}}, "resources.gpus_per_trial", "whole number"),
     ({"resources": {"gpus_per_trial": -1}}, "resources.gpus_per_trial", "[0.0, inf)"),
     ({"resources": {"cpus_per_trial": None, "cpu": 1}}, "resources.cpu", "unknown key"),
-    ({"features": {"methods": ["gram"]}}, "features.methods[0]", "chain-gram, raw"),
+    ({"features": {"methods": ["grams"]}}, "features.methods[0]", "chain-gram, raw, gram"),
     ({"features": {"layers": "first"}}, "features.layers", '"all", "last"'),
     ({"features": {"layers": ["fc9"]}}, "features.layers", "not a layer"),
     ({"features": {"layers": None, "sketch": "both"}}, "features.sketch", "output, input"),

@@ -28,16 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DISTSIM = str(Path(sys.executable).with_name("distsim"))
 
 
-def tiny(store: Path, epochs: int) -> str:
+def tiny(store: Path, epochs: int, **features: object) -> str:
     """The tiny study: 4 tasks x 4 seeds of an mlp and an rnn, every layer, 9 permutations in
-    chunks of 4, top-3 neighbours in tiles of 5 models."""
+    chunks of 4, top-3 neighbours in tiles of 5 models; `features` override [features] keys."""
     return study_toml(
         study={"name": "tiny", "store": str(store)},
         data={"dataset": "synthetic", "num_tasks": 4, "synthetic_samples": 40},
         arch=[{"name": "mlp", "kind": "mlp", "widths": [8]},
               {"name": "rnn", "kind": "rnn", "hidden": 4}],
         train={"seeds_per_task": 4, "seeds_per_trial": 2, "epochs": epochs, "batch_size": 16},
-        features={"methods": ["chain-gram", "raw"], "layers": "all"},
+        features={"methods": ["chain-gram", "raw"], "layers": "all", **features},
         tests={"permutations": 9, "permanova_permutations": 9, "chunk_size": 4},
         pairs={"top_k": 3, "block": 5},
     )
@@ -227,6 +227,43 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
     with pytest.raises(StoreError, match="train.epochs"):
         run_study(changed, stages=("zoo",), stream=io.StringIO())
     assert _files(store.root) == before
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_gram_aligned_and_cka_in_the_pipeline(ray_session, tmp_path: Path) -> None:
+    """The features stage makes each arch's aligned template once (stored, then reused), gives
+    cka the study's probe, and writes what weight_features_batch gives for them."""
+    from distsim.features import weight_features_batch
+    from distsim.pipeline.features import read_template, study_probe
+    from distsim.pipeline.launch import run_study
+
+    study = parse_study(tiny(tmp_path / "store", epochs=2, methods=["gram", "aligned", "cka"],
+                             template_models=5, probe_size=12))
+    assert study.features.methods == ("gram", "aligned", "cka")
+    out = io.StringIO()
+    run_study(study, stages=("zoo", "features"), stream=out)
+    assert "mlp: aligned template from 5 models" in out.getvalue()
+    store = Store(study.store)
+    templates = store.scan("templates").collect()
+    assert sorted(templates["arch"].unique()) == ["mlp", "rnn"]
+    assert {len(m.split(",")) for m in templates["models"]} == {5}
+    for arch_name, layer in (("mlp", "fc1"), ("rnn", "out")):
+        arch = study.arch(arch_name).with_task_shape((1, 8, 8), 2)
+        for method, extra in (("aligned", {"template": read_template(store, arch_name)}),
+                              ("cka", {"probe": study_probe(study.data, 12, 0)})):
+            fm = store.feature_matrix(arch_name, method, layer)
+            sds = store.read_state_dicts(fm.model_ids)
+            want = weight_features_batch([sds[m] for m in fm.model_ids], arch, method, layer,
+                                         **extra)
+            np.testing.assert_allclose(fm.X, want, rtol=1e-6, atol=1e-7)
+    # the template is kept: a relaunch after losing a features shard reuses it
+    before = templates.sort("arch", "tensor")
+    shard = store.shard_files("features", {"arch": "mlp", "method": "aligned"})[0]
+    shard.unlink()
+    run_study(study, stages=("features",), stream=io.StringIO())
+    assert store.scan("templates").collect().sort("arch", "tensor").equals(before)
+    assert shard.is_file()
 
 
 @pytest.mark.ray

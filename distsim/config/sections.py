@@ -76,6 +76,9 @@ class FeatureSpec:
     seed: int = 0
     sketch: str = "output"
     projection: str = "countsketch"
+    probe_size: int = 128  # cka: inputs in the study's probe (a feature has n(n+1)/2 values)
+    template_models: int = 64  # aligned: models the study-wide template is averaged from
+    template_iterations: int = 3  # aligned: rounds of "align every model, take the mean"
 
     def __post_init__(self) -> None:
         check_fields(self, "features", FEATURE_PARAMS)
@@ -98,6 +101,9 @@ FEATURE_PARAMS: Table = {
     "seed": Integer(lo=0),
     "sketch": Options(SKETCHES),
     "projection": Options(PROJECTIONS),
+    "probe_size": Integer(lo=3),
+    "template_models": Integer(lo=1),
+    "template_iterations": Integer(lo=0),
 }
 
 

@@ -20,6 +20,8 @@ from distsim.models import ArchConfig
 from distsim.tasks import DataConfig
 from distsim.train import TrainConfig
 
+GRU_FEATURES = 2  # version of the GRU's features (distsim.recurrent), in a GRU study's hash
+
 SEED_STRIDE = 1_000_000
 
 
@@ -186,13 +188,21 @@ class Study:
         (FeatureSpec.projects) and projection is not "gaussian". So a study without dim keeps
         its hash, a legacy Gaussian store resumes with projection = "gaussian", and one made
         with the Gaussian refuses the "countsketch" default (naming features.projection)
-        rather than mixing the two maps' features.
+        rather than mixing the two maps' features. Likewise the cka and aligned options only
+        when those methods run; a study with a GRU hashes GRU_FEATURES, the version of the GRU's
+        features (2: distsim.recurrent), so a store made with other GRU features is refused.
         """
         d = self.resolved()
         d["study"].pop("store")
         d.pop("resources")
         if not self.features.projects or self.features.projection == "gaussian":
             d["features"].pop("projection")
+        if "cka" not in self.features.methods:
+            d["features"].pop("probe_size")
+        if "aligned" not in self.features.methods:
+            d["features"].pop("template_models"), d["features"].pop("template_iterations")
+        if any(a.kind == "rnn" for a in self.archs):  # distsim.recurrent's GRU features
+            d["features"]["gru_features"] = GRU_FEATURES
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 

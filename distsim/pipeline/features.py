@@ -8,12 +8,16 @@ shard (arch, method, layer, task, pack). A pack whose shards are all present is 
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 
+from distsim.alignment import make_template
+from distsim.cka import probe_inputs
 from distsim.config import Pack, Study
 from distsim.errors import LaunchError
 from distsim.features import weight_features_batch
@@ -22,6 +26,7 @@ from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.zoo import error_text, failed_packs, study_tasks
 from distsim.store import Store, lineage
+from distsim.tasks import DataConfig, study_inputs
 
 
 def feature_keys(study: Study, pack: Pack) -> list[dict[str, Any]]:
@@ -84,6 +89,7 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
     task = study_tasks(study.data)[pack.task]
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
     state_dicts = store.read_state_dicts(ids) if ids else {}
+    spec = study.features
     rows = 0
     with torch.no_grad():
         for key in feature_keys(study, pack):
@@ -91,10 +97,14 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
             if path.is_file() and lineage.shard_tokens(path) == want:
                 continue
             if ids:
-                spec = study.features
+                extra: dict[str, Any] = {}
+                if key["method"] == "aligned":
+                    extra["template"] = read_template(store, pack.arch)
+                if key["method"] == "cka":
+                    extra["probe"] = study_probe(study.data, spec.probe_size, spec.seed)
                 X = weight_features_batch([state_dicts[i] for i in ids], arch, key["method"],
                                           key["layer"], spec.dim, spec.seed, spec.sketch,
-                                          spec.projection)
+                                          spec.projection, **extra)
             else:
                 X = None
             data = {
@@ -107,6 +117,60 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
             store.write_shard("features", key, data)
             rows += len(ids)
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def study_probe(data: DataConfig, size: int, seed: int) -> np.ndarray:
+    """The study's CKA probe (size, *input_shape): a seeded, class-balanced sample of every input
+    of its data (distsim.tasks.study_inputs), the same for every model and actor."""
+    return probe_inputs(*study_inputs(data), size, seed)
+
+
+def read_template(store: Store, arch: str) -> dict[str, torch.Tensor]:
+    """The aligned method's template of one arch from the store (float64 tensors)."""
+    df = pl.read_parquet(store.shard_path("templates", {"arch": arch}))
+    return {name: torch.tensor(np.asarray(values, dtype=np.float64)).reshape(tuple(shape))
+            for name, shape, values in zip(df["tensor"], df["shape"].to_list(),
+                                           df["values"].to_list(), strict=True)}
+
+
+def ensure_templates(study: Study, store: Store, stream: Any = None) -> list[str]:
+    """Make and store the aligned method's template of every arch that lacks one (archs whose
+    models are trained): features.template_models models drawn by features.seed from all
+    tasks' ok models, then features.template_iterations rounds of "align all, average"
+    (distsim.alignment.make_template). Written once: later launches reuse it, so every model's
+    aligned features are matched to the same template. Returns the archs it made."""
+    if "aligned" not in study.features.methods:
+        return []
+    spec, made = study.features, []
+    for name in study.arch_names:
+        if store.has_shard("templates", {"arch": name}):
+            continue
+        files = store.shard_files("models", {"arch": name})
+        if not files:
+            continue
+        ok = (pl.concat([pl.read_parquet(f, columns=["model_id", "task", "status"]) for f in files])
+              .filter(pl.col("status") == "ok").sort("model_id"))
+        rng = np.random.default_rng([spec.seed, 7])
+        pick = sorted(rng.choice(ok["model_id"].to_list(), min(spec.template_models, len(ok)),
+                                 replace=False).tolist())
+        task = study_tasks(study.data)[int(ok.filter(pl.col("model_id") == pick[0])["task"][0])]
+        arch = study.arch(name).with_task_shape(task.input_shape, task.num_classes)
+        states = store.read_state_dicts(pick)
+        template = make_template([states[i] for i in pick], arch, spec.template_iterations,
+                                 spec.seed)
+        store.write_shard("templates", {"arch": name}, {
+            "tensor": list(template),
+            "shape": [list(t.shape) for t in template.values()],
+            "values": [t.to(torch.float32).flatten().numpy() for t in template.values()],
+            "models": [",".join(pick)] * len(template),
+            "iterations": [spec.template_iterations] * len(template),
+        })
+        if stream is not None:
+            print(f"features  {name}: aligned template from {len(pick)} models, "
+                  f"{spec.template_iterations} iterations", file=stream)
+        made.append(name)
+    return made
 
 
 def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
@@ -129,6 +193,7 @@ def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                   stream=ctx.stream) as progress:
         if not packs:
             return {"packs": 0, "skipped": total, "rows": 0, "failed": 0}
+        ensure_templates(study, store, ctx.stream)
         cpus = study.resources.cpus_per_actor
         Worker = ray.remote(num_cpus=cpus)(_FeatureWorker)
         n_actors = min(study.resources.feature_actors, len(packs))

@@ -60,10 +60,10 @@ LINEAGE_COLUMNS = {"features": "trial_id", "neighbors": "upstream", "pairs": "up
 # Columns the checks read, besides the key columns stored in the files.
 _NEEDED = {"models": ("model_id", "trial_id", "status"), "weights": ("model_id", "tensor"),
            "features": ("model_id", "trial_id"), "neighbors": ("model_id", "rank", "upstream"),
-           "pairs": ("upstream",), "tests": ("upstream",)}
+           "pairs": ("upstream",), "tests": ("upstream",), "templates": ("tensor",)}
 # Keys unique over a whole table (partition columns come from the folder names).
 _UNIQUE = {"models": ("model_id",), "weights": ("model_id", "tensor"),
-           "features": ("model_id", "method", "layer"),
+           "templates": ("arch", "tensor"), "features": ("model_id", "method", "layer"),
            "neighbors": ("model_id", "method", "layer", "rank")}
 _ONE_ROW = ("pairs", "tests")  # tables of one row per shard
 _MATRIX = ("arch", "method", "layer")
