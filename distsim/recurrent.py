@@ -20,24 +20,24 @@ A_g(k) = W_ig(k) A_n(k-1) + [0 | β_g(k)]. Under (a) A_g -> P A_g, under (b) A_r
 A_n -> D A_n (D = diag(±1)), and (c) leaves A_g as is.
 
 ``chain-gram`` / ``gram`` at ``gru_ih`` / ``gru_ih_l{k}``: for every layer <= k (W_ih and biases,
-like raw), the per-gate Grams A_g^T A_g (upper triangles of r, z, n; (in+1)(in+2)/2 each), then
-the pairings (A_n ⊙ A_n)^T A_r and (A_n ⊙ A_n)^T A_z ((in+1)^2 each: Σ_j a_nj[a]^2 a_gj[b]),
-which see a flipped r or z row and r / z rows moved to another unit, where a per-gate Gram does
-not (it is even in every row). Every layer's own part is kept because the chain through A_n is
-linear, so it cannot see a unit of layer k-1 scaled by a and read by 1/a in layer k (a change of
-the function). At ``out``: the parts of every layer, then, with E_r = [A_r | W_hr A_n],
-E_z = [A_z | W_hz A_n], E_n = [A_n | W_hn A_n | b_hn] of the last layer (a gate's response to this
-row and, through the recurrence, to the previous one) and the head W (classes, H): W E_n
-(classes, 2(in+1)+1), then for g = r, z the tensor T_g[c, a, b] = Σ_j W[c, j] E_n[j, a] E_g[j, b]
-(classes, 2(in+1)+1, 2(in+1)), then the head bias. Unit j's head column and n row flip together,
-so every term is even in each unit's sign, and the r and z rows are paired with their own unit's
-(head column, n row). Main's ``out`` (W A_g per gate) paired the r and z rows with the head alone,
-which is odd in the sign. What the feature loses, being sums over units of low-order products:
-the units themselves (different sets of units with the same sums get the same feature), the
-recurrent weights W_hh, b_hn of layers below the last (raw and aligned keep them), and the sign
-pattern of an n row against its unit's r / z rows that the squares A_n ⊙ A_n discard (T_g keeps
-it only as seen through the head). Sizes (in = C*W, the values of one image row; c classes): per
-layer 3(in+1)(in+2)/2 + 2(in+1)^2, 297 for 8x8 digits; ``out`` adds c(2in+3)(4in+5) + c, 704c.
+like raw), the per-gate Grams A_g^T A_g (upper triangles of r, z, n; (in+1)(in+2)/2 each), then the
+pairings (A_n ⊙ A_n)^T A_r and (A_n ⊙ A_n)^T A_z ((in+1)^2 each: Σ_j a_nj[a]^2 a_gj[b]), which see
+a flipped r or z row and r / z rows moved to another unit, where a per-gate Gram does not (it is
+even in every row). Every layer's own part is kept because the chain through A_n is linear, so it
+cannot see a unit of layer k-1 scaled by a and read by 1/a in layer k (a change of the function).
+At ``out``: the parts of every layer, then, with E_r = [A_r | W_hr A_n], E_z = [A_z | W_hz A_n],
+E_n = [A_n | W_hn A_n | b_hn] of the last layer (a gate's response to this row and, through the
+recurrence, to the previous one) and the head W (classes, H): W E_n (classes, 2(in+1)+1), then for
+g = r, z the tensor T_g[c, a, b] = Σ_j W[c, j] E_n[j, a] E_g[j, b] (classes, 2(in+1)+1, 2(in+1)),
+then the head bias. Unit j's head column and n row flip together, so every term is even in each
+unit's sign, and the r and z rows are paired with their own unit's (head column, n row). The former
+``out`` (W A_g per gate) paired the r and z rows with the head alone, which is odd in the sign.
+What the feature loses, being sums over units of low-order products: the units themselves
+(different sets of units with the same sums get the same feature), the recurrent weights W_hh, b_hn
+of layers below the last (raw and aligned keep them), and the sign pattern of an n row against its
+unit's r / z rows that the squares A_n ⊙ A_n discard (T_g keeps it only as seen through the head).
+Sizes (in = C*W, the values of one image row; c classes): per layer 3(in+1)(in+2)/2 + 2(in+1)^2,
+297 for 8x8 digits; ``out`` adds c(2in+3)(4in+5) + c, 704c.
 
 ``raw``: the parameters as they are (identical to distsim.features' raw). ``aligned``: each model
 matched to a template (``make_template``) by a permutation and signs per layer
