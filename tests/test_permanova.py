@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -12,10 +13,14 @@ from scipy.spatial.distance import cdist
 
 from distsim.stats import (
     PermanovaResult,
+    factorize,
     p_value,
+    pairwise_distances,
     permanova,
     permanova_features,
     permanova_null_chunk,
+    permanova_tiles,
+    r_squared,
 )
 
 
@@ -141,7 +146,7 @@ def _bad(kind):
     if kind == "one":
         labels = np.zeros(8)
     if kind == "single":
-        labels = np.array([0, 0, 0, 1, 1, 1, 1, 2])
+        labels = np.arange(8)
     return D, labels
 
 
@@ -154,7 +159,7 @@ def _bad(kind):
         ("nan", "NaN"),
         ("len", "one label per row"),
         ("one", "at least 2 groups"),
-        ("single", "at least 2 members"),
+        ("single", "every group has a single member"),
     ],
 )
 def test_invalid_inputs(kind, match):
@@ -202,10 +207,114 @@ def test_permanova_features_refuses_what_permanova_refuses():
     X = np.zeros((5, 3))
     with pytest.raises(ValueError, match="one label per row of X"):
         permanova_features(X, [0, 0, 1, 1])
-    with pytest.raises(ValueError, match="groups of size 1"):
-        permanova_features(X, [0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="every group has a single member"):
+        permanova_features(X, [0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        permanova_features(X, ["a"] * 5)
     with pytest.raises(ValueError, match=r"real \(N, D\) feature matrix"):
         permanova_features(np.zeros(5), [0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="NaN or infinite"):
         permanova_features(np.full((4, 2), np.nan), [0, 0, 1, 1])
     assert np.isnan(permanova_features(np.eye(4), [0, 0, 1, 1], permutations=0).p_value)
+
+
+# ------------------------------------------------- groupings R and scikit-bio accept; R^2
+
+# scikit-bio's PERMANOVA test case with a group of one member, verified there against R
+# (vegan::adonis): pseudo-F 0.578848 for both groupings (the second with labels of mixed type).
+_SKBIO_UNEQUAL = np.array([[0.0, 1.0, 0.1, 0.5678, 1.0, 1.0],
+                           [1.0, 0.0, 0.002, 0.42, 0.998, 0.0],
+                           [0.1, 0.002, 0.0, 1.0, 0.123, 1.0],
+                           [0.5678, 0.42, 1.0, 0.0, 0.123, 0.43],
+                           [1.0, 0.998, 0.123, 0.123, 0.0, 0.5],
+                           [1.0, 0.0, 1.0, 0.43, 0.5, 0.0]])
+
+
+def _r2(D, labels):
+    """Direct SS_A / SS_T (adonis2's R^2) with the same sums as _pseudo_f."""
+    n = len(labels)
+    d2 = np.triu(D * D, 1)
+    s_t = d2.sum() / n
+    s_w = sum(d2[np.ix_(labels == g, labels == g)].sum() / np.sum(labels == g)
+              for g in np.unique(labels))
+    return (s_t - s_w) / s_t
+
+
+@pytest.mark.parametrize(("grouping", "single"), [
+    (["Control", "Treatment1", "Treatment2", "Treatment1", "Control", "Control"], "Treatment2"),
+    (["z", 42, "abc", 42, "z", "z"], "abc"),
+])
+def test_single_member_groups_and_mixed_labels_match_r(grouping, single):
+    skbio = pytest.importorskip("skbio")
+    from skbio.stats.distance import permanova as skbio_permanova
+
+    with pytest.warns(UserWarning, match=f"single member.*'{single}'"):
+        res = permanova(_SKBIO_UNEQUAL, grouping, permutations=199, seed=3)
+    assert res.statistic == pytest.approx(0.578848, abs=5e-7)  # R's value, 6 digits
+    ref = skbio_permanova(skbio.DistanceMatrix(_SKBIO_UNEQUAL), grouping, permutations=0)
+    assert res.statistic == pytest.approx(ref["test statistic"], rel=1e-12)
+    assert res.n_groups == 3 and res.n_samples == 6
+    codes = np.array([0, 1, 2, 1, 0, 0])  # the same partition with integer labels
+    assert res.r2 == pytest.approx(_r2(_SKBIO_UNEQUAL, codes), rel=1e-12)
+    with pytest.warns(UserWarning):
+        same = permanova(_SKBIO_UNEQUAL, codes, permutations=199, seed=3)
+    np.testing.assert_array_equal(res.null, same.null)  # the same permutations
+
+
+def test_labels_are_grouped_by_value_whatever_their_type():
+    groups, codes = factorize(["z", 42, "abc", 42, "z", "42", 42.0, np.int64(42)], 8)
+    assert groups == [42, "42", "abc", "z"]  # ints before strs (by type name), then sorted
+    np.testing.assert_array_equal(codes, [3, 0, 2, 0, 3, 1, 0, 0])  # 42 == 42.0 != '42'
+    groups, codes = factorize(np.array(["b", "a", "b"]), 3)  # homogeneous: np.unique's order
+    assert groups == ["a", "b"] and codes.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="NaN"):
+        factorize([1.0, float("nan"), 1.0], 3)
+
+
+@given(sizes=st.lists(st.integers(1, 6), min_size=2, max_size=5), dim=st.sampled_from([2, 9]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_routes_agree_on_mixed_labels_and_single_members(sizes, dim, seed):
+    """Matrix, features and tiles routes number mixed-type groups alike: the same pseudo-F, null
+    (permutation by permutation), p and R^2, single-member groups included (with a warning)."""
+    if max(sizes) < 2:
+        sizes = [*sizes[:-1], 2]
+    rng = np.random.default_rng(seed)
+    names = np.array(["z", 42, "42", 7.5, b"bytes"], dtype=object)[: len(sizes)]
+    labels = np.repeat(names, sizes)[rng.permutation(sum(sizes))]
+    X = rng.standard_normal((len(labels), dim))
+    X32 = X.astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = permanova(cdist(X, X), labels, permutations=40, seed=seed)
+        feat = permanova_features(X, labels, permutations=40, seed=seed)
+        ref32 = permanova(pairwise_distances(X32, block=4), labels, permutations=40, seed=seed)
+        tiles = permanova_tiles(X32, labels, permutations=40, seed=seed, tile=4)
+    assert len(caught) == (4 if min(sizes) == 1 else 0)
+    assert all("single member" in str(w.message) for w in caught)
+    for got, want in ((feat, ref), (tiles, ref32)):  # tiles: the same float32 distances
+        assert got.statistic == pytest.approx(want.statistic, rel=1e-9, abs=1e-12)
+        np.testing.assert_allclose(got.null, want.null, rtol=1e-9, atol=1e-12)
+        assert got.r2 == pytest.approx(want.r2, rel=1e-9, abs=1e-12)
+        assert got.p_value == want.p_value
+        assert got.groups == want.groups and got.n_groups == want.n_groups == len(sizes)
+    assert set(ref.groups) == set(names.tolist())  # 42 and "42" two groups when both are there
+
+
+@given(sizes=st.lists(st.integers(2, 8), min_size=2, max_size=4),
+       effect=st.sampled_from([0.0, 1.0, 10.0]), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_r2_is_ss_between_over_ss_total(sizes, effect, seed):
+    rng = np.random.default_rng(seed)
+    D, labels = _grouped_distances(rng, sizes, effect=effect)
+    res = permanova(D, labels, permutations=0)
+    assert res.r2 == pytest.approx(_r2(D, labels), rel=1e-9, abs=1e-12)
+    assert 0.0 <= res.r2 <= 1.0
+    assert permanova_features(np.eye(4), [0, 0, 1, 1], permutations=0).r2 == pytest.approx(
+        _r2(cdist(np.eye(4), np.eye(4)), np.array([0, 0, 1, 1])))
+
+
+def test_r_squared_edges():
+    assert r_squared(float("inf"), 10, 2) == 1.0  # no within-group variation at all
+    assert np.isnan(r_squared(float("nan"), 10, 2))
+    assert r_squared(0.0, 10, 2) == 0.0

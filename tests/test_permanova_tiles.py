@@ -19,6 +19,7 @@ from distsim.stats import (
     pairwise_distances,
     permanova,
     permanova_features,
+    permanova_groups,
     permanova_labels,
     permanova_null_chunk,
     permanova_tiles,
@@ -148,8 +149,10 @@ def test_permanova_tiles_refuses_bad_input():
             permanova_tiles(X, labels, tile=tile)
     with pytest.raises(ValueError, match="one label per row of X"):
         permanova_tiles(X, labels[:5])
-    with pytest.raises(ValueError, match="groups of size 1"):
-        permanova_tiles(X, [0, 0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="every group has a single member"):
+        permanova_tiles(X, [0, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        permanova_groups(["a"] * 6)
     with pytest.raises(ValueError, match=r"real \(N, D\) feature matrix"):
         permanova_tiles(X[:, 0], labels)
     with pytest.raises(ValueError, match=">= 0"):
@@ -157,6 +160,29 @@ def test_permanova_tiles_refuses_bad_input():
     with pytest.raises(ValueError, match="group codes"):
         tile_within_sums(np.zeros((2, 2)), np.array([[0], [2]]), None, np.array([1, 1]))
     assert np.isnan(permanova_tiles(X, labels, permutations=0).p_value)
+
+
+def test_single_member_groups_warn_and_keep_the_tiles_equal_to_the_matrix():
+    """A group of one member (allowed, as in vegan and scikit-bio) warns in every entry point
+    and changes nothing else: same pseudo-F, null, p and R^2 as the matrix route."""
+    rng = np.random.default_rng(12)
+    X, _ = _grouped(rng, (9,), 4, 0.0)
+    labels = np.array(["a", 7, "a", 7, "b", "a", 7, "a", 7], dtype=object)
+    with pytest.warns(UserWarning, match=r"single member.*\['b'\]"):
+        codes, sizes = permanova_groups(labels)
+    assert codes.tolist() == [1, 0, 1, 0, 2, 1, 0, 1, 0] and sizes.tolist() == [4, 4, 1]
+    with pytest.warns(UserWarning, match="single member"):
+        lab = permanova_labels(labels, 50, seed=2)
+    assert all(np.array_equal(np.bincount(c), [4, 4, 1]) for c in lab.T)
+    D = pairwise_distances(X, block=4)
+    with pytest.warns(UserWarning, match="single member"):
+        ref = permanova(D, labels, permutations=50, seed=2)
+    with pytest.warns(UserWarning, match="single member"):
+        got = permanova_tiles(X, labels, permutations=50, seed=2, tile=4)
+    assert got.statistic == pytest.approx(ref.statistic, rel=1e-9)
+    np.testing.assert_allclose(got.null, ref.null, rtol=1e-9)
+    assert got.p_value == ref.p_value and got.r2 == pytest.approx(ref.r2, rel=1e-9)
+    assert got.groups == ref.groups == (7, "a", "b")
 
 
 @pytest.mark.ray

@@ -1,7 +1,8 @@
-"""Statistics on weight features: all-pairs distances, PERMANOVA, hypothesis-training-testing."""
+"""Statistics on weight features: all-pairs distances, PERMANOVA and PERMDISP, HTT, q-values."""
 
 from __future__ import annotations
 
+from distsim.stats.dispersion import geometric_median, permdisp, permdisp_features
 from distsim.stats.distances import (
     METRICS,
     block_topk,
@@ -20,6 +21,7 @@ from distsim.stats.hypothesis_training import (
     htt_prepare,
 )
 from distsim.stats.linear_embedding import LEARNERS
+from distsim.stats.multiple_testing import q_values
 from distsim.stats.permanova_tiled import (
     TileSums,
     permanova_groups,
@@ -33,9 +35,11 @@ from distsim.stats.permutation import p_value
 from distsim.stats.permutational_anova import (
     PermanovaResult,
     euclidean_basis,
+    factorize,
     permanova,
     permanova_features,
     permanova_null_chunk,
+    r_squared,
 )
 from distsim.stats.scoring import expected_ap, expected_cmc
 
@@ -52,6 +56,8 @@ __all__ = [
     "euclidean_basis",
     "expected_ap",
     "expected_cmc",
+    "factorize",
+    "geometric_median",
     "htt",
     "htt_null_chunk",
     "htt_prepare",
@@ -65,6 +71,10 @@ __all__ = [
     "permanova_null_chunk",
     "permanova_tile",
     "permanova_tiles",
+    "permdisp",
+    "permdisp_features",
+    "q_values",
+    "r_squared",
     "tile_pseudo_f",
     "tile_within_sums",
     "topk_neighbors",

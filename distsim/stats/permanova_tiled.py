@@ -37,8 +37,9 @@ from distsim.stats.permutational_anova import (
     _SLICE,
     PermanovaResult,
     _check_permutations,
-    _codes,
+    _grouping,
     _shuffled,
+    r_squared,
 )
 
 _SLICE_T = 128  # permutations per parallel slice of a tile; one tile row serves all of them
@@ -114,10 +115,11 @@ def _shuffle_into(codes: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
 
 
 def permanova_groups(labels: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Group codes (N,) int32 in 0..a-1 (sorted label order, as `permanova` numbers them) and
-    group sizes (a,) int64 of labels (N,); at least 2 groups of at least 2 members."""
-    codes = _codes(labels, len(labels), "labels").astype(np.int32)
-    return codes, np.bincount(codes).astype(np.int64)
+    """Group codes (N,) int32 in 0..a-1 (`factorize`'s order, as `permanova` numbers them) and
+    group sizes (a,) int64 of labels (N,); at least 2 groups, not all of a single member
+    (single-member groups warn)."""
+    groups, codes = _grouping(labels, len(labels), "labels")
+    return codes.astype(np.int32), np.bincount(codes, minlength=len(groups)).astype(np.int64)
 
 
 def permanova_labels(labels: Sequence | np.ndarray, permutations: int, seed: SeedLike,
@@ -129,6 +131,12 @@ def permanova_labels(labels: Sequence | np.ndarray, permutations: int, seed: See
     `permanova_null_chunk`: the same seed gives the same permutations."""
     permutations = _check_permutations(permutations)
     codes, _ = permanova_groups(labels)
+    return _labellings(codes, permutations, seed, observed)
+
+
+def _labellings(codes: np.ndarray, permutations: int, seed: SeedLike,
+                observed: bool) -> np.ndarray:
+    """`permanova_labels` of checked group codes (N,) int32."""
     n, first = len(codes), int(observed)
     out = np.empty((n, first + permutations), np.int32)
     if observed:
@@ -251,10 +259,11 @@ def permanova_tiles(X: np.ndarray, labels: Sequence | np.ndarray, metric: str = 
     arr = np.asarray(X)
     if arr.ndim != 2:
         raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape}")
-    codes = _codes(labels, len(arr), "X").astype(np.int32)
-    sizes = np.bincount(codes).astype(np.int64)
+    groups, codes64 = _grouping(labels, len(arr), "X")
+    codes = codes64.astype(np.int32)
+    sizes = np.bincount(codes, minlength=len(groups)).astype(np.int64)
     frame = distance_frame(arr, metric)
-    lab = permanova_labels(codes, permutations, seed, observed=True)
+    lab = _labellings(codes, permutations, seed, observed=True)
     sums = TileSums(permutations + 1)
     for t in upper_tiles(len(arr), int(tile)):
         sums.add(*permanova_tile(arr, frame, t, metric, sizes, lab))
@@ -262,4 +271,5 @@ def permanova_tiles(X: np.ndarray, labels: Sequence | np.ndarray, metric: str = 
     statistic, null = float(f[0]), f[1:]
     p = p_value(statistic, null) if permutations else float("nan")
     return PermanovaResult(statistic=statistic, p_value=p, permutations=permutations, null=null,
-                           n_samples=len(arr), n_groups=len(sizes))
+                           n_samples=len(arr), n_groups=len(sizes),
+                           r2=r_squared(statistic, len(arr), len(sizes)), groups=tuple(groups))

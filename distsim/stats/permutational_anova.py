@@ -2,7 +2,9 @@
 
 Definitions are scikit-bio's `permanova`: with N objects in a groups of sizes n_g,
     s_T = sum_{i<j} d_ij^2 / N,   s_W = sum_g sum_{i<j in g} d_ij^2 / n_g,   s_A = s_T - s_W,
-    F = (s_A / (a - 1)) / (s_W / (N - a)),   p = (1 + #{F_b >= F}) / (1 + B).
+    F = (s_A / (a - 1)) / (s_W / (N - a)),   p = (1 + #{F_b >= F}) / (1 + B),
+and the effect size R^2 = s_A / s_T (vegan adonis2's R2). Labels of any types are grouped by
+value (`factorize`); a group of one member is allowed (with a warning) and adds 0 to s_W.
 
 Only s_W changes under relabelling. It is the sum over groups of their n_g (n_g - 1) / 2 within-
 group squared distances: sum_g n_g^2 / 2 reads per permutation instead of a pass over all N^2 / 2
@@ -24,8 +26,13 @@ Three routes give the same test (same seed: the same permutations, by the one sh
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
 import numba
 import numpy as np
@@ -40,7 +47,8 @@ _SLICE_F = 16  # permutations per slice of the features route: (16, a, r) group 
 
 @dataclass(frozen=True)
 class PermanovaResult:
-    """Outcome of `permanova`: pseudo-F, its permutation p-value and the (B,) null pseudo-F."""
+    """Outcome of `permanova` (and of `permdisp`): the F statistic, its permutation p-value, the
+    (B,) null F, and r2 = SS_between / SS_total of the observed grouping (adonis2's R^2)."""
 
     statistic: float
     p_value: float
@@ -49,10 +57,31 @@ class PermanovaResult:
     n_samples: int
     n_groups: int
     method: str = "permanova"
+    r2: float = float("nan")
+    groups: tuple[Any, ...] = ()  # the group labels in code order (code g is groups[g])
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _validate(D: np.ndarray, labels: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Check D (N, N) and labels (N,) -> (float64 D, integer group codes (N,) in 0..a-1)."""
+def r_squared(statistic: float, n: int, a: int) -> float:
+    """R^2 = SS_A / SS_T of a one-way (pseudo-)F on n objects in a groups, from F alone:
+    F = (R^2 / (a - 1)) / ((1 - R^2) / (n - a))  <=>  R^2 = F (a - 1) / (F (a - 1) + n - a)."""
+    f = float(statistic)
+    if np.isnan(f):
+        return float("nan")
+    if np.isinf(f):
+        return 1.0 if f > 0 else float("nan")
+    return f * (a - 1) / (f * (a - 1) + (n - a))
+
+
+def _validate(D: np.ndarray, labels: Sequence | np.ndarray
+              ) -> tuple[np.ndarray, list[Any], np.ndarray]:
+    """Check D (N, N) and labels (N,) -> (float64 D, groups, integer codes (N,) in 0..a-1)."""
+    arr = _distance_matrix(D)
+    return (arr, *_grouping(labels, len(arr), "D"))
+
+
+def _distance_matrix(D: np.ndarray) -> np.ndarray:
+    """D (N, N) checked (real, finite, symmetric, zero diagonal) as a float64 array."""
     arr = np.asarray(D)
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
@@ -68,24 +97,79 @@ def _validate(D: np.ndarray, labels: Sequence | np.ndarray) -> tuple[np.ndarray,
         raise ValueError("D must have a zero diagonal (the distance of an object to itself)")
     if np.abs(arr - arr.T).max(initial=0.0) > tol:
         raise ValueError("D must be symmetric (D[i, j] == D[j, i])")
-    return arr, _codes(labels, len(arr), "D")
+    return arr
 
 
-def _codes(labels: Sequence | np.ndarray, n: int, what: str) -> np.ndarray:
-    """Integer group codes (N,) in 0..a-1 of labels (N,): at least 2 groups of 2 members."""
-    lab = np.asarray(labels)
+def _sort_groups(groups: list[Any]) -> list[Any]:
+    """Distinct labels in a deterministic order: sorted when they compare (the order np.unique
+    gives), else by type name, then sorted within a type (by repr when even that fails)."""
+    try:
+        return sorted(groups)
+    except TypeError:
+        by_type: dict[str, list[Any]] = {}
+        for g in groups:
+            by_type.setdefault(type(g).__name__, []).append(g)
+        out = []
+        for name in sorted(by_type):
+            try:
+                out += sorted(by_type[name])
+            except TypeError:
+                out += sorted(by_type[name], key=repr)
+        return out
+
+
+def factorize(labels: Sequence | np.ndarray, n: int, what: str = "labels"
+              ) -> tuple[list[Any], np.ndarray]:
+    """(groups, codes): the distinct labels in a deterministic order and the integer group code
+    (N,) int64 in 0..a-1 of each of labels (N,), grouped by equality of value (as dict keys: 42
+    and 42.0 are one label, 42 and '42' two; labels of mixed types work). Every route numbers
+    the groups this way, so they shuffle the same codes and draw the same permutations."""
+    lab = labels if isinstance(labels, np.ndarray) else np.asarray(labels, dtype=object)
     if lab.ndim != 1 or len(lab) != n:
         raise ValueError(
             f"labels must be 1-D with one label per row of {what} ({n}), got shape {lab.shape}"
         )
-    groups, codes = np.unique(lab, return_inverse=True)
+    values = lab.tolist()  # Python objects: np.asarray(['z', 42]) would make 42 into '42'
+    first: dict[Any, int] = {}
+    for v in values:
+        if v != v:  # NaN (a float or numpy NaN): equal to nothing, not even itself
+            raise ValueError(f"labels must not contain NaN, got {v!r}")
+        first.setdefault(v, len(first))
+    groups = _sort_groups(list(first))
+    rank = {g: i for i, g in enumerate(groups)}
+    codes = np.fromiter((rank[v] for v in values), dtype=np.int64, count=len(values))
+    return groups, codes
+
+
+def _grouping(labels: Sequence | np.ndarray, n: int, what: str, test: str = "PERMANOVA"
+              ) -> tuple[list[Any], np.ndarray]:
+    """(groups, integer codes (N,) in 0..a-1) of labels (N,) (`factorize`): at least 2 groups and
+    at least one group of 2 or more members (some within-group variation). Groups of one member
+    are allowed, as in vegan and scikit-bio, with a UserWarning naming them: in PERMANOVA they
+    add nothing to the within-group sum."""
+    groups, codes = factorize(labels, n, what)
     if len(groups) < 2:
-        raise ValueError(f"PERMANOVA needs at least 2 groups, got {len(groups)}")
-    sizes = np.bincount(codes)
+        raise ValueError(f"{test} needs at least 2 groups, got {len(groups)}: {groups}")
+    sizes = np.bincount(codes, minlength=len(groups))
+    if sizes.max() < 2:
+        raise ValueError(f"every group has a single member ({len(groups)} groups of 1 among "
+                         f"{n} objects): no within-group variation to test against")
     if sizes.min() < 2:
-        small = groups[np.flatnonzero(sizes < 2)].tolist()
-        raise ValueError(f"every group needs at least 2 members; groups of size 1: {small}")
-    return codes.astype(np.int64)
+        small = [groups[g] for g in np.flatnonzero(sizes < 2)]
+        warnings.warn(f"{test}: groups of a single member (no within-group variation of their "
+                      f"own): {small}", UserWarning, stacklevel=_caller_level())
+    return groups, codes
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside distsim.stats, as seen from the
+    function that calls this one: warnings point at the user's call, whatever the route."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_permutations(permutations: int) -> int:
@@ -167,12 +251,12 @@ class _Design:
     """What stays fixed over permutations: squared distances, s_T, group codes and offsets."""
 
     def __init__(self, D: np.ndarray, labels: Sequence | np.ndarray) -> None:
-        d, codes = _validate(D, labels)
+        d, self.groups, codes = _validate(D, labels)
         self.n = len(d)
         self.d2 = d * d
         np.fill_diagonal(self.d2, 0.0)
         self.s_t = float(np.triu(self.d2, 1).sum()) / self.n
-        sizes = np.bincount(codes)
+        sizes = np.bincount(codes, minlength=len(self.groups))
         self.n_groups = len(sizes)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.codes = codes.astype(np.int32)
@@ -215,7 +299,7 @@ def permanova(
 ) -> PermanovaResult:
     """PERMANOVA of a grouping (N,) on a distance matrix (N, N), scikit-bio's definitions.
 
-    p_value is NaN when permutations is 0.
+    r2 = SS_A / SS_T (vegan adonis2's R^2). p_value is NaN when permutations is 0.
     """
     permutations = _check_permutations(permutations)
     design = _Design(D, labels)
@@ -229,6 +313,8 @@ def permanova(
         null=null,
         n_samples=design.n,
         n_groups=design.n_groups,
+        r2=r_squared(statistic, design.n, design.n_groups),
+        groups=tuple(design.groups),
     )
 
 
@@ -309,8 +395,9 @@ def permanova_features(
     Y = euclidean_basis(np.asarray(arr, dtype=np.float64))
     if not np.isfinite(Y).all():
         raise ValueError("X contains NaN or infinite values")
-    codes = _codes(labels, len(Y), "X").astype(np.int32)
-    n, sizes = len(Y), np.bincount(codes).astype(np.int64)
+    groups, codes64 = _grouping(labels, len(Y), "X")
+    codes = codes64.astype(np.int32)
+    n, sizes = len(Y), np.bincount(codes, minlength=len(groups)).astype(np.int64)
     a = len(sizes)
     s_t = float((Y * Y).sum())
 
@@ -329,4 +416,5 @@ def permanova_features(
     null = pseudo_f(between)
     p = p_value(statistic, null) if permutations else float("nan")
     return PermanovaResult(statistic=statistic, p_value=p, permutations=permutations, null=null,
-                           n_samples=n, n_groups=a)
+                           n_samples=n, n_groups=a, r2=r_squared(statistic, n, a),
+                           groups=tuple(groups))
