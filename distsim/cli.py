@@ -127,7 +127,9 @@ def validate(
     typer.echo(
         f"  tests: {', '.join(study.tests.protocols) or 'none'} "
         f"({study.tests.permutations} permutations), "
-        f"PERMANOVA ({f'{b} permutations' if b else 'skipped'})"
+        f"PERMANOVA{' and PERMDISP' if b and study.pairs.metric == 'euclidean' else ''} "
+        f"({f'{b} permutations' if b and not study.train.shared_init else 'skipped'})"
+        + (", HTT within init-seed strata (train.shared_init)" if study.train.shared_init else "")
     )
 
 
@@ -293,7 +295,7 @@ TaskOpt = Annotated[int | None, typer.Option(help="Only this task id.")]
 LayerOpt = Annotated[str | None, typer.Option(help="Only this layer (e.g. fc1, conv2, out).")]
 MethodOpt = Annotated[str | None, typer.Option(help="Only this feature method (chain-gram, raw).")]
 ProtocolOpt = Annotated[
-    str | None, typer.Option(help="Only this protocol (closed-set, open-set, permanova).")
+    str | None, typer.Option(help="Only this protocol (closed-set, open-set, permanova, permdisp).")
 ]
 StatusOpt = Annotated[
     str | None, typer.Option(help="Only models with this status (ok, diverged, failed).")

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import polars as pl
 
 from distsim.config import Study
+from distsim.stats import q_values
 from distsim.store import Store
 
-PROTOCOL_ORDER = ("closed-set", "open-set", "permanova")
+PROTOCOL_ORDER = ("closed-set", "open-set", "permanova", "permdisp")
 
 
 def summary_table(store: Store, study: Study) -> pl.DataFrame:
     """Per arch, layer, method and test (in study order): statistic, observed, chance, null
-    mean, p-value, permutations, models."""
+    mean, R^2 (PERMANOVA, PERMDISP), p-value, q-value, permutations, models.
+
+    q_value: Benjamini-Hochberg over every test in the store (one family: the study's tests),
+    so a reader can keep the false discovery rate of the rows read as discoveries."""
     df = store.scan("tests").collect()
     if df.height == 0:
         return df
+    r2 = [json.loads(e or "{}").get("r2") for e in df["extra"]]
+    df = df.with_columns(pl.Series("r2", [float("nan") if v is None else float(v) for v in r2]),
+                         pl.Series("q_value", q_values(df["p_value"].to_numpy())))
     arch_order = {a: i for i, a in enumerate(study.arch_names)}
     layer_order = {(a, layer): i for a in study.arch_names
                    for i, layer in enumerate(study.feature_layers(a))}
@@ -33,20 +41,21 @@ def summary_table(store: Store, study: Study) -> pl.DataFrame:
         order, return_dtype=pl.List(pl.Int64))
     df = df.with_columns(rank.alias("_order")).sort("_order").drop("_order")
     return df.select("arch", "layer", "method", "protocol", "statistic", "observed", "chance",
-                     "null_mean", "p_value", "permutations", "n_models")
+                     "null_mean", "r2", "p_value", "q_value", "permutations", "n_models")
 
 
 # (header, column, alignment) of the printed summary
 _COLUMNS = [("arch", "arch", "<"), ("layer", "layer", "<"), ("method", "method", "<"),
             ("test", "protocol", "<"), ("statistic", "statistic", "<"),
             ("observed", "observed", ">"), ("chance", "chance", ">"),
-            ("null mean", "null_mean", ">"), ("p", "p_value", ">"), ("B", "permutations", ">")]
+            ("null mean", "null_mean", ">"), ("R2", "r2", ">"), ("p", "p_value", ">"),
+            ("q", "q_value", ">"), ("B", "permutations", ">")]
 
 
 def _cell(name: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
-    if name == "p_value":
+    if name in ("p_value", "q_value"):
         return f"{value:.4f}"
     if isinstance(value, float):
         return f"{value:.3f}"

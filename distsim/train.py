@@ -160,8 +160,11 @@ def train_pack(
     arch_config: ArchConfig,
     seeds: Sequence[int],
     train_config: TrainConfig | None = None,
+    init_seeds: Sequence[int] | None = None,
 ) -> list[SeedResult]:
-    """Train one model per seed on ``task`` as one pack; results in the order of ``seeds``."""
+    """Train one model per seed on ``task`` as one pack; results in the order of ``seeds``.
+    ``init_seeds`` (one per seed): initialize model k from init_seeds[k] instead of seeds[k]
+    (a zoo whose models share initial weights across tasks); the batch order stays seeds[k]'s."""
     cfg = train_config if train_config is not None else TrainConfig()
     if not isinstance(task, Task):
         raise TypeError(f"train_pack() takes a Task, got {type(task).__name__}")
@@ -174,7 +177,10 @@ def train_pack(
     arch = arch_config.with_task_shape(task.input_shape, task.num_classes)
     start = time.perf_counter()
 
-    models = [init_model(arch, s) for s in seeds]
+    if init_seeds is not None and len(init_seeds) != len(seeds):
+        raise ValueError(f"init_seeds must have one seed per model ({len(seeds)}), "
+                         f"got {len(init_seeds)}")
+    models = [init_model(arch, s) for s in (seeds if init_seeds is None else init_seeds)]
     template, k = models[0], len(seeds)
     params = {  # (K, *shape) per parameter, row i = seed i
         name: torch.stack([m.get_parameter(name).detach() for m in models]).to(device, dtype)

@@ -206,8 +206,8 @@ def test_status_shows_stages_and_model_counts(store):
     assert states["features"][:3] == ["pending", "0/4", "packs"]
     # neighbors and tests stored without the fingerprint of the feature rows they came from
     assert states["pairs"][:3] == ["stale", "0/8", "matrices"]
-    # 8 matrices x (closed-set, permanova); the fixture's closed-set rows have no lineage
-    assert states["tests"] == ["stale", "0/16", "tests", "(2", "stale)"]
+    # 8 matrices x (closed-set, permanova, permdisp); the fixture's closed-set rows have no lineage
+    assert states["tests"] == ["stale", "0/24", "tests", "(2", "stale)"]
     row = [line for line in lines if "cnn" in line][0]
     assert [c.strip() for c in row.strip("│ ").split("┆")] == ["cnn", "6", "5", "1", "0", "0", "0"]
 

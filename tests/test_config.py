@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _study import study_toml
 from hypothesis import given, settings
@@ -306,3 +307,19 @@ def test_bad_toml_and_unreadable_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00name")
     with pytest.raises(ConfigError, match="cannot read the study file"):
         load_study(binary)
+
+
+def test_shared_init_gives_model_i_of_every_task_one_init_seed():
+    """train.shared_init: pack seeds stay distinct (ids, batch orders); init seeds repeat
+    across tasks; the key enters the hash only when set; it needs 4 seeds per task."""
+    plain = parse_study(small())
+    shared = parse_study(small(train={"shared_init": True}))
+    assert parse_study(small(train={"shared_init": False})).hash == plain.hash != shared.hash
+    first, second = [p for p in shared.packs(shared.arch_names[0]) if p.pack == 0][:2]
+    assert first.task != second.task and set(first.seeds).isdisjoint(second.seeds)
+    assert shared.init_seeds(first) == shared.init_seeds(second)
+    assert plain.init_seeds(first) == first.seeds
+    assert list(shared.model_index(np.array(second.seeds), second.task)) == list(
+        range(len(second.seeds)))
+    with pytest.raises(ConfigError, match="train.shared_init: needs train.seeds_per_task >= 4"):
+        parse_study(small(train={"shared_init": True, "seeds_per_task": 3, "seeds_per_trial": 3}))

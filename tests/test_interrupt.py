@@ -114,7 +114,7 @@ def test_interrupt_each_stage_then_resume(tmp_path: Path) -> None:
     assert verify.returncode == 0, verify.stdout + verify.stderr
     models = store.scan("models").collect()
     assert models.height == 8 and models["model_id"].n_unique() == 8
-    assert store.scan("tests").collect().height == 12
+    assert store.scan("tests").collect().height == 16  # 4 matrices x (2 HTT, PERMANOVA, PERMDISP)
 
 
 def _free_port() -> int:

@@ -41,9 +41,9 @@ def test_equals_the_definition(p):
     assert np.all(np.diff(qq[order]) >= -1e-15)  # monotone in p
 
 
-@given(p=st.lists(st.floats(0, 1), min_size=1, max_size=40))
+@given(p=st.lists(st.floats(0, 1, allow_subnormal=False), min_size=1, max_size=40))
 @settings(max_examples=100, deadline=None)
-def test_equals_statsmodels(p):
+def test_equals_statsmodels(p):  # subnormal p: the two libraries round 1e-323 apart
     multitest = pytest.importorskip("statsmodels.stats.multitest")
     expected = multitest.multipletests(p, method="fdr_bh")[1]
     np.testing.assert_allclose(q_values(p), expected, rtol=1e-12)

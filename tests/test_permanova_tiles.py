@@ -23,6 +23,7 @@ from distsim.stats import (
     permanova_labels,
     permanova_null_chunk,
     permanova_tiles,
+    r_squared,
     tile_pseudo_f,
     tile_within_sums,
     upper_tiles,
@@ -218,7 +219,9 @@ def test_tests_stage_tiles_route_for_cosine(ray_session, study_toml, tmp_path: P
     store = Store(study.store)
     row = store.scan("tests").collect().row(0, named=True)
     assert row["protocol"] == "permanova" and row["permutations"] == 9
-    assert json.loads(row["extra"]) == {"n_groups": 2, "route": "tiles", "tiles": 6}
+    extra = json.loads(row["extra"])
+    assert extra == {"n_groups": 2, "route": "tiles", "tiles": 6, "r2": extra["r2"]}
+    assert extra["r2"] == pytest.approx(r_squared(row["observed"], row["n_models"], 2))
     m = study.matrices()[0]
     fm = store.feature_matrix(m.arch, m.method, m.layer)
     D = pairwise_distances(fm.X, metric="cosine", block=study.pairs.block)  # the same tiles

@@ -189,7 +189,7 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
 
     # tests: chunked nulls (4 + 4 + 1) recombine to what the stats functions give in one process
     tests = store.scan("tests").collect()
-    assert tests.height == (2 + 2) * 2 * 3  # (mlp fc1, out + rnn gru_ih, out) x 2 methods x 3 tests
+    assert tests.height == (2 + 2) * 2 * 4  # (mlp fc1, out + rnn gru_ih, out) x 2 methods x 4 tests
     assert (tests["p_value"] >= 1 / 10 - 1e-12).all() and (tests["p_value"] <= 1).all()
     row = tests.filter((pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram")
                        & (pl.col("layer") == "out") & (pl.col("protocol") == "closed-set")
@@ -264,6 +264,36 @@ def test_gram_aligned_and_cka_in_the_pipeline(ray_session, tmp_path: Path) -> No
     run_study(study, stages=("features",), stream=io.StringIO())
     assert store.scan("templates").collect().sort("arch", "tensor").equals(before)
     assert shard.is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_shared_init_study_tests_within_init_seed_strata(ray_session, tmp_path: Path) -> None:
+    """train.shared_init: the zoo initializes model i of every task alike, and the tests stage
+    runs the HTT protocols within init-seed strata (equal to htt(..., strata=model index)) and
+    no PERMANOVA / PERMDISP, whose permutations are not restricted to strata."""
+    from distsim.pipeline.launch import run_study
+    from distsim.stats import htt, htt_null_chunk, p_value
+
+    text = tiny(tmp_path / "store", epochs=1, methods=["raw"], layers="last")
+    study = parse_study(text.replace("[train]\n", "[train]\nshared_init = true\n", 1))
+    assert study.train.shared_init
+    run_study(study, stream=io.StringIO())
+    store = Store(study.store)
+    tests = store.scan("tests").collect()
+    assert sorted(set(tests["protocol"])) == ["closed-set", "open-set"]
+    fm = store.feature_matrix("mlp", "raw", "out")
+    strata = study.model_index(fm.seeds, fm.tasks)
+    assert sorted(set(strata.tolist())) == [0, 1, 2, 3]
+    row = tests.filter((pl.col("arch") == "mlp") & (pl.col("protocol") == "closed-set")
+                       ).row(0, named=True)
+    kw = {**study.tests.htt_kwargs(), "strata": strata}
+    head = htt(fm.X, fm.tasks, "closed-set", permutations=4, seed=0, **kw)
+    chunks = [htt_null_chunk(fm.X, fm.tasks, "closed-set", permutations=b, seed=(0, c),
+                             split_seed=0, **kw) for c, b in ((1, 4), (2, 1))]
+    assert row["p_value"] == pytest.approx(p_value(head.statistic,
+                                                   np.concatenate([head.null, *chunks])))
+    assert json.loads(row["extra"])["strata"] == 4
 
 
 @pytest.mark.ray

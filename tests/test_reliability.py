@@ -155,7 +155,7 @@ def test_a_failed_pack_stops_the_launch_partial_runs_on_the_rest_then_retrain_re
     result, log = _run(study)
     assert result["stages"]["zoo"]["trials"] == 1, failing
     assert result["stages"]["features"]["packs"] == 1
-    assert result["stages"]["pairs"]["tiles"] > 0 and result["stages"]["tests"]["tests"] == 12
+    assert result["stages"]["pairs"]["tiles"] > 0 and result["stages"]["tests"]["tests"] == 16
     assert {name: state for name, state, _ in stage_states(study, store)} == dict.fromkeys(
         ("zoo", "features", "pairs", "tests"), "complete")
     _assert_same(store, reference)  # the stale partial outputs were all recomputed

@@ -242,6 +242,8 @@ def _legacy_hash(study) -> str:
     d["study"].pop("store")
     d.pop("resources")
     d["features"].pop("projection")
+    for key in ("probe_size", "template_models", "template_iterations"):  # later keys,
+        d["features"].pop(key)  # hashed only with their methods (cka, aligned)
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -254,3 +254,22 @@ def test_cuda_pack_matches_cpu(task, kind):
     slow = train_pack(task, ArchConfig(kind=kind), [3, 4], TrainConfig(epochs=3))
     for a, b in zip(fast, slow, strict=True):
         assert a.status == "ok" and abs(a.test_acc - b.test_acc) <= 0.05
+
+
+def test_shared_init_seeds_start_models_of_two_tasks_from_the_same_weights():
+    """init_seeds: the models of two tasks with the same init seed start from the same weights
+    (lr 1e-12: after training they still equal the init to 1e-9) while their batch orders are
+    their own seeds'; a length mismatch is a one-line error."""
+    tasks = make_tasks(DataConfig(dataset="digits", num_tasks=2))
+    arch = ArchConfig(kind="mlp", widths=(6,))
+    cfg = TrainConfig(epochs=1, lr=1e-12)
+    a = train_pack(tasks[0], arch, [10, 11], cfg, init_seeds=[3, 4])
+    b = train_pack(tasks[1], arch, [20, 21], cfg, init_seeds=[3, 4])
+    own = train_pack(tasks[1], arch, [20, 21], cfg)
+    for ra, rb, ro in zip(a, b, own, strict=True):
+        for k in ra.state_dict:
+            torch.testing.assert_close(ra.state_dict[k], rb.state_dict[k], rtol=0, atol=1e-9)
+        first = next(iter(ra.state_dict))
+        assert not torch.allclose(ra.state_dict[first], ro.state_dict[first])
+    with pytest.raises(ValueError, match="init_seeds must have one seed per model"):
+        train_pack(tasks[0], arch, [10, 11], cfg, init_seeds=[3])

@@ -163,6 +163,10 @@ def _train(table: dict[str, Any], arch_names: tuple[str, ...]) -> TrainPlan:
     if pack > n:
         raise ConfigError.at("train.seeds_per_trial", f"must be an integer in [1, {n}] "
                              f"(train.seeds_per_task), got {pack}")
+    shared = PLAN_PARAMS["shared_init"].check(rest.get("shared_init", False), "train.shared_init")
+    if shared and n < 4:
+        raise ConfigError.at("train.shared_init", "needs train.seeds_per_task >= 4 (HTT splits the "
+                             f"init-seed strata: at least 2 train, 2 held out), got {n}")
     base = _train_values({k: v for k, v in rest.items() if k in fields}, {}, "train")
     overrides: dict[str, dict[str, Any]] = {}
     for arch, sub in overrides_raw.items():
@@ -174,7 +178,7 @@ def _train(table: dict[str, Any], arch_names: tuple[str, ...]) -> TrainPlan:
         overrides[arch] = _train_values(sub, base, path)
     return TrainPlan(n, pack, tuple(sorted(base.items())),
                      tuple((arch, tuple(sorted(over.items())))
-                           for arch, over in sorted(overrides.items())))
+                           for arch, over in sorted(overrides.items())), shared)
 
 
 def _train_values(given: dict[str, Any], base: dict[str, Any], path: str) -> dict[str, Any]:

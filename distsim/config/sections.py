@@ -18,6 +18,7 @@ from distsim.params import (
     NAME_PATTERN,
     Array,
     Either,
+    Flag,
     Integer,
     Maybe,
     Number,
@@ -34,7 +35,8 @@ STUDY_PARAMS: Table = {
     "seed": Integer(lo=0),
     "store": Text(empty=False),
 }
-PLAN_PARAMS: Table = {"seeds_per_task": Integer(lo=2), "seeds_per_trial": Integer(lo=1)}
+PLAN_PARAMS: Table = {"seeds_per_task": Integer(lo=2), "seeds_per_trial": Integer(lo=1),
+                      "shared_init": Flag()}
 
 
 @dataclass(frozen=True)

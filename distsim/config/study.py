@@ -31,12 +31,15 @@ class TrainPlan:
 
     base: the TrainConfig fields [train] sets, as sorted (field, value) pairs; overrides:
     (arch name, pairs) of [train.<arch name>]. Pairs, not dicts, keep a Study hashable.
+    shared_init: model i of every task starts from the same initial weights (init seed of model
+    i, not of (task, i)); its batch order stays its own.
     """
 
     seeds_per_task: int
     seeds_per_trial: int
     base: tuple[tuple[str, Any], ...] = ()
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    shared_init: bool = False
 
     def kwargs(self, arch_name: str | None = None) -> dict[str, Any]:
         """TrainConfig keyword arguments: [train], then [train.<arch_name>] on top."""
@@ -124,6 +127,18 @@ class Study:
         base = self.seed * SEED_STRIDE + task_id * n
         return tuple(range(base, base + n))
 
+    def model_index(self, seeds: Any, tasks: Any) -> Any:
+        """Index i (0..seeds_per_task-1) of model seeds within their tasks (ints or arrays)."""
+        return seeds - self.seed * SEED_STRIDE - tasks * self.train.seeds_per_task
+
+    def init_seeds(self, pack: Pack) -> tuple[int, ...]:
+        """The seeds that initialize a pack's models: their own seeds, or with
+        train.shared_init the seed of model i of task 0 for model i of every task."""
+        if not self.train.shared_init:
+            return pack.seeds
+        base = self.seed * SEED_STRIDE
+        return tuple(base + int(self.model_index(s, pack.task)) for s in pack.seeds)
+
     def packs(self, arch_name: str | None = None) -> list[Pack]:
         """Every zoo trial (arch, task, pack) in a fixed order, or those of one arch."""
         names = self.arch_names if arch_name is None else (self.arch(arch_name).name,)
@@ -169,6 +184,7 @@ class Study:
             "train": {
                 "seeds_per_task": self.train.seeds_per_task,
                 "seeds_per_trial": self.train.seeds_per_trial,
+                **({"shared_init": True} if self.train.shared_init else {}),
                 **_plain(dataclasses.asdict(TrainConfig(**self.train.kwargs()))),
                 **{arch: _plain(dict(pairs)) for arch, pairs in self.train.overrides},
             },

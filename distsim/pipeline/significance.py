@@ -12,6 +12,12 @@ that no n x n array exists) is computed once per test by one task and shared by 
 through the object store. One ``tests`` shard per (arch, method, layer, protocol); tests
 already in the store are skipped.
 
+PERMANOVA's R^2 (SS_between / SS_total) is in the row's extra. PERMDISP (metric euclidean only)
+runs beside it: the distances of the models to their task's centroid, compared across tasks by an
+ANOVA F with residual permutations (``permdisp_features`` on the features' Euclidean basis, which
+PERMANOVA shares; one task, O(N) per permutation), so a reader can tell a difference of location
+(PERMANOVA) from a difference of spread.
+
 PERMANOVA never builds the N x N distance matrix; its route is recorded in the row's extra:
 
 * ``"features"`` (metric euclidean): ``permanova_features`` on the features' Euclidean basis,
@@ -68,6 +74,8 @@ from distsim.stats import (
     permanova_groups,
     permanova_labels,
     permanova_tile,
+    permdisp_features,
+    r_squared,
     tile_pseudo_f,
     upper_tiles,
 )
@@ -75,12 +83,19 @@ from distsim.stats.linear_embedding import Fit
 from distsim.store import Store, lineage
 
 PERMANOVA = "permanova"
+PERMDISP = "permdisp"
 
 
 def study_protocols(study: Study) -> tuple[str, ...]:
     """The tests run per feature matrix: the HTT protocols, then PERMANOVA unless it has 0
-    permutations."""
-    return (*study.tests.protocols, *((PERMANOVA,) if study.tests.permanova_permutations else ()))
+    permutations, with PERMDISP beside it when the metric is Euclidean (its features route;
+    another metric would need the N x N matrix's principal coordinates). With train.shared_init
+    only the HTT protocols, restricted to init-seed strata: PERMANOVA's and PERMDISP's
+    permutations are not restricted to strata, so their null would not hold there."""
+    if not study.tests.permanova_permutations or study.train.shared_init:
+        return study.tests.protocols
+    spread = (PERMDISP,) if study.pairs.metric == "euclidean" else ()
+    return (*study.tests.protocols, PERMANOVA, *spread)
 
 
 def chunk_sizes(permutations: int, chunk: int) -> list[int]:
@@ -118,7 +133,20 @@ def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int,
     ``permanova_features`` on the features' Euclidean basis Y (no N x N array)."""
     r = permanova_features(Y, tasks, permutations=permutations, seed=seed)
     return {"observed": r.statistic, "statistic": "pseudo-F", "chance": float("nan"),
-            "null": r.null, "extra": {"n_groups": r.n_groups, "route": "features"}}
+            "null": r.null, "extra": {"n_groups": r.n_groups, "route": "features", "r2": r.r2}}
+
+
+def permdisp_test(Y: np.ndarray, tasks: np.ndarray, permutations: int,
+                  seed: int) -> dict[str, Any]:
+    """PERMDISP (distances to the task centroids, ``permdisp_features``) on the features'
+    Euclidean basis Y, all B permutations in one task (O(N) each): whether the tasks' spreads
+    differ, which PERMANOVA alone cannot tell from a difference of location."""
+    r = permdisp_features(Y, tasks, permutations=permutations, seed=seed)
+    spread = r.extra["dispersion"]
+    return {"observed": r.statistic, "statistic": "F", "chance": float("nan"), "null": r.null,
+            "extra": {"n_groups": r.n_groups, "route": "features", "test": "centroid",
+                      "r2": r.r2, "dispersion_min": float(min(spread.values())),
+                      "dispersion_max": float(max(spread.values()))}}
 
 
 def permanova_chunk(Y: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
@@ -141,9 +169,10 @@ def tiles_head(sums: TileSums, sizes: np.ndarray, n_tiles: int) -> dict[str, Any
     """The head of a tiles-route PERMANOVA from its tiles' summed shares: the observed pseudo-F
     and the whole null (the labellings of all chunks, in order)."""
     f = tile_pseudo_f(*sums.sums(), sizes)
+    r2 = r_squared(float(f[0]), int(sizes.sum()), len(sizes))
     return {"observed": float(f[0]), "statistic": "pseudo-F", "chance": float("nan"),
             "null": f[1:], "extra": {"n_groups": len(sizes), "route": "tiles",
-                                     "tiles": n_tiles}}
+                                     "tiles": n_tiles, "r2": r2}}
 
 
 def _chunk(unit: str, store_root: str, faults: dict[str, float], fn: Callable[..., Any],
@@ -168,7 +197,9 @@ def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) ->
         effect = float(np.sign(observed - mean) * np.inf) if observed != mean else 0.0
     return {"statistic": head["statistic"], "observed": observed, "chance": float(head["chance"]),
             "null_mean": mean, "null_sd": sd, "effect_size": effect,
-            "p_value": p_value(observed, null), "permutations": permutations,
+            # a null with no finite value (PERMDISP with no spread within tasks) tests nothing
+            "p_value": p_value(observed, null) if np.isfinite(null).any() else float("nan"),
+            "permutations": permutations,
             "extra": json.dumps(head["extra"], sort_keys=True)}
 
 
@@ -227,6 +258,16 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 "and features stages first"
             )
         x_ref, t_ref = ray.put(fm.X), ray.put(fm.tasks)
+        htt_kw = dict(kwargs)
+        if study.train.shared_init:  # split and permute within init-seed strata (htt_split)
+            htt_kw["strata"] = study.model_index(fm.seeds, fm.tasks)
+        bases: list[Any] = []  # the Euclidean basis, made once for PERMANOVA and PERMDISP
+
+        def basis(x: Any, bases: list[Any] = bases) -> Any:
+            if not bases:
+                bases.append(basis_task.remote(x))
+            return bases[0]
+
         meta = {"n_models": len(fm.model_ids), "n_tasks": int(len(np.unique(fm.tasks))),
                 "upstream": fm.upstream}
         for protocol in protocols:
@@ -240,10 +281,14 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 return task.remote(f"{unit}-{part}", root, fault_plan, fn, *args)
 
             job: dict[str, Any] = {}
-            if protocol == PERMANOVA and metric == "euclidean":  # the features' basis
+            if protocol == PERMDISP:
+                B = spec.permanova_permutations
+                y_ref = basis(x_ref)
+                refs = [submit("0", permdisp_test, y_ref, t_ref, B, spec.seed)]
+            elif protocol == PERMANOVA and metric == "euclidean":  # the features' basis
                 B = spec.permanova_permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
-                y_ref = basis_task.remote(x_ref)
+                y_ref = basis(x_ref)
                 refs = [submit("0", permanova_head, y_ref, t_ref, sizes[0], spec.seed)]
                 refs += [submit(str(c), permanova_chunk, y_ref, t_ref, b, spec.seed, c)
                          for c, b in enumerate(sizes[1:], 1)]
@@ -260,11 +305,11 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             else:
                 B = spec.permutations
                 sizes = chunk_sizes(B, spec.chunk_size)
-                fit_ref = fit_task.remote(x_ref, t_ref, protocol, spec.seed, kwargs)
+                fit_ref = fit_task.remote(x_ref, t_ref, protocol, spec.seed, htt_kw)
                 refs = [submit("0", htt_head, x_ref, t_ref, protocol, sizes[0], spec.seed,
-                               kwargs, fit_ref)]
+                               htt_kw, fit_ref)]
                 refs += [submit(str(c), htt_chunk, x_ref, t_ref, protocol, b, spec.seed, c,
-                                kwargs, fit_ref) for c, b in enumerate(sizes[1:], 1)]
+                                htt_kw, fit_ref) for c, b in enumerate(sizes[1:], 1)]
             jobs[(matrix, protocol)] = {"refs": refs, "calls": calls, "values": [None] * len(refs),
                                         "B": B, "start": time.perf_counter(), **meta, **job}
     n_units = sum(len(j["refs"]) for j in jobs.values())
@@ -323,7 +368,7 @@ def _write_test(store: Store, study: Study, key: tuple[MatrixKey, str],
     row = combine(head, nulls, job["B"])
     row.update({"n_models": job["n_models"], "n_tasks": job["n_tasks"], "seed": study.tests.seed,
                 "upstream": job["upstream"],
-                "learner": study.tests.learner if protocol != PERMANOVA else None,
+                "learner": study.tests.learner if protocol in study.tests.protocols else None,
                 "seconds": time.perf_counter() - job["start"]})
     store.write_shard("tests", {**matrix.key, "protocol": protocol}, [row])
 

@@ -130,7 +130,8 @@ def train_and_store(study: Study, pack: Pack, trial_id: str,
     task = study_tasks(study.data)[pack.task]
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
     start = time.perf_counter()
-    results = train_pack(task, arch, list(pack.seeds), study.train_config(pack.arch))
+    results = train_pack(task, arch, list(pack.seeds), study.train_config(pack.arch),
+                         init_seeds=list(study.init_seeds(pack)))
     seconds = time.perf_counter() - start
     weights = {model_id(pack.arch, pack.task, r.seed): r.state_dict for r in results}
     store.write_weights(key, weights)
