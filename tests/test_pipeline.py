@@ -237,6 +237,7 @@ def test_gram_aligned_and_cka_in_the_pipeline(ray_session, tmp_path: Path) -> No
     from distsim.features import weight_features_batch
     from distsim.pipeline.features import read_template, study_probe
     from distsim.pipeline.launch import run_study
+    from distsim.store.verify import verify_store
 
     study = parse_study(tiny(tmp_path / "store", epochs=2, methods=["gram", "aligned", "cka"],
                              template_models=5, probe_size=12))
@@ -264,6 +265,7 @@ def test_gram_aligned_and_cka_in_the_pipeline(ray_session, tmp_path: Path) -> No
     run_study(study, stages=("features",), stream=io.StringIO())
     assert store.scan("templates").collect().sort("arch", "tensor").equals(before)
     assert shard.is_file()
+    assert verify_store(store) == []  # the templates table keeps the table contract
 
 
 @pytest.mark.ray

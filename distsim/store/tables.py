@@ -67,7 +67,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("model_id", _S), ("arch", _S), ("task", _I32), ("pack", _I32), ("tensor", _S),
         ("shape", pa.list_(_I32), "list of int32"),
         ("values", pa.list_(_F32), "list of float32, C order"))),
-    TableSpec("templates", "arch x tensor (the aligned method's template)", ("arch",), ("arch",),
+    TableSpec("templates", "arch x tensor (the aligned method's template)", ("arch",), (),
               _cols(("arch", _S), ("tensor", _S), ("shape", pa.list_(_I32), "list of int32"),
                     ("values", pa.list_(_F32), "list of float32, C order"),
                     ("models", _S, "ids of the models it averages, comma-separated"),
