@@ -264,31 +264,29 @@ def _refined(F: np.ndarray, F32: np.ndarray, codes: np.ndarray, beta0: np.ndarra
     so float32 rounds a term |beta - beta0| / |beta| of the whole: below 1e-2 x 1e-7 = 1e-9,
     since a labelling that drifts further than REBASE from its base gets a new float64 base.
     """
-    n, (B, _, C) = len(F), beta0.shape
-    every = np.arange(B)
-    logits0 = np.ascontiguousarray(_left(F, beta0))  # (B, n, C)
-    p0 = np.empty((n, B, C))
-    _softmax_rows(logits0, _NONE, every, codes, _NONE, 2, p0)
-    residual = np.empty((n, B, C))
-    ce0 = _softmax_rows(logits0, _NONE, every, codes, _NONE, 0, residual).mean(axis=1)
-    g0 = _residual_grad(F, residual, np.zeros_like(beta0), 0.0)  # (B, r, C)
-    beta0 = beta0.copy()
+    n, (B, r, C) = len(F), beta0.shape
+    base = np.empty((B, r, C))
+    logits0, p0 = np.empty((B, n, C)), np.empty((n, B, C))  # F base, softmax (rows' layout)
+    ce0, g0 = np.empty(B), np.empty((B, r, C))  # cross-entropy, F^T (p0 - Y) / n
+
+    def rebase(rows: np.ndarray, beta: np.ndarray) -> None:
+        """Float64 bases for the labellings `rows` at beta (b, r, C)."""
+        base[rows], logits0[rows] = beta, _left(F, beta)
+        p = np.empty((n, len(rows), C))
+        ce0[rows] = _softmax_rows(logits0[rows], _NONE, rows, codes, _NONE, 2, p).mean(axis=1)
+        p0[:, rows] = p
+        p[np.arange(n)[:, None], np.arange(len(rows)), codes[rows].T] -= 1.0  # p - onehot
+        g0[rows] = _residual_grad(F, p, np.zeros_like(beta), 0.0)
+
+    rebase(np.arange(B), beta0)
 
     def objective(rows: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        delta = beta - beta0[rows]
+        delta = beta - base[rows]
         if not delta.any():  # at the bases themselves
             return ce0[rows] + 0.5 * lam * _dot(beta, beta), g0[rows] + lam * beta
-        far = _dot(delta, delta) > REBASE**2 * _dot(beta0[rows], beta0[rows])
+        far = _dot(delta, delta) > REBASE**2 * _dot(base[rows], base[rows])
         if far.any():  # new float64 bases for these labellings
-            moved = rows[far]
-            beta0[moved] = beta[far]
-            logits0[moved] = _left(F, beta[far])
-            fresh = np.empty((n, len(moved), C))
-            _softmax_rows(logits0[moved], _NONE, moved, codes, _NONE, 2, fresh)
-            p0[:, moved] = fresh
-            ce0[moved] = _softmax_rows(logits0[moved], _NONE, moved, codes, _NONE, 0,
-                                       fresh).mean(axis=1)
-            g0[moved] = _residual_grad(F, fresh, np.zeros_like(beta[far]), 0.0)
+            rebase(rows[far], beta[far])
             delta[far] = 0.0
         dlogits = _left(F32, delta.astype(np.float32))  # (b, n, C)
         dp = np.empty((n, len(rows), C), np.float32)
