@@ -90,6 +90,7 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
     state_dicts = store.read_state_dicts(ids) if ids else {}
     spec = study.features
+    template: dict[str, torch.Tensor] | None = None
     rows = 0
     with torch.no_grad():
         for key in feature_keys(study, pack):
@@ -98,8 +99,9 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
                 continue
             if ids:
                 extra: dict[str, Any] = {}
-                if key["method"] == "aligned":
-                    extra["template"] = read_template(store, pack.arch)
+                if key["method"] == "aligned":  # read once per pack, for every layer
+                    template = template or read_template(store, pack.arch)
+                    extra["template"] = template
                 if key["method"] == "cka":
                     extra["probe"] = study_probe(study.data, spec.probe_size, spec.seed)
                 X = weight_features_batch([state_dicts[i] for i in ids], arch, key["method"],
