@@ -42,6 +42,7 @@ from distsim.stats.permutational_anova import (
     PermanovaResult,
     _check_permutations,
     _distance_matrix,
+    _feature_matrix,
     _grouping,
     _shuffled,
     r_squared,
@@ -255,11 +256,7 @@ def permdisp_features(X: np.ndarray, labels: Sequence | np.ndarray, permutations
     """
     permutations = _check_permutations(permutations)
     test = _check_test(test)
-    arr = np.asarray(X)
-    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.floating)
-                             or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape} "
-                         f"and dtype {arr.dtype}")
+    arr = _feature_matrix(X)
     if not np.isfinite(arr).all():
         raise ValueError("X contains NaN or infinite values")
     groups, codes = _grouping(labels, len(arr), "X", "PERMDISP")

@@ -359,6 +359,16 @@ def _null_between(
             out[b0 + b] = total
 
 
+def _feature_matrix(X: np.ndarray) -> np.ndarray:
+    """X as an array, checked to be a real (N, D) feature matrix (the features routes' input)."""
+    arr = np.asarray(X)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.floating)
+                             or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape} "
+                         f"and dtype {arr.dtype}")
+    return arr
+
+
 def euclidean_basis(X: np.ndarray) -> np.ndarray:
     """Centred X (N, D) float64 in at most min(N, D) columns with the same pairwise Euclidean
     distances (N, r): the centred X itself when D <= N, else the pivoted Cholesky factor of its
@@ -387,11 +397,7 @@ def permanova_features(
     permutations (same seed, same shuffle), pseudo-F to float rounding (1e-9 relative).
     """
     permutations = _check_permutations(permutations)
-    arr = np.asarray(X)
-    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.floating)
-                             or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape} "
-                         f"and dtype {arr.dtype}")
+    arr = _feature_matrix(X)
     Y = euclidean_basis(np.asarray(arr, dtype=np.float64))
     if not np.isfinite(Y).all():
         raise ValueError("X contains NaN or infinite values")
