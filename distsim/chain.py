@@ -20,6 +20,14 @@ from distsim.normalize import Plan, StateDict, layer_plan
 CHAIN_DIRECTIONS = ("auto", "forward", "backward")
 
 
+def upper_triangle(g: torch.Tensor) -> torch.Tensor:
+    """(K, J, J) symmetric -> (K, J(J+1)/2): upper triangle with the diagonal, row-major."""
+    i, j = torch.triu_indices(g.shape[-1], g.shape[-1])
+    return g[:, i, j]
+
+
+
+
 def _out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False) -> int:
     span = n + 2 * p - d * (k - 1) - 1
     out = (-(-span // s) if ceil else span // s) + 1

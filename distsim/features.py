@@ -102,6 +102,7 @@ from distsim.chain import (
     infer_input_shape,
     sketched_chain,
     unit_shapes,
+    upper_triangle,
 )
 from distsim.cka import activations, cka_vector
 from distsim.models import ArchConfig, build
@@ -181,29 +182,10 @@ def _check_method(method: str) -> None:
 # ---------------------------------------------------------------- chain-gram
 
 
-def _upper(g: torch.Tensor) -> torch.Tensor:
-    """(K, J, J) symmetric -> (K, J(J+1)/2): upper triangle with the diagonal, row-major."""
-    i, j = torch.triu_indices(g.shape[-1], g.shape[-1])
-    return g[:, i, j]
-
-
 def _raw(plan: Plan, p: StateDict, upto: int) -> torch.Tensor:
-    """(K, D) unnormalized parameters of the layers <= ``upto``, flattened in layer order."""
-    if plan.kind == "sequential":
-        keys = [k for s in plan.parametric[: upto + 1] for k in (s.weight, s.bias) if k]
-    elif upto < plan.num_layers:
-        keys = [
-            f"{plan.gru_prefix}{w}_l{layer}"
-            for layer in range(upto + 1)
-            for w in ("weight_ih", "bias_ih")
-        ]
-    else:
-        keys = [
-            f"{plan.gru_prefix}{w}_l{layer}"
-            for layer in range(plan.num_layers)
-            for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        ]
-        keys += [f"{plan.head_prefix}weight", f"{plan.head_prefix}bias"]
+    """(K, D) unnormalized parameters of a sequential net's layers <= ``upto``, flattened in
+    layer order (the GRU's: distsim.recurrent)."""
+    keys = [k for s in plan.parametric[: upto + 1] for k in (s.weight, s.bias) if k]
     k = p[keys[0]].shape[0]
     return torch.cat([p[key].reshape(k, -1) for key in keys], dim=1)
 
@@ -221,13 +203,13 @@ def _features(
 ) -> torch.Tensor:
     """(K, D) float64 features of a stack of K models; ``s``: input-side sketch or None;
     ``template``: for aligned; ``model`` (the architecture) and ``probe``: for cka."""
-    if method == "raw":
-        return _raw(plan, stacked, upto).to(torch.float64)
     if method == "cka":
         assert model is not None and probe is not None
         return cka_vector(activations(model, plan, stacked, probe, upto))
     if plan.kind == "rnn":  # the GRU's own symmetries: distsim.recurrent
         return gru_features(plan, stacked, method, upto, s, template)
+    if method == "raw":
+        return _raw(plan, stacked, upto).to(torch.float64)
     p = {k: v.to(torch.float64) for k, v in stacked.items()}
     if method != "gram":
         p = normalize_stacked(plan, p)
@@ -240,7 +222,7 @@ def _features(
         m = sketched_chain(plan, p, input_shape, upto, s)  # (K, m, units)
     if upto == len(plan.layers) - 1:
         return m.transpose(1, 2).reshape(m.shape[0], -1)
-    return _upper(m @ m.transpose(1, 2))
+    return upper_triangle(m @ m.transpose(1, 2))
 
 
 # ---------------------------------------------------------------- public entry points

@@ -68,6 +68,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from distsim.chain import upper_triangle
 from distsim.models import ArchConfig
 from distsim.normalize import Plan, StateDict, plan_for, stack_state_dicts
 
@@ -164,12 +165,6 @@ def random_gru_symmetry(
 # ---------------------------------------------------------------- chain-gram / gram
 
 
-def _upper(g: torch.Tensor) -> torch.Tensor:
-    """(K, J, J) symmetric -> (K, J(J+1)/2): upper triangle with the diagonal, row-major."""
-    i, j = torch.triu_indices(g.shape[-1], g.shape[-1])
-    return g[:, i, j]
-
-
 def _gate_biases(plan: Plan, p: StateDict, layer: int) -> torch.Tensor:
     """(K, 3H) β: b_i + b_h for r and z (only their sum enters), b_in for n."""
     h = plan.hidden
@@ -197,7 +192,7 @@ def _layer_part(a_r: torch.Tensor, a_z: torch.Tensor, a_n: torch.Tensor) -> torc
     A_g^T A_g (upper triangles), then (A_n ⊙ A_n)^T A_r and (A_n ⊙ A_n)^T A_z, which tie each
     unit's r and z rows to its own n row (even in the n row's sign, odd in the r / z row's)."""
     k, sq = a_n.shape[0], a_n * a_n
-    grams = [_upper(a.transpose(1, 2) @ a) for a in (a_r, a_z, a_n)]
+    grams = [upper_triangle(a.transpose(1, 2) @ a) for a in (a_r, a_z, a_n)]
     pairs = [(sq.transpose(1, 2) @ a).reshape(k, -1) for a in (a_r, a_z)]
     return torch.cat(grams + pairs, dim=1)
 

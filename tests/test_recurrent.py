@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from distsim.features import _raw as features_raw
 from distsim.models import ArchConfig, build
 from distsim.normalize import plan_for, stack_state_dicts
 from distsim.recurrent import (
@@ -322,13 +321,23 @@ def test_gru_sketch_width_fits_dim(dim: int) -> None:
         gru_sketch_width(0, 1)
 
 
-def test_raw_is_bit_identical_to_features_raw() -> None:
+def test_raw_is_the_parameters_flattened_in_layer_order() -> None:
+    """raw at layer k: W_ih, b_ih of the GRU layers <= k; at 'out': every parameter (W_ih, W_hh,
+    b_ih, b_hh per layer, then the head), bit for bit (the layout stores hash)."""
     for cfg in CFGS.values():
         plan = plan_for(cfg)
         torch.manual_seed(0)
         stacked = stack_state_dicts([build(cfg).state_dict() for _ in range(3)])  # float32
         for upto in range(len(plan.layers)):
-            want = features_raw(plan, stacked, upto).to(torch.float64)
+            if upto < plan.num_layers:
+                names = [f"{w}_l{k}" for k in range(upto + 1) for w in ("weight_ih", "bias_ih")]
+            else:
+                names = [f"{w}_l{k}" for k in range(plan.num_layers)
+                         for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            keys = [plan.gru_prefix + n for n in names]
+            if upto == plan.num_layers:
+                keys += [f"{plan.head_prefix}weight", f"{plan.head_prefix}bias"]
+            want = torch.cat([stacked[k].reshape(3, -1) for k in keys], dim=1).to(torch.float64)
             assert torch.equal(gru_features(plan, stacked, "raw", upto), want)
 
 
