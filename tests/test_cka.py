@@ -7,26 +7,17 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from _nets import CNN, MLP, RNN, seeded_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from distsim.cka import cka_vector, probe_inputs
 from distsim.features import feature_layers, weight_features, weight_features_batch
-from distsim.models import ArchConfig, build
+from distsim.models import ArchConfig
 from distsim.tasks import digits
 
 torch.set_num_threads(1)
-
-MLP = ArchConfig(kind="mlp", widths=(12, 9), activation="leaky_relu", negative_slope=0.05)
-CNN = ArchConfig(kind="cnn", channels=(4, 5), head_widths=(6,), num_classes=3)
-RNN = ArchConfig(kind="rnn", hidden=5, num_layers=2, num_classes=3)
-
-
-def _model(cfg: ArchConfig, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return build(cfg)
-
 
 def _reference_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Kornblith et al. 2019: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = X X^T, L = Y Y^T,
@@ -60,7 +51,7 @@ def _acts(model: nn.Module, cfg: ArchConfig, probe: torch.Tensor, layer: str) ->
 def test_dot_product_is_linear_cka(cfg: ArchConfig) -> None:
     """f_i . f_j = CKA of the layer's activations (reference formula) to 1e-6, ||f|| = 1 and
     ||f_i - f_j||^2 = 2 - 2 CKA."""
-    models = [_model(cfg, s) for s in range(3)]
+    models = [seeded_model(cfg, s) for s in range(3)]
     probe = torch.randn(50, *cfg.input_shape, generator=torch.Generator().manual_seed(0))
     for layer in feature_layers(cfg):
         f = weight_features_batch([m.state_dict() for m in models], cfg, "cka", layer,
@@ -116,7 +107,7 @@ def test_probe_inputs_are_seeded_and_class_balanced() -> None:
 
 
 def test_errors() -> None:
-    model = _model(MLP, 0)
+    model = seeded_model(MLP, 0)
     with pytest.raises(ValueError, match="needs probe="):
         weight_features(model, "cka")
     with pytest.raises(ValueError, match="probe must be"):
@@ -128,8 +119,8 @@ def test_errors() -> None:
 def test_gru_cka_invariant_to_hidden_permutations() -> None:
     """Permuting a GRU layer's hidden units (r, z, n blocks together, and what reads them) keeps
     the function and permutes the last hidden state's units: cka does not move."""
-    model = _model(RNN, 4)
-    moved = _model(RNN, 4)
+    model = seeded_model(RNN, 4)
+    moved = seeded_model(RNN, 4)
     gru, h = moved.gru, RNN.hidden
     with torch.no_grad():
         for k in range(RNN.num_layers):

@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from _nets import CNN, MLP, RNN, seeded_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -25,21 +26,11 @@ from distsim.features import (
     weight_features,
     weight_features_batch,
 )
-from distsim.models import ArchConfig, build
+from distsim.models import ArchConfig
 from distsim.normalize import normalize_stacked, plan_for, stack_state_dicts
 from distsim.projection import gaussian_project
 
 torch.set_num_threads(1)
-
-MLP = ArchConfig(kind="mlp", widths=(12, 9), activation="leaky_relu", negative_slope=0.05)
-CNN = ArchConfig(kind="cnn", channels=(4, 5), head_widths=(6,), num_classes=3)
-RNN = ArchConfig(kind="rnn", hidden=5, num_layers=2, num_classes=3)
-
-
-def _model(cfg: ArchConfig, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return build(cfg)
-
 
 def _permute_and_rescale(model: nn.Sequential, seed: int) -> nn.Sequential:
     """Same function: permute every hidden layer's units and scale each by a in [0.1, 10], with the
@@ -98,7 +89,7 @@ def _change(moved: nn.Module, model: nn.Module, *args, **kwargs) -> float:
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), cfg=st.sampled_from([MLP, CNN]))
 def test_chain_gram_invariant_to_permutations_and_rescalings(seed: int, cfg: ArchConfig) -> None:
-    model = _model(cfg, seed)
+    model = seeded_model(cfg, seed)
     moved = _permute_and_rescale(model, seed + 1)
     x = torch.randn(4, *cfg.input_shape)
     with torch.no_grad():  # the transform is a true symmetry
@@ -113,7 +104,7 @@ def test_chain_gram_invariant_to_permutations_and_rescalings(seed: int, cfg: Arc
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16))
 def test_gru_features_invariant_to_hidden_permutations(seed: int) -> None:
-    model = _model(RNN, seed)
+    model = seeded_model(RNN, seed)
     moved = _permute_gru(model, seed + 1)
     x = torch.randn(3, *RNN.input_shape)
     with torch.no_grad():
@@ -137,7 +128,7 @@ def _linearized(model: nn.Sequential) -> nn.Sequential:
 @pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
 def test_last_layer_chain_is_the_affine_input_output_map(cfg: ArchConfig) -> None:
     """M_L = [linear part | offset] of the linearized network, in input-pixel coordinates."""
-    model = _model(cfg, 0)
+    model = seeded_model(cfg, 0)
     m = weight_features(model, "chain-gram").reshape(cfg.num_classes, -1)
     x = torch.randn(5, *cfg.input_shape, dtype=torch.float64)
     with torch.no_grad():
@@ -147,7 +138,7 @@ def test_last_layer_chain_is_the_affine_input_output_map(cfg: ArchConfig) -> Non
 
 
 def test_hidden_layer_feature_is_the_gram_upper_triangle() -> None:
-    model = _model(MLP, 0)
+    model = seeded_model(MLP, 0)
     w1 = model[1]
     m1 = torch.cat([w1.weight, w1.bias[:, None]], 1).detach().double()
     m1 = m1 / m1.norm(dim=1, keepdim=True)
@@ -161,7 +152,7 @@ def test_hidden_layer_feature_is_the_gram_upper_triangle() -> None:
 
 @pytest.mark.parametrize("cfg", [MLP, CNN, RNN], ids=["mlp", "cnn", "rnn"])
 def test_batch_equals_single_and_stacked(cfg: ArchConfig) -> None:
-    models = [_model(cfg, s) for s in range(3)]
+    models = [seeded_model(cfg, s) for s in range(3)]
     states = [m.state_dict() for m in models]
     stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
     extra = {"probe": torch.randn(6, *cfg.input_shape),
@@ -185,7 +176,7 @@ def test_batch_equals_single_and_stacked(cfg: ArchConfig) -> None:
 
 
 def test_batch_chunking_matches_one_chunk(monkeypatch) -> None:
-    states = [_model(CNN, s).state_dict() for s in range(5)]
+    states = [seeded_model(CNN, s).state_dict() for s in range(5)]
     whole = weight_features_batch(states, CNN, layer="conv2")
     sketched = weight_features_batch(states, CNN, layer="conv2", dim=15, sketch="input")
     monkeypatch.setattr(features_module, "CHAIN_BYTES", 1)  # one model per chunk
@@ -225,7 +216,7 @@ def _from_upper(v: np.ndarray, n: int) -> np.ndarray:
 @pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])  # the GRU: test_recurrent.py
 def test_input_sketch_is_s_transpose_g_s(cfg: ArchConfig) -> None:
     """Hidden layers: upper(S^T G S) of the full Gram G; 'out': M_L S."""
-    model, dim, seed = _model(cfg, 3), 21, 7
+    model, dim, seed = seeded_model(cfg, 3), 21, 7
     m = sketch_width(dim)
     assert [sketch_width(d) for d in (21, 20, 1, 7)] == [6, 5, 1, 3]
     layers = feature_layers(cfg)
@@ -268,7 +259,7 @@ def test_input_sketch_handles_cifar_size_inputs(cfg: ArchConfig) -> None:
     """(3, 32, 32) inputs: the full Gram would hold 4.7M values; the sketch pushes m + 1 = 91
     inputs."""
     cfg = cfg.with_task_shape((3, 32, 32), 2)
-    states = [_model(cfg, s).state_dict() for s in range(2)]
+    states = [seeded_model(cfg, s).state_dict() for s in range(2)]
     layers = feature_layers(cfg)
     for layer in layers:
         x = weight_features_batch(states, cfg, "chain-gram", layer, dim=4096, seed=0,
@@ -282,7 +273,7 @@ def test_feature_layers_and_errors() -> None:
     assert feature_layers(CNN) == ["conv1", "conv2", "fc1", "out"]
     assert feature_layers(ArchConfig(kind="rnn")) == ["gru_ih", "out"]
     assert feature_layers(RNN) == ["gru_ih", "gru_ih_l1", "out"]
-    model = _model(MLP, 0)
+    model = seeded_model(MLP, 0)
     with pytest.raises(ValueError, match="method must be one of"):
         weight_features(model, method="grams")
     assert METHODS == ("chain-gram", "raw", "gram", "aligned", "cka")
@@ -310,7 +301,7 @@ def test_feature_layers_and_errors() -> None:
 def test_chain_forward_and_backward_agree(cfg: ArchConfig) -> None:
     """The chain map by pushing pixels forward equals the one by vector-Jacobian products."""
     plan = plan_for(cfg)
-    stacked = stack_state_dicts([_model(cfg, s).state_dict() for s in (0, 1)])
+    stacked = stack_state_dicts([seeded_model(cfg, s).state_dict() for s in (0, 1)])
     p = normalize_stacked(plan, {k: v.double() for k, v in stacked.items()})
     for upto in range(len(plan.layers)):
         fwd = chain_map(plan, p, cfg.input_shape, upto, "forward")
@@ -327,7 +318,7 @@ def test_gram_is_chain_gram_without_the_normalization(cfg: ArchConfig) -> None:
     """'out': the same affine input-output map as chain-gram (the normalization is a symmetry of
     the linearized network too), to rounding; hidden layers: the Grams of the unnormalized chain,
     which differ."""
-    model = _model(cfg, 2)
+    model = seeded_model(cfg, 2)
     layers = feature_layers(cfg)
     assert _rel(weight_features(model, "gram"), weight_features(model, "chain-gram")) < 1e-6
     for layer in layers[:-1]:

@@ -10,15 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from _nets import CNN, MLP, RNN, seeded_model
 from _study import study_toml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_features import (
-    CNN,
-    MLP,
-    RNN,
     _change,
-    _model,
     _permute_and_rescale,
     _permute_gru,
     _rel,
@@ -165,7 +162,7 @@ def test_pairwise_distances_are_kept_jl() -> None:
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), cfg=st.sampled_from([MLP, CNN]))
 def test_sketched_features_stay_invariant(seed: int, cfg) -> None:
-    model = _model(cfg, seed)
+    model = seeded_model(cfg, seed)
     moved = _permute_and_rescale(model, seed + 1)
     for layer in feature_layers(cfg):
         for dim in (7, 64):
@@ -175,7 +172,7 @@ def test_sketched_features_stay_invariant(seed: int, cfg) -> None:
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**16))
 def test_sketched_gru_features_stay_invariant(seed: int) -> None:
-    model = _model(RNN, seed)
+    model = seeded_model(RNN, seed)
     moved = _permute_gru(model, seed + 1)
     for layer in feature_layers(RNN):
         assert _change(moved, model, "chain-gram", layer, dim=40, seed=seed) < 1e-4
@@ -183,7 +180,7 @@ def test_sketched_gru_features_stay_invariant(seed: int) -> None:
 
 @pytest.mark.parametrize("cfg", [MLP, CNN, RNN], ids=["mlp", "cnn", "rnn"])
 def test_sketched_feature_is_the_countsketch_of_the_full_one(cfg) -> None:
-    model, dim, seed = _model(cfg, 2), 50, 3
+    model, dim, seed = seeded_model(cfg, 2), 50, 3
     for method in ("chain-gram", "raw"):
         for layer in feature_layers(cfg):
             full = weight_features(model, method, layer).astype(np.float64)
@@ -200,7 +197,7 @@ def test_sketched_feature_is_the_countsketch_of_the_full_one(cfg) -> None:
 
 
 def test_sketched_batches_match_across_chunks(monkeypatch) -> None:
-    states = [_model(CNN, s).state_dict() for s in range(4)]
+    states = [seeded_model(CNN, s).state_dict() for s in range(4)]
     whole = weight_features_batch(states, CNN, layer="conv2", dim=40, seed=1)
     monkeypatch.setattr(features_module, "CHAIN_BYTES", 1)  # one model per chunk
     again = weight_features_batch(states, CNN, layer="conv2", dim=40, seed=1)
@@ -208,7 +205,7 @@ def test_sketched_batches_match_across_chunks(monkeypatch) -> None:
 
 
 def test_projection_errors() -> None:
-    model = _model(MLP, 0)
+    model = seeded_model(MLP, 0)
     with pytest.raises(ValueError, match="projection must be one of"):
         weight_features(model, dim=8, projection="dense")
     with pytest.raises(ValueError, match="projection must be one of"):
