@@ -143,6 +143,29 @@ def test_scans_ignore_temp_files_of_a_killed_writer_and_old_ones_get_cleaned(tmp
     assert store.clean_temp_files() == 1 and not leftover.exists()
 
 
+def test_temp_files_of_an_ended_writer_on_this_host_get_cleaned_at_once(tmp_path):
+    """A SIGKILLed launch leaves its workers' temp files; the relaunch removes them without
+    waiting an hour, and keeps those of a live writer or of another host's."""
+    import subprocess
+    import sys
+
+    from distsim.store.shards import temp_path
+
+    store = Store(tmp_path)
+    folder = tmp_path / "weights" / "arch=mlp"
+    folder.mkdir(parents=True)
+    code = ("import sys; from pathlib import Path; from distsim.store.shards import temp_path; "
+            "temp_path(Path(sys.argv[1]), 'task=1-pack=0.parquet').write_bytes(b'PAR1')")
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
+    (dead,) = folder.iterdir()
+    live = temp_path(folder, "task=2-pack=0.parquet")  # this process: alive
+    live.write_bytes(b"PAR1")
+    other = folder / f".tmp-{os.getpid()}-00000000-{'a' * 32}-task=3-pack=0.parquet.partial"
+    other.write_bytes(b"PAR1")  # a writer on another node (or an unknown host): wait for it
+    assert store.clean_temp_files() == 1
+    assert not dead.exists() and live.exists() and other.exists()
+
+
 def test_bad_keys_and_columns_are_store_errors(tmp_path):
     store = Store(tmp_path)
     with pytest.raises(StoreError, match=r"exactly \['arch', 'task', 'pack'\]"):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -28,12 +30,39 @@ from distsim.errors import StoreError
 from distsim.store.tables import KEY_VALUE, TABLES, TableSpec
 
 TEMP_PREFIX = ".tmp-"  # files being written (and the launch's probe files): never read
+# ".tmp-<writer pid>-<writer host, crc32 hex>-<uuid>-<final name>.partial"
+_TEMP_WRITER = re.compile(r"\.tmp-(\d+)-([0-9a-f]{8})-[0-9a-f]{32}-")
+
+
+def _host_tag() -> str:
+    """This machine's name as 8 hex digits (a name may hold any character; the tag cannot)."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
 def temp_path(folder: Path, name: str) -> Path:
     """A unique hidden name in `folder` for a file on its way to being `name` (its ".partial"
-    ending keeps it out of every ``*.parquet`` glob)."""
-    return folder / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-{name}.partial"
+    ending keeps it out of every ``*.parquet`` glob); it names its writer's pid and host."""
+    return folder / f"{TEMP_PREFIX}{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex}-{name}.partial"
+
+
+def _writer_is_gone(name: str) -> bool:
+    """Whether the temp file `name` was written by a process of this host that has ended (a
+    zombie counts as ended); False for another host's writer or a name in an older format."""
+    m = _TEMP_WRITER.match(name)
+    if m is None or m.group(2) != _host_tag():
+        return False
+    pid = int(m.group(1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -168,14 +197,17 @@ class ShardStore:
         shutil.rmtree(self.root / table, ignore_errors=True)
 
     def clean_temp_files(self, min_age_s: float = 3600.0) -> int:
-        """Delete temp files (never symlinks) left by writers that crashed more than min_age_s
-        ago, in the tables, the root and _stages; the count."""
+        """Delete temp files (never symlinks) in the tables, the root and _stages whose writer
+        has ended: one of this host whose pid is gone, or any older than min_age_s (a writer
+        on another node cannot be asked); the count."""
         count, now = 0, time.time()
         found = [p for t in TABLES for p in (self.root / t).rglob(f"{TEMP_PREFIX}*")]
         found += [p for folder in (self.root, self.root / "_stages")
                   for p in folder.glob(f"{TEMP_PREFIX}*")]  # study.json, markers, probes
         for path in found:
-            if not path.is_symlink() and path.is_file() and now - path.stat().st_mtime >= min_age_s:
+            if path.is_symlink() or not path.is_file():
+                continue
+            if _writer_is_gone(path.name) or now - path.stat().st_mtime >= min_age_s:
                 path.unlink(missing_ok=True)
                 count += 1
         return count
