@@ -1,3 +1,3 @@
 """distsim: weight similarity of neural networks at scale (chain normalization, HTT) on Ray."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

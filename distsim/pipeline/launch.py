@@ -26,10 +26,10 @@ from distsim.pipeline.preflight import check_cluster, check_offline
 from distsim.pipeline.registry import STAGE_NAMES, STAGES
 from distsim.pipeline.signals import Interrupted, StopOnSignals
 from distsim.pipeline.stage import Outputs, RunContext
-from distsim.report import format_summary, summary_table
 from distsim.store import TABLES, Store
 from distsim.store.lock import StoreLock
 from distsim.store.shards import temp_path
+from distsim.summary import format_summary, summary_table
 
 
 def _connect(address: str | None) -> tuple[bool, str]:

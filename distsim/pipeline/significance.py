@@ -199,7 +199,7 @@ def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) ->
             "null_mean": mean, "null_sd": sd, "effect_size": effect,
             # a null with no finite value (PERMDISP with no spread within tasks) tests nothing
             "p_value": p_value(observed, null) if np.isfinite(null).any() else float("nan"),
-            "permutations": permutations,
+            "permutations": permutations, "null": null.tolist(),
             "extra": json.dumps(head["extra"], sort_keys=True)}
 
 

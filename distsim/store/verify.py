@@ -57,21 +57,25 @@ from distsim.store.tables import KEY_VALUE, STATUSES, TABLES, TableSpec
 # Columns added to the contract after stores were written: a shard may lack them (no lineage).
 LINEAGE_COLUMNS = {"features": "trial_id", "neighbors": "upstream", "pairs": "upstream",
                    "tests": "upstream"}
+# Columns added later that a shard may lack without harm (a scan reads them as null).
+ADDED_COLUMNS = {"tests": ("null",)}
 # Columns the checks read, besides the key columns stored in the files.
 _NEEDED = {"models": ("model_id", "trial_id", "status"), "weights": ("model_id", "tensor"),
            "features": ("model_id", "trial_id"), "neighbors": ("model_id", "rank", "upstream"),
-           "pairs": ("upstream",), "tests": ("upstream",), "templates": ("tensor",)}
+           "pairs": ("upstream",), "tests": ("upstream",), "templates": ("tensor",),
+           "history": ("model_id", "epoch")}
 # Keys unique over a whole table (partition columns come from the folder names).
 _UNIQUE = {"models": ("model_id",), "weights": ("model_id", "tensor"),
            "templates": ("arch", "tensor"), "features": ("model_id", "method", "layer"),
-           "neighbors": ("model_id", "method", "layer", "rank")}
+           "neighbors": ("model_id", "method", "layer", "rank"), "history": ("model_id", "epoch")}
 _ONE_ROW = ("pairs", "tests")  # tables of one row per shard
 _MATRIX = ("arch", "method", "layer")
 
-TEMP_IN_TABLE = ("leftover temporary file (a writer crashed; `distsim launch` removes it after "
-                 "an hour, or delete it)")
-TEMP_ELSEWHERE = ("leftover temporary file (a writer crashed, or a launch is running; "
-                  "`distsim launch` removes it after an hour, or delete it once no launch runs)")
+TEMP_IN_TABLE = ("leftover temporary file (a writer crashed; a relaunch removes it, at once when "
+                 "its writer ran on that machine, else after an hour; or delete it)")
+TEMP_ELSEWHERE = ("leftover temporary file (a writer crashed, or a launch is running; a relaunch "
+                  "removes it, at once when its writer ran on that machine, else after an hour; "
+                  "or delete it once no launch runs)")
 NO_LINEAGE = "no lineage (written before lineage was recorded); relaunch recomputes"
 STALE_FEATURES = ("stale features: computed from other models than the pack holds now "
                   "(relaunch recomputes)")
@@ -286,6 +290,8 @@ def _check_schema(table: str, shard: _Shard, schema: pa.Schema, out: _Problems) 
     usable = True
     for name, type_ in want.items():
         if name not in got:
+            if name in ADDED_COLUMNS.get(table, ()):
+                continue
             if LINEAGE_COLUMNS.get(table) != name:  # no lineage: reported by the lineage check
                 out.add(shard.rel, f"missing column {name}")
                 usable = usable and name not in needed
@@ -419,6 +425,7 @@ def _check_orphans(shards: dict[str, list[_Shard]], frames: dict[str, pl.DataFra
     models = frames["models"]
     for table, known, what in (
         ("weights", models["model_id"], "no models row"),
+        ("history", models["model_id"], "no models row"),
         ("features", models.filter(pl.col("status") == "ok")["model_id"], "no ok models row"),
     ):
         bad = (frames[table].filter(~pl.col("model_id").is_in(known.implode()))
