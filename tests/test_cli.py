@@ -209,7 +209,9 @@ def test_status_shows_stages_and_model_counts(store):
     # 8 matrices x (closed-set, permanova, permdisp); the fixture's closed-set rows have no lineage
     assert states["tests"] == ["stale", "0/24", "tests", "(2", "stale)"]
     row = [line for line in lines if "cnn" in line][0]
-    assert [c.strip() for c in row.strip("│ ").split("┆")] == ["cnn", "6", "5", "1", "0", "0", "0"]
+    # expected, ok, diverged, failed, mean train / test accuracy of the ok models, features, tests
+    assert [c.strip() for c in row.strip("│ ").split("┆")] == [
+        "cnn", "6", "5", "1", "0", "1.0000", "0.9080", "0", "0"]
 
 
 def test_query_models_json_is_machine_readable(store):
@@ -330,3 +332,58 @@ def test_query_on_an_empty_store_prints_an_empty_table(tmp_path):
     store.check_study(parse_study(STUDY))
     result = run("query", "tests", store.root, "--format", "json")
     assert result.exit_code == 0 and json.loads(result.stdout) == []
+
+
+# ----------------------------------------------------------------------------- help / tables / legend
+
+
+def test_help_short_option_version_and_plain_flags():
+    from distsim import __version__
+
+    top = run("-h")
+    assert top.exit_code == 0 and "Commands:" in top.stdout
+    for command in ("validate", "launch", "status", "verify", "report", "export", "query"):
+        assert f"  {command} " in top.stdout
+    assert run("--version").stdout == f"distsim {__version__}\n"
+    launch = run("launch", "-h")
+    assert launch.exit_code == 0 and "--fresh" in launch.stdout
+    assert "<bool>" not in launch.stdout  # a plain flag takes no value
+
+
+def test_query_tables_lists_every_table_and_column():
+    from distsim.store.tables import TABLES
+
+    result = run("query", "tables")
+    assert result.exit_code == 0
+    for spec in TABLES.values():
+        assert f"{spec.name}: one row per {spec.row}" in result.stdout
+    weights = run("query", "tables", "weights").stdout.splitlines()
+    assert weights[0] == "weights: one row per model x tensor; shard key arch, task, pack"
+    assert [line.split()[:2] for line in weights[-2:]] == [["shape", "list<int32>"],
+                                                          ["values", "list<float32>"]]
+    bad = run("query", "tables", "nope")
+    assert bad.exit_code == 2 and "no table 'nope'; tables: models, weights" in bad.stderr
+
+
+def test_sql_names_the_quoting_a_keyword_column_needs(store):
+    result = run("query", "sql", store.root, "SELECT model_id, values FROM weights")
+    assert result.exit_code == 2
+    assert 'the column values is an SQL keyword: write it in double quotes, "values"' in (
+        result.stderr)
+    assert run("query", "sql", store.root, 'SELECT model_id, "values" FROM weights').exit_code == 0
+
+
+def test_summary_uses_the_query_column_names_and_explains_them(store):
+    from distsim.summary import format_summary, summary_table
+
+    study = parse_study(STUDY, base_dir=store.root.parent)
+    text = format_summary(summary_table(store, study))
+    head = text.splitlines()[0].split()
+    tests_columns = run("query", "tests", store.root, "--format", "json")
+    assert set(head) - {"r2", "q_value"} <= set(json.loads(tests_columns.stdout)[0])
+    legend = text.split("\n\n", 1)[1]
+    for word in ("chain-gram", "raw", "closed-set", "open-set", "chance", "p_value", "q_value",
+                 "permutations"):
+        assert any(line.startswith(word + " ") for line in legend.splitlines()), word
+    assert "permdisp" not in legend  # only what the table holds is explained
+    assert "0.01 for 99" in legend  # the p floor

@@ -12,7 +12,8 @@ from distsim.store import Store, StoreError, model_id
 from distsim.store import query as q
 from distsim.store.query import empty_filter_note, read_only_sql
 
-TABLES_HINT = "query the tables models, weights, templates, features, neighbors, pairs, tests"
+TABLES_HINT = ("query the tables models, weights, templates, features, neighbors, pairs, tests, "
+               "history")
 OS_RELEASE = Path("/etc/os-release")
 
 

@@ -357,4 +357,5 @@ def test_stages_and_summary(tmp_path, study_toml):
         store.mark_stage("../zoo")
     row = store.summary().row(0, named=True)
     assert row == {"arch": "mlp", "expected": 6, "ok": 2, "diverged": 1, "failed": 0,
+                   "train_acc": None, "test_acc": pytest.approx(0.55),  # mean of the ok models'
                    "features": 0, "tests": 0}

@@ -55,8 +55,20 @@ def read_only_sql(store: ShardStore, sql: str) -> pl.LazyFrame:
         _check_reads(store, lf)
     except (pl.exceptions.PolarsError, OSError) as exc:
         lines = str(exc).strip().splitlines()  # later lines are plans: a read file's header
-        raise StoreError(f"query sql: {lines[0] if lines else type(exc).__name__}") from None
+        first = lines[0] if lines else type(exc).__name__
+        raise StoreError(f"query sql: {first}{_quote_hint(first)}") from None
     return lf
+
+
+def _quote_hint(error: str) -> str:
+    """A hint when the parser stopped at a column whose name is an SQL keyword (``values``)."""
+    m = re.search(r"found: (\w+)", error)
+    columns = {c.name for t in TABLES.values() for c in t.columns}
+    if m is None or m.group(1).lower() not in columns:
+        return ""
+    word = m.group(1)
+    return f' (the column {word} is an SQL keyword: write it in double quotes, "{word}")'
+
 
 
 def empty_filter_note(store: ShardStore, table: str, filters: dict[str, object]) -> str | None:

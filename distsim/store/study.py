@@ -263,13 +263,16 @@ class Store(ShardStore):
         return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
     def summary(self) -> pl.DataFrame:
-        """Per arch: models expected (from study.json), ok, diverged, failed, features, tests."""
+        """Per arch: models expected (from study.json), ok, diverged, failed, the mean train and
+        test accuracy of the ok models, feature rows, tests."""
         cfg = (self.read_study() or {}).get("config", {})
         n_tasks = cfg.get("data", {}).get("num_tasks", 0)
         expected = n_tasks * cfg.get("train", {}).get("seeds_per_task", 0)
         archs = [a["name"] for a in cfg.get("arch", [])]
         count = pl.len().alias("n")
         counts = self.scan("models").group_by("arch", "status").agg(count).collect()
+        accs = (self.scan("models").filter(pl.col("status") == "ok").group_by("arch")
+                .agg(pl.col("train_acc").mean(), pl.col("test_acc").mean()).collect())
         feats = self.scan("features").group_by("arch").agg(count).collect()
         tests = self.scan("tests").group_by("arch").agg(count).collect()
         archs += sorted(set(counts["arch"].to_list()) - set(archs))
@@ -281,11 +284,15 @@ class Store(ShardStore):
                 by[status] = by.get(status, 0) + int(n)
             f = feats.filter(pl.col("arch") == arch)["n"]
             t = tests.filter(pl.col("arch") == arch)["n"]
+            acc = accs.filter(pl.col("arch") == arch)
             rows.append({"arch": arch, "expected": expected, **{s: by[s] for s in STATUSES},
+                         "train_acc": acc["train_acc"][0] if acc.height else None,
+                         "test_acc": acc["test_acc"][0] if acc.height else None,
                          "features": int(f[0]) if len(f) else 0,
                          "tests": int(t[0]) if len(t) else 0})
         schema = {"arch": pl.String, "expected": pl.Int64, "ok": pl.Int64, "diverged": pl.Int64,
-                  "failed": pl.Int64, "features": pl.Int64, "tests": pl.Int64}
+                  "failed": pl.Int64, "train_acc": pl.Float64, "test_acc": pl.Float64,
+                  "features": pl.Int64, "tests": pl.Int64}
         return pl.DataFrame(rows, schema=schema)
 
     def _write_json(self, path: Path, doc: Mapping[str, Any], indent: int | None = None) -> None:
