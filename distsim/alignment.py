@@ -7,9 +7,9 @@ units (MLP) or channels (CNN) maximizing
 
 for a model's weights W_l, b_l against the template's T_l, t_l. Every weight is seen as a
 (out, in_units, rest) array: a linear layer after a linear layer (rest 1), a conv
-(rest kh*kw: the conv's in-channels are the previous layer's units), a linear layer after
-conv + flatten (rest = positions: the flattened input is channel-major, so a channel
-permutation moves blocks of columns, as in distsim.normalize). The aligned weights are
+(rest kh*kw, or k for a Conv1d: the conv's in-channels are the previous layer's units), a
+linear layer after conv + flatten (rest = positions: the flattened input is channel-major, so
+a channel permutation moves blocks of columns, as in distsim.normalize). The aligned weights are
 W'_l[i, a, r] = W_l[perm_l[i], perm_{l-1}[a], r] and b'_l[i] = b_l[perm_l[i]].
 
 Search: perm_l starts from a forward pass that matches layer l's incoming weights (and bias)

@@ -1,6 +1,7 @@
 """The linearized chain of a sequential network (MLP, CNN): the map from input pixels to the units
 of a layer with activations dropped (max pooling as its linear average, avg pooling as itself),
-in homogeneous coordinates [linear part | offset]; and the walk of shapes it follows.
+in homogeneous coordinates [linear part | offset]; and the walk of shapes it follows. Convs and
+pooling are 2-D (input (C, H, W)) or 1-D (input (C, L), "pixels" its C*L values).
 
 Everything runs on stacks of K models (leading K dimension). distsim.features builds the
 chain-gram and gram features from it.
@@ -36,6 +37,10 @@ def _out_size(n: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False) ->
     return out
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d}  # by number of spatial dimensions
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d}
+
+
 def unit_shapes(
     plan: Plan, shapes: Mapping[str, tuple[int, ...]], input_shape: tuple[int, ...]
 ) -> list[tuple[int, ...]]:
@@ -51,24 +56,28 @@ def unit_shapes(
                 )
             shape = (w[-2],)
         elif step.op == "conv":
-            w = shapes[step.weight]
-            if len(shape) != 3 or shape[0] != w[-3]:
+            w, dims = shapes[step.weight], len(step.kernel)  # w: (out, in, *kernel)
+            if len(shape) != 1 + dims or shape[0] != w[-1 - dims]:
                 raise ValueError(
-                    f"layer {step.name} expects {w[-3]} channels, the walk gives shape {shape}"
+                    f"layer {step.name} expects {w[-1 - dims]} channels and {dims} spatial "
+                    f"dimension(s), the walk gives shape {shape}"
                 )
-            hw = [
+            sizes = [
                 _out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i],
                           step.dilation[i])
-                for i in (0, 1)
+                for i in range(dims)
             ]
-            shape = (w[-4], *hw)
+            shape = (w[-2 - dims], *sizes)
         elif step.op in ("maxpool", "avgpool"):
-            hw = [
+            dims = len(step.kernel)
+            if len(shape) != 1 + dims:
+                raise ValueError(f"a {dims}-D pooling step gets shape {shape}")
+            sizes = [
                 _out_size(shape[i + 1], step.kernel[i], step.stride[i], step.padding[i], 1,
                           step.ceil_mode)
-                for i in (0, 1)
+                for i in range(dims)
             ]
-            shape = (shape[0], *hw)
+            shape = (shape[0], *sizes)
         elif step.op == "flatten":
             shape = (math.prod(shape),)
         if min(shape) < 1:
@@ -79,20 +88,22 @@ def unit_shapes(
 
 def infer_input_shape(model: nn.Module, plan: Plan | None = None) -> tuple[int, ...]:
     """Input shape of a sequential model: (P,) for an MLP; for a CNN the smallest square (C, H, H)
-    whose walk fits its head (pass ``input_shape`` to weight_features when that is not the one)."""
+    (a 1-D CNN: the shortest (C, L), L <= 4096) whose walk fits its head (pass ``input_shape``
+    to weight_features when that is not the one)."""
     plan = plan or layer_plan(model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     first = next(s for s in plan.steps if s.op in ("linear", "conv"))
     if first.op == "linear":
         return (shapes[first.weight][1],)
-    channels = shapes[first.weight][1]
-    for size in range(1, 1025):
+    channels, dims = shapes[first.weight][1], len(first.kernel)
+    for size in range(1, 4097 if dims == 1 else 1025):
         try:
-            unit_shapes(plan, shapes, (channels, size, size))
-            return (channels, size, size)
+            unit_shapes(plan, shapes, (channels, *[size] * dims))
+            return (channels, *[size] * dims)
         except ValueError:
             continue
-    raise ValueError("cannot infer the input shape of this CNN; pass input_shape=(C, H, W)")
+    wanted = "(C, L)" if dims == 1 else "(C, H, W)"
+    raise ValueError(f"cannot infer the input shape of this CNN; pass input_shape={wanted}")
 
 
 # ---------------------------------------------------------------- the chain
@@ -111,34 +122,36 @@ def _affine_walk(
     for step in plan.steps:
         if step.op == "linear":
             x = torch.einsum("kjn,kon->kjo", x.reshape(k, j, -1), p[step.weight])
-        elif step.op == "conv":
-            w = p[step.weight]
-            _, _, c, h, wd = x.shape
-            y = F.conv2d(
-                x.transpose(0, 1).reshape(j, k * c, h, wd),
+        elif step.op == "conv":  # x (K, J, C, *spatial); w (K, out, C, *kernel)
+            w, dims = p[step.weight], len(step.kernel)
+            c, spatial = x.shape[2], x.shape[3:]
+            y = _CONV[dims](
+                x.transpose(0, 1).reshape(j, k * c, *spatial),
                 w.reshape(k * w.shape[1], *w.shape[2:]),
                 stride=step.stride,
                 padding=step.padding,
                 dilation=step.dilation,
                 groups=k,
             )
-            x = y.reshape(j, k, w.shape[1], *y.shape[-2:]).transpose(0, 1)
+            x = y.reshape(j, k, w.shape[1], *y.shape[2:]).transpose(0, 1)
         elif step.op in ("maxpool", "avgpool"):
-            _, _, c, h, wd = x.shape
-            y = F.avg_pool2d(
-                x.reshape(k * j, c, h, wd),
+            c, spatial = x.shape[2], x.shape[3:]
+            y = _AVG_POOL[len(step.kernel)](
+                x.reshape(k * j, c, *spatial),
                 step.kernel,
                 step.stride,
                 step.padding,
                 ceil_mode=step.ceil_mode,
                 count_include_pad=step.count_include_pad,
             )
-            x = y.reshape(k, j, c, *y.shape[-2:])
+            x = y.reshape(k, j, c, *y.shape[2:])
         elif step.op == "flatten":
             x = x.reshape(k, j, -1)
         if step.op in ("linear", "conv"):
             if step.bias:
-                b = p[step.bias] if step.op == "linear" else p[step.bias][:, :, None, None]
+                b = p[step.bias]  # (K, out): broadcast over a conv's positions
+                if step.op == "conv":
+                    b = b.reshape(*b.shape, *[1] * (x.dim() - 3))
                 if bias_row is None:
                     x = x + b[:, None]
                 else:

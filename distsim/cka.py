@@ -12,7 +12,8 @@ the probe) gets the zero vector. n(n+1)/2 values (32,896 for n = 256).
 The representation of a layer: hidden layers (fc*, conv*) their post-activation output (the
 ReLU / LeakyReLU right after the layer; a conv's before its pooling, flattened channel-major);
 ``out`` the logits; GRU ``gru_ih`` / ``gru_ih_l{k}`` the last hidden state of GRU layer k on the
-probe images read as row sequences (models from distsim.models.build).
+probe images read as row sequences (a 1-D (C, L) probe: L steps of C values; models from
+distsim.models.build).
 
 Cost: one forward pass per model on the probe, then an n x n centred Gram (see
 weight_features_batch for the measured time per model).

@@ -3,7 +3,8 @@
 ``chain-gram`` (the method): with chain-normalized weights, M_1 = Ŵ_1 and M_l = Ŵ_l M_{l-1} map
 input pixels to the units of layer l. Biases ride along in homogeneous coordinates: M_l is the
 (units x (P+1)) matrix [linear part | offset], the offset being the layer's response to a zero
-input with activations linearized, so the feature sees the whole affine chain. A conv is applied
+input with activations linearized, so the feature sees the whole affine chain. A conv (2-D, or
+1-D for (C, L) inputs, whose C*L values are the "pixels") is applied
 as its exact linear map on the flattened input, max pooling is taken as its linear average
 (avg pooling as itself), flatten feeds the head, and activations are dropped (linearized).
 Permuting the units of any layer <= l permutes the rows of M_l, so the Gram G_l = M_l^T M_l
@@ -281,8 +282,8 @@ def _check_extras(
     size = math.prod(input_shape) if input_shape else None
     if x.dim() < 2 or x.shape[0] < 3 or (size and math.prod(x.shape[1:]) != size):
         raise ValueError(
-            f"probe must be (n >= 3, *input_shape) with {size or 'C*H*W'} values per sample, "
-            f"got {tuple(x.shape)}"
+            f"probe must be (n >= 3, *input_shape) with {size or 'C*H*W or C*L'} values per "
+            f"sample, got {tuple(x.shape)}"
         )
     return x
 
@@ -359,8 +360,9 @@ def weight_features(
     (the same map for every model given ``seed``). ``sketch``: where ``dim`` applies, "output"
     (the feature vector) or "input" (the chain maps' input side, for chain-gram and gram; see the
     module docstring). ``projection``: the output map, "countsketch" or the legacy "gaussian"
-    (see distsim.projection). ``input_shape`` (C, H, W): only needed for a CNN whose input is not
-    the smallest square that fits its head (see infer_input_shape). ``template``: the study's
+    (see distsim.projection). ``input_shape`` (C, H, W) or (C, L): only needed for a CNN whose
+    input is not the smallest square (1-D: the shortest length) that fits its head (see
+    infer_input_shape). ``template``: the study's
     template for "aligned" (distsim.alignment.make_template). ``probe`` (n, *input_shape): the
     study's probe inputs for "cka" (distsim.cka.probe_inputs).
     """

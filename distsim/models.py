@@ -1,8 +1,9 @@
 """Architectures of a zoo: MLP, CNN (no BatchNorm) and GRU classifiers.
 
 Every model of a zoo is built from one :class:`ArchConfig`, so all models share the same
-parameter names and shapes. The layouts are kept plain (``nn.Sequential`` of Linear/Conv2d,
-activations, pooling, Flatten) because the chain normalization rule walks them in order.
+parameter names and shapes. The layouts are kept plain (``nn.Sequential`` of Linear and
+Conv2d, or Conv1d for 1-D inputs, activations, pooling, Flatten) because the chain
+normalization rule walks them in order.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ class ArchConfig:
 
     kind: ``mlp`` | ``cnn`` | ``rnn``.
     widths: hidden widths of the MLP.
-    channels: output channels of each CNN block (3x3 conv, padding 1, activation, 2x2 max-pool).
+    channels: output channels of each CNN block (3x3 conv, padding 1, activation, 2x2 max-pool;
+    for a 1-D input: kernel-3 Conv1d, padding 1, activation, MaxPool1d(2)).
     head_widths: hidden linear layers of the CNN between its flatten and its output layer.
-    hidden, num_layers: GRU hidden size and depth (the RNN reads image rows as a sequence).
-    input_shape: (C, H, W) of one sample; num_classes: outputs of the linear head.
+    hidden, num_layers: GRU hidden size and depth (the RNN reads image rows as a sequence: H
+    steps of C*W values; a 1-D input: L steps of C values).
+    input_shape: (C, H, W) or (C, L) of one sample; num_classes: outputs of the linear head.
     """
 
     kind: str = "mlp"
@@ -41,7 +44,7 @@ class ArchConfig:
     num_layers: int = 1
     activation: str = "relu"
     negative_slope: float = 0.01
-    input_shape: tuple[int, ...] = (1, 8, 8)  # (C, H, W)
+    input_shape: tuple[int, ...] = (1, 8, 8)  # (C, H, W) or (C, L)
     num_classes: int = 2
     name: str = field(default="")
 
@@ -54,12 +57,12 @@ class ArchConfig:
         if self.kind == "cnn":
             if not self.channels:
                 raise ConfigError.at("arch.channels", "must name at least one block for a cnn")
-            _, h, w = self.input_shape
-            if min(h, w) < 2 ** len(self.channels):
-                side = 2 ** len(self.channels)
+            sizes = self.input_shape[1:]
+            if min(sizes) < 2 ** len(self.channels):
+                side = "x".join([str(2 ** len(self.channels))] * len(sizes))
                 raise ConfigError.at("arch.channels",
-                                     f"{len(self.channels)} pooling blocks need an "
-                                     f"input of at least {side}x{side}, got {h}x{w}")
+                                     f"{len(self.channels)} pooling blocks need an input of at "
+                                     f"least {side}, got {'x'.join(map(str, sizes))}")
 
     def with_task_shape(self, input_shape: tuple[int, ...], num_classes: int) -> ArchConfig:
         """A copy sized for a task's samples (input_shape) and labels (num_classes)."""
@@ -75,7 +78,7 @@ ARCH_PARAMS: Table = {
     "num_layers": Integer(lo=1),
     "activation": Options(ACTIVATIONS),
     "negative_slope": Number(),
-    "input_shape": Array(Integer(lo=1), size=3),
+    "input_shape": Array(Integer(lo=1), size=(2, 3)),  # (C, H, W) or (C, L)
     "num_classes": Integer(lo=2),
     "name": Text(pattern=NAME_PATTERN),
 }
@@ -135,18 +138,25 @@ class GRU(nn.Module):
 
 
 class RNNClassifier(nn.Module):
-    """GRU over an image's rows (T = H steps of C*W features), linear head on the last state."""
+    """GRU over an image's rows (T = H steps of C*W features), linear head on the last state.
+
+    A 1-D input (C, L) is read as L steps of C features.
+    """
 
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
-        c, h, w = cfg.input_shape
+        self.one_d = len(cfg.input_shape) == 2
+        c, _, w = (*cfg.input_shape, 1) if self.one_d else cfg.input_shape
         self.gru = GRU(c * w, cfg.hidden, cfg.num_layers)
         self.head = nn.Linear(cfg.hidden, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        c, h, w = x.shape[-3:] if x.dim() == 4 else (1, *x.shape[-2:])
-        seq = x.reshape(batch, c, h, w).permute(0, 2, 1, 3).reshape(batch, h, c * w)
+        if self.one_d:  # (B, C, L) -> L steps of C features
+            seq = x.reshape(batch, self.gru.input_size, -1).transpose(1, 2)
+        else:
+            c, h, w = x.shape[-3:] if x.dim() == 4 else (1, *x.shape[-2:])
+            seq = x.reshape(batch, c, h, w).permute(0, 2, 1, 3).reshape(batch, h, c * w)
         _, h_last = self.gru(seq)
         return self.head(h_last[-1])
 
@@ -154,28 +164,29 @@ class RNNClassifier(nn.Module):
 def build(cfg: ArchConfig) -> nn.Module:
     """A freshly initialized model for ``cfg`` (default init; seed it with torch.manual_seed).
 
-    Input (B, C, H, W) -> logits (B, num_classes). MLP and CNN are ``nn.Sequential``.
+    Input (B, C, H, W) or (B, C, L) -> logits (B, num_classes). MLP and CNN are
+    ``nn.Sequential``; the CNN of a (C, L) input uses Conv1d / MaxPool1d.
     """
     if not isinstance(cfg, ArchConfig):
         raise TypeError(f"build() takes an ArchConfig, got {type(cfg).__name__}")
-    c, h, w = cfg.input_shape
+    c, sizes = cfg.input_shape[0], cfg.input_shape[1:]
     if cfg.kind == "mlp":
         layers: list[nn.Module] = [nn.Flatten()]
-        n_in = c * h * w
+        n_in = math.prod(cfg.input_shape)
         for width in cfg.widths:
             layers += [nn.Linear(n_in, width), _activation(cfg)]
             n_in = width
         layers.append(nn.Linear(n_in, cfg.num_classes))
         return nn.Sequential(*layers)
     if cfg.kind == "cnn":
+        conv, pool = (nn.Conv1d, nn.MaxPool1d) if len(sizes) == 1 else (nn.Conv2d, nn.MaxPool2d)
         layers = []
         n_in = c
         for ch in cfg.channels:
-            layers += [nn.Conv2d(n_in, ch, kernel_size=3, padding=1), _activation(cfg),
-                       nn.MaxPool2d(2)]
-            n_in, h, w = ch, h // 2, w // 2
+            layers += [conv(n_in, ch, kernel_size=3, padding=1), _activation(cfg), pool(2)]
+            n_in, sizes = ch, tuple(n // 2 for n in sizes)
         layers.append(nn.Flatten())
-        n_in = n_in * h * w
+        n_in = n_in * math.prod(sizes)
         for width in cfg.head_widths:
             layers += [nn.Linear(n_in, width), _activation(cfg)]
             n_in = width
@@ -190,28 +201,37 @@ def forward_packed(
     """K copies of ``model``'s architecture with stacked weights, run as one batched call.
 
     params[name]: (K, *shape) for every parameter name of ``model`` (its own weights are unused).
-    x: (K, B, C, H, W), one batch per copy -> logits (K, B, num_classes). Linear layers become
-    batched matmuls, Conv2d a grouped convolution (groups=K), the GRU batched matmuls per step.
+    x: (K, B, C, H, W) or (K, B, C, L), one batch per copy -> logits (K, B, num_classes). Linear
+    layers become batched matmuls, Conv2d / Conv1d a grouped convolution (groups=K), the GRU
+    batched matmuls per step.
     """
     if isinstance(model, RNNClassifier):
-        k, b, c, h, w = x.shape
-        seq = x.permute(0, 1, 3, 2, 4).reshape(k, b, h, c * w)  # rows of the image as steps
+        if model.one_d:  # (K, B, C, L): L steps of C features
+            seq = x.transpose(2, 3)
+        else:
+            k, b, c, h, w = x.shape
+            seq = x.permute(0, 1, 3, 2, 4).reshape(k, b, h, c * w)  # rows of the image as steps
         return _linear(params, "head", _gru_packed(model.gru, params, "gru", seq))
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"forward_packed() takes a model from build(), got {type(model).__name__}")
     k, b = int(x.shape[0]), int(x.shape[1])
-    out, grouped = x, False  # grouped: (B, K*C, H, W) layout of a grouped convolution
+    out, grouped = x, False  # grouped: (B, K*C, *spatial) layout of a grouped convolution
     for name, layer in model.named_children():
-        if isinstance(layer, nn.Conv2d):
-            if not grouped:  # channels-last: CPU max-pool and grouped conv are far faster on it
-                out = out.transpose(0, 1).reshape(b, -1, *out.shape[-2:])
-                out, grouped = out.contiguous(memory_format=torch.channels_last), True
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            two_d = isinstance(layer, nn.Conv2d)
+            if not grouped:
+                out = out.transpose(0, 1).reshape(b, -1, *out.shape[(-2 if two_d else -1):])
+                if two_d:  # channels-last: CPU max-pool and grouped conv are far faster on it
+                    out = out.contiguous(memory_format=torch.channels_last)
+                grouped = True
             weight = params[f"{name}.weight"]
-            out = F.conv2d(out, weight.reshape(-1, *weight.shape[2:]),
-                           params[f"{name}.bias"].reshape(-1),
-                           stride=layer.stride, padding=layer.padding, groups=k)
+            out = (F.conv2d if two_d else F.conv1d)(
+                out, weight.reshape(-1, *weight.shape[2:]), params[f"{name}.bias"].reshape(-1),
+                stride=layer.stride, padding=layer.padding, groups=k)
         elif isinstance(layer, nn.MaxPool2d):
             out = F.max_pool2d(out, layer.kernel_size, layer.stride, layer.padding)
+        elif isinstance(layer, nn.MaxPool1d):
+            out = F.max_pool1d(out, layer.kernel_size, layer.stride, layer.padding)
         elif isinstance(layer, nn.Flatten):
             out = out.reshape(b, k, -1).transpose(0, 1) if grouped else out.flatten(2)
             grouped = False

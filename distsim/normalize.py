@@ -3,7 +3,8 @@
 Walk the layers in order; for every hidden unit i of layer l take s_i = ||(W_l[i, ...], b_l[i])||,
 divide the unit's incoming weights and bias by s_i and multiply the slice of W_{l+1} that reads
 unit i (a column of a linear layer, an input-channel slice of a conv, the block of flattened
-columns of a linear layer after conv + flatten) by s_i. ReLU/LeakyReLU are positively
+columns of a linear layer after conv + flatten) by s_i. A conv's (1-D or 2-D) hidden units are
+its output channels. ReLU/LeakyReLU are positively
 homogeneous and max/avg pooling commute with a positive per-channel scale, so the network's
 function is unchanged and every hidden unit's incoming vector has unit norm afterwards. GRU gates
 (σ, tanh) are not homogeneous, so a GRU has no rescaling symmetry to remove: its weights are left
@@ -30,8 +31,9 @@ from torch import nn
 from distsim.models import GRU, ArchConfig, RNNClassifier, build
 
 SUPPORTED = (
-    "nn.Sequential of Linear, Conv2d (groups=1, zero padding), ReLU, LeakyReLU, MaxPool2d, "
-    "AvgPool2d, Flatten, Identity, Dropout; distsim.models.RNNClassifier; distsim.models.GRU; "
+    "nn.Sequential of Linear, Conv1d/Conv2d (groups=1, zero padding), ReLU, LeakyReLU, "
+    "MaxPool1d/MaxPool2d, AvgPool1d/AvgPool2d, Flatten, Identity, Dropout; "
+    "distsim.models.RNNClassifier; distsim.models.GRU; "
     "nn.GRU (unidirectional, no projection)"
 )
 
@@ -44,17 +46,18 @@ class Step:
 
     op: linear | conv | act | maxpool | avgpool | flatten | identity.
     name: feature-layer name of a parametric layer (fc1, conv2, out); weight/bias: state-dict keys.
-    kernel/stride/padding/dilation: conv and pooling geometry (pairs).
+    kernel/stride/padding/dilation: conv and pooling geometry, one entry per spatial dimension
+    (pairs for Conv2d / pooling 2d, 1-tuples for Conv1d / pooling 1d).
     """
 
     op: str
     name: str = ""
     weight: str = ""
     bias: str | None = None
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: tuple[int, ...] = (1, 1)
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
     ceil_mode: bool = False
     count_include_pad: bool = True
 
@@ -81,8 +84,9 @@ class Plan:
         return tuple(s for s in self.steps if s.op in ("linear", "conv"))
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _ntuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
+    """A module's geometry argument as n ints (n spatial dimensions)."""
+    return (int(v),) * n if isinstance(v, int) else tuple(int(a) for a in v)
 
 
 def _sequential_steps(seq: nn.Sequential, prefix: str) -> list[Step]:
@@ -94,38 +98,41 @@ def _sequential_steps(seq: nn.Sequential, prefix: str) -> list[Step]:
         elif isinstance(m, nn.Linear):
             bias = f"{name}.bias" if m.bias is not None else None
             steps.append(Step("linear", weight=f"{name}.weight", bias=bias))
-        elif isinstance(m, nn.Conv2d):
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise ValueError(
                     f"unsupported module {name!r} ({m!r}): "
-                    "Conv2d needs groups=1, numeric zero padding"
+                    f"{type(m).__name__} needs groups=1, numeric zero padding"
                 )
+            n = 1 if isinstance(m, nn.Conv1d) else 2
             steps.append(
                 Step(
                     "conv",
                     weight=f"{name}.weight",
                     bias=f"{name}.bias" if m.bias is not None else None,
-                    kernel=_pair(m.kernel_size),
-                    stride=_pair(m.stride),
-                    padding=_pair(m.padding),
-                    dilation=_pair(m.dilation),
+                    kernel=_ntuple(m.kernel_size, n),
+                    stride=_ntuple(m.stride, n),
+                    padding=_ntuple(m.padding, n),
+                    dilation=_ntuple(m.dilation, n),
                 )
             )
         elif isinstance(m, (nn.ReLU, nn.LeakyReLU)):
             steps.append(Step("act"))
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != (1, 1):
-                raise ValueError(f"unsupported module {name!r} ({m!r}): MaxPool2d needs dilation=1")
+        elif isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
+            n = 1 if isinstance(m, (nn.MaxPool1d, nn.AvgPool1d)) else 2
+            kind = type(m).__name__
+            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) and _ntuple(m.dilation, n) != (1,) * n:
+                raise ValueError(f"unsupported module {name!r} ({m!r}): {kind} needs dilation=1")
             if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
                 raise ValueError(f"unsupported module {name!r} ({m!r}): AvgPool2d divisor_override")
-            op = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
+            op = "maxpool" if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) else "avgpool"
             stride = m.stride if m.stride is not None else m.kernel_size
             steps.append(
                 Step(
                     op,
-                    kernel=_pair(m.kernel_size),
-                    stride=_pair(stride),
-                    padding=_pair(m.padding),
+                    kernel=_ntuple(m.kernel_size, n),
+                    stride=_ntuple(stride, n),
+                    padding=_ntuple(m.padding, n),
                     ceil_mode=bool(m.ceil_mode),
                     count_include_pad=bool(getattr(m, "count_include_pad", True)),
                 )
@@ -150,7 +157,7 @@ def _name_layers(steps: list[Step]) -> tuple[Step, ...]:
     """Give parametric steps their feature-layer names: conv1.., fc1.., and 'out' for the last."""
     last = max((i for i, s in enumerate(steps) if s.op in ("linear", "conv")), default=None)
     if last is None:
-        raise ValueError("chain normalization needs at least one Linear or Conv2d layer")
+        raise ValueError("chain normalization needs at least one Linear, Conv1d or Conv2d layer")
     counts = {"conv": 0, "linear": 0}
     named = []
     for i, s in enumerate(steps):
@@ -261,7 +268,7 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
 def _normalize_sequential(plan: Plan, p: dict[str, torch.Tensor]) -> None:
     layers = plan.parametric
     for cur, nxt in itertools.pairwise(layers):
-        w = p[cur.weight]  # (K, out, in[, kh, kw])
+        w = p[cur.weight]  # (K, out, in[, *kernel])
         k, out = w.shape[:2]
         sq = w.reshape(k, out, -1).square().sum(-1)
         if cur.bias:
@@ -270,9 +277,9 @@ def _normalize_sequential(plan: Plan, p: dict[str, torch.Tensor]) -> None:
         p[cur.weight] = w / s.reshape(k, out, *[1] * (w.dim() - 2))
         if cur.bias:
             p[cur.bias] = p[cur.bias] / s
-        wn = p[nxt.weight]  # (K, out_next, in_next[, kh, kw])
-        if nxt.op == "conv":
-            p[nxt.weight] = wn * s[:, None, :, None, None]
+        wn = p[nxt.weight]  # (K, out_next, in_next[, *kernel])
+        if nxt.op == "conv":  # the in-channel slice that reads each unit
+            p[nxt.weight] = wn * s.reshape(k, 1, out, *[1] * (wn.dim() - 3))
         elif wn.shape[2] == out:
             p[nxt.weight] = wn * s[:, None, :]
         elif cur.op == "conv" and wn.shape[2] % out == 0:

@@ -150,24 +150,30 @@ class Flag(Constraint):
 
 @dataclass(frozen=True)
 class Array(Constraint):
-    """An array of items (returned as a tuple): ``size`` items exactly, or any number
-    (at least one when ``nonempty``), pairwise different when ``distinct``."""
+    """An array of items (returned as a tuple): ``size`` items exactly (an int, or a tuple of
+    the allowed lengths), or any number (at least one when ``nonempty``), pairwise different
+    when ``distinct``."""
 
     item: Constraint
-    size: int | None = None
+    size: int | tuple[int, ...] | None = None
     nonempty: bool = False
     distinct: bool = False
 
+    def _sizes(self) -> tuple[int, ...] | None:
+        return (self.size,) if isinstance(self.size, int) else self.size
+
     def describe(self, plural: bool = False) -> str:
         article = "arrays" if plural else "a non-empty array" if self.nonempty else "an array"
-        count = f"{self.size} " if self.size is not None else ""
+        sizes = self._sizes()
+        count = f"{' or '.join(map(str, sizes))} " if sizes is not None else ""
         distinct = "distinct " if self.distinct else ""
         return f"{article} of {count}{distinct}{self.item.describe(plural=True)}"
 
     def check(self, value: Any, key: str) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)):
             raise ConfigError.at(key, f"must be {self.describe()}, {_got(value)}")
-        if (self.size is not None and len(value) != self.size) or (self.nonempty and not value):
+        sizes = self._sizes()
+        if (sizes is not None and len(value) not in sizes) or (self.nonempty and not value):
             raise ConfigError.at(key, f"must be {self.describe()}, got {list(value)!r}")
         items = tuple(self.item.check(v, f"{key}[{i}]") for i, v in enumerate(value))
         if self.distinct and len(set(items)) != len(items):

@@ -334,7 +334,7 @@ def test_query_on_an_empty_store_prints_an_empty_table(tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout) == []
 
 
-# ----------------------------------------------------------------------------- help / tables / legend
+# ------------------------------------------------------------------------ help, tables, legend
 
 
 def test_help_short_option_version_and_plain_flags():

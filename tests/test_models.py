@@ -88,7 +88,7 @@ def test_rnn_reads_image_rows_as_steps():
     [
         ({"kind": "transformer"}, "arch.kind"),
         ({"activation": "tanh"}, "arch.activation"),
-        ({"input_shape": (8, 8)}, "arch.input_shape"),
+        ({"input_shape": (8,)}, "arch.input_shape"),
         ({"input_shape": (1, 0, 8)}, "arch.input_shape"),
         ({"widths": (4, 0)}, "arch.widths"),
         ({"kind": "mlp", "widths": ()}, "arch.widths"),
