@@ -1,11 +1,17 @@
-"""Offline tasks of a zoo: class-pair tasks of digits or a user's .npz, and synthetic mixtures.
+"""Offline tasks of a zoo: class-pair tasks of digits, MNIST-1D or a user's .npz, and synthetic
+mixtures.
 
 A *task* is a small labelled dataset that many networks are trained on. Every task is built
 from a :class:`DataConfig` alone, with numpy's seeded generators, so building it twice gives
-bit-identical arrays (no downloads, no global random state).
+bit-identical arrays (no downloads; the one global random state used, MNIST-1D's generator's,
+is seeded and restored around it).
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes). A task is a pair of
   classes (45 possible) relabelled 0/1; images are (1, 8, 8) float32 in [0, 1].
+- ``mnist1d``: MNIST-1D (Greydanus & Kobak; distsim.datasets), generated locally by the
+  ``mnist1d`` package and cached; its train and test split are merged into one pool of 5000
+  signals by default (10 classes), tasks are class pairs as for digits; samples are (1, 40)
+  float32.
 - ``npz``: a user's file with arrays ``X`` (N, C, H, W), (N, H, W) or (N, D) and integer ``y``
   (N,); tasks are class pairs as for digits (uint8 images are scaled to [0, 1]).
 - ``synthetic``: seeded Gaussian-mixture tasks of any shape and number of classes, for fast
@@ -14,18 +20,23 @@ bit-identical arrays (no downloads, no global random state).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from distsim.datasets import MNIST1DArgs, load_mnist1d
 from distsim.errors import ConfigError
 from distsim.params import Array, Integer, Maybe, Number, Options, Table, Text, check_fields
 
-DATASETS = ("digits", "synthetic", "npz")
+DATASETS = ("digits", "synthetic", "npz", "mnist1d")
+MNIST1D_PREFIX = "mnist1d_"  # the [data] keys of the mnist1d generator (MNIST1DArgs fields)
+_MNIST1D = MNIST1DArgs()  # the package's defaults
 PAIRINGS = ("random", "consecutive")
 
 
@@ -33,7 +44,7 @@ PAIRINGS = ("random", "consecutive")
 class DataConfig:
     """Which tasks a study trains on.
 
-    dataset: ``digits`` | ``synthetic`` | ``npz``.
+    dataset: ``digits`` | ``synthetic`` | ``npz`` | ``mnist1d``.
     num_tasks: how many tasks; for class pairs at most C(classes, 2) (``random``) or
         classes // 2 (``consecutive``).
     seed: picks the pairs (``random``), the train/test splits and the synthetic samples.
@@ -43,6 +54,9 @@ class DataConfig:
     path: the .npz file for ``npz``.
     synthetic_*: classes per task, sample shape (C, H, W), samples per class and the distance
         scale between class means (larger = easier) of the synthetic mixtures.
+    mnist1d_*: the MNIST-1D generator's arguments (distsim.datasets.MNIST1DArgs, defaults the
+        package's): samples (a multiple of 10, 5000), seed (42), scale_coeff, max_translation,
+        corr_noise_scale, iid_noise_scale, shear_scale. Only with dataset = "mnist1d".
     """
 
     dataset: str = "digits"
@@ -55,6 +69,13 @@ class DataConfig:
     synthetic_shape: tuple[int, int, int] = (1, 8, 8)
     synthetic_samples: int = 100
     synthetic_separation: float = 3.0
+    mnist1d_samples: int = _MNIST1D.samples
+    mnist1d_seed: int = _MNIST1D.seed
+    mnist1d_scale_coeff: float = _MNIST1D.scale_coeff
+    mnist1d_max_translation: int = _MNIST1D.max_translation
+    mnist1d_corr_noise_scale: float = _MNIST1D.corr_noise_scale
+    mnist1d_iid_noise_scale: float = _MNIST1D.iid_noise_scale
+    mnist1d_shear_scale: float = _MNIST1D.shear_scale
 
     def __post_init__(self) -> None:
         check_fields(self, "data", DATA_PARAMS)
@@ -63,6 +84,25 @@ class DataConfig:
         if self.dataset != "npz" and self.path is not None:
             raise ConfigError.at(
                 "data.path", f'only used with dataset = "npz", got dataset = {self.dataset!r}')
+        if self.mnist1d_samples % 10:
+            raise ConfigError.at("data.mnist1d_samples", "must be a multiple of 10 (as many "
+                                 f"samples of each of the 10 classes), got {self.mnist1d_samples}")
+        if self.dataset != "mnist1d":
+            for key, value in dataclasses.asdict(self.mnist1d_args()).items():
+                if value != getattr(_MNIST1D, key):
+                    raise ConfigError.at(f"data.{MNIST1D_PREFIX}{key}", 'only used with dataset = '
+                                         f'"mnist1d", got dataset = {self.dataset!r}')
+
+    def mnist1d_args(self) -> MNIST1DArgs:
+        """The MNIST-1D generator's arguments: the mnist1d_* fields without their prefix."""
+        return MNIST1DArgs(**{f.name: getattr(self, MNIST1D_PREFIX + f.name)
+                              for f in dataclasses.fields(MNIST1DArgs)})
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field by name, the mnist1d_* ones only with dataset = "mnist1d": a study on
+        other data resolves (and hashes) as before these keys existed."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if self.dataset == "mnist1d" or not f.name.startswith(MNIST1D_PREFIX)}
 
 
 DATA_PARAMS: Table = {
@@ -76,12 +116,20 @@ DATA_PARAMS: Table = {
     "synthetic_shape": Array(Integer(lo=1), size=3),
     "synthetic_samples": Integer(lo=2),
     "synthetic_separation": Number(lo=0, lo_open=True),
+    "mnist1d_samples": Integer(lo=20),
+    "mnist1d_seed": Integer(lo=0, hi=2**32 - 1),
+    "mnist1d_scale_coeff": Number(lo=0, hi=2, hi_open=True),
+    "mnist1d_max_translation": Integer(lo=1),
+    "mnist1d_corr_noise_scale": Number(lo=0),
+    "mnist1d_iid_noise_scale": Number(lo=0),
+    "mnist1d_shear_scale": Number(lo=0),
 }
 
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """One labelled dataset: x_* float32 (N, C, H, W), y_* int64 (N,) with labels 0..k-1.
+    """One labelled dataset: x_* float32 (N, C, H, W) (mnist1d: (N, C, L)), y_* int64 (N,)
+    with labels 0..k-1.
 
     classes: the original class ids behind labels 0..k-1 (label i is classes[i]).
     """
@@ -96,7 +144,7 @@ class Task:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of one sample."""
+        """(C, H, W) of one sample, (C, L) for 1-D signals."""
         return tuple(int(s) for s in self.x_train.shape[1:])
 
     @property
@@ -110,31 +158,35 @@ def make_tasks(cfg: DataConfig) -> list[Task]:
         raise TypeError(f"make_tasks() takes a DataConfig, got {type(cfg).__name__}")
     if cfg.dataset == "synthetic":
         return [_synthetic_task(cfg, i) for i in range(cfg.num_tasks)]
-    if cfg.dataset == "digits":
-        x, y = digits()
-        prefix = "digits"
-    else:
-        path = cfg.path
-        assert path is not None  # DataConfig requires a path for npz
-        x, y = _load_npz(path)
-        prefix = Path(path).stem
+    x, y, prefix = _class_pool(cfg)
     return _pair_tasks(cfg, x, y, prefix)
 
 
 def study_inputs(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Every input of a study's data with a class id, x (N, C, H, W) float32 and y (N,) int64:
-    the whole dataset for digits and npz (all classes, not only the tasks'), the tasks' samples
-    for synthetic (class = task x classes + label). The pool a study's CKA probe is drawn from."""
-    if cfg.dataset == "digits":
-        return digits()
-    if cfg.dataset == "npz":
-        assert cfg.path is not None  # DataConfig requires a path for npz
-        return _load_npz(cfg.path)
+    """Every input of a study's data with a class id, x (N, C, H, W) or (N, C, L) float32 and
+    y (N,) int64: the whole dataset for digits, mnist1d and npz (all classes, not only the
+    tasks'), the tasks' samples for synthetic (class = task x classes + label). The pool a
+    study's CKA probe is drawn from."""
+    if cfg.dataset != "synthetic":
+        x, y, _ = _class_pool(cfg)
+        return x, y
     tasks = make_tasks(cfg)
     x = np.concatenate([np.concatenate([t.x_train, t.x_test]) for t in tasks])
     y = np.concatenate([t.task_id * t.num_classes + np.concatenate([t.y_train, t.y_test])
                         for t in tasks])
     return x, y
+
+
+def _class_pool(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """The labelled samples class-pair tasks are drawn from, x float32 and y int64 (N,), and
+    the prefix of the tasks' names."""
+    if cfg.dataset == "digits":
+        return (*digits(), "digits")
+    if cfg.dataset == "mnist1d":
+        return (*load_mnist1d(cfg.mnist1d_args()), "mnist1d")
+    path = cfg.path
+    assert path is not None  # DataConfig requires a path for npz
+    return (*_load_npz(path), Path(path).stem)
 
 
 @functools.lru_cache(maxsize=1)

@@ -24,6 +24,7 @@ from distsim.config.sections import (
     StatsSpec,
 )
 from distsim.config.study import Study, TrainPlan
+from distsim.datasets import MNIST1D_SHAPE
 from distsim.errors import ConfigError
 from distsim.features import feature_layers
 from distsim.models import ArchConfig
@@ -138,11 +139,13 @@ def _archs(raw: Any, data: DataConfig) -> tuple[ArchConfig, ...]:
     return tuple(archs)
 
 
-def _task_input_shape(data: DataConfig) -> tuple[int, int, int] | None:
+def _task_input_shape(data: DataConfig) -> tuple[int, ...] | None:
     if data.dataset == "digits":
         return (1, 8, 8)
     if data.dataset == "synthetic":
         return data.synthetic_shape
+    if data.dataset == "mnist1d":
+        return MNIST1D_SHAPE
     return None
 
 

@@ -179,7 +179,7 @@ class Study:
             archs.append(d)
         return {
             "study": {"name": self.name, "seed": self.seed, "store": self.store},
-            "data": _plain(dataclasses.asdict(self.data)),
+            "data": _plain(self.data.resolved()),  # mnist1d_* keys only for mnist1d
             "arch": archs,
             "train": {
                 "seeds_per_task": self.train.seeds_per_task,
@@ -207,6 +207,8 @@ class Study:
         rather than mixing the two maps' features. Likewise the cka and aligned options only
         when those methods run; a study with a GRU hashes GRU_FEATURES, the version of the GRU's
         features (2: distsim.recurrent), so a store made with other GRU features is refused.
+        The data.mnist1d_* keys are in the resolved config (so hashed) only with dataset =
+        "mnist1d" (DataConfig.resolved).
         """
         d = self.resolved()
         d["study"].pop("store")
