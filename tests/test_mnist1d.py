@@ -228,6 +228,14 @@ def test_every_mnist1d_key_enters_the_hash_of_an_mnist1d_study():
     assert len(hashes) == 1 + len(OTHER)
 
 
+def test_another_mnist1d_package_version_changes_the_hash(monkeypatch):
+    """A new generator may draw other signals: its store is refused, not resumed."""
+    before = parse_study(study_toml(data=MNIST1D_STUDY)).hash
+    monkeypatch.setattr(datasets, "mnist1d_version", lambda: "99.0")
+    assert parse_study(study_toml(data=MNIST1D_STUDY)).hash != before
+    assert load_study(QUICKSTART).hash == QUICKSTART_HASH  # digits: no such key
+
+
 def test_an_mnist1d_study_round_trips_through_its_resolved_config():
     study = parse_study(study_toml(data={**MNIST1D_STUDY, "mnist1d_shear_scale": 0.5}))
     again = study_from_dict(json.loads(json.dumps(study.resolved())))

@@ -208,7 +208,8 @@ class Study:
         when those methods run; a study with a GRU hashes GRU_FEATURES, the version of the GRU's
         features (2: distsim.recurrent), so a store made with other GRU features is refused.
         The data.mnist1d_* keys are in the resolved config (so hashed) only with dataset =
-        "mnist1d" (DataConfig.resolved).
+        "mnist1d" (DataConfig.resolved), and so is the installed mnist1d package's version: a
+        generator that changed would give other signals, so its store is refused, not mixed.
         """
         d = self.resolved()
         d["study"].pop("store")
@@ -221,6 +222,10 @@ class Study:
             d["features"].pop("template_models"), d["features"].pop("template_iterations")
         if any(a.kind == "rnn" for a in self.archs):  # distsim.recurrent's GRU features
             d["features"]["gru_features"] = GRU_FEATURES
+        if self.data.dataset == "mnist1d":
+            from distsim.datasets import mnist1d_version
+
+            d["data"]["mnist1d_version"] = mnist1d_version()
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
