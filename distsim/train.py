@@ -14,6 +14,10 @@ different experiment: seed s inside a pack is the same run as seed s trained alo
   rate is multiplied by gamma at each epoch in ``milestones`` (``MultiStepLR``).
 - Divergence: a seed whose loss or updated weights turn non-finite is frozen at its last
   finite weights and reported ``diverged``; the other seeds of the pack go on.
+- History: per seed and completed epoch, the training loss and accuracy of the epoch's
+  mini-batches as they were trained (summed on the device, no extra forward pass) and the test
+  loss and accuracy after the epoch (one batched pass over the test split per epoch), see
+  :class:`SeedResult`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GATHER_BYTES = 64 * 2**20  # memory for the gathered mini-batches of a pack
 BATCH_STREAM = 1  # second word of the batch-order seed: default_rng((seed, BATCH_STREAM))
+HISTORY_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc")  # SeedResult.history
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,14 @@ class SeedResult:
 
     seconds: the pack's wall time divided by its size (the seed's share of the compute).
     epochs: epochs completed with finite loss and weights (less than asked when diverged).
+    history: (epochs, 4) float64, row e = after epoch e + 1, columns HISTORY_COLUMNS; None
+        when trained with ``record_history=False``. train_loss / train_acc: over the epoch's n
+        training samples, each scored by the step that trained on it, before its update (the
+        mini-batch means weighted by batch size). test_loss / test_acc: the weights at the end
+        of the epoch on the test split. A seed that trained every epoch has the final
+        test_loss / test_acc in its last row (the same evaluation fills both); a diverged seed
+        has one row per completed epoch, none for the epoch it diverged in (its test_loss /
+        test_acc are those of its frozen weights, part-way through that epoch).
     """
 
     seed: int
@@ -121,6 +134,7 @@ class SeedResult:
     epochs: int
     seconds: float
     status: str
+    history: np.ndarray | None = None
 
 
 def init_model(arch_config: ArchConfig, seed: int) -> nn.Module:
@@ -161,10 +175,13 @@ def train_pack(
     seeds: Sequence[int],
     train_config: TrainConfig | None = None,
     init_seeds: Sequence[int] | None = None,
+    record_history: bool = True,
 ) -> list[SeedResult]:
     """Train one model per seed on ``task`` as one pack; results in the order of ``seeds``.
     ``init_seeds`` (one per seed): initialize model k from init_seeds[k] instead of seeds[k]
-    (a zoo whose models share initial weights across tasks); the batch order stays seeds[k]'s."""
+    (a zoo whose models share initial weights across tasks); the batch order stays seeds[k]'s.
+    ``record_history=False`` skips the per-epoch history (SeedResult.history is None); it
+    exists to measure the history's cost (benchmarks/bench_history.py)."""
     cfg = train_config if train_config is not None else TrainConfig()
     if not isinstance(task, Task):
         raise TypeError(f"train_pack() takes a Task, got {type(task).__name__}")
@@ -188,6 +205,8 @@ def train_pack(
     }
     x_train = torch.as_tensor(task.x_train, device=device, dtype=dtype)
     y_train = torch.as_tensor(task.y_train, device=device)
+    x_test = torch.as_tensor(task.x_test, device=device, dtype=dtype)
+    y_test = torch.as_tensor(task.y_test, device=device)
     n = x_train.shape[0]
     # Batches are gathered a chunk of steps at a time (whole epoch when it fits GATHER_BYTES).
     sample_bytes = x_train[0].numel() * x_train.element_size()
@@ -197,8 +216,14 @@ def train_pack(
     active = torch.arange(k, device=device)  # rows of the pack still training
     frozen: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # diverged row -> (weights, epochs)
     lr = cfg.lr
+    # history[e, row]: HISTORY_COLUMNS after epoch e + 1, kept on the device until the end
+    history = torch.full((cfg.epochs, k, 4), math.nan, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(k, dtype=torch.float64, device=device)  # this epoch's, per row
+    correct = torch.zeros(k, dtype=torch.int64, device=device)
     for epoch, order in enumerate(batch_orders(seeds, n, cfg.epochs)):
         batch_order = torch.as_tensor(order, device=device)
+        loss_sum.zero_()
+        correct.zero_()
         for lo in range(0, n, cfg.batch_size):
             if lo % chunk == 0:  # gather the next chunk of steps' batches of every seed at once
                 idx = batch_order[active, lo : lo + chunk]  # (K', chunk)
@@ -208,8 +233,13 @@ def train_pack(
             for p in params.values():
                 p.requires_grad_(True)
             logits = forward_packed(template, params, xb)  # (K', b, classes)
-            loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
-            loss = loss.view(len(active), -1).mean(dim=1)  # (K',): each seed's own mean loss
+            losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+            losses = losses.view(len(active), -1)  # (K', b)
+            loss = losses.mean(dim=1)  # (K',): each seed's own mean loss
+            if record_history:  # on the device: no host sync per step
+                with torch.no_grad():
+                    loss_sum.index_add_(0, active, losses.double().sum(dim=1))
+                    correct.index_add_(0, active, (logits.argmax(dim=-1) == yb).sum(dim=1))
             # Seeds are independent, so d(sum of losses)/d(params of k) = d(loss_k)/d(params of k).
             grads = torch.autograd.grad(loss.sum(), list(params.values()))
             with torch.no_grad():
@@ -229,6 +259,13 @@ def train_pack(
                 break
         if len(active) == 0:
             break
+        if record_history:
+            history[epoch, active, 0] = loss_sum[active] / n
+            history[epoch, active, 1] = correct[active].double() / n
+            if epoch + 1 < cfg.epochs:  # the last epoch's test metrics are the final ones
+                with torch.no_grad():
+                    history[epoch, active, 2:] = torch.stack(
+                        _evaluate(template, params, x_test, y_test, cfg.eval_batch), dim=1)
         if epoch + 1 in cfg.milestones:
             lr *= cfg.gamma
 
@@ -239,9 +276,12 @@ def train_pack(
             for row, (weights, _) in frozen.items():
                 full[row] = weights[name]
             params[name] = full
-        train_loss, train_acc = _evaluate(template, params, task.x_train, task.y_train,
-                                          cfg.eval_batch)
-        test_loss, test_acc = _evaluate(template, params, task.x_test, task.y_test, cfg.eval_batch)
+        train = _evaluate(template, params, x_train, y_train, cfg.eval_batch)
+        test = _evaluate(template, params, x_test, y_test, cfg.eval_batch)
+        history[-1, :, 2:] = torch.stack(test, dim=1)  # rows of seeds that completed every epoch
+    train_loss, train_acc, test_loss, test_acc = (t.cpu().numpy() for t in (*train, *test))
+    done = [frozen[i][1] if i in frozen else cfg.epochs for i in range(k)]
+    hist = history.cpu().numpy() if record_history else None
     seconds = (time.perf_counter() - start) / k
     cpu = {name: p.cpu() for name, p in params.items()}
     return [
@@ -252,9 +292,10 @@ def train_pack(
             test_acc=float(test_acc[i]),
             train_loss=float(train_loss[i]),
             test_loss=float(test_loss[i]),
-            epochs=frozen[i][1] if i in frozen else cfg.epochs,
+            epochs=done[i],
             seconds=seconds,
             status="diverged" if i in frozen else "ok",
+            history=None if hist is None else hist[: done[i], i].copy(),
         )
         for i, seed in enumerate(seeds)
     ]
@@ -323,12 +364,14 @@ class _Optimizer:
 
 
 def _evaluate(
-    template: nn.Module, params: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray, batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean cross-entropy and accuracy of every pack row on x (N, C, H, W), y (N,): two (K,)."""
+    template: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy of every pack row on x (N, C, H, W), y (N,): two (K,)
+    float64 tensors on the parameters' device (no host sync)."""
     first = next(iter(params.values()))
     k, device, dtype = first.shape[0], first.device, first.dtype
-    batch = max(1, min(batch, GATHER_BYTES // (k * x[0].size * first.element_size())))
+    batch = max(1, min(batch, GATHER_BYTES // (k * x[0].numel() * first.element_size())))
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.int64, device=device)
     for lo in range(0, len(x), batch):
@@ -338,4 +381,4 @@ def _evaluate(
         loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1)
         loss_sum += loss.double().sum(dim=1)
         correct += (logits.argmax(dim=-1) == yb).sum(dim=1)
-    return (loss_sum / len(x)).cpu().numpy(), (correct.double() / len(x)).cpu().numpy()
+    return loss_sum / len(x), correct.double() / len(x)

@@ -1,10 +1,13 @@
 """The zoo stage: one Ray Tune trial per (arch, task, pack of seeds) not yet in the store.
 
 A trial trains its pack with ``distsim.train.train_pack`` and writes the pack's weights shard,
-then its models shard (the models shard is the pack's "done" marker, so a crash between the two
-leaves the pack pending). Shard names are deterministic (``Store.shard_path``), writes are temp
-file + rename: a killed launch leaves whole packs or nothing, and the next launch trains only
-the packs that are missing (or whose models were recorded as failed).
+its history shard (per-epoch metrics), then its models shard (the models shard is the pack's
+"done" marker, so a crash before it leaves the pack pending, and a pack with a models shard that
+says ok or diverged has its history). A store written before the history table existed has no
+history shards: its packs are not retrained for it, the table just holds no rows for them.
+Shard names are deterministic (``Store.shard_path``), writes are temp file + rename: a killed
+launch leaves whole packs or nothing, and the next launch trains only the packs that are
+missing (or whose models were recorded as failed).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -31,7 +35,7 @@ from distsim.pipeline.progress import Progress
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.store import Store, model_id
 from distsim.tasks import DataConfig, Task, make_tasks
-from distsim.train import SeedResult, train_pack
+from distsim.train import HISTORY_COLUMNS, SeedResult, train_pack
 
 SYSTEMATIC = 3  # this many failed attempts with one cause before any trial succeeds: stop
 
@@ -95,6 +99,24 @@ def model_rows(pack: Pack, task: Task, results: list[SeedResult], trial_id: str,
     ]
 
 
+def history_rows(pack: Pack, results: list[SeedResult]) -> dict[str, Any]:
+    """Columns of the history table for one trained pack: one row per seed x completed epoch
+    (seeds in pack order, epochs from 1); a seed that diverged in its first epoch has none."""
+    tables = []  # (epochs, 4) per seed
+    for r in results:
+        if r.history is None:
+            raise ValueError(f"seed {r.seed} was trained without its history")
+        tables.append(r.history.reshape(-1, len(HISTORY_COLUMNS)))
+    seeds = [r.seed for r, h in zip(results, tables, strict=True) for _ in range(len(h))]
+    metrics = np.concatenate(tables)  # (rows, 4)
+    return {
+        "model_id": [model_id(pack.arch, pack.task, s) for s in seeds],
+        "seed": seeds,
+        "epoch": [e for h in tables for e in range(1, len(h) + 1)],
+        **{name: metrics[:, j] for j, name in enumerate(HISTORY_COLUMNS)},
+    }
+
+
 def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dict[str, Any]]:
     """Rows recording a trial that failed after all retries (NaN metrics, the error text)."""
     try:
@@ -113,7 +135,8 @@ def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dic
 
 def train_and_store(study: Study, pack: Pack, trial_id: str,
                     threads: int = 1) -> dict[str, float]:
-    """Train one pack and write its weights then models shards; returns the trial's metrics.
+    """Train one pack and write its weights, history, then models shards; returns the trial's
+    metrics.
 
     A pack whose models shard already says ok (a retried trial that had written it) is not
     trained again.
@@ -135,6 +158,7 @@ def train_and_store(study: Study, pack: Pack, trial_id: str,
     seconds = time.perf_counter() - start
     weights = {model_id(pack.arch, pack.task, r.seed): r.state_dict for r in results}
     store.write_weights(key, weights)
+    store.write_shard("history", key, history_rows(pack, results))
     store.write_shard("models", key, model_rows(pack, task, results, trial_id, node_label()))
     ok = [r for r in results if r.status == "ok"]
     return {
