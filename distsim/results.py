@@ -1,0 +1,276 @@
+"""The Python API of a finished study: ``distsim.open(path)`` reads its tables, features,
+tasks and trained models back.
+
+    import distsim
+    res = distsim.open("stores/quickstart")        # a store folder, or the study's TOML
+    res.models()                                    # polars DataFrame (lazy=True: LazyFrame)
+    res.tests()                                     # with the summary's q_value column
+    ids, tasks, X = res.features("mlp", "out", "chain-gram")
+    net = res.load_model(ids[0])                    # torch module with the trained weights
+    task = res.task(int(tasks[0]))                  # its train/test split
+
+Everything is read from the store; the study comes from the store's ``study.json`` (the
+config the store was computed with). Unknown model ids, archs, layers, methods and task ids
+raise :class:`~distsim.errors.StoreError` naming what the study has.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from distsim.config import Study, load_study, study_from_dict
+from distsim.errors import DistsimError, StoreError
+from distsim.models import ArchConfig, build
+from distsim.store import Store
+from distsim.store.tables import parse_model_id
+from distsim.tasks import Task, make_tasks
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+    from torch import nn
+
+_TEST_KEY = ["arch", "method", "layer", "protocol"]  # one row of the tests table
+_SHOWN = 5  # model ids named in an unknown-id error
+
+
+def open(path: str | os.PathLike[str] | Store) -> Results:  # distsim.open: shadows the builtin
+    """The results of the study stored at `path`: a store folder (or a Store), or a study
+    TOML (whose [study] store is read). StoreError when there is no store there, or when the
+    TOML's study is not the one the store holds."""
+    path = path.root if isinstance(path, Store) else Path(path)
+    toml: Study | None = None
+    if path.suffix == ".toml":
+        toml = load_study(path)
+        path = Path(toml.store)
+    store = Store(path)
+    if not store.exists:
+        raise StoreError(f"no distsim store at {str(path)!r} (no study.json or tables); "
+                         "run `distsim launch` first")
+    res = Results(store, _held_study(store))
+    if toml is not None and toml.hash != res.config_hash:
+        raise StoreError(f"store {str(store.root)!r} holds study {res.study.name!r} with config "
+                         f"{res.config_hash[:12]}, not the study file's {toml.hash[:12]}; open "
+                         "the store folder to read what it holds")
+    return res
+
+
+def _held_study(store: Store) -> Study:
+    """The study that wrote `store` (its study.json, with study.store set to the store's
+    real folder); StoreError when study.json is missing or not a valid study."""
+    held = store.read_study()
+    if not held or not isinstance(held.get("config"), dict):
+        raise StoreError(f"{str(store.root)!r} has no readable study.json; its study is unknown")
+    config = dict(held["config"])
+    config["study"] = {**config.get("study", {}), "store": str(store.root)}
+    try:
+        return study_from_dict(config, source=str(held.get("source", "<store>")))
+    except DistsimError as exc:
+        raise StoreError(f"{store.root / 'study.json'}: not a valid study ({exc})") from None
+
+
+class Results:
+    """A finished (or partial) study: its Study, its Store, and readers of both.
+
+    Frames are polars DataFrames, or LazyFrames with ``lazy=True``; models in study arch
+    order, then task and seed.
+    """
+
+    def __init__(self, store: Store, study: Study) -> None:
+        self.store = store
+        self.study = study
+
+    @property
+    def config_hash(self) -> str:
+        """The config hash study.json records, which a launch compares a study file with
+        (``study.hash`` recomputed by this distsim may differ for an older store)."""
+        return str((self.store.read_study() or {}).get("hash") or self.study.hash)
+
+    def __repr__(self) -> str:
+        n = self.store.scan("models").select(pl.len()).collect().item()
+        return (f"Results({self.study.name!r}: {n} models, archs "
+                f"{', '.join(self.study.arch_names)}; store {str(self.store.root)!r})")
+
+    # ------------------------------------------------------------------ tables
+    def models(self, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
+        """The models table: one row per trained model (status, accuracies, losses, time)."""
+        return self._done(self._in_order(self.store.scan("models"), "task", "seed"), lazy)
+
+    def tests(self, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
+        """The tests table plus ``q_value``: Benjamini-Hochberg over every test in the store,
+        as the launch summary computes it (distsim.summary.summary_table)."""
+        from distsim.stats import q_values
+
+        lf = self.store.scan("tests")
+        p = lf.select(*_TEST_KEY, "p_value").collect()
+        q = p.select(_TEST_KEY).with_columns(
+            pl.Series("q_value", q_values(p["p_value"].to_numpy()), dtype=pl.Float64))
+        lf = lf.join(q.lazy(), on=_TEST_KEY, how="left", maintain_order="left")
+        return self._done(self._in_order(lf, "layer", "method", "protocol"), lazy)
+
+    def neighbors(self, model_id: str | None = None, *, arch: str | None = None,
+                  layer: str | None = None, method: str | None = None,
+                  lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
+        """Nearest neighbours in feature space (rank 1 = nearest), optionally of one model
+        and of one arch, layer and method."""
+        self._check_matrix(arch, layer, method)
+        lf = self.store.scan("neighbors")
+        if model_id is not None:
+            self.model(model_id)  # StoreError for an unknown id
+            lf = lf.filter(pl.col("model_id") == model_id)
+        for col, value in (("arch", arch), ("layer", layer), ("method", method)):
+            if value is not None:
+                lf = lf.filter(pl.col(col) == value)
+        return self._done(self._in_order(lf, "layer", "method", "task", "model_id", "rank"), lazy)
+
+    def history(self, model_id: str | None = None,
+                lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
+        """The training history: one row per model and epoch (empty when the store has none)."""
+        lf = self.store.scan("history")
+        if model_id is not None:
+            self.model(model_id)
+            lf = lf.filter(pl.col("model_id") == model_id)
+        return self._done(self._in_order(lf, "task", "seed", "epoch"), lazy)
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        """The models-table row of one model as a dict; StoreError for an unknown id."""
+        return self.model_rows([model_id])[model_id]
+
+    def model_rows(self, model_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """{model_id: its models-table row as a dict} in the order given; StoreError naming
+        the first unknown id."""
+        ids = list(dict.fromkeys(model_ids))
+        lf = self.store.scan("models")
+        parsed = [parse_model_id(m) if isinstance(m, str) else None for m in ids]
+        if ids and None not in parsed:  # only the archs' hive partitions
+            lf = lf.filter(pl.col("arch").is_in(sorted({p[0] for p in parsed if p})))
+        rows = {r["model_id"]: r for r in
+                lf.filter(pl.col("model_id").is_in(ids)).collect().iter_rows(named=True)}
+        missing = [m for m in ids if m not in rows]
+        if missing:
+            raise StoreError(self._unknown_model(missing[0]))
+        return {m: rows[m] for m in ids}
+
+    # ------------------------------------------------------------------ features and tasks
+    def features(self, arch: str, layer: str, method: str) -> tuple[list[str], np.ndarray,
+                                                                     np.ndarray]:
+        """The feature matrix of one (arch, layer, method): model ids, their tasks (N,) int64
+        and the features (N, D) float32, rows sorted by task, then seed."""
+        self._check_matrix(arch, layer, method)
+        fm = self.store.feature_matrix(arch, method, layer)
+        if not fm.model_ids:
+            raise StoreError(f"features {arch}/{layer}/{method}: none in the store yet; run "
+                             "`distsim launch` (stage features)")
+        return fm.model_ids, fm.tasks, fm.X
+
+    def task(self, task_id: int) -> Task:
+        """One of the study's tasks (its train/test split), rebuilt from the study's data
+        config exactly as the zoo trained on it."""
+        n = self.study.data.num_tasks
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) \
+                or not 0 <= task_id < n:
+            raise StoreError(f"task {task_id!r}: the study has tasks 0..{n - 1}")
+        return self._tasks[int(task_id)]
+
+    @functools.cached_property
+    def _tasks(self) -> tuple[Task, ...]:
+        return tuple(make_tasks(self.study.data))
+
+    def arch_config(self, arch: str, task_id: int = 0) -> ArchConfig:
+        """The ArchConfig of one arch sized for a task's samples and classes (every task of a
+        study has the same), the config its models were built from."""
+        self._check_matrix(arch, None, None)
+        task = self.task(task_id)
+        return self.study.arch(arch).with_task_shape(task.input_shape, task.num_classes)
+
+    # ------------------------------------------------------------------ models
+    def load_model(self, model_id: str, normalized: bool = False) -> nn.Module:
+        """The trained model `model_id` as a float32 CPU torch module in eval mode.
+
+        normalized: its chain-normalized weights instead (distsim.normalize); for the ReLU /
+        LeakyReLU MLPs and CNNs that is the same function (same logits up to rounding), for
+        the GRU the weights are unchanged (a GRU has no rescaling symmetry). Its predictions
+        on ``task(row["task"]).x_test`` give the stored test_acc (for a study trained on the
+        CPU in float32, the defaults; other devices and dtypes round differently). StoreError
+        for an unknown id or a model whose training failed.
+        """
+        return self.load_models([model_id], normalized)[0]
+
+    def load_models(self, model_ids: Sequence[str], normalized: bool = False) -> list[nn.Module]:
+        """:meth:`load_model` of several models (in the order given), reading each weights
+        shard once."""
+        rows = self.model_rows(model_ids)
+        states = self.state_dicts(list(rows), normalized)
+        return [self._module(rows[mid], states[mid]) for mid in model_ids]
+
+    def state_dicts(self, model_ids: Sequence[str],
+                    normalized: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """{model_id: state dict of float32 CPU tensors} in the order given, keys those of
+        distsim.models.build's modules; optionally chain-normalized (see :meth:`load_model`).
+        StoreError for an unknown model or one whose training failed."""
+        rows = self.model_rows(model_ids)
+        for mid, row in rows.items():
+            if row["status"] == "failed":
+                raise StoreError(f"model {mid}: its training failed ({row['error']}); it has "
+                                 "no weights")
+        states = self.store.read_state_dicts(list(rows))
+        if normalized:
+            from distsim.normalize import chain_normalize_state
+
+            for mid, row in rows.items():
+                cfg = self.arch_config(row["arch"], row["task"])
+                states[mid] = {k: v[0] for k, v in chain_normalize_state([states[mid]],
+                                                                          cfg).items()}
+        return states
+
+    def _module(self, row: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+        """A module of the row's arch holding `state` (built on the meta device: no random
+        init, no draw from torch's global generator)."""
+        import torch
+
+        with torch.device("meta"):
+            module = build(self.arch_config(row["arch"], row["task"]))
+        module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True)
+        return module.eval()
+
+    # ------------------------------------------------------------------ checks and order
+    def _check_matrix(self, arch: str | None, layer: str | None, method: str | None) -> None:
+        """StoreError naming what the study has when arch, layer or method is not in it."""
+        archs = self.study.arch_names
+        if arch is not None and arch not in archs:
+            raise StoreError(f"arch {arch!r}: the study has archs {', '.join(archs)}")
+        if layer is not None:
+            mine = [arch] if arch is not None else list(archs)
+            layers = list(dict.fromkeys(x for a in mine for x in self.study.feature_layers(a)))
+            if layer not in layers:
+                where = f" of arch {arch}" if arch is not None else ""
+                raise StoreError(f"layer {layer!r}: the study's feature layers{where} are "
+                                 f"{', '.join(layers)}")
+        methods = self.study.features.methods
+        if method is not None and method not in methods:
+            raise StoreError(f"method {method!r}: the study's methods are {', '.join(methods)}")
+
+    def _unknown_model(self, model_id: object) -> str:
+        ids = self.store.scan("models").select("model_id").collect()["model_id"]
+        near = sorted(ids.to_list())[:_SHOWN]
+        listed = ", ".join(near) + (f", ... ({len(ids)} in all)" if len(ids) > _SHOWN else "")
+        return f"model_id {model_id!r}: no such model in the store; it has {listed or 'none'}"
+
+    def _in_order(self, lf: pl.LazyFrame, *then: str) -> pl.LazyFrame:
+        """`lf` sorted by arch in study order, then by the columns `then`."""
+        archs = list(self.study.arch_names)
+        rank = pl.col("arch").replace_strict(archs, list(range(len(archs))),
+                                             default=len(archs), return_dtype=pl.Int64)
+        return lf.sort([rank, pl.col("arch"), *then])
+
+    @staticmethod
+    def _done(lf: pl.LazyFrame, lazy: bool) -> pl.DataFrame | pl.LazyFrame:
+        return lf if lazy else lf.collect()
+

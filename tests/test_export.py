@@ -1,0 +1,149 @@
+"""export_models: safetensors + JSON sidecars of a tiny 3-arch zoo (mlp, cnn, rnn, trained once
+on the session's Ray) that rebuild the models with safetensors and distsim.models alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from _study import study_toml
+from safetensors.torch import load_file
+
+import distsim
+from distsim.config import load_study
+from distsim.errors import StoreError
+from distsim.export import export_models
+from distsim.models import ArchConfig, build
+from distsim.results import Results
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+ARCHS = ("mlp", "cnn", "rnn")
+
+
+@pytest.fixture(scope="module")
+def res(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Results:
+    """The zoo of 2 synthetic tasks x 3 seeds of a tiny mlp, cnn and rnn (zoo stage only)."""
+    from distsim.pipeline.launch import run_study
+
+    folder = tmp_path_factory.mktemp("export")
+    path = folder / "zoo.toml"
+    path.write_text(study_toml(
+        study={"name": "zoo", "store": str(folder / "store")},
+        data={"dataset": "synthetic", "num_tasks": 2, "synthetic_samples": 30},
+        arch=[{"name": "mlp", "kind": "mlp", "widths": [6, 5]},
+              {"name": "cnn", "kind": "cnn", "channels": [3, 2], "head_widths": [4]},
+              {"name": "rnn", "kind": "rnn", "hidden": 4, "num_layers": 2}],
+        train={"seeds_per_task": 3, "seeds_per_trial": 3, "epochs": 3, "batch_size": 16},
+    ))
+    run_study(load_study(path), stages=("zoo",), stream=io.StringIO())
+    return distsim.open(path)
+
+
+def _rebuild(folder: Path, stem: str) -> tuple[torch.nn.Module, dict]:
+    """The model of <stem>.json / <stem>.safetensors, by safetensors and distsim.models alone."""
+    doc = json.loads((folder / f"{stem}.json").read_text())
+    net = build(ArchConfig(**doc["arch"]))
+    net.load_state_dict(load_file(folder / doc["weights"]))
+    return net.eval(), doc
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_file_per_model_rebuilds_the_same_predictions(res: Results, arch: str,
+                                                          tmp_path: Path) -> None:
+    ids = [f"{arch}-t0-s1", f"{arch}-t1-s3", f"{arch}-t1-s5"]
+    written = export_models(res, tmp_path, model_ids=ids)
+    assert written == [tmp_path / f"{m}.{ext}" for m in ids for ext in ("safetensors", "json")]
+    for mid in ids:
+        net, doc = _rebuild(tmp_path, mid)
+        row = res.model(mid)
+        task = res.task(row["task"])
+        want = res.load_model(mid)
+        x = torch.from_numpy(task.x_test)
+        with torch.no_grad():
+            assert torch.equal(net(x), want(x))
+        shapes = {k: list(v.shape) for k, v in want.state_dict().items()}
+        assert doc["tensors"] == shapes and list(doc["tensors"]) == list(shapes)  # in order
+        assert set(load_file(tmp_path / f"{mid}.safetensors")) == set(shapes)
+        assert doc["model_id"] == mid and doc["metrics"]["test_acc"] == row["test_acc"]
+        assert doc["metrics"]["status"] == "ok" and doc["metrics"]["seed"] == row["seed"]
+        assert doc["task"] == {"id": task.task_id, "name": task.name,
+                               "classes": list(task.classes), "input_shape": [1, 8, 8],
+                               "num_classes": 2}
+        assert doc["study"] == {"name": "zoo", "hash": res.study.hash} == {
+            "name": "zoo", "hash": res.config_hash}
+        assert doc["distsim_version"] == distsim.__version__
+        assert doc["arch"]["kind"] == arch and doc["arch"]["name"] == arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_stacked_arch_holds_every_ok_model_in_order(res: Results, arch: str,
+                                                      tmp_path: Path) -> None:
+    written = export_models(res.store, tmp_path, arch=arch)
+    assert written == [tmp_path / f"{arch}.safetensors", tmp_path / f"{arch}.json"]
+    doc = json.loads(written[1].read_text())
+    stacked = load_file(written[0])
+    ids = doc["model_ids"]
+    assert ids == [f"{arch}-t{t}-s{s}" for t, s in ((0, 0), (0, 1), (0, 2), (1, 3), (1, 4),
+                                                    (1, 5))]
+    assert [m["model_id"] for m in doc["models"]] == ids
+    assert doc["tensors"] == {k: list(v.shape) for k, v in stacked.items()}
+    assert [t["id"] for t in doc["tasks"]] == [0, 1]
+    net = build(ArchConfig(**doc["arch"]))
+    assert set(stacked) == set(net.state_dict())
+    for i, mid in enumerate(ids):
+        want = res.load_model(mid).state_dict()
+        assert all(torch.equal(stacked[k][i], want[k]) for k in want)
+        assert doc["models"][i]["test_acc"] == res.model(mid)["test_acc"]
+    net.load_state_dict({k: v[4] for k, v in stacked.items()})
+    x = torch.from_numpy(res.task(1).x_test)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), res.load_model(ids[4])(x))
+
+
+def test_no_selection_stacks_every_arch(res: Results, tmp_path: Path) -> None:
+    written = export_models(str(res.store.root), tmp_path)
+    assert sorted(p.name for p in written) == sorted(
+        f"{a}.{ext}" for a in ARCHS for ext in ("safetensors", "json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+
+
+def test_failed_models_are_left_out_of_the_stack_and_refused_by_id(res: Results,
+                                                                   tmp_path: Path) -> None:
+    copy = tmp_path / "store"
+    shutil.copytree(res.store.root, copy)
+    other = distsim.open(copy)
+    nan = float("nan")
+    other.store.write_shard("models", {"arch": "mlp", "task": 1, "pack": 1}, {
+        "model_id": ["mlp-t1-s9"], "task_name": ["synthetic:1"], "seed": [9],
+        "trial_id": ["x"], "status": ["failed"], "train_acc": [nan], "test_acc": [nan],
+        "train_loss": [nan], "test_loss": [nan], "epochs": [0], "seconds": [nan],
+        "node": [None], "error": ["boom"]})
+    assert other.models().filter(pl.col("status") == "failed").height == 1  # type: ignore
+    doc = json.loads(export_models(other, tmp_path / "out", arch="mlp")[1].read_text())
+    assert "mlp-t1-s9" not in doc["model_ids"] and len(doc["model_ids"]) == 6
+    with pytest.raises(StoreError, match="mlp-t1-s9: its training failed"):
+        export_models(other, tmp_path / "out", model_ids=["mlp-t1-s9"])
+
+
+def test_bad_selections_are_store_errors(res: Results, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not both"):
+        export_models(res, tmp_path, model_ids=["mlp-t0-s0"], arch="mlp")
+    with pytest.raises(StoreError, match="the study has archs mlp, cnn, rnn"):
+        export_models(res, tmp_path, arch="gru")
+    with pytest.raises(StoreError, match="'mlp-t7-s0': no such model"):
+        export_models(res, tmp_path, model_ids=["mlp-t0-s0", "mlp-t7-s0"])
+    assert not list(tmp_path.iterdir())  # nothing written before the selection is checked
+
+
+def test_sidecars_are_strict_json(res: Results, tmp_path: Path) -> None:
+    for path in export_models(res, tmp_path, model_ids=["rnn-t1-s4"], arch=None):
+        if path.suffix == ".json":
+            doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c))
+            assert np.isfinite(doc["metrics"]["seconds"])
