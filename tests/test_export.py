@@ -147,3 +147,32 @@ def test_sidecars_are_strict_json(res: Results, tmp_path: Path) -> None:
         if path.suffix == ".json":
             doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c))
             assert np.isfinite(doc["metrics"]["seconds"])
+
+
+def test_the_export_command_writes_what_export_models_writes(res: Results, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from distsim.cli import app
+
+    runner = CliRunner()
+    root = str(res.store.root)
+    one = runner.invoke(app, ["export", root, "--model", "mlp-t0-s1", "--model", "cnn-t1-s3",
+                              "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "cnn-t1-s3.json", "cnn-t1-s3.safetensors", "mlp-t0-s1.json", "mlp-t0-s1.safetensors"]
+    net, _ = _rebuild(tmp_path / "one", "cnn-t1-s3")
+    x = torch.from_numpy(res.task(1).x_test)
+    with torch.no_grad():
+        assert torch.equal(net(x), res.load_model("cnn-t1-s3")(x))
+    zoo = runner.invoke(app, ["export", root, "--arch", "rnn", "--out", str(tmp_path / "zoo")])
+    assert zoo.exit_code == 0, zoo.output
+    assert sorted(p.name for p in (tmp_path / "zoo").iterdir()) == ["rnn.json",
+                                                                    "rnn.safetensors"]
+    for args in (["--out", str(tmp_path / "x")],  # neither --model nor --arch
+                 ["--model", "mlp-t0-s1", "--arch", "mlp", "--out", str(tmp_path / "x")],
+                 ["--model", "mlp-t9-s9", "--out", str(tmp_path / "x")]):
+        bad = runner.invoke(app, ["export", root, *args])
+        assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and (
+            len(bad.stderr.splitlines()) == 1), bad.stderr
+    assert not (tmp_path / "x").exists()

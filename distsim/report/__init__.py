@@ -1,0 +1,211 @@
+"""`distsim report`: one self-contained HTML page (and its PNGs) about a study's store.
+
+It reads only the store (no training, no Ray): study.json, the models, history, features
+and tests tables and the stage markers. Figures of large zoos are drawn from a sample
+stratified by task (distsim.report.sampling), so the page stays quick at 10k models.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+from distsim import __version__
+from distsim.config import Study, study_from_dict
+from distsim.errors import DistsimError, StoreError
+from distsim.report import figures
+from distsim.report.figures import MatrixPanel, NullPanel
+from distsim.report.page import ArchSection, Image, MethodSection, Page, render
+from distsim.report.sampling import pca_2d, read_sample, stratified_sample
+from distsim.stats.distances import pairwise_distances
+from distsim.store import Store
+from distsim.summary import PROTOCOL_ORDER, summary_table
+
+__all__ = ["write_report"]
+
+_FIGURE_GLOB = "fig-*.png"  # every PNG the report writes; stale ones are removed first
+
+
+def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 400,
+                 max_points: int = 3000) -> Path:
+    """Write the report of `store` into the folder `out` (default: ``<store>-report`` beside
+    the store, never inside it) and return the path of its index.html.
+
+    max_heatmap: most models in a distance heatmap; max_points: most points in a PCA plot;
+    larger matrices are sampled within each task in proportion to its size (the page says so).
+    """
+    for name, value in (("max_heatmap", max_heatmap), ("max_points", max_points)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise DistsimError(f"{name}: must be an integer >= 2, got {value!r}")
+    doc = store.read_study()
+    if doc is None:
+        raise StoreError(f"{str(store.root)!r} has no study.json: not a distsim store")
+    study = _study(store, doc)
+    folder = _out_folder(store, out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(_FIGURE_GLOB):
+        stale.unlink()
+
+    tests = _tests(store, study)
+    models = store.scan("models").collect()
+    history = store.scan("history").collect()
+    labels = np.unique(np.concatenate([np.arange(study.data.num_tasks),
+                                       models["task"].drop_nulls().to_numpy()])).astype(np.int64)
+    # One BLAS thread: the products here are small, and BLAS threads fighting a busy 2-core
+    # machine made the quickstart's 40 PCAs 7 times slower (measured: 0.7 s against 0.1 s).
+    with figures.style(), threadpool_limits(limits=1, user_api="blas"):
+        zoo = _zoo(folder, models, history, study)
+        archs = [_arch(folder, store, study, tests, labels, a, max_heatmap, max_points)
+                 for a in study.arch_names]
+    names = models.filter(pl.col("task_name").is_not_null()).unique("task").sort("task")
+    page = Page(
+        title=f"distsim report: {study.name}",
+        facts=[("study", study.name), ("store", str(store.root)),
+               ("created", str(doc.get("created", "?"))),
+               ("config hash", str(doc.get("hash", "?"))[:12]),
+               ("source", str(doc.get("source", "?"))),
+               ("distsim", __version__),
+               ("report written", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))],
+        counts=store.summary().to_dicts(),
+        tasks=list(zip(names["task"].to_list(), names["task_name"].to_list(), strict=True)),
+        zoo=zoo, archs=archs, stages=store.stages(), config=doc.get("config", {}),
+        n_tests=len(tests))
+    index = folder / "index.html"
+    index.write_text(render(page), encoding="utf-8")
+    return index
+
+
+def _study(store: Store, doc: dict[str, Any]) -> Study:
+    """The study a store was written by (its study.json), bound to the store's real path."""
+    config = doc.get("config")
+    if not isinstance(config, dict):
+        raise StoreError(f"{str(store.root / 'study.json')!r}: no resolved config in it")
+    config = {**config, "study": {**config.get("study", {}), "store": str(store.root)}}
+    try:
+        return study_from_dict(config, source=str(doc.get("source", "<store>")))
+    except DistsimError as exc:
+        raise StoreError(f"{str(store.root / 'study.json')!r}: its config does not load ({exc})"
+                         ) from None
+
+
+def _out_folder(store: Store, out: Path | None) -> Path:
+    folder = (store.root.parent / f"{store.root.name}-report" if out is None
+              else Path(out).expanduser().resolve())
+    if folder == store.root or store.root in folder.parents:
+        raise StoreError(f"report folder {str(folder)!r} is inside the store (distsim verify "
+                         "rejects unknown entries there); choose a folder outside it")
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"report folder {str(folder)!r} is a file")
+    return folder
+
+
+def _tests(store: Store, study: Study) -> list[dict[str, Any]]:
+    """summary_table's rows with each test's null (B,) as a numpy array, or None."""
+    summary = summary_table(store, study)
+    if summary.height == 0:
+        return []
+    keys = ["arch", "layer", "method", "protocol"]
+    nulls = store.scan("tests").select(*keys, "null").collect()
+    rows = summary.join(nulls, on=keys, how="left").to_dicts()  # join keeps the left order
+    for r in rows:
+        r["null"] = None if r["null"] is None else np.asarray(r["null"], dtype=np.float64)
+    return rows
+
+
+def _zoo(folder: Path, models: pl.DataFrame, history: pl.DataFrame,
+         study: Study) -> list[Image | str]:
+    out: list[Image | str] = []
+    fig = figures.accuracy_figure(models, study.arch_names)
+    if fig is None:
+        out.append("no ok models in this store")
+    else:
+        figures.save_png(fig, folder / "fig-accuracy.png")
+        out.append(Image("fig-accuracy.png", "test accuracy per task, per architecture"))
+    fig = figures.history_figure(history, study.arch_names)
+    if fig is None:
+        out.append("no training history in this store")
+    else:
+        figures.save_png(fig, folder / "fig-history.png")
+        out.append(Image("fig-history.png", "training curves per architecture"))
+    return out
+
+
+def _arch(folder: Path, store: Store, study: Study, tests: list[dict[str, Any]],
+          labels: np.ndarray, arch: str, max_heatmap: int, max_points: int) -> ArchSection:
+    layers, methods = list(study.feature_layers(arch)), list(study.features.methods)
+    mine = [t for t in tests if t["arch"] == arch]
+    protocols = [p for p in PROTOCOL_ORDER if any(t["protocol"] == p for t in mine)]
+    protocols += sorted({t["protocol"] for t in mine} - set(protocols))
+    sections = []
+    for method in methods:
+        images, notes = [], []
+        panels, sampled = [], []
+        for layer in layers:
+            panel, note = _matrix_panel(store, study, arch, method, layer, max_heatmap,
+                                        max_points)
+            if panel is not None:
+                panels.append(panel)
+            sampled += [note] if note else []
+        if panels:
+            name = f"fig-{arch}-{method}-features.png"
+            fig = figures.matrix_figure(panels, labels, study.pairs.metric,
+                                        f"{arch} / {method}: feature distances and PCA")
+            figures.save_png(fig, folder / name)
+            images.append(Image(name, f"{arch} {method}: distance heatmaps and PCA per layer"))
+        else:
+            notes.append("no features of this method in the store")
+        notes += list(dict.fromkeys(sampled))  # layers of one method share their models
+        tested = {(t["layer"], t["protocol"]): _null_panel(t) for t in mine
+                  if t["method"] == method}
+        shown = [layer for layer in layers if any(k[0] == layer for k in tested)]
+        if shown:
+            name = f"fig-{arch}-{method}-null.png"
+            columns = [[tested.get((layer, p)) for layer in shown] for p in protocols]
+            fig = figures.null_figure(shown, columns, f"{arch} / {method}: permutation nulls "
+                                      "(grey), observed (red), chance (dashed)")
+            figures.save_png(fig, folder / name)
+            images.append(Image(name, f"{arch} {method}: null distributions per layer and test"))
+            if any(p.null is None for p in tested.values()):
+                notes.append("null not stored for some tests (a store written before distsim "
+                             "0.2 keeps no permutation statistics): their rows show none")
+        sections.append(MethodSection(method, images, notes))
+    return ArchSection(arch, layers, methods, mine, sections)
+
+
+def _null_panel(t: dict[str, Any]) -> NullPanel:
+    return NullPanel(t["protocol"], str(t.get("statistic") or ""), float(t["observed"]),
+                     float("nan") if t["chance"] is None else float(t["chance"]),
+                     float(t["p_value"]), t["null"])
+
+
+def _matrix_panel(store: Store, study: Study, arch: str, method: str, layer: str,
+                  max_heatmap: int, max_points: int) -> tuple[MatrixPanel | None, str]:
+    """One layer's heatmap and PCA (None with fewer than 2 models) and the sampling note
+    ("" when every model is shown)."""
+    sample = read_sample(store, arch, method, layer, max(max_heatmap, max_points), study.seed)
+    fm = sample.features
+    finite = np.isfinite(fm.X).all(axis=1)
+    X, tasks = fm.X[finite], fm.tasks[finite]
+    if len(X) < 2:
+        return None, ""
+    points = stratified_sample(tasks, max_points, study.seed)
+    heat = stratified_sample(tasks, max_heatmap, study.seed + 1)
+    coords, share = pca_2d(X[points], study.seed)
+    distances = pairwise_distances(X[heat], metric=study.pairs.metric)
+    panel = MatrixPanel(layer, distances, tasks[heat], coords, tasks[points], share)
+    notes = []
+    if len(heat) < sample.total:
+        notes.append(f"the heatmaps show {len(heat)} of {sample.total} models")
+    if len(points) < sample.total:
+        notes.append(f"the PCA plots show {len(points)} of {sample.total} models")
+    if (~finite).any():
+        notes.append(f"{int((~finite).sum())} models with non-finite features left out")
+    if not notes:
+        return panel, ""
+    return panel, (f"Downsampled: {'; '.join(notes)} ({len(sample.per_task)} tasks, each kept "
+                   f"in proportion to its size, seed {study.seed}).")
