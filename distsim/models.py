@@ -32,7 +32,8 @@ class ArchConfig:
     for a 1-D input: kernel-3 Conv1d, padding 1, activation, MaxPool1d(2)).
     head_widths: hidden linear layers of the CNN between its flatten and its output layer.
     hidden, num_layers: GRU hidden size and depth (the RNN reads image rows as a sequence: H
-    steps of C*W values; a 1-D input: L steps of C values).
+    steps of C*W values; a 1-D input: L / step_width steps of C * step_width values, each step
+    step_width consecutive positions of every channel).
     input_shape: (C, H, W) or (C, L) of one sample; num_classes: outputs of the linear head.
     """
 
@@ -42,6 +43,7 @@ class ArchConfig:
     head_widths: tuple[int, ...] = ()
     hidden: int = 32
     num_layers: int = 1
+    step_width: int = 1
     activation: str = "relu"
     negative_slope: float = 0.01
     input_shape: tuple[int, ...] = (1, 8, 8)  # (C, H, W) or (C, L)
@@ -63,6 +65,12 @@ class ArchConfig:
                 raise ConfigError.at("arch.channels",
                                      f"{len(self.channels)} pooling blocks need an input of at "
                                      f"least {side}, got {'x'.join(map(str, sizes))}")
+        if self.step_width != 1 and (self.kind != "rnn" or len(self.input_shape) != 2):
+            raise ConfigError.at("arch.step_width", "applies only to an rnn over 1-D inputs "
+                                 f"(C, L), got {self.kind} over {self.input_shape}")
+        if self.step_width != 1 and self.input_shape[1] % self.step_width:
+            raise ConfigError.at("arch.step_width", f"must divide the input length "
+                                 f"{self.input_shape[1]}, got {self.step_width}")
 
     def with_task_shape(self, input_shape: tuple[int, ...], num_classes: int) -> ArchConfig:
         """A copy sized for a task's samples (input_shape) and labels (num_classes)."""
@@ -76,6 +84,7 @@ ARCH_PARAMS: Table = {
     "head_widths": Array(Integer(lo=1)),
     "hidden": Integer(lo=1),
     "num_layers": Integer(lo=1),
+    "step_width": Integer(lo=1),
     "activation": Options(ACTIVATIONS),
     "negative_slope": Number(),
     "input_shape": Array(Integer(lo=1), size=(2, 3)),  # (C, H, W) or (C, L)
@@ -140,25 +149,34 @@ class GRU(nn.Module):
 class RNNClassifier(nn.Module):
     """GRU over an image's rows (T = H steps of C*W features), linear head on the last state.
 
-    A 1-D input (C, L) is read as L steps of C features.
+    A 1-D input (C, L) is read as T = L / step_width steps of C * step_width features.
     """
 
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.one_d = len(cfg.input_shape) == 2
-        c, _, w = (*cfg.input_shape, 1) if self.one_d else cfg.input_shape
+        self.step_width = cfg.step_width
+        c, _, w = (*cfg.input_shape, cfg.step_width) if self.one_d else cfg.input_shape
         self.gru = GRU(c * w, cfg.hidden, cfg.num_layers)
         self.head = nn.Linear(cfg.hidden, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        if self.one_d:  # (B, C, L) -> L steps of C features
-            seq = x.reshape(batch, self.gru.input_size, -1).transpose(1, 2)
+        if self.one_d:  # (B, C, L) -> T steps of C * step_width features
+            seq = _steps(x.reshape(batch, -1, x.shape[-1]), self.step_width)
         else:
             c, h, w = x.shape[-3:] if x.dim() == 4 else (1, *x.shape[-2:])
             seq = x.reshape(batch, c, h, w).permute(0, 2, 1, 3).reshape(batch, h, c * w)
         _, h_last = self.gru(seq)
         return self.head(h_last[-1])
+
+
+def _steps(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., C, L) -> (..., T, C * width) with T = L / width: step t holds positions
+    [t * width, (t + 1) * width) of every channel, channel-major."""
+    *lead, c, length = x.shape
+    steps = x.reshape(*lead, c, length // width, width).transpose(-3, -2)  # (..., T, C, width)
+    return steps.reshape(*lead, length // width, c * width)
 
 
 def build(cfg: ArchConfig) -> nn.Module:
@@ -206,8 +224,8 @@ def forward_packed(
     batched matmuls per step.
     """
     if isinstance(model, RNNClassifier):
-        if model.one_d:  # (K, B, C, L): L steps of C features
-            seq = x.transpose(2, 3)
+        if model.one_d:  # (K, B, C, L): T steps of C * step_width features
+            seq = _steps(x, model.step_width)
         else:
             k, b, c, h, w = x.shape
             seq = x.permute(0, 1, 3, 2, 4).reshape(k, b, h, c * w)  # rows of the image as steps

@@ -120,6 +120,38 @@ def test_rnn_reads_positions_as_steps_of_channels() -> None:
     assert model.gru.weight_ih_l0.shape == (15, 2)
 
 
+@settings(max_examples=10, deadline=None)
+@given(width=st.sampled_from([1, 2, 4]), c=st.integers(1, 3), k=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_rnn_step_width_reads_consecutive_positions_per_step(width: int, c: int, k: int,
+                                                            seed: int) -> None:
+    """step_width w: step t holds positions [t w, (t + 1) w) of every channel, channel-major;
+    the packed forward reads the same steps."""
+    cfg = ArchConfig(kind="rnn", hidden=4, step_width=width, input_shape=(c, 8), num_classes=3)
+    models = [seeded_model(cfg, seed + i) for i in range(k)]
+    x = torch.randn(k, 5, c, 8, generator=torch.Generator().manual_seed(seed))
+    steps = torch.stack([x[..., t * width:(t + 1) * width].flatten(-2) for t in range(8 // width)],
+                        dim=-2)  # (K, B, T, C * w)
+    for m, xb, sb in zip(models, x, steps, strict=True):
+        assert m.gru.input_size == c * width
+        _, h = m.gru(sb)
+        torch.testing.assert_close(m(xb), m.head(h[-1]))
+    params, _ = stack_module_state(models)
+    torch.testing.assert_close(forward_packed(models[0], params, x),
+                               torch.stack([m(xb) for m, xb in zip(models, x, strict=True)]),
+                               atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"kind": "rnn", "step_width": 3, "input_shape": (1, 40)}, "must divide the input length 40"),
+    ({"kind": "rnn", "step_width": 2, "input_shape": (1, 8, 8)}, "only to an rnn over 1-D"),
+    ({"kind": "mlp", "step_width": 2, "input_shape": (1, 40)}, "only to an rnn over 1-D"),
+])
+def test_step_width_errors_name_the_key(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=rf"arch.step_width: .*{match}"):
+        ArchConfig(**kwargs)
+
+
 # ---------------------------------------------------------------- packed training
 
 

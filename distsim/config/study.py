@@ -176,6 +176,8 @@ class Study:
         for a in self.archs:
             d = _plain(dataclasses.asdict(a))
             d.pop("input_shape"), d.pop("num_classes")
+            if d["step_width"] == 1:  # added later: the default keeps older studies' hashes
+                d.pop("step_width")
             archs.append(d)
         return {
             "study": {"name": self.name, "seed": self.seed, "store": self.store},
