@@ -1,10 +1,12 @@
 """The cost of the per-epoch history: zoo-stage training with and without it, side by side.
 
 Trains quickstart-like packs (jobs/quickstart.toml: digits pair-tasks, its MLP, CNN and GRU,
-12 seeds per pack, its train settings with ``--epochs`` epochs for every arch) with
-``train_pack(..., record_history=True)``, what the zoo stage runs, and ``record_history=False``.
-The two alternate pack by pack, in an order that flips every repetition, so that a change of
-machine load hits both alike; the load average is printed before and after. Each side is
+12 seeds per pack, its train settings with ``--epochs`` epochs for every arch) three ways:
+``off`` (``train_pack(..., record_history=False)``), ``history`` (what the zoo stage runs by
+default: the train columns every epoch, the test columns of the last) and ``history+test``
+(``[train] test_history = true``: the test split evaluated after every epoch). The three
+alternate pack by pack, in an order that rotates every repetition, so that a change of machine
+load hits all alike; the load average is printed before and after. Each side is
 timed in wall seconds and in this process's CPU seconds (``time.process_time``: less sensitive to
 other processes taking the cores than wall time). Also times what the zoo adds per pack besides
 training: building and writing the history shard.
@@ -58,42 +60,48 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print("before:", load(), flush=True)
 
-    def run(pack, record: bool) -> tuple[float, float, list]:
-        """Wall and CPU seconds of training `pack`, and its results."""
+    modes = ("off", "history", "history+test")
+
+    def run(pack, mode: str) -> tuple[float, float, list]:
+        """Wall and CPU seconds of training `pack` one way, and its results."""
         task = tasks[pack.task]
         arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
+        cfg = dataclasses.replace(configs[pack.arch], test_history=mode == "history+test")
         wall, cpu = time.perf_counter(), time.process_time()
-        results = train_pack(task, arch, list(pack.seeds), configs[pack.arch],
-                             init_seeds=list(study.init_seeds(pack)), record_history=record)
+        results = train_pack(task, arch, list(pack.seeds), cfg,
+                             init_seeds=list(study.init_seeds(pack)), record_history=mode != "off")
         return time.perf_counter() - wall, time.process_time() - cpu, results
 
-    for pack in packs[:: args.tasks]:  # warm-up: one pack per arch, both ways
-        run(pack, True), run(pack, False)
-    # seconds[clock, arch, record]: (reps,) totals over the arch's packs
-    seconds = {(c, a, r): np.zeros(args.reps) for c in ("wall", "cpu")
-               for a in study.arch_names for r in (True, False)}
+    for pack in packs[:: args.tasks]:  # warm-up: one pack per arch, every way
+        for mode in modes:
+            run(pack, mode)
+    # seconds[clock, arch, mode]: (reps,) totals over the arch's packs
+    seconds = {(c, a, m): np.zeros(args.reps) for c in ("wall", "cpu")
+               for a in study.arch_names for m in modes}
     for rep in range(args.reps):
         for i, pack in enumerate(packs):
-            for record in ((True, False) if (rep + i) % 2 == 0 else (False, True)):
-                wall, cpu, _ = run(pack, record)
-                seconds["wall", pack.arch, record][rep] += wall
-                seconds["cpu", pack.arch, record][rep] += cpu
+            shift = (rep + i) % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                wall, cpu, _ = run(pack, mode)
+                seconds["wall", pack.arch, mode][rep] += wall
+                seconds["cpu", pack.arch, mode][rep] += cpu
     print("after: ", load())
 
-    print("\n| clock | arch | with history (s) | without (s) | ratio "
-          "| per rep: median (min..max) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| clock | arch | off (s) | history (s) | ratio, median per rep (min..max) "
+          "| history+test (s) | ratio, median per rep (min..max) |")
+    print("|---|---|---|---|---|---|---|")
     for clock in ("wall", "cpu"):
         for a in (*study.arch_names, "all"):
             archs = study.arch_names if a == "all" else (a,)
-            on = np.sum([seconds[clock, x, True] for x in archs], axis=0)  # (reps,)
-            off = np.sum([seconds[clock, x, False] for x in archs], axis=0)
-            per_rep = on / off
-            print(f"| {clock} | {a} | {on.sum():.2f} | {off.sum():.2f} "
-                  f"| {on.sum() / off.sum():.3f} | {np.median(per_rep):.3f} "
-                  f"({per_rep.min():.3f}..{per_rep.max():.3f}) |")
+            total = {m: np.sum([seconds[clock, x, m] for x in archs], axis=0) for m in modes}
+            cells = []
+            for m in modes[1:]:
+                per_rep = total[m] / total["off"]
+                cells.append(f"{total[m].sum():.2f} | {total[m].sum() / total['off'].sum():.3f}, "
+                             f"{np.median(per_rep):.3f} ({per_rep.min():.3f}..{per_rep.max():.3f})")
+            print(f"| {clock} | {a} | {total['off'].sum():.2f} | {' | '.join(cells)} |")
 
-    _, _, results = run(packs[0], True)
+    _, _, results = run(packs[0], "history")
     with tempfile.TemporaryDirectory() as folder:
         store, times = Store(folder), []
         for _ in range(20):

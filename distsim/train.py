@@ -56,6 +56,9 @@ class TrainConfig:
     device: ``cpu`` | ``cuda`` | ``auto`` (cuda when available). dtype: ``float32`` | ``float64``.
     eval_batch: most samples per forward pass when evaluating (also capped so that the pack's
         copies of one evaluation batch fit GATHER_BYTES).
+    test_history: also evaluate the test split after every epoch (SeedResult.history's test
+        columns; without it only the last epoch has them, from the final evaluation). It costs
+        a forward pass over the test split per epoch (benchmarks/bench_history.py).
     """
 
     epochs: int = 20
@@ -72,6 +75,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     eval_batch: int = 4096
+    test_history: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "train", TRAIN_PARAMS)
@@ -97,6 +101,7 @@ TRAIN_PARAMS: Table = {
     "device": Options(DEVICES),
     "dtype": Options(tuple(DTYPES)),
     "eval_batch": Integer(lo=1),
+    "test_history": Flag(),
 }
 
 
@@ -119,8 +124,9 @@ class SeedResult:
         when trained with ``record_history=False``. train_loss / train_acc: over the epoch's n
         training samples, each scored by the step that trained on it, before its update (the
         mini-batch means weighted by batch size). test_loss / test_acc: the weights at the end
-        of the epoch on the test split. A seed that trained every epoch has the final
-        test_loss / test_acc in its last row (the same evaluation fills both); a diverged seed
+        of the epoch on the test split, with TrainConfig.test_history (else NaN but in the last
+        row). A seed that trained every epoch has the final test_loss / test_acc in its last
+        row (the same evaluation fills both); a diverged seed
         has one row per completed epoch, none for the epoch it diverged in (its test_loss /
         test_acc are those of its frozen weights, part-way through that epoch).
     """
@@ -218,14 +224,15 @@ def train_pack(
     lr = cfg.lr
     # history[e, row]: HISTORY_COLUMNS after epoch e + 1, kept on the device until the end
     history = torch.full((cfg.epochs, k, 4), math.nan, dtype=torch.float64, device=device)
-    loss_sum = torch.zeros(k, dtype=torch.float64, device=device)  # this epoch's, per row
-    correct = torch.zeros(k, dtype=torch.int64, device=device)
     for epoch, order in enumerate(batch_orders(seeds, n, cfg.epochs)):
         batch_order = torch.as_tensor(order, device=device)
-        loss_sum.zero_()
-        correct.zero_()
+        trained: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        sums = torch.zeros(k, 2, dtype=torch.float64, device=device)  # loss, hits this epoch
         for lo in range(0, n, cfg.batch_size):
             if lo % chunk == 0:  # gather the next chunk of steps' batches of every seed at once
+                if trained:  # and reduce the last chunk's (bounded memory)
+                    sums += _trained_sums(trained, k, device)
+                    trained.clear()
                 idx = batch_order[active, lo : lo + chunk]  # (K', chunk)
                 x_chunk, y_chunk = x_train[idx], y_train[idx]
             xb = x_chunk[:, lo % chunk : lo % chunk + cfg.batch_size]  # (K', b, C, H, W)
@@ -236,10 +243,8 @@ def train_pack(
             losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             losses = losses.view(len(active), -1)  # (K', b)
             loss = losses.mean(dim=1)  # (K',): each seed's own mean loss
-            if record_history:  # on the device: no host sync per step
-                with torch.no_grad():
-                    loss_sum.index_add_(0, active, losses.double().sum(dim=1))
-                    correct.index_add_(0, active, (logits.argmax(dim=-1) == yb).sum(dim=1))
+            if record_history:  # kept as they are; reduced once per chunk (_trained_sums)
+                trained.append((active, losses.detach(), logits.detach(), yb))
             # Seeds are independent, so d(sum of losses)/d(params of k) = d(loss_k)/d(params of k).
             grads = torch.autograd.grad(loss.sum(), list(params.values()))
             with torch.no_grad():
@@ -260,9 +265,8 @@ def train_pack(
         if len(active) == 0:
             break
         if record_history:
-            history[epoch, active, 0] = loss_sum[active] / n
-            history[epoch, active, 1] = correct[active].double() / n
-            if epoch + 1 < cfg.epochs:  # the last epoch's test metrics are the final ones
+            history[epoch, active, :2] = ((sums + _trained_sums(trained, k, device)) / n)[active]
+            if cfg.test_history and epoch + 1 < cfg.epochs:  # the last epoch's: the final ones
                 with torch.no_grad():
                     history[epoch, active, 2:] = torch.stack(
                         _evaluate(template, params, x_test, y_test, cfg.eval_batch), dim=1)
@@ -361,6 +365,27 @@ class _Optimizer:
             torch._foreach_add_(denom, cfg.eps)
             new = torch._foreach_addcdiv(p, m, denom, -lr / bc1)
         return dict(zip(names, new, strict=True))
+
+
+def _trained_sums(trained: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                  k: int, device: torch.device) -> torch.Tensor:
+    """(K, 2) float64: each row's summed loss and hits over some steps' training samples, each
+    scored by the step that trained on it, from the steps' (active rows, losses (K', b), logits
+    (K', b, classes), labels (K', b)). One batched reduction for many steps, not one per step."""
+    out = torch.zeros(k, 2, dtype=torch.float64, device=device)
+    if not trained:
+        return out
+    rows = trained[0][0]
+    if all(a is rows for a, *_ in trained):  # no seed diverged this epoch: one batched pass
+        losses = torch.cat([t[1] for t in trained], dim=1)  # (K', n)
+        hits = torch.cat([t[2].argmax(dim=-1) == t[3] for t in trained], dim=1)
+        out[rows, 0] = losses.double().sum(dim=1)
+        out[rows, 1] = hits.sum(dim=1).double()
+    else:
+        for active, losses, logits, yb in trained:
+            out[active, 0] += losses.double().sum(dim=1)
+            out[active, 1] += (logits.argmax(dim=-1) == yb).sum(dim=1).double()
+    return out
 
 
 def _evaluate(

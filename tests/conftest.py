@@ -54,3 +54,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (the packed-trainer tests compare bit for bit)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def task():
+    """A small digits task (digits:0v4, 270 train / 89 test samples) for the trainer tests."""
+    from distsim.tasks import DataConfig, make_tasks
+
+    return make_tasks(DataConfig(num_tasks=3, seed=0))[2]

@@ -22,19 +22,7 @@ from distsim.train import (
 )
 
 KINDS = ("mlp", "cnn", "rnn")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def task() -> Task:
-    return make_tasks(DataConfig(num_tasks=3, seed=0))[2]  # digits:0v4, 270 train / 89 test
+pytestmark = pytest.mark.usefixtures("one_thread")  # packs compared bit for bit
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

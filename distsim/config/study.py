@@ -187,7 +187,7 @@ class Study:
                 "seeds_per_task": self.train.seeds_per_task,
                 "seeds_per_trial": self.train.seeds_per_trial,
                 **({"shared_init": True} if self.train.shared_init else {}),
-                **_plain(dataclasses.asdict(TrainConfig(**self.train.kwargs()))),
+                **_train_resolved(TrainConfig(**self.train.kwargs())),
                 **{arch: _plain(dict(pairs)) for arch, pairs in self.train.overrides},
             },
             "resources": _plain(dataclasses.asdict(self.resources)),
@@ -230,6 +230,15 @@ class Study:
             d["data"]["mnist1d_version"] = mnist1d_version()
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _train_resolved(cfg: TrainConfig) -> dict[str, Any]:
+    """A TrainConfig as plain JSON types; test_history (added later) only when set, so that
+    older studies keep their hashes."""
+    d = _plain(dataclasses.asdict(cfg))
+    if not d["test_history"]:
+        d.pop("test_history")
+    return d
 
 
 def _plain(x: Any) -> Any:
