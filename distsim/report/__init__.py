@@ -7,7 +7,13 @@ stratified by task (distsim.report.sampling), so the page stays quick at 10k mod
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import multiprocessing as mp
+import os
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +64,18 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
                                        models["task"].drop_nulls().to_numpy()])).astype(np.int64)
     # One BLAS thread: the products here are small, and BLAS threads fighting a busy 2-core
     # machine made the quickstart's 40 PCAs 7 times slower (measured: 0.7 s against 0.1 s).
-    with figures.style(), threadpool_limits(limits=1, user_api="blas"):
-        zoo = _zoo(folder, models, history, study)
-        archs = [_arch(folder, store, study, tests, labels, a, max_heatmap, max_points)
-                 for a in study.arch_names]
+    sections: dict[tuple[str, str], MethodSection] = {}
+    with _drawing(folder) as draw, threadpool_limits(limits=1, user_api="blas"):
+        for arch in study.arch_names:  # the data here, the figures drawn meanwhile in workers
+            for method in study.features.methods:
+                sections[arch, method], drawings = _method(
+                    store, study, tests, labels, arch, method, max_heatmap, max_points)
+                for drawing in drawings:
+                    draw(drawing)
+        with figures.style():
+            zoo = _zoo(folder, models, history, study)
+    archs = [_arch(study, tests, a, [sections[a, m] for m in study.features.methods])
+             for a in study.arch_names]
     names = models.filter(pl.col("task_name").is_not_null()).unique("task").sort("task")
     page = Page(
         title=f"distsim report: {study.name}",
@@ -135,46 +149,78 @@ def _zoo(folder: Path, models: pl.DataFrame, history: pl.DataFrame,
     return out
 
 
-def _arch(folder: Path, store: Store, study: Study, tests: list[dict[str, Any]],
-          labels: np.ndarray, arch: str, max_heatmap: int, max_points: int) -> ArchSection:
+def _arch(study: Study, tests: list[dict[str, Any]], arch: str,
+          sections: list[MethodSection]) -> ArchSection:
     layers, methods = list(study.feature_layers(arch)), list(study.features.methods)
+    mine = [t for t in tests if t["arch"] == arch]
+    return ArchSection(arch, layers, methods, mine, sections)
+
+
+def _method(store: Store, study: Study, tests: list[dict[str, Any]], labels: np.ndarray,
+            arch: str, method: str, max_heatmap: int, max_points: int
+            ) -> tuple[MethodSection, list[Drawing]]:
+    """The section of one (arch, method) and the figures it shows, still to be drawn: its
+    features figure (a row per layer) and its null figure (a panel per protocol)."""
+    layers = list(study.feature_layers(arch))
     mine = [t for t in tests if t["arch"] == arch]
     protocols = [p for p in PROTOCOL_ORDER if any(t["protocol"] == p for t in mine)]
     protocols += sorted({t["protocol"] for t in mine} - set(protocols))
-    sections = []
-    for method in methods:
-        images, notes = [], []
-        panels, sampled = [], []
-        for layer in layers:
-            panel, note = _matrix_panel(store, study, arch, method, layer, max_heatmap,
-                                        max_points)
-            if panel is not None:
-                panels.append(panel)
-            sampled += [note] if note else []
-        if panels:
-            name = f"fig-{arch}-{method}-features.png"
-            fig = figures.matrix_figure(panels, labels, study.pairs.metric,
-                                        f"{arch} / {method}: feature distances and PCA")
-            figures.save_png(fig, folder / name)
-            images.append(Image(name, f"{arch} {method}: distance heatmaps and PCA per layer"))
-        else:
-            notes.append("no features of this method in the store")
-        notes += list(dict.fromkeys(sampled))  # layers of one method share their models
-        tested = {(t["layer"], t["protocol"]): _null_panel(t) for t in mine
-                  if t["method"] == method}
-        shown = [layer for layer in layers if any(k[0] == layer for k in tested)]
-        if shown:
-            name = f"fig-{arch}-{method}-null.png"
-            columns = [[tested.get((layer, p)) for layer in shown] for p in protocols]
-            fig = figures.null_figure(shown, columns, f"{arch} / {method}: permutation nulls "
-                                      "(grey), observed (red), chance (dashed)")
-            figures.save_png(fig, folder / name)
-            images.append(Image(name, f"{arch} {method}: null distributions per layer and test"))
-            if any(p.null is None for p in tested.values()):
-                notes.append("null not stored for some tests (a store written before distsim "
-                             "0.2 keeps no permutation statistics): their rows show none")
-        sections.append(MethodSection(method, images, notes))
-    return ArchSection(arch, layers, methods, mine, sections)
+    images: list[Image] = []
+    notes: list[str] = []
+    drawings: list[Drawing] = []
+    panels, sampled = [], []
+    for layer in layers:
+        panel, note = _matrix_panel(store, study, arch, method, layer, max_heatmap, max_points)
+        if panel is not None:
+            panels.append(panel)
+        sampled += [note] if note else []
+    if panels:
+        name = f"fig-{arch}-{method}-features.png"
+        drawings.append((name, figures.matrix_figure, (
+            panels, labels, study.pairs.metric, f"{arch} / {method}: feature distances and PCA")))
+        images.append(Image(name, f"{arch} {method}: distance heatmaps and PCA per layer"))
+    else:
+        notes.append("no features of this method in the store")
+    notes += list(dict.fromkeys(sampled))  # layers of one method share their models
+    tested = {(t["layer"], t["protocol"]): _null_panel(t) for t in mine if t["method"] == method}
+    shown = [layer for layer in layers if any(k[0] == layer for k in tested)]
+    if shown:
+        name = f"fig-{arch}-{method}-null.png"
+        columns = [[tested.get((layer, p)) for layer in shown] for p in protocols]
+        drawings.append((name, figures.null_figure, (
+            shown, columns, f"{arch} / {method}: permutation nulls (grey), observed (red), "
+                            "chance (dashed)")))
+        images.append(Image(name, f"{arch} {method}: null distributions per layer and test"))
+        if any(p.null is None for p in tested.values()):
+            notes.append("null not stored for some tests (a store written before distsim 0.2 "
+                         "keeps no permutation statistics): their rows show none")
+    return MethodSection(method, images, notes), drawings
+
+
+# (file name, figure function, its arguments): a figure to draw, plain data only
+Drawing = tuple[str, Callable[..., Any], tuple[Any, ...]]
+
+
+@contextlib.contextmanager
+def _drawing(folder: Path) -> Iterator[Callable[[Drawing], None]]:
+    """A function that draws and saves a figure: in forked worker processes (matplotlib draws
+    on one core; the workers get plain numpy data and use neither polars nor torch) where fork
+    exists and there is more than one CPU, else at once. Leaving waits for every figure."""
+    workers = os.cpu_count() or 1
+    if workers < 2 or "fork" not in mp.get_all_start_methods():
+        yield functools.partial(_draw_one, folder)
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        futures: list[Future[None]] = []
+        yield lambda drawing: futures.append(pool.submit(_draw_one, folder, drawing))
+        for f in futures:
+            f.result()  # a worker's error, here
+
+
+def _draw_one(folder: Path, drawing: Drawing) -> None:
+    name, make, args = drawing
+    with figures.style():
+        figures.save_png(make(*args), folder / name)
 
 
 def _null_panel(t: dict[str, Any]) -> NullPanel:

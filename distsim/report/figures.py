@@ -284,6 +284,8 @@ def _curve(ax: Axes, df: pl.DataFrame, column: str, colour: str, label: str) -> 
     if per.height == 0:
         return
     epochs = per["epoch"].to_numpy()
+    if per.height == 1 and df["epoch"].n_unique() > 1:  # the test split without test_history
+        label = f"{label} (last epoch; every epoch: [train] test_history)"
     ax.fill_between(epochs, per["lo"].to_numpy(), per["hi"].to_numpy(), color=colour,
                     alpha=0.2, linewidth=0)
     ax.plot(epochs, per["mean"].to_numpy(), color=colour, linewidth=1.3, label=label,
