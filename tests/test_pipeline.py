@@ -326,7 +326,9 @@ def test_quickstart_via_cli(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^arch +layer +method +test +statistic +observed +chance", proc.stderr, re.M)
+    assert re.search(r"^arch +layer +method +protocol +statistic +observed +chance", proc.stderr,
+                     re.M)
+    assert re.search(r"^p_value +\(1 \+ permutations at least as extreme\)", proc.stderr, re.M)
     tests = Store(tmp_path / "store").scan("tests").collect()
     study = parse_study(text, base_dir=ROOT / "jobs")
     floor = 1 / (1 + study.tests.permutations)
