@@ -54,7 +54,7 @@ def open(path: str | os.PathLike[str] | Store) -> Results:  # distsim.open: shad
     if not store.exists:
         raise StoreError(f"no distsim store at {str(path)!r} (no study.json or tables); "
                          "run `distsim launch` first")
-    res = Results(store, _held_study(store))
+    res = Results(store, held_study(store))
     if toml is not None and toml.hash != res.config_hash:
         raise StoreError(f"store {str(store.root)!r} holds study {res.study.name!r} with config "
                          f"{res.config_hash[:12]}, not the study file's {toml.hash[:12]}; open "
@@ -62,7 +62,7 @@ def open(path: str | os.PathLike[str] | Store) -> Results:  # distsim.open: shad
     return res
 
 
-def _held_study(store: Store) -> Study:
+def held_study(store: Store) -> Study:
     """The study that wrote `store` (its study.json, with study.store set to the store's
     real folder); StoreError when study.json is missing or not a valid study."""
     held = store.read_study()

@@ -107,19 +107,14 @@ def open_store(path: Path) -> Store:
 
 
 def held_study(store: Store) -> Study | None:
-    """The study a store was written by (from its study.json, at the store's real path)."""
-    from distsim.config import study_from_dict
+    """The study a store was written by (from its study.json, at the store's real path), or
+    None when study.json is missing or not a valid study."""
+    from distsim.results import held_study as study_of
 
-    held = store.read_study()
-    if not held or not isinstance(held.get("config"), dict):
-        return None
-    config = dict(held["config"])
-    config["study"] = {**config.get("study", {}), "store": str(store.root)}
     try:
-        return study_from_dict(config, source=str(held.get("source", "<store>")))
-    except DistsimError:
+        return study_of(store)
+    except StoreError:
         return None
-
 
 
 StoreArg = Annotated[Path, typer.Argument(metavar="STORE", help="Store folder or study TOML.")]

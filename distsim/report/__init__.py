@@ -22,12 +22,13 @@ import polars as pl
 from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
 from distsim import __version__
-from distsim.config import Study, study_from_dict
+from distsim.config import Study
 from distsim.errors import DistsimError, StoreError
 from distsim.report import figures
 from distsim.report.figures import MatrixPanel, NullPanel
 from distsim.report.page import ArchSection, Image, MethodSection, Page, render
 from distsim.report.sampling import pca_2d, read_sample, stratified_sample
+from distsim.results import held_study
 from distsim.stats.distances import pairwise_distances
 from distsim.store import Store
 from distsim.summary import PROTOCOL_ORDER, summary_table
@@ -51,7 +52,7 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
     doc = store.read_study()
     if doc is None:
         raise StoreError(f"{str(store.root)!r} has no study.json: not a distsim store")
-    study = _study(store, doc)
+    study = held_study(store)
     folder = _out_folder(store, out)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(_FIGURE_GLOB):
@@ -92,19 +93,6 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
     index = folder / "index.html"
     index.write_text(render(page), encoding="utf-8")
     return index
-
-
-def _study(store: Store, doc: dict[str, Any]) -> Study:
-    """The study a store was written by (its study.json), bound to the store's real path."""
-    config = doc.get("config")
-    if not isinstance(config, dict):
-        raise StoreError(f"{str(store.root / 'study.json')!r}: no resolved config in it")
-    config = {**config, "study": {**config.get("study", {}), "store": str(store.root)}}
-    try:
-        return study_from_dict(config, source=str(doc.get("source", "<store>")))
-    except DistsimError as exc:
-        raise StoreError(f"{str(store.root / 'study.json')!r}: its config does not load ({exc})"
-                         ) from None
 
 
 def _out_folder(store: Store, out: Path | None) -> Path:
