@@ -1,0 +1,71 @@
+"""The README's Results table of a finished paper study, from its store alone.
+
+One row per arch x layer x method: closed-set accuracy (chance), open-set mAP and CMC-1 (their
+chance), PERMANOVA pseudo-F and R^2, PERMDISP F, the largest p and q of the row's tests, and
+under it the stage times and the models' mean test accuracy per arch.
+
+    python benchmarks/paper_results.py stores/paper-mnist1d [stores/paper-digits ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import polars as pl
+
+import distsim
+
+
+def _cell(x: Any, digits: int = 3) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def table(path: str) -> str:
+    """The markdown of one study: its results table, then its stages and accuracies."""
+    res = distsim.open(path)
+    tests = res.tests()
+    lines = [f"**{res.study.name}** (`{path}`)", "",
+             "| arch | layer | method | closed-set acc (chance) | open-set mAP (chance) "
+             "| CMC-1 (chance) | PERMANOVA F | R^2 | PERMDISP F | max p | max q |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arch in res.study.arch_names:
+        for layer in res.study.feature_layers(arch):
+            for method in res.study.features.methods:
+                mine = tests.filter((pl.col("arch") == arch) & (pl.col("layer") == layer)
+                                    & (pl.col("method") == method))
+                if mine.height == 0:
+                    continue
+                row = {r["protocol"]: r for r in mine.iter_rows(named=True)}
+
+                def get(protocol: str, key: str, row: dict = row) -> Any:
+                    r = row.get(protocol)
+                    if r is None:
+                        return None
+                    if key in r:
+                        return r[key]
+                    return json.loads(r["extra"] or "{}").get(key)
+
+                cs, os_ = (f"{_cell(get(p, 'observed'))} ({_cell(get(p, 'chance'))})"
+                           for p in ("closed-set", "open-set"))
+                cmc = (f"{_cell(get('open-set', 'cmc@1'))} "
+                       f"({_cell(get('open-set', 'chance_cmc@1'))})")
+                lines.append(
+                    f"| {arch} | {layer} | {method} | {cs} | {os_} | {cmc} "
+                    f"| {_cell(get('permanova', 'observed'), 1)} | {_cell(get('permanova', 'r2'))} "
+                    f"| {_cell(get('permdisp', 'observed'), 2)} "
+                    f"| {_cell(mine['p_value'].max(), 4)} | {_cell(mine['q_value'].max(), 4)} |")
+    stages = res.store.stages()
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {info.get('seconds', float('nan')):.0f} |"
+              for name, info in stages.items()]
+    acc = (res.models().filter(pl.col("status") == "ok").group_by("arch")
+           .agg(pl.len().alias("models"), pl.col("test_acc").mean().alias("mean test acc")))
+    lines += ["", "| arch | ok models | mean test accuracy |", "|---|---|---|"]
+    lines += [f"| {a} | {n} | {m:.3f} |" for a, n, m in acc.sort("arch").iter_rows()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print("\n\n".join(table(p) for p in sys.argv[1:]))
