@@ -122,18 +122,17 @@ def _tests(store: Store, study: Study) -> list[dict[str, Any]]:
 def _zoo(folder: Path, models: pl.DataFrame, history: pl.DataFrame,
          study: Study) -> list[Image | str]:
     out: list[Image | str] = []
-    fig = figures.accuracy_figure(models, study.arch_names)
-    if fig is None:
-        out.append("no ok models in this store")
-    else:
-        figures.save_png(fig, folder / "fig-accuracy.png")
-        out.append(Image("fig-accuracy.png", "test accuracy per task, per architecture"))
-    fig = figures.history_figure(history, study.arch_names)
-    if fig is None:
-        out.append("no training history in this store")
-    else:
-        figures.save_png(fig, folder / "fig-history.png")
-        out.append(Image("fig-history.png", "training curves per architecture"))
+    for fig, name, caption, none in (
+        (figures.accuracy_figure(models, study.arch_names), "fig-accuracy.png",
+         "test accuracy per task, per architecture", "no ok models in this store"),
+        (figures.history_figure(history, study.arch_names), "fig-history.png",
+         "training curves per architecture", "no training history in this store"),
+    ):
+        if fig is None:
+            out.append(none)
+        else:
+            figures.save_png(fig, folder / name)
+            out.append(Image(name, caption))
     return out
 
 
