@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 _LAZY = {"open": "distsim.results", "Results": "distsim.results"}
 

@@ -191,6 +191,8 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
     tests = store.scan("tests").collect()
     assert tests.height == (2 + 2) * 2 * 4  # (mlp fc1, out + rnn gru_ih, out) x 2 methods x 4 tests
     assert (tests["p_value"] >= 1 / 10 - 1e-12).all() and (tests["p_value"] <= 1).all()
+    # seconds: the compute time of the test's chunks, summed (each ran, so some time was spent)
+    assert tests["seconds"].is_finite().all() and (tests["seconds"] > 0).all()
     row = tests.filter((pl.col("arch") == "mlp") & (pl.col("method") == "chain-gram")
                        & (pl.col("layer") == "out") & (pl.col("protocol") == "closed-set")
                        ).row(0, named=True)

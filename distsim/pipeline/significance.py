@@ -10,7 +10,9 @@ the single-process ``htt`` / ``permanova`` call exactly. An HTT's learner basis 
 the training rows' basis, (n + m) x r with r <= min(n, D), from the D x D Gram when n > D so
 that no n x n array exists) is computed once per test by one task and shared by its chunks
 through the object store. One ``tests`` shard per (arch, method, layer, protocol); tests
-already in the store are skipped.
+already in the store are skipped. A row's ``seconds`` is the compute time of its chunks (or
+tiles), summed: all tests are queued at the stage's start, so their wall times would measure
+the queue.
 
 PERMANOVA's R^2 (SS_between / SS_total) is in the row's extra. PERMDISP (metric euclidean only)
 runs beside it: the distances of the models to their task's centroid, compared across tasks by an
@@ -176,11 +178,12 @@ def tiles_head(sums: TileSums, sizes: np.ndarray, n_tiles: int) -> dict[str, Any
 
 
 def _chunk(unit: str, store_root: str, faults: dict[str, float], fn: Callable[..., Any],
-           *args: Any) -> Any:
+           *args: Any) -> tuple[Any, float]:
     """One unit of a test (a permutation chunk, or a tile of PERMANOVA's tiles route) as a Ray
-    task: fn(*args), after the fault-injection hook."""
+    task: (fn(*args), the seconds it took), after the fault-injection hook."""
     maybe_fail("test", unit, store_root, faults)
-    return fn(*args)
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) -> dict[str, Any]:
@@ -311,7 +314,7 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 refs += [submit(str(c), htt_chunk, x_ref, t_ref, protocol, b, spec.seed, c,
                                 htt_kw, fit_ref) for c, b in enumerate(sizes[1:], 1)]
             jobs[(matrix, protocol)] = {"refs": refs, "calls": calls, "values": [None] * len(refs),
-                                        "B": B, "start": time.perf_counter(), **meta, **job}
+                                        "B": B, "seconds": 0.0, **meta, **job}
     n_units = sum(len(j["refs"]) for j in jobs.values())
     progress = Progress("tests", n_units, unit="task", skipped=0, stream=ctx.stream)
     if n_tests > len(jobs):
@@ -328,7 +331,7 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             key, i = owner.pop(ready[0])
             job = jobs[key]
             try:
-                value = ray.get(ready[0])
+                value, seconds = ray.get(ready[0])
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                 if key in failed:
                     continue
@@ -348,6 +351,7 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 job["sums"].add(*value)
             else:
                 job["values"][i] = value
+            job["seconds"] += seconds
             left[key] -= 1
             progress.update(1)
             if left[key] == 0:
@@ -369,7 +373,7 @@ def _write_test(store: Store, study: Study, key: tuple[MatrixKey, str],
     row.update({"n_models": job["n_models"], "n_tasks": job["n_tasks"], "seed": study.tests.seed,
                 "upstream": job["upstream"],
                 "learner": study.tests.learner if protocol in study.tests.protocols else None,
-                "seconds": time.perf_counter() - job["start"]})
+                "seconds": job["seconds"]})
     store.write_shard("tests", {**matrix.key, "protocol": protocol}, [row])
 
 
