@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from distsim.errors import StoreError
 from distsim.results import Results
 from distsim.results import open as open_results
 from distsim.store import Store
+from distsim.store.codecs import json_safe
 from distsim.store.shards import atomic_write
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ def _export_arch(res: Results, folder: Path, arch: str, ids: list[str]) -> list[
         "tensors": {k: list(v.shape) for k, v in stacked.items()},
         "stack_axis": 0,
         "model_ids": ids,
-        "models": [_json_value(rows[mid]) for mid in ids],
+        "models": [json_safe(rows[mid]) for mid in ids],
         "tasks": [_task_doc(res, t) for t in tasks],
         **_provenance(res),
     }
@@ -117,7 +117,7 @@ def _model_doc(res: Results, row: dict[str, Any], state: dict[str, torch.Tensor]
         "model_id": row["model_id"],
         "arch": _arch_doc(res, row["arch"], int(row["task"])),
         "tensors": {k: list(v.shape) for k, v in state.items()},
-        "metrics": _json_value(row),
+        "metrics": json_safe(row),
         "task": _task_doc(res, int(row["task"])),
         **_provenance(res),
     }
@@ -125,7 +125,7 @@ def _model_doc(res: Results, row: dict[str, Any], state: dict[str, torch.Tensor]
 
 def _arch_doc(res: Results, arch: str, task_id: int) -> dict[str, Any]:
     """Every ArchConfig field as JSON (``ArchConfig(**doc)`` rebuilds it), sized for the task."""
-    return dict(_json_value(dataclasses.asdict(res.arch_config(arch, task_id))))
+    return dict(json_safe(dataclasses.asdict(res.arch_config(arch, task_id))))
 
 
 def _task_doc(res: Results, task_id: int) -> dict[str, Any]:
@@ -156,14 +156,3 @@ def _write(folder: Path, stem: str, tensors: dict[str, torch.Tensor],
 
 def _put(data: bytes, f: IO[bytes]) -> None:
     f.write(data)
-
-
-def _json_value(v: Any) -> Any:
-    """A JSON-safe value: NaN and infinities become None, tuples lists (nested)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _json_value(x) for k, x in v.items()}
-    return v

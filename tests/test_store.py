@@ -359,3 +359,21 @@ def test_stages_and_summary(tmp_path, study_toml):
     assert row == {"arch": "mlp", "expected": 6, "ok": 2, "diverged": 1, "failed": 0,
                    "train_acc": None, "test_acc": pytest.approx(0.55),  # mean of the ok models'
                    "features": 0, "tests": 0}
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner, inner)
+    | st.dictionaries(st.integers() | st.text(max_size=2), inner, max_size=3),
+    max_leaves=10))
+def test_json_safe_writes_strict_json(value: object) -> None:
+    """Any nest of store cells becomes strict JSON: no NaN/inf tokens (they become null),
+    finite numbers kept exactly."""
+    import json
+
+    from distsim.store.codecs import json_safe
+
+    text = json.dumps(json_safe(value), allow_nan=False)
+    back = json.loads(text)
+    if isinstance(value, float):
+        assert back == (value if np.isfinite(value) else None)

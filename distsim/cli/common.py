@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import shutil
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import typer
 from distsim import __version__
 from distsim.errors import DistsimError, StoreError
 from distsim.store import Store
+from distsim.store.codecs import json_safe
 
 if TYPE_CHECKING:
     from distsim.config import Study
@@ -123,7 +123,7 @@ StoreArg = Annotated[Path, typer.Argument(metavar="STORE", help="Store folder or
 def emit(df: pl.DataFrame, fmt: Format, limit: int) -> None:
     """Print a frame as a terminal table, CSV or JSON rows (NaN -> null, lists kept in JSON)."""
     if fmt is Format.json:
-        rows = [{k: json_value(v) for k, v in row.items()} for row in df.iter_rows(named=True)]
+        rows = [{k: json_safe(v) for k, v in row.items()} for row in df.iter_rows(named=True)]
         typer.echo(json.dumps(rows, allow_nan=False))
         return
     if fmt is Format.csv:
@@ -153,13 +153,4 @@ def emit(df: pl.DataFrame, fmt: Format, limit: int) -> None:
     if shown.width < df.width:
         typer.echo(f"(not shown to fit {width} columns: {', '.join(df.columns[shown.width:])}; "
                    "use a wider terminal or --format csv/json)", err=True)
-
-
-def json_value(v: Any) -> Any:
-    """A JSON-safe cell: NaN and infinities become null (lists element-wise)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [json_value(x) for x in v]
-    return v
 

@@ -1,7 +1,9 @@
-"""Codecs between Arrow columns and arrays: torch weights <-> weights rows, features -> a matrix."""
+"""Codecs between Arrow columns and arrays: torch weights <-> weights rows, features -> a matrix;
+store rows -> JSON-safe values."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,3 +91,15 @@ def feature_matrix(df: pl.DataFrame, what: str) -> FeatureMatrix:
         X.reshape(df.height, int(lengths[0])),
         fingerprint(token(m, t) for m, t in zip(df["model_id"], df["trial_id"], strict=True)),
     )
+
+
+def json_safe(v: Any) -> Any:
+    """A JSON-safe value of a store cell or row: NaN and infinities become None, tuples lists
+    (nested lists, tuples and dicts element-wise; dict keys strings)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    return v
