@@ -57,9 +57,9 @@ def table(path: str) -> str:
                     f"| {_cell(get('permdisp', 'observed'), 2)} "
                     f"| {_cell(mine['p_value'].max(), 4)} | {_cell(mine['q_value'].max(), 4)} |")
     stages = res.store.stages()
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {info.get('seconds', float('nan')):.0f} |"
-              for name, info in stages.items()]
+    lines += ["", "| stage | seconds (all runs) | runs |", "|---|---|---|"]
+    lines += [f"| {name} | {info.get('seconds_all_runs', info.get('seconds', float('nan'))):.0f} "
+              f"| {info.get('runs', 1)} |" for name, info in stages.items()]
     acc = (res.models().filter(pl.col("status") == "ok").group_by("arch")
            .agg(pl.len().alias("models"), pl.col("test_acc").mean().alias("mean test acc")))
     lines += ["", "| arch | ok models | mean test accuracy |", "|---|---|---|"]

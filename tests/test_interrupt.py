@@ -6,6 +6,7 @@ relaunch finishes the study and ``distsim verify`` finds it sound."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -104,6 +105,8 @@ def test_interrupt_each_stage_then_resume(tmp_path: Path) -> None:
         assert not (store.root / "_launch.lock").exists(), "the lock was not released"
         marked = set(store.stages())
         assert marked == set(stages[:n]), f"stages marked done: {marked}"  # nothing downstream
+        note = json.loads((store.root / "_stages" / "unfinished" / f"{stage}.json").read_text())
+        assert note["runs"] == 1 and note["seconds"] > 0, note  # the stopped run's time is kept
         report.append(f"{stage}: exit {rc} in {took:.1f} s; {last.split('; ')[1]}")
     print("\n".join(report))
 
@@ -116,6 +119,9 @@ def test_interrupt_each_stage_then_resume(tmp_path: Path) -> None:
     models = store.scan("models").collect()
     assert models.height == 8 and models["model_id"].n_unique() == 8
     assert store.scan("tests").collect().height == 16  # 4 matrices x (2 HTT, PERMANOVA, PERMDISP)
+    for stage, info in store.stages().items():  # each stage: its stopped run, then the last one
+        assert info["runs"] == 2 and info["seconds_all_runs"] > info["seconds"], (stage, info)
+    assert not list(store.root.glob("_stages/unfinished/*.json")), "a note was left behind"
 
 
 def _free_port() -> int:

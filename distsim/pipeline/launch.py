@@ -174,6 +174,7 @@ def run_study(
         done: dict[str, Any] = {}
         nodes, current = 0, "start"
         started = False
+        t0 = 0.0
         try:
             if chosen:
                 import ray
@@ -190,20 +191,22 @@ def run_study(
                       f"{nodes} node(s), {cpus} CPUs", file=out, flush=True)
                 ctx = RunContext(stream=out, cpus=cpus)
             for stage in chosen:
-                current = stage.name
+                current, t0 = stage.name, time.perf_counter()
                 upstream = _gate(study, store, stage.name, done, partial, out)
-                t0 = time.perf_counter()
                 info = stage.run(study, store, ctx)
                 info["seconds"] = round(time.perf_counter() - t0, 2)
                 if upstream:
                     info["partial"] = True
                 done[stage.name] = info
                 worked = any(v for k, v in info.items() if k not in ("skipped", "seconds"))
-                if stage.outputs(study, store).complete and (
-                        worked or stage.name not in store.stages()):
+                if not stage.outputs(study, store).complete:
+                    store.note_unfinished(stage.name, info["seconds"])
+                elif worked or stage.name not in store.stages():
                     store.mark_stage(stage.name, **info)
             current = "summary"
         except KeyboardInterrupt:  # Ray or Tune may re-raise ours as a plain one
+            if current in STAGE_NAMES:
+                store.note_unfinished(current, time.perf_counter() - t0)
             if started:
                 ray.shutdown()
                 started = False

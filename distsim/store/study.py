@@ -8,6 +8,7 @@ Layout (one folder per study; ``<k>=<v>`` folders are hive partitions)::
 
     <root>/study.json                                     resolved config + its hash
     <root>/_stages/<stage>.json                           a stage's "done" marker
+    <root>/_stages/unfinished/<stage>.json                seconds of its runs that ended early
     <root>/_launch.lock                                   the running launch (distsim.store.lock)
     <root>/_tune/, _faults/                               Tune's trial folders; fault-test marks
     <root>/models/arch=mlp/task=3-pack=0.parquet          one shard per zoo trial
@@ -249,11 +250,31 @@ class Store(ShardStore):
 
     # ------------------------------------------------------------------ stages and status
     def mark_stage(self, stage: str, **info: Any) -> None:
-        """Record that `stage` finished (info: any JSON-able facts, e.g. counts, seconds)."""
+        """Record that `stage` finished (info: any JSON-able facts, e.g. counts, seconds).
+
+        When earlier runs of the stage ended before it was done (`note_unfinished`), info's
+        seconds (this run's) gain seconds_all_runs and runs, and that note is removed."""
         if not KEY_VALUE.match(stage):
             raise StoreError(f"stage name {stage!r} must match [A-Za-z0-9_.-]+")
+        note = self.root / "_stages" / "unfinished" / f"{stage}.json"
+        earlier = json.loads(note.read_text()) if note.is_file() else None
+        if earlier and "seconds" in info:
+            info = {**info, "runs": earlier["runs"] + 1,
+                    "seconds_all_runs": round(earlier["seconds"] + info["seconds"], 2)}
         doc = {"stage": stage, "finished": _now(), **info}
         self._write_json(self.root / "_stages" / f"{stage}.json", doc)
+        note.unlink(missing_ok=True)
+
+    def note_unfinished(self, stage: str, seconds: float) -> None:
+        """Add the `seconds` of a run of `stage` that ended before the stage was done (stopped,
+        or units left failed) to its note, which `mark_stage` folds into the stage's record.
+        A run killed outright (SIGKILL, power) leaves no note."""
+        if not KEY_VALUE.match(stage):
+            raise StoreError(f"stage name {stage!r} must match [A-Za-z0-9_.-]+")
+        note = self.root / "_stages" / "unfinished" / f"{stage}.json"
+        doc = json.loads(note.read_text()) if note.is_file() else {"seconds": 0.0, "runs": 0}
+        self._write_json(note, {"seconds": round(doc["seconds"] + seconds, 2),
+                                "runs": doc["runs"] + 1})
 
     def stages(self) -> dict[str, dict[str, Any]]:
         """{stage: info} of the stages marked done."""
