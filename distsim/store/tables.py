@@ -93,7 +93,11 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("observed", _F64), ("chance", _F64), ("null_mean", _F64), ("null_sd", _F64),
         ("effect_size", _F64), ("p_value", _F64), ("permutations", _I32), ("n_models", _I32),
         ("n_tasks", _I32), ("seed", _I64), ("learner", _S), ("extra", _S, "JSON"),
-        ("seconds", _F64), ("upstream", _S, _UPSTREAM),
+        ("seconds", _F64, "compute time of the test's permutation chunks or tiles, summed; "
+                          "not its wall time, without the shared learner or PERMANOVA basis; "
+                          "before distsim 0.2.1 the wall time from the stage's start, queue "
+                          "included"),
+        ("upstream", _S, _UPSTREAM),
         ("null", pa.list_(_F64), "the statistic under each of the permutations, in draw order; "
                                  "null in stores written before distsim 0.2"))),
     TableSpec("history", "model x epoch", ("arch", "task", "pack"), ("arch",), _cols(
