@@ -2,9 +2,11 @@
 
 One row per arch x layer x method: closed-set accuracy (chance), open-set mAP and CMC-1 (their
 chance), PERMANOVA pseudo-F and R^2, PERMDISP F, the largest p and q of the row's tests, and
-under it the stage times and the models' mean test accuracy per arch.
+under it the stage times and the models' mean test accuracy per arch. With --ranks, also the
+dimensions the Gram features span: the rank of each (arch, layer) chain-gram and gram feature
+matrix, centred (singular values above 1e-6 of the largest; the features are float32).
 
-    python benchmarks/paper_results.py stores/paper-mnist1d [stores/paper-digits ...]
+    python benchmarks/paper_results.py [--ranks] stores/paper-mnist1d [stores/paper-digits ...]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 import distsim
@@ -67,5 +70,24 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def ranks(path: str) -> str:
+    """The markdown table of the Gram features' ranks: dimensions of D they span over N models."""
+    res = distsim.open(path)
+    lines = ["| arch | layer | D | chain-gram rank | gram rank |", "|---|---|---|---|---|"]
+    for arch in res.study.arch_names:
+        for layer in res.study.feature_layers(arch):
+            cells = []
+            for method in ("chain-gram", "gram"):
+                X = res.features(arch, layer, method)[2].astype(np.float64)
+                s = np.linalg.svd(X - X.mean(axis=0), compute_uv=False)
+                cells.append(str(int((s > 1e-6 * s[0]).sum())))
+            lines.append(f"| {arch} | {layer} | {X.shape[1]} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print("\n\n".join(table(p) for p in sys.argv[1:]))
+    paths = [a for a in sys.argv[1:] if a != "--ranks"]
+    for p in paths:
+        print(table(p), end="\n\n")
+        if "--ranks" in sys.argv[1:]:
+            print(ranks(p), end="\n\n")
