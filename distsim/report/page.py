@@ -26,10 +26,10 @@ table{border-collapse:collapse}td,th{padding:3px 8px;text-align:left;vertical-al
 .facts td:first-child{color:#5b6670;padding-left:0}
 .counts th,.counts td,.stages th,.stages td{border-bottom:1px solid #e3e6ea}
 .counts td.n,.stages td.n{text-align:right;font-variant-numeric:tabular-nums}
-.grid{margin:6px 0 4px}.grid>tbody>tr>th,.grid>thead>tr>th{background:#eef1f4;
+.wide{overflow-x:auto}.grid{margin:6px 0 4px}.grid>tbody>tr>th,.grid>thead>tr>th{background:#eef1f4;
  border:1px solid #d0d5db}.grid>tbody>tr>td{border:1px solid #d0d5db;padding:2px}
 .t{font-size:11.5px;font-variant-numeric:tabular-nums;width:100%}
-.t td{padding:1px 3px;text-align:right;white-space:nowrap}.t td:first-child{text-align:left}
+.t td{padding:1px 2px;text-align:right;white-space:nowrap}.t td:first-child{text-align:left}
 .t th{font-weight:normal;color:#5b6670;font-size:11px;text-align:right;padding:0 3px}
 .t tr.sig td{background:#dff3e3}
 .legend,.note{color:#4a545e;font-size:13px;margin:4px 0}.note{font-style:italic}
@@ -176,7 +176,15 @@ def _grid(a: ArchSection) -> str:
     for layer in a.layers:
         tds = "".join(f"<td>{_cell(cell.get((layer, m), []))}</td>" for m in a.methods)
         rows.append(f"<tr><th>{escape(layer)}</th>{tds}</tr>")
-    return f'<table class="grid"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+    return (f'<div class="wide"><table class="grid"><thead>{head}</thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _observed(value: Any) -> str:
+    """A statistic in the grid: 3 decimals, 1 from 100 on (a pseudo-F of 1903.1 says enough and
+    keeps five method columns within the page)."""
+    big = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) >= 100
+    return number(value, 1 if big else 3)
 
 
 def _cell(tests: Sequence[dict[str, Any]]) -> str:
@@ -195,7 +203,7 @@ def _cell(tests: Sequence[dict[str, Any]]) -> str:
         rows.append(
             f'<tr{sig} {data}><td title="{escape(str(r.get("statistic") or ""))}">'
             f'{escape(r["protocol"])}</td>'
-            f'<td>{number(r.get("observed"))}</td><td>{number(r.get("chance"))}</td>'
+            f'<td>{_observed(r.get("observed"))}</td><td>{number(r.get("chance"))}</td>'
             f'<td>{number(r.get("p_value"), 4)}</td><td>{number(q, 4)}</td></tr>')
     return f'<table class="t">{head}{"".join(rows)}</table>'
 
