@@ -254,9 +254,7 @@ class Store(ShardStore):
 
         When earlier runs of the stage ended before it was done (`note_unfinished`), info's
         seconds (this run's) gain seconds_all_runs and runs, and that note is removed."""
-        if not KEY_VALUE.match(stage):
-            raise StoreError(f"stage name {stage!r} must match [A-Za-z0-9_.-]+")
-        note = self.root / "_stages" / "unfinished" / f"{stage}.json"
+        note = self._unfinished_note(stage)
         earlier = json.loads(note.read_text()) if note.is_file() else None
         if earlier and "seconds" in info:
             info = {**info, "runs": earlier["runs"] + 1,
@@ -269,12 +267,16 @@ class Store(ShardStore):
         """Add the `seconds` of a run of `stage` that ended before the stage was done (stopped,
         or units left failed) to its note, which `mark_stage` folds into the stage's record.
         A run killed outright (SIGKILL, power) leaves no note."""
-        if not KEY_VALUE.match(stage):
-            raise StoreError(f"stage name {stage!r} must match [A-Za-z0-9_.-]+")
-        note = self.root / "_stages" / "unfinished" / f"{stage}.json"
+        note = self._unfinished_note(stage)
         doc = json.loads(note.read_text()) if note.is_file() else {"seconds": 0.0, "runs": 0}
         self._write_json(note, {"seconds": round(doc["seconds"] + seconds, 2),
                                 "runs": doc["runs"] + 1})
+
+    def _unfinished_note(self, stage: str) -> Path:
+        """The path of `stage`'s note of early-ended runs (the stage name checked)."""
+        if not KEY_VALUE.match(stage):
+            raise StoreError(f"stage name {stage!r} must match [A-Za-z0-9_.-]+")
+        return self.root / "_stages" / "unfinished" / f"{stage}.json"
 
     def stages(self) -> dict[str, dict[str, Any]]:
         """{stage: info} of the stages marked done."""
