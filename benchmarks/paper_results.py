@@ -19,10 +19,7 @@ import numpy as np
 import polars as pl
 
 import distsim
-
-
-def _cell(x: Any, digits: int = 3) -> str:
-    return "-" if x is None or x != x else f"{x:.{digits}f}"
+from distsim.report.page import number as _cell  # "-" for None or nan, else `digits` decimals
 
 
 def table(path: str) -> str:

@@ -367,8 +367,8 @@ def test_stages_and_summary(tmp_path, study_toml):
     | st.dictionaries(st.integers() | st.text(max_size=2), inner, max_size=3),
     max_leaves=10))
 def test_json_safe_writes_strict_json(value: object) -> None:
-    """Any nest of store cells becomes strict JSON: no NaN/inf tokens (they become null),
-    finite numbers kept exactly."""
+    """Any nest of store cells becomes strict JSON (no NaN/inf tokens: they become null); a
+    float cell reads back exactly, or as null when it was not finite."""
     import json
 
     from distsim.store.codecs import json_safe
