@@ -247,21 +247,23 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     total_tiles = 0
     block, metric = study.pairs.block, study.pairs.metric
     recorded = _recorded(store)
+    rows = lineage.matrix_rows(store)  # decide from the lineage; load only matrices with work
     for key in study.matrices():
-        fm = store.feature_matrix(key.arch, key.method, key.layer)
-        if len(fm.model_ids) < 2:
+        tokens = rows.get((key.arch, key.method, key.layer), frozenset())
+        if len(tokens) < 2:
             raise LaunchError(
-                f"pairs: {key} has {len(fm.model_ids)} feature rows in the store; run the "
+                f"pairs: {key} has {len(tokens)} feature rows in the store; run the "
                 "features stage first (it needs at least 2 ok models)"
             )
-        work = matrix_work(study, key, len(fm.model_ids), fm.upstream, recorded)
-        total_tiles += len(tile_plan(len(fm.model_ids), block))
+        work = matrix_work(study, key, len(tokens), lineage.fingerprint(tokens), recorded)
+        total_tiles += len(tile_plan(len(tokens), block))
         if work.stale:  # computed from other feature rows: none of its shards can be reused
             for table in ("pairs", "neighbors"):
                 for path in store.shard_files(table, key.key):
                     path.unlink(missing_ok=True)
         if not work.tiles:
             continue
+        fm = store.feature_matrix(key.arch, key.method, key.layer)
         g = len(keys)
         keys.append(key)
         matrices.append(fm)
