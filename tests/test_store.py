@@ -305,6 +305,32 @@ def test_feature_matrix_is_sorted_by_task_and_seed(tmp_path):
     assert fm.model_ids[0] == "mlp-t0-s0"
 
 
+def test_one_read_scans_the_features_once_inside_the_block_and_afresh_after(tmp_path,
+                                                                            monkeypatch):
+    from distsim.store import lineage
+
+    store = Store(tmp_path)
+
+    def write(task: int) -> None:
+        key = {"arch": "mlp", "method": "raw", "layer": "fc1", "task": task, "pack": 0}
+        store.write_shard("features", key, {"model_id": [model_id("mlp", task, 0)], "seed": [0],
+                                            "dim": [1], "vector": [[1.0]], "trial_id": ["a"]})
+
+    write(0)
+    scans = []
+    real_scan = store.scan
+    monkeypatch.setattr(store, "scan", lambda table: scans.append(table) or real_scan(table))
+    with lineage.one_read():
+        first = lineage.feature_tokens(store)
+        assert lineage.feature_tokens(store) is first and scans == ["features"]
+        assert lineage.matrix_rows(store) == {("mlp", "raw", "fc1"): {"mlp-t0-s0@a"}}
+        assert scans == ["features"]
+    write(1)  # outside the block every call reads the store as it is now
+    assert set(lineage.feature_tokens(store)) == {("mlp", "raw", "fc1", 0, 0),
+                                                  ("mlp", "raw", "fc1", 1, 0)}
+    assert scans == ["features", "features"]
+
+
 # ----------------------------------------------------------------------------- study binding
 
 

@@ -26,7 +26,7 @@ from distsim.pipeline.preflight import check_cluster, check_offline
 from distsim.pipeline.registry import STAGE_NAMES, STAGES
 from distsim.pipeline.signals import Interrupted, StopOnSignals
 from distsim.pipeline.stage import Outputs, RunContext
-from distsim.store import TABLES, Store
+from distsim.store import TABLES, Store, lineage
 from distsim.store.lock import StoreLock
 from distsim.store.shards import temp_path
 from distsim.summary import format_summary, summary_table
@@ -263,12 +263,13 @@ def _first_error(done: dict[str, Any]) -> str:
 def _incomplete_upstream(study: Study, store: Store, name: str) -> list[tuple[str, Outputs]]:
     """(stage, outputs) of every stage before `name` whose outputs are incomplete."""
     out = []
-    for stage in STAGES:
-        if stage.name == name:
-            break
-        outputs = stage.outputs(study, store)
-        if not outputs.complete:
-            out.append((stage.name, outputs))
+    with lineage.one_read():
+        for stage in STAGES:
+            if stage.name == name:
+                break
+            outputs = stage.outputs(study, store)
+            if not outputs.complete:
+                out.append((stage.name, outputs))
     return out
 
 
@@ -289,8 +290,9 @@ def stage_states(study: Study, store: Store) -> list[tuple[str, str, Outputs]]:
     rows that changed since) or "pending" (nothing stored)."""
     out: list[tuple[str, str, Outputs]] = []
     upstream_complete = True
-    for stage in STAGES:
-        o = stage.outputs(study, store)
+    with lineage.one_read():
+        outputs = [stage.outputs(study, store) for stage in STAGES]
+    for stage, o in zip(STAGES, outputs, strict=True):
         if o.stale:
             state = "stale"
         elif o.complete:
@@ -304,7 +306,8 @@ def stage_states(study: Study, store: Store) -> list[tuple[str, str, Outputs]]:
 
 def stored_line(study: Study, store: Store) -> str:
     """What the store holds per stage, e.g. "zoo 14/24 packs, features 0/24 packs, ..."."""
-    return ", ".join(f"{s.name} {s.outputs(study, store)}" for s in STAGES)
+    with lineage.one_read():
+        return ", ".join(f"{s.name} {s.outputs(study, store)}" for s in STAGES)
 
 
 def pending_work(study: Study, store: Store, stages: list[str] | tuple[str, ...]) -> dict[str, int]:
@@ -312,8 +315,9 @@ def pending_work(study: Study, store: Store, stages: list[str] | tuple[str, ...]
     of unfinished work counts as pending (1) without looking further."""
     out: dict[str, int] = {}
     upstream = False
-    for stage in STAGES:
-        n = 1 if upstream else stage.outputs(study, store).pending
-        out[stage.name] = n
-        upstream = upstream or n > 0
+    with lineage.one_read():
+        for stage in STAGES:
+            n = 1 if upstream else stage.outputs(study, store).pending
+            out[stage.name] = n
+            upstream = upstream or n > 0
     return {s: out[s] for s in stages}

@@ -10,7 +10,9 @@ added): the pipeline recomputes it, ``distsim status`` and ``distsim verify`` re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import polars as pl
@@ -47,8 +49,35 @@ def pack_tokens(store: ShardStore) -> dict[PackKey, frozenset[str]]:
     return {k: frozenset(v) for k, v in out.items()}
 
 
+_SWEEP: ContextVar[dict[Path, dict[FeatureKey, frozenset[str]]] | None] = ContextVar(
+    "_SWEEP", default=None)
+
+
+@contextmanager
+def one_read() -> Iterator[None]:
+    """Inside the block, :func:`feature_tokens` scans each store's features table once: for a
+    read-only sweep over several stages' outputs (the features, pairs and tests stages each
+    need it; at 180,000 feature rows one scan takes seconds). Nothing may write features
+    inside the block."""
+    token_ = _SWEEP.set({})
+    try:
+        yield
+    finally:
+        _SWEEP.reset(token_)
+
+
 def feature_tokens(store: ShardStore) -> dict[FeatureKey, frozenset[str]]:
     """Tokens of the rows of every features shard present (empty set for an empty shard)."""
+    memo = _SWEEP.get()
+    if memo is not None and store.root in memo:
+        return memo[store.root]
+    out = _scan_feature_tokens(store)
+    if memo is not None:
+        memo[store.root] = out
+    return out
+
+
+def _scan_feature_tokens(store: ShardStore) -> dict[FeatureKey, frozenset[str]]:
     cols = ("arch", "method", "layer", "task", "pack")
     out: dict[FeatureKey, set[str]] = {
         (k["arch"], k["method"], k["layer"], k["task"], k["pack"]): set()
