@@ -175,6 +175,7 @@ def run_study(
         nodes, current = 0, "start"
         started = False
         t0 = 0.0
+        ended: Outputs | None = None  # the outputs of the last stage run, read once after it
         try:
             if chosen:
                 import ray
@@ -199,7 +200,8 @@ def run_study(
                     info["partial"] = True
                 done[stage.name] = info
                 worked = any(v for k, v in info.items() if k not in ("skipped", "seconds"))
-                if not stage.outputs(study, store).complete:
+                ended = stage.outputs(study, store)
+                if not ended.complete:
                     store.note_unfinished(stage.name, info["seconds"])
                 elif worked or stage.name not in store.stages():
                     store.mark_stage(stage.name, **info)
@@ -218,9 +220,8 @@ def run_study(
         finally:
             if started:
                 ray.shutdown()
-    last = [s for s in STAGES if s.name in names][-1]
-    if chosen and not last.outputs(study, store).complete:
-        raise IncompleteError(f"{last.name}: {last.outputs(study, store)} after this launch; "
+    if ended is not None and not ended.complete:  # chosen ends with the last stage named
+        raise IncompleteError(f"{chosen[-1].name}: {ended} after this launch; "
                               f"{_first_error(done)}a relaunch redoes the missing units")
     table = summary_table(store, study)
     seconds = time.perf_counter() - start
