@@ -29,8 +29,8 @@ import torch
 from distsim.config import load_study
 from distsim.pipeline.zoo import history_rows
 from distsim.store import Store
-from distsim.tasks import make_tasks
-from distsim.train import train_pack
+from distsim.zoo.tasks import make_tasks
+from distsim.zoo.train import train_pack
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.toml"
 

@@ -47,12 +47,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_digits import train_zoo  # noqa: E402
 
-import distsim.projection as projection_module  # noqa: E402
-from distsim.features import feature_layers, weight_features_batch  # noqa: E402
-from distsim.models import ArchConfig, build  # noqa: E402
-from distsim.projection import count_sketch, gaussian_project  # noqa: E402
-from distsim.tasks import DataConfig, digits, make_tasks  # noqa: E402
-from distsim.train import TrainConfig  # noqa: E402
+import distsim.weights.projection as projection_module  # noqa: E402
+from distsim.config.arch import ArchConfig  # noqa: E402
+from distsim.config.data import DataConfig  # noqa: E402
+from distsim.config.training import TrainConfig  # noqa: E402
+from distsim.weights.features import feature_layers, weight_features_batch  # noqa: E402
+from distsim.weights.projection import count_sketch, gaussian_project  # noqa: E402
+from distsim.zoo.models import build  # noqa: E402
+from distsim.zoo.tasks import digits, make_tasks  # noqa: E402
 
 PACK = 25  # models per pack in jobs/cifar100-gpu.toml
 GAUSS_NUMBERS = 1.5e8  # run the Gaussian with every seed up to this many random numbers (D x dim)

@@ -1,7 +1,7 @@
 """Models per second: packed training (train_pack, K seeds at once) vs one model at a time.
 
 The one-at-a-time baseline is the plain torch loop a researcher would write: a standard
-nn.Module from distsim.models.build, torch.optim.SGD, the same mini-batch order, one seed after
+nn.Module from distsim.zoo.models.build, torch.optim.SGD, the same mini-batch order, one seed after
 another, evaluated on train and test at the end. Both sides train the quickstart-size MLP, CNN
 and RNN on the first digits pair-task with DEFAULT_TRAIN settings, in one run, side by side.
 
@@ -16,9 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from distsim.models import ArchConfig
-from distsim.tasks import DataConfig, Task, make_tasks
-from distsim.train import DEFAULT_TRAIN, TrainConfig, batch_orders, init_model, train_pack
+from distsim.config.arch import ArchConfig
+from distsim.config.data import DataConfig
+from distsim.config.training import DEFAULT_TRAIN, TrainConfig
+from distsim.zoo.tasks import Task, make_tasks
+from distsim.zoo.train import batch_orders, init_model, train_pack
 
 
 def one_at_a_time(

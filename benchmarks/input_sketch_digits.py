@@ -1,6 +1,6 @@
 """Does the input-side sketch keep the task signal? Digits pair-tasks, chain-gram at every layer.
 
-10 digit pair-tasks x 20 seeds (distsim.train.train_pack, default TrainConfig, distinct inits),
+10 digit pair-tasks x 20 seeds (distsim.zoo.train.train_pack, default TrainConfig, distinct inits),
 chain-gram features of each layer of an MLP (and optionally a CNN): the full feature, the output
 projection to dim = m(m+1)/2 (sketch="output"), and the input sketch S^T G S of width m
 (sketch="input", dim = m(m+1)/2) for several sketch seeds. Score: nearest-centroid accuracy
@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_digits import train_zoo  # noqa: E402
 
-from distsim.features import feature_layers, weight_features_batch  # noqa: E402
-from distsim.tasks import DataConfig, digits, make_tasks  # noqa: E402
-from distsim.train import TrainConfig  # noqa: E402
+from distsim.config.data import DataConfig  # noqa: E402
+from distsim.config.training import TrainConfig  # noqa: E402
+from distsim.weights.features import feature_layers, weight_features_batch  # noqa: E402
+from distsim.zoo.tasks import digits, make_tasks  # noqa: E402
 
 
 def nearest_centroid(x: np.ndarray, labels: np.ndarray, seeds_per_task: int) -> float:

@@ -1,6 +1,6 @@
 """The paper's finding at digits scale (arXiv 2208.04369): solutions of one task cluster.
 
-10 digit pair-tasks x 20 seeds for each of MLP, CNN and RNN (distsim.train.train_pack with its
+10 digit pair-tasks x 20 seeds for each of MLP, CNN and RNN (distsim.zoo.train.train_pack with its
 default TrainConfig), features at every layer with ``chain-gram`` and ``raw``, then:
 
 - NC: nearest-centroid accuracy (first half of each task's seeds as centroids, second half
@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distsim.features import METHODS, feature_layers, weight_features_batch
-from distsim.models import ArchConfig
+from distsim.config.arch import ArchConfig
+from distsim.config.data import DataConfig
+from distsim.config.training import TrainConfig
 from distsim.stats import htt, pairwise_distances, permanova
-from distsim.tasks import DataConfig, make_tasks
-from distsim.train import TrainConfig, train_pack
+from distsim.weights.features import METHODS, feature_layers, weight_features_batch
+from distsim.zoo.tasks import make_tasks
+from distsim.zoo.train import train_pack
 
 
 def train_zoo(

@@ -14,9 +14,11 @@ import time
 import numpy as np
 import torch
 
-from distsim.models import ArchConfig
-from distsim.tasks import DataConfig, make_tasks
-from distsim.train import DEFAULT_TRAIN, train_pack
+from distsim.config.arch import ArchConfig
+from distsim.config.data import DataConfig
+from distsim.config.training import DEFAULT_TRAIN
+from distsim.zoo.tasks import make_tasks
+from distsim.zoo.train import train_pack
 
 
 def main() -> None:

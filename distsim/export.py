@@ -1,10 +1,10 @@
 """Export trained models as safetensors plus a JSON sidecar, to use them without distsim's store.
 
 One model: ``<out>/<model_id>.safetensors`` (keys: the state_dict keys of
-``distsim.models.build(ArchConfig(**json["arch"]))``) and ``<out>/<model_id>.json``.
+``distsim.zoo.models.build(ArchConfig(**json["arch"]))``) and ``<out>/<model_id>.json``.
 A whole arch, model-zoo style: ``<out>/<arch>.safetensors`` with every key's tensors stacked
 ``[n_models, ...]`` and ``<out>/<arch>.json`` listing the model ids in stack order.
-Rebuilding needs only torch, safetensors and ``distsim.models``::
+Rebuilding needs only torch, safetensors and ``distsim.zoo.models``::
 
     meta = json.load(open("mlp-t0-s0.json"))
     net = build(ArchConfig(**meta["arch"]))

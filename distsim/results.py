@@ -25,11 +25,11 @@ import numpy as np
 import polars as pl
 
 from distsim.config import Study, load_study, study_from_dict
+from distsim.config.arch import ArchConfig
 from distsim.errors import DistsimError, StoreError
-from distsim.models import ArchConfig, build
 from distsim.store import Store
 from distsim.store.tables import parse_model_id
-from distsim.tasks import Task, make_tasks
+from distsim.zoo.tasks import Task, make_tasks
 
 if TYPE_CHECKING:
     import os
@@ -194,7 +194,7 @@ class Results:
     def load_model(self, model_id: str, normalized: bool = False) -> nn.Module:
         """The trained model `model_id` as a float32 CPU torch module in eval mode.
 
-        normalized: its chain-normalized weights instead (distsim.normalize); for the ReLU /
+        normalized: its chain-normalized weights instead (distsim.weights.normalize); for the ReLU /
         LeakyReLU MLPs and CNNs that is the same function (same logits up to rounding), for
         the GRU the weights are unchanged (a GRU has no rescaling symmetry). Its predictions
         on ``task(row["task"]).x_test`` give the stored test_acc (for a study trained on the
@@ -213,7 +213,7 @@ class Results:
     def state_dicts(self, model_ids: Sequence[str],
                     normalized: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """{model_id: state dict of float32 CPU tensors} in the order given, keys those of
-        distsim.models.build's modules; optionally chain-normalized (see :meth:`load_model`).
+        distsim.zoo.models.build's modules; optionally chain-normalized (see :meth:`load_model`).
         StoreError for an unknown model or one whose training failed."""
         rows = self.model_rows(model_ids)
         for mid, row in rows.items():
@@ -222,7 +222,7 @@ class Results:
                                  "no weights")
         states = self.store.read_state_dicts(list(rows))
         if normalized:
-            from distsim.normalize import chain_normalize_state
+            from distsim.weights.normalize import chain_normalize_state
 
             for mid, row in rows.items():
                 cfg = self.arch_config(row["arch"], row["task"])
@@ -234,6 +234,8 @@ class Results:
         """A module of the row's arch holding `state` (built on the meta device: no random
         init, no draw from torch's global generator)."""
         import torch
+
+        from distsim.zoo.models import build  # torch: only when a model is asked for
 
         with torch.device("meta"):
             module = build(self.arch_config(row["arch"], row["task"]))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distsim.models import ArchConfig, build
+from distsim.config.arch import ArchConfig
+from distsim.zoo.models import build
 
 MLP = ArchConfig(kind="mlp", widths=(12, 9), activation="leaky_relu", negative_slope=0.05)
 CNN = ArchConfig(kind="cnn", channels=(4, 5), head_widths=(6,), num_classes=3)

@@ -70,6 +70,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def task():
     """A small digits task (digits:0v4, 270 train / 89 test samples) for the trainer tests."""
-    from distsim.tasks import DataConfig, make_tasks
+    from distsim.config.data import DataConfig
+    from distsim.zoo.tasks import make_tasks
 
     return make_tasks(DataConfig(num_tasks=3, seed=0))[2]

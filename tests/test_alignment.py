@@ -1,4 +1,4 @@
-"""Weight matching (distsim.alignment): planted permutations, coordinate optimality, template."""
+"""Weight matching (distsim.weights.alignment): planted permutations, optimality, template."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import distsim.alignment as alignment
-from distsim.alignment import align_stacked, make_template, match_permutations
-from distsim.features import weight_features_batch
-from distsim.models import ArchConfig, build
-from distsim.normalize import normalize_stacked, plan_for, stack_state_dicts
+import distsim.weights.alignment as alignment
+from distsim.config.arch import ArchConfig
+from distsim.weights.alignment import align_stacked, make_template, match_permutations
+from distsim.weights.features import weight_features_batch
+from distsim.weights.normalize import normalize_stacked, plan_for, stack_state_dicts
+from distsim.zoo.models import build
 
 torch.set_num_threads(1)
 

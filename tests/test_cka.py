@@ -1,4 +1,4 @@
-"""Linear CKA features (distsim.cka): dot product = CKA, the layer representations, the probe."""
+"""Linear CKA features (distsim.weights.cka): dot product = CKA, layer representations, probe."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from distsim.cka import cka_vector, probe_inputs
-from distsim.features import feature_layers, weight_features, weight_features_batch
-from distsim.models import ArchConfig
-from distsim.tasks import digits
+from distsim.config.arch import ArchConfig
+from distsim.weights.cka import cka_vector, probe_inputs
+from distsim.weights.features import feature_layers, weight_features, weight_features_batch
+from distsim.zoo.tasks import digits
 
 torch.set_num_threads(1)
 

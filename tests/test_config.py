@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distsim.config import ConfigError, Study, load_study, parse_study, study_from_dict
-from distsim.models import ArchConfig
-from distsim.tasks import DataConfig
-from distsim.train import TrainConfig
+from distsim.config.arch import ArchConfig
+from distsim.config.data import DataConfig
+from distsim.config.training import TrainConfig
 
 JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.toml"))
 

@@ -17,19 +17,20 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from distsim.alignment import align_stacked, make_template
-from distsim.chain import infer_input_shape
-from distsim.cka import layer_activations, probe_inputs
+from distsim.config.arch import ArchConfig
+from distsim.config.training import TrainConfig
 from distsim.errors import ConfigError
-from distsim.features import (
+from distsim.weights.alignment import align_stacked, make_template
+from distsim.weights.chain import infer_input_shape
+from distsim.weights.cka import layer_activations, probe_inputs
+from distsim.weights.features import (
     METHODS,
     chain_map,
     feature_layers,
     weight_features,
     weight_features_batch,
 )
-from distsim.models import ArchConfig, build, forward_packed
-from distsim.normalize import (
+from distsim.weights.normalize import (
     chain_normalize,
     chain_normalize_state,
     layer_plan,
@@ -37,8 +38,9 @@ from distsim.normalize import (
     plan_for,
     stack_state_dicts,
 )
-from distsim.tasks import Task
-from distsim.train import TrainConfig, batch_orders, train_pack
+from distsim.zoo.models import build, forward_packed
+from distsim.zoo.tasks import Task
+from distsim.zoo.train import batch_orders, train_pack
 
 torch.set_num_threads(1)
 

@@ -1,5 +1,5 @@
 """export_models: safetensors + JSON sidecars of a tiny 3-arch zoo (mlp, cnn, rnn, trained once
-on the session's Ray) that rebuild the models with safetensors and distsim.models alone."""
+on the session's Ray) that rebuild the models with safetensors and distsim.zoo.models alone."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 
 import distsim
 from distsim.config import load_study
+from distsim.config.arch import ArchConfig
 from distsim.errors import StoreError
 from distsim.export import export_models
-from distsim.models import ArchConfig, build
 from distsim.results import Results
+from distsim.zoo.models import build
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -47,7 +48,8 @@ def res(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Results:
 
 
 def _rebuild(folder: Path, stem: str) -> tuple[torch.nn.Module, dict]:
-    """The model of <stem>.json / <stem>.safetensors, by safetensors and distsim.models alone."""
+    """The model of <stem>.json / <stem>.safetensors, by safetensors and distsim.zoo.models
+    alone."""
     doc = json.loads((folder / f"{stem}.json").read_text())
     net = build(ArchConfig(**doc["arch"]))
     net.load_state_dict(load_file(folder / doc["weights"]))

@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import distsim.features as features_module
-import distsim.projection as projection_module
-from distsim.alignment import make_template
-from distsim.features import (
+import distsim.weights.features as features_module
+import distsim.weights.projection as projection_module
+from distsim.config.arch import ArchConfig
+from distsim.weights.alignment import make_template
+from distsim.weights.features import (
     METHODS,
     chain_map,
     feature_layers,
@@ -26,9 +27,8 @@ from distsim.features import (
     weight_features,
     weight_features_batch,
 )
-from distsim.models import ArchConfig
-from distsim.normalize import normalize_stacked, plan_for, stack_state_dicts
-from distsim.projection import gaussian_project
+from distsim.weights.normalize import normalize_stacked, plan_for, stack_state_dicts
+from distsim.weights.projection import gaussian_project
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Per-epoch training history: SeedResult.history (distsim.train) and the history table the zoo
+"""Per-epoch training history: SeedResult.history (distsim.zoo.train) and the history table the zoo
 stage writes (distsim.pipeline.zoo)."""
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distsim.config import parse_study
-from distsim.models import ArchConfig
+from distsim.config.arch import ArchConfig
+from distsim.config.training import TrainConfig
 from distsim.pipeline import zoo
 from distsim.store import Store, model_id
-from distsim.tasks import Task
-from distsim.train import HISTORY_COLUMNS, TrainConfig, batch_orders, init_model, train_pack
+from distsim.zoo.tasks import Task
+from distsim.zoo.train import HISTORY_COLUMNS, batch_orders, init_model, train_pack
 
 KINDS = ("mlp", "cnn", "rnn")
 pytestmark = pytest.mark.usefixtures("one_thread")  # packs compared bit for bit

@@ -1,4 +1,4 @@
-"""The invariance table of distsim.features, method by method, on MLPs and CNNs.
+"""The invariance table of distsim.weights.features, method by method, on MLPs and CNNs.
 
 Each transform is applied to a model; the test checks first what it does to the function
 (preserved or changed) and then what every feature method does at every layer it reaches.
@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from distsim.alignment import make_template
-from distsim.features import METHODS, feature_layers, weight_features
-from distsim.models import ArchConfig, build
+from distsim.config.arch import ArchConfig
+from distsim.weights.alignment import make_template
+from distsim.weights.features import METHODS, feature_layers, weight_features
+from distsim.zoo.models import build
 
 torch.set_num_threads(1)
 

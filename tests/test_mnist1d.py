@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from _study import study_toml
 
-import distsim.datasets as datasets
+import distsim.zoo.datasets as datasets
 from distsim.config import ConfigError, load_study, parse_study, study_from_dict
-from distsim.datasets import MNIST1DArgs, cache_key, cache_path, generate_mnist1d, load_mnist1d
-from distsim.tasks import DATA_PARAMS, DataConfig, make_tasks, study_inputs
+from distsim.config.data import DATA_PARAMS, DataConfig, MNIST1DArgs
+from distsim.zoo.datasets import cache_key, cache_path, generate_mnist1d, load_mnist1d
+from distsim.zoo.tasks import make_tasks, study_inputs
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.toml"
 QUICKSTART_HASH = "25768684c7f17e218a577ff2d29388d64e77c6747637b484ddd1235c6ae801e4"

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from distsim.models import GRU, ArchConfig, build, forward_packed
+from distsim.config.arch import ArchConfig
+from distsim.zoo.models import GRU, build, forward_packed
 
 SHAPES = [(1, 8, 8), (3, 16, 12)]
 

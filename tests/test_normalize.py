@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from distsim.models import ArchConfig, build
-from distsim.normalize import chain_normalize, chain_normalize_state, layer_plan
+from distsim.config.arch import ArchConfig
+from distsim.weights.normalize import chain_normalize, chain_normalize_state, layer_plan
+from distsim.zoo.models import build
 
 torch.set_num_threads(1)
 

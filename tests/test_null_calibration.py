@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from distsim.alignment import make_template
-from distsim.cka import probe_inputs
-from distsim.features import METHODS, weight_features_batch
-from distsim.models import ArchConfig
+from distsim.config.arch import ArchConfig
+from distsim.config.data import DataConfig
+from distsim.config.training import TrainConfig
 from distsim.stats import htt
-from distsim.tasks import DataConfig, digits, make_tasks
-from distsim.train import TrainConfig, train_pack
+from distsim.weights.alignment import make_template
+from distsim.weights.cka import probe_inputs
+from distsim.weights.features import METHODS, weight_features_batch
+from distsim.zoo.tasks import digits, make_tasks
+from distsim.zoo.train import train_pack
 
 torch.set_num_threads(1)
 

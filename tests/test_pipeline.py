@@ -137,10 +137,10 @@ def _files(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: Path) -> None:
-    from distsim.features import weight_features_batch
     from distsim.pipeline.launch import run_study
     from distsim.stats import htt, htt_null_chunk, p_value, permanova, permanova_null_chunk
     from distsim.stats.distances import pairwise_distances, topk_neighbors
+    from distsim.weights.features import weight_features_batch
 
     study = parse_study(tiny(tmp_path / "store", epochs=3))
     out = io.StringIO()
@@ -236,10 +236,10 @@ def test_tiny_study_every_stage_matches_the_science_code(ray_session, tmp_path: 
 def test_gram_aligned_and_cka_in_the_pipeline(ray_session, tmp_path: Path) -> None:
     """The features stage makes each arch's aligned template once (stored, then reused), gives
     cka the study's probe, and writes what weight_features_batch gives for them."""
-    from distsim.features import weight_features_batch
     from distsim.pipeline.features import read_template, study_probe
     from distsim.pipeline.launch import run_study
     from distsim.store.verify import verify_store
+    from distsim.weights.features import weight_features_batch
 
     study = parse_study(tiny(tmp_path / "store", epochs=2, methods=["gram", "aligned", "cka"],
                              template_models=5, probe_size=12))

@@ -1,4 +1,4 @@
-"""GRU symmetries and GRU features (distsim.recurrent): the table of its module docstring."""
+"""GRU symmetries and features (distsim.weights.recurrent): the table of its module docstring."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from distsim.models import ArchConfig, build
-from distsim.normalize import plan_for, stack_state_dicts
-from distsim.recurrent import (
+from distsim.config.arch import ArchConfig
+from distsim.weights.normalize import plan_for, stack_state_dicts
+from distsim.weights.recurrent import (
     align_to_template,
     gru_features,
     gru_sketch_width,
@@ -19,6 +19,7 @@ from distsim.recurrent import (
     make_template,
     random_gru_symmetry,
 )
+from distsim.zoo.models import build
 
 torch.set_num_threads(1)
 
@@ -87,7 +88,7 @@ def test_symmetry_moves_a_bare_grus_hidden_state_by_p_and_d() -> None:
     """nn.GRU (no head): last states h' = D P h, so the flip really is h_j -> -h_j."""
     torch.manual_seed(0)
     gru = nn.GRU(4, H, num_layers=2, batch_first=True).double()
-    from distsim.normalize import layer_plan
+    from distsim.weights.normalize import layer_plan
 
     plan = layer_plan(gru)
     perms, signs = _flip_signs(CFGS[2], 3)

@@ -23,7 +23,7 @@ from distsim.errors import StoreError
 from distsim.results import Results
 from distsim.store import TABLES, Store
 from distsim.summary import summary_table
-from distsim.tasks import make_tasks
+from distsim.zoo.tasks import make_tasks
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 

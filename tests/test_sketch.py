@@ -21,12 +21,13 @@ from test_features import (
     _rel,
 )
 
-import distsim.features as features_module
-import distsim.projection as projection_module
+import distsim.weights.features as features_module
+import distsim.weights.projection as projection_module
 from distsim.config import ConfigError, parse_study
 from distsim.config.sections import FEATURE_PARAMS
 from distsim.errors import StoreError
-from distsim.features import (
+from distsim.store import Store
+from distsim.weights.features import (
     PROJECTIONS,
     count_sketch,
     feature_layers,
@@ -35,8 +36,7 @@ from distsim.features import (
     weight_features,
     weight_features_batch,
 )
-from distsim.projection import HASH_BLOCK, gaussian_project
-from distsim.store import Store
+from distsim.weights.projection import HASH_BLOCK, gaussian_project
 
 torch.set_num_threads(1)
 

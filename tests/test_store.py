@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distsim.config import parse_study
-from distsim.models import ArchConfig, build
+from distsim.config.arch import ArchConfig
 from distsim.store import TABLES, Store, StoreError, model_id
+from distsim.zoo.models import build
 
 # The study the store is bound to, written by the `study_toml` fixture: study_toml(STUDY, ...)
 # merges changes into it. Its own store folder is never used (each Store gets its root).

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distsim.tasks import DataConfig, Task, make_tasks
+from distsim.config.data import DataConfig
+from distsim.zoo.tasks import Task, make_tasks
 
 
 def _same(a: list[Task], b: list[Task]) -> bool:

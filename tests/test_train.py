@@ -9,17 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distsim.models import ArchConfig, build
-from distsim.tasks import DataConfig, Task, make_tasks
-from distsim.train import (
-    DEFAULT_TRAIN,
-    SeedResult,
-    TrainConfig,
-    batch_orders,
-    init_model,
-    resolve_device,
-    train_pack,
-)
+from distsim.config.arch import ArchConfig
+from distsim.config.data import DataConfig
+from distsim.config.training import DEFAULT_TRAIN, TrainConfig
+from distsim.zoo.models import build
+from distsim.zoo.tasks import Task, make_tasks
+from distsim.zoo.train import SeedResult, batch_orders, init_model, resolve_device, train_pack
 
 KINDS = ("mlp", "cnn", "rnn")
 pytestmark = pytest.mark.usefixtures("one_thread")  # packs compared bit for bit

@@ -5,11 +5,11 @@ test. Its sections map onto dataclasses, each with one constraint table (distsim
 that says what its keys accept:
 
     [study]      name, seed, store                      config.sections.STUDY_PARAMS
-    [data]       distsim.tasks.DataConfig               tasks.DATA_PARAMS
-    [[arch]]     distsim.models.ArchConfig (one or more; input_shape and num_classes come
+    [data]       distsim.zoo.tasks.DataConfig               tasks.DATA_PARAMS
+    [[arch]]     distsim.zoo.models.ArchConfig (one or more; input_shape and num_classes come
                  from the tasks)                        models.ARCH_PARAMS
     [train]      seeds_per_task, seeds_per_trial        config.sections.PLAN_PARAMS
-                 + distsim.train.TrainConfig            train.TRAIN_PARAMS
+                 + distsim.zoo.train.TrainConfig            train.TRAIN_PARAMS
                  [train.<arch name>] overrides TrainConfig fields for one architecture
     [resources]  config.sections.Resources              RESOURCE_PARAMS
     [features]   config.sections.FeatureSpec            FEATURE_PARAMS

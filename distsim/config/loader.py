@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import tomllib
 
+from distsim.config.arch import ArchConfig
+from distsim.config.data import MNIST1D_SHAPE, DataConfig
 from distsim.config.sections import (
     PLAN_PARAMS,
     STUDY_PARAMS,
@@ -24,13 +26,9 @@ from distsim.config.sections import (
     StatsSpec,
 )
 from distsim.config.study import Study, TrainPlan
-from distsim.datasets import MNIST1D_SHAPE
+from distsim.config.training import TrainConfig
 from distsim.errors import ConfigError
-from distsim.features import feature_layers
-from distsim.models import ArchConfig
 from distsim.params import check_keys, init_fields, type_name
-from distsim.tasks import DataConfig
-from distsim.train import TrainConfig
 
 SECTIONS = ("study", "data", "arch", "train", "resources", "features", "tests", "pairs")
 _NPZ_PLACEHOLDER_SHAPE = (1, 1024, 1024)  # passes shape checks until the npz is read at launch
@@ -196,7 +194,7 @@ def _train_values(given: dict[str, Any], base: dict[str, Any], path: str) -> dic
 def _check_layers(features: FeatureSpec, archs: tuple[ArchConfig, ...]) -> None:
     if isinstance(features.layers, str):
         return
-    known = {name for a in archs for name in feature_layers(a)}
+    known = {name for a in archs for name in a.feature_layers()}
     unknown = [name for name in features.layers if name not in known]
     if unknown:
         raise ConfigError.at("features.layers", f"{unknown[0]!r} is not a layer of any arch; "

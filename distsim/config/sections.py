@@ -1,8 +1,8 @@
 """The typed sections of a study file that no science module owns, each with its constraint table.
 
 ``[data]``, ``[[arch]]`` and ``[train]`` are the science modules' own dataclasses
-(:class:`~distsim.tasks.DataConfig`, :class:`~distsim.models.ArchConfig`,
-:class:`~distsim.train.TrainConfig`), each with its table next to it. The allowed values
+(:class:`~distsim.zoo.tasks.DataConfig`, :class:`~distsim.zoo.models.ArchConfig`,
+:class:`~distsim.zoo.train.TrainConfig`), each with its table next to it. The allowed values
 (feature methods, sketches, protocols, learners, metrics) are imported from the modules that
 implement them: one source.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from distsim.config.choices import LEARNERS, METHODS, METRICS, PROJECTIONS, PROTOCOLS, SKETCHES
 from distsim.errors import ConfigError
-from distsim.features import METHODS, PROJECTIONS, SKETCHES
 from distsim.params import (
     NAME_PATTERN,
     Array,
@@ -27,7 +27,6 @@ from distsim.params import (
     Text,
     check_fields,
 )
-from distsim.stats import LEARNERS, METRICS, PROTOCOLS
 
 # [study] and the plan keys of [train] are not dataclasses of their own: checked by the loader.
 STUDY_PARAMS: Table = {
@@ -70,7 +69,7 @@ RESOURCE_PARAMS: Table = {
 class FeatureSpec:
     """Which invariant features to build: methods x layers, optional seeded projection to dim
     (sketch: "output" projects the vector, "input" the chain maps; projection: the output map,
-    "countsketch" or the legacy dense "gaussian"; see distsim.features)."""
+    "countsketch" or the legacy dense "gaussian"; see distsim.weights.features)."""
 
     methods: tuple[str, ...] = ("chain-gram", "raw")
     layers: str | tuple[str, ...] = "all"

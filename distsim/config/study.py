@@ -14,13 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from distsim.config.arch import ArchConfig
+from distsim.config.data import DataConfig
 from distsim.config.sections import FeatureSpec, PairSpec, Resources, StatsSpec
-from distsim.features import feature_layers
-from distsim.models import ArchConfig
-from distsim.tasks import DataConfig
-from distsim.train import TrainConfig
+from distsim.config.training import TrainConfig
 
-GRU_FEATURES = 2  # version of the GRU's features (distsim.recurrent), in a GRU study's hash
+GRU_FEATURES = 2  # version of the GRU's features (distsim.weights.recurrent), in a GRU study's hash
 
 SEED_STRIDE = 1_000_000
 
@@ -153,7 +152,7 @@ class Study:
 
     def feature_layers(self, arch_name: str) -> tuple[str, ...]:
         """Layer names to featurize for one arch: all, the last, or the listed ones it has."""
-        available = tuple(feature_layers(self.arch(arch_name)))
+        available = self.arch(arch_name).feature_layers()
         if self.features.layers == "all":
             return available
         if self.features.layers == "last":
@@ -208,7 +207,7 @@ class Study:
         with the Gaussian refuses the "countsketch" default (naming features.projection)
         rather than mixing the two maps' features. Likewise the cka and aligned options only
         when those methods run; a study with a GRU hashes GRU_FEATURES, the version of the GRU's
-        features (2: distsim.recurrent), so a store made with other GRU features is refused.
+        features (2: distsim.weights.recurrent), so a store made with other GRU features is refused.
         The data.mnist1d_* keys are in the resolved config (so hashed) only with dataset =
         "mnist1d" (DataConfig.resolved), and so is the installed mnist1d package's version: a
         generator that changed would give other signals, so its store is refused, not mixed.
@@ -222,10 +221,10 @@ class Study:
             d["features"].pop("probe_size")
         if "aligned" not in self.features.methods:
             d["features"].pop("template_models"), d["features"].pop("template_iterations")
-        if any(a.kind == "rnn" for a in self.archs):  # distsim.recurrent's GRU features
+        if any(a.kind == "rnn" for a in self.archs):  # distsim.weights.recurrent's GRU features
             d["features"]["gru_features"] = GRU_FEATURES
         if self.data.dataset == "mnist1d":
-            from distsim.datasets import mnist1d_version
+            from distsim.zoo.datasets import mnist1d_version
 
             d["data"]["mnist1d_version"] = mnist1d_version()
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)

@@ -2,8 +2,8 @@
 
 One unit of work is one zoo pack (arch, task, pack): the actor reads the pack's weights, keeps
 its ``ok`` models, and for every configured method x layer computes the (K, D) features with
-``distsim.features.weight_features_batch`` (vectorised over the pack) and writes one features
-shard (arch, method, layer, task, pack). A pack whose shards are all present is skipped.
+``distsim.weights.features.weight_features_batch`` (vectorised over the pack) and writes one
+features shard (arch, method, layer, task, pack). A pack whose shards are all present is skipped.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ import numpy as np
 import polars as pl
 import torch
 
-from distsim.alignment import make_template
-from distsim.cka import probe_inputs
 from distsim.config import Pack, Study
+from distsim.config.data import DataConfig
 from distsim.errors import LaunchError
-from distsim.features import weight_features_batch
 from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.zoo import error_text, failed_packs, study_tasks
 from distsim.store import Store, lineage
-from distsim.tasks import DataConfig, study_inputs
+from distsim.weights.alignment import make_template
+from distsim.weights.cka import probe_inputs
+from distsim.weights.features import weight_features_batch
+from distsim.zoo.tasks import study_inputs
 
 
 def feature_keys(study: Study, pack: Pack) -> list[dict[str, Any]]:
@@ -124,7 +125,7 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
 @functools.lru_cache(maxsize=4)
 def study_probe(data: DataConfig, size: int, seed: int) -> np.ndarray:
     """The study's CKA probe (size, *input_shape): a seeded, class-balanced sample of every input
-    of its data (distsim.tasks.study_inputs), the same for every model and actor."""
+    of its data (distsim.zoo.tasks.study_inputs), the same for every model and actor."""
     return probe_inputs(*study_inputs(data), size, seed)
 
 
@@ -140,8 +141,8 @@ def ensure_templates(study: Study, store: Store, stream: Any = None) -> list[str
     """Make and store the aligned method's template of every arch that lacks one (archs whose
     models are trained): features.template_models models drawn by features.seed from all
     tasks' ok models, then features.template_iterations rounds of "align all, average"
-    (distsim.alignment.make_template). Written once: later launches reuse it, so every model's
-    aligned features are matched to the same template. Returns the archs it made."""
+    (distsim.weights.alignment.make_template). Written once: later launches reuse it, so every
+    model's aligned features are matched to the same template. Returns the archs it made."""
     if "aligned" not in study.features.methods:
         return []
     spec, made = study.features, []

@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from distsim.config import Study
+from distsim.config.data import DataConfig
 from distsim.errors import ConfigError, LaunchError, StoreError
 from distsim.pipeline.registry import STAGE_NAMES
 from distsim.stats.htt_split import make_split
 from distsim.stats.hypothesis_training import MIN_TASKS
 from distsim.store import Store
-from distsim.tasks import DataConfig, make_tasks
+from distsim.zoo.tasks import make_tasks
 
 # Where `ray up` puts the autoscaler's config on the head node (read by the v1 autoscaler).
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -104,7 +105,7 @@ def _check_data(study: Study) -> str:
 
 
 def _data_error(message: str, data: DataConfig) -> ConfigError:
-    """The ValueError of distsim.tasks as a ConfigError at the most precise key."""
+    """The ValueError of distsim.zoo.tasks as a ConfigError at the most precise key."""
     if message.startswith("data.path: "):
         return ConfigError.at("data.path", message[len("data.path: "):])
     m = re.match(r"data\.num_tasks=(\d+) is more than the (\d+) (.*\((\d+) classes\))$", message)

@@ -1,6 +1,6 @@
 """The zoo stage: one Ray Tune trial per (arch, task, pack of seeds) not yet in the store.
 
-A trial trains its pack with ``distsim.train.train_pack`` and writes the pack's weights shard,
+A trial trains its pack with ``distsim.zoo.train.train_pack`` and writes the pack's weights shard,
 its history shard (per-epoch metrics), then its models shard (the models shard is the pack's
 "done" marker, so a crash before it leaves the pack pending, and a pack with a models shard that
 says ok or diverged has its history). A store written before the history table existed has no
@@ -28,14 +28,15 @@ import polars as pl
 import torch
 
 from distsim.config import Pack, Study
+from distsim.config.data import DataConfig
 from distsim.errors import LaunchError
 from distsim.pipeline import faults
 from distsim.pipeline.faults import maybe_fail
 from distsim.pipeline.progress import Progress
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.store import Store, model_id
-from distsim.tasks import DataConfig, Task, make_tasks
-from distsim.train import HISTORY_COLUMNS, SeedResult, train_pack
+from distsim.zoo.tasks import Task, make_tasks
+from distsim.zoo.train import HISTORY_COLUMNS, SeedResult, train_pack
 
 SYSTEMATIC = 3  # this many failed attempts with one cause before any trial succeeds: stop
 

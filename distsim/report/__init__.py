@@ -29,7 +29,6 @@ from distsim.report.figures import MatrixPanel, NullPanel
 from distsim.report.page import ArchSection, Image, MethodSection, Page, render
 from distsim.report.sampling import pca_2d, read_sample, stratified_sample
 from distsim.results import held_study
-from distsim.stats.distances import pairwise_distances
 from distsim.store import Store
 from distsim.summary import PROTOCOL_ORDER, summary_table
 
@@ -229,6 +228,8 @@ def _matrix_panel(store: Store, study: Study, arch: str, method: str, layer: str
     points = stratified_sample(tasks, max_points, study.seed)
     heat = stratified_sample(tasks, max_heatmap, study.seed + 1)
     coords, share = pca_2d(X[points], study.seed)
+    from distsim.stats.distances import pairwise_distances  # numba: only when a layer is drawn
+
     distances = pairwise_distances(X[heat], metric=study.pairs.metric)
     panel = MatrixPanel(layer, distances, tasks[heat], coords, tasks[points], share)
     notes = []

@@ -1,48 +1,87 @@
-"""Statistics on weight features: all-pairs distances, PERMANOVA and PERMDISP, HTT, q-values."""
+"""Statistics on weight features: all-pairs distances, PERMANOVA and PERMDISP, HTT, q-values.
+
+The names below load their module on first use (PEP 562), so ``from distsim.stats import
+q_values`` or ``import distsim.stats.multiple_testing`` does not load numba or the other
+statistics: the front (summary, report, CLI) stays light. Every name is importable as usual.
+"""
 
 from __future__ import annotations
 
-from distsim.stats.dispersion import geometric_median, permdisp, permdisp_features
-from distsim.stats.distances import (
-    METRICS,
-    block_topk,
-    distance_block,
-    distance_frame,
-    merge_topk,
-    pairwise_distances,
-    topk_neighbors,
-    upper_tiles,
-)
-from distsim.stats.hypothesis_training import (
-    PROTOCOLS,
-    HTTResult,
-    htt,
-    htt_null_chunk,
-    htt_prepare,
-)
-from distsim.stats.linear_embedding import LEARNERS
-from distsim.stats.multiple_testing import q_values
-from distsim.stats.permanova_tiled import (
-    TileSums,
-    permanova_groups,
-    permanova_labels,
-    permanova_tile,
-    permanova_tiles,
-    tile_pseudo_f,
-    tile_within_sums,
-)
-from distsim.stats.permutation import p_value
-from distsim.stats.permutational_anova import (
-    PermanovaResult,
-    euclidean_basis,
-    factorize,
-    permanova,
-    permanova_features,
-    permanova_null_chunk,
-    r_squared,
-)
-from distsim.stats.scoring import expected_ap, expected_cmc
+import importlib
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from distsim.config.choices import LEARNERS, METRICS, PROTOCOLS
+    from distsim.stats.dispersion import geometric_median, permdisp, permdisp_features
+    from distsim.stats.distances import (
+        block_topk,
+        distance_block,
+        distance_frame,
+        merge_topk,
+        pairwise_distances,
+        topk_neighbors,
+        upper_tiles,
+    )
+    from distsim.stats.hypothesis_training import HTTResult, htt, htt_null_chunk, htt_prepare
+    from distsim.stats.multiple_testing import q_values
+    from distsim.stats.permanova_tiled import (
+        TileSums,
+        permanova_groups,
+        permanova_labels,
+        permanova_tile,
+        permanova_tiles,
+        tile_pseudo_f,
+        tile_within_sums,
+    )
+    from distsim.stats.permutation import p_value
+    from distsim.stats.permutational_anova import (
+        PermanovaResult,
+        euclidean_basis,
+        factorize,
+        permanova,
+        permanova_features,
+        permanova_null_chunk,
+        r_squared,
+    )
+    from distsim.stats.scoring import expected_ap, expected_cmc
+
+_MODULES = {  # name -> the module that defines it (a test keeps it equal to __all__)
+    "block_topk": "distsim.stats.distances",
+    "distance_block": "distsim.stats.distances",
+    "distance_frame": "distsim.stats.distances",
+    "euclidean_basis": "distsim.stats.permutational_anova",
+    "expected_ap": "distsim.stats.scoring",
+    "expected_cmc": "distsim.stats.scoring",
+    "factorize": "distsim.stats.permutational_anova",
+    "geometric_median": "distsim.stats.dispersion",
+    "htt": "distsim.stats.hypothesis_training",
+    "htt_null_chunk": "distsim.stats.hypothesis_training",
+    "htt_prepare": "distsim.stats.hypothesis_training",
+    "HTTResult": "distsim.stats.hypothesis_training",
+    "LEARNERS": "distsim.config.choices",
+    "merge_topk": "distsim.stats.distances",
+    "METRICS": "distsim.config.choices",
+    "p_value": "distsim.stats.permutation",
+    "pairwise_distances": "distsim.stats.distances",
+    "permanova": "distsim.stats.permutational_anova",
+    "permanova_features": "distsim.stats.permutational_anova",
+    "permanova_groups": "distsim.stats.permanova_tiled",
+    "permanova_labels": "distsim.stats.permanova_tiled",
+    "permanova_null_chunk": "distsim.stats.permutational_anova",
+    "permanova_tile": "distsim.stats.permanova_tiled",
+    "permanova_tiles": "distsim.stats.permanova_tiled",
+    "PermanovaResult": "distsim.stats.permutational_anova",
+    "permdisp": "distsim.stats.dispersion",
+    "permdisp_features": "distsim.stats.dispersion",
+    "PROTOCOLS": "distsim.config.choices",
+    "q_values": "distsim.stats.multiple_testing",
+    "r_squared": "distsim.stats.permutational_anova",
+    "tile_pseudo_f": "distsim.stats.permanova_tiled",
+    "tile_within_sums": "distsim.stats.permanova_tiled",
+    "TileSums": "distsim.stats.permanova_tiled",
+    "topk_neighbors": "distsim.stats.distances",
+    "upper_tiles": "distsim.stats.distances",
+}
 __all__ = [
     "LEARNERS",
     "METRICS",
@@ -80,3 +119,16 @@ __all__ = [
     "topk_neighbors",
     "upper_tiles",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module on first use and then cached here."""
+    if name not in _MODULES:
+        raise AttributeError(f"module 'distsim.stats' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULES})

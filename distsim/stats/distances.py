@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-METRICS = ("euclidean", "cosine")
+from distsim.config.choices import METRICS
+
 DEFAULT_BLOCK = 1280  # rows per block: large GEMMs; diagonal blocks are split further
 _MIN_TILE = 256
 

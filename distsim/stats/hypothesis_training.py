@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from distsim.config.choices import LEARNERS, PROTOCOLS
 from distsim.stats.htt_split import (
     Split,
     chance_levels,
@@ -48,7 +49,7 @@ from distsim.stats.htt_split import (
     observed_labels,
     permuted_labels,
 )
-from distsim.stats.linear_embedding import LEARNERS, MEMORY, SOLVES, Fit, embed, prepare_fit
+from distsim.stats.linear_embedding import MEMORY, SOLVES, Fit, embed, prepare_fit
 from distsim.stats.permutation import SeedLike, p_value
 from distsim.stats.scoring import (
     CMC_RANKS,
@@ -56,7 +57,6 @@ from distsim.stats.scoring import (
     retrieval_scores,
 )
 
-PROTOCOLS = ("closed-set", "open-set")
 MIN_TASKS = {"closed-set": 2, "open-set": 4}  # 2 train + 2 held-out tasks for open-set
 # Working memory per chunk of permutations. Lower it to bound memory; the null does not depend
 # on it (each permutation is evaluated on its own).

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-LEARNERS = ("lda", "softmax")
 SOLVES = ("auto", "primal", "dual")
 # Directions of the training rows with s^2 below this fraction of the largest are dropped:
 # their share of any embedding is at most s^2 / lam of it, below float64 rounding for ridge >= 1e-3.

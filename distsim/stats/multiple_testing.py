@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 from numpy.typing import ArrayLike
 
 
@@ -15,6 +14,8 @@ def q_values(p: ArrayLike) -> np.ndarray:
     independent or positively dependent tests). NaN entries (tests not run) stay NaN and do
     not count in m. By `scipy.stats.false_discovery_control(method="bh")`.
     """
+    import scipy.stats  # here: the summary and the CLI import this module, scipy.stats is slow
+
     arr = np.asarray(p, dtype=np.float64)
     present = ~np.isnan(arr)
     if np.any((arr[present] < 0) | (arr[present] > 1)):

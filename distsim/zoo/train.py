@@ -32,86 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distsim.errors import ConfigError
-from distsim.models import ArchConfig, build, forward_packed
-from distsim.params import Array, Flag, Integer, Number, Options, Table, check_fields
-from distsim.tasks import Task
+from distsim.config.arch import ArchConfig
+from distsim.config.training import DEVICES, TrainConfig
+from distsim.zoo.models import build, forward_packed
+from distsim.zoo.tasks import Task
 
-OPTIMIZERS = ("sgd", "adam")
-DEVICES = ("cpu", "cuda", "auto")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # TrainConfig.dtype
 GATHER_BYTES = 64 * 2**20  # memory for the gathered mini-batches of a pack
 BATCH_STREAM = 1  # second word of the batch-order seed: default_rng((seed, BATCH_STREAM))
 HISTORY_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc")  # SeedResult.history
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How every seed of a pack is trained (shared by the pack; the seed sets init and batch order).
-
-    epochs, batch_size: passes over the training set and samples per step.
-    lr, momentum, weight_decay, nesterov: SGD (``torch.optim.SGD`` semantics, dampening 0).
-    optimizer: ``sgd`` | ``adam`` (``betas``, ``eps`` as ``torch.optim.Adam``; momentum unused).
-    milestones, gamma: lr is multiplied by gamma after each listed epoch (``MultiStepLR``).
-    device: ``cpu`` | ``cuda`` | ``auto`` (cuda when available). dtype: ``float32`` | ``float64``.
-    eval_batch: most samples per forward pass when evaluating (also capped so that the pack's
-        copies of one evaluation batch fit GATHER_BYTES).
-    test_history: also evaluate the test split after every epoch (SeedResult.history's test
-        columns; without it only the last epoch has them, from the final evaluation). It costs
-        a forward pass over the test split per epoch (benchmarks/bench_history.py).
-    """
-
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    optimizer: str = "sgd"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    device: str = "cpu"
-    dtype: str = "float32"
-    eval_batch: int = 4096
-    test_history: bool = False
-
-    def __post_init__(self) -> None:
-        check_fields(self, "train", TRAIN_PARAMS)
-        if self.nesterov and self.momentum == 0:
-            raise ConfigError.at("train.nesterov", "needs train.momentum > 0")
-        if list(self.milestones) != sorted(set(self.milestones)):
-            raise ConfigError.at("train.milestones",
-                                 f"must be increasing epochs, got {list(self.milestones)!r}")
-
-
-TRAIN_PARAMS: Table = {
-    "epochs": Integer(lo=1),
-    "batch_size": Integer(lo=1),
-    "lr": Number(lo=0.0, lo_open=True),
-    "momentum": Number(lo=0.0, hi=1.0, hi_open=True),
-    "weight_decay": Number(lo=0.0),
-    "nesterov": Flag(),
-    "optimizer": Options(OPTIMIZERS),
-    "betas": Array(Number(lo=0.0, hi=1.0, hi_open=True), size=2),
-    "eps": Number(lo=0.0, lo_open=True),
-    "milestones": Array(Integer(lo=1)),
-    "gamma": Number(lo=0.0, hi=1.0, lo_open=True),
-    "device": Options(DEVICES),
-    "dtype": Options(tuple(DTYPES)),
-    "eval_batch": Integer(lo=1),
-    "test_history": Flag(),
-}
-
-
-# Defaults per architecture kind for digits-size tasks (~270 training images): >= 95% mean test
-# accuracy on 10 digits pair-tasks in a few seconds per pack (see benchmarks/zoo_accuracy.py).
-DEFAULT_TRAIN: dict[str, TrainConfig] = {
-    "mlp": TrainConfig(epochs=10, batch_size=32, lr=0.05, momentum=0.9),
-    "cnn": TrainConfig(epochs=10, batch_size=32, lr=0.05, momentum=0.9),
-    "rnn": TrainConfig(epochs=10, batch_size=32, lr=0.1, momentum=0.9),
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,7 +125,7 @@ def train_pack(
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train_config must be a TrainConfig, got {type(cfg).__name__}")
     seeds = _check_seeds(seeds)
-    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    device, dtype = resolve_device(cfg.device), TORCH_DTYPES[cfg.dtype]
     arch = arch_config.with_task_shape(task.input_shape, task.num_classes)
     start = time.perf_counter()
 

@@ -10,11 +10,11 @@ function is unchanged and every hidden unit's incoming vector has unit norm afte
 (σ, tanh) are not homogeneous, so a GRU has no rescaling symmetry to remove: its weights are left
 as they are (normalizing its rows would discard scale that the function depends on and remove no
 symmetry); its symmetries, hidden-unit permutations and tanh sign flips, are handled by
-:mod:`distsim.recurrent`.
+:mod:`distsim.weights.recurrent`.
 
 Everything runs on stacks of K models (leading K dimension), so a pack of trained weights is
 normalized at once: ``chain_normalize_state(state_dicts, arch_config)``. The walk of the layers
-(``Plan``) is shared with :mod:`distsim.features`.
+(``Plan``) is shared with :mod:`distsim.weights.features`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distsim.models import GRU, ArchConfig, RNNClassifier, build
+from distsim.config.arch import ArchConfig
+from distsim.zoo.models import GRU, RNNClassifier, build
 
 SUPPORTED = (
     "nn.Sequential of Linear, Conv1d/Conv2d (groups=1, zero padding), ReLU, LeakyReLU, "
     "MaxPool1d/MaxPool2d, AvgPool1d/AvgPool2d, Flatten, Identity, Dropout; "
-    "distsim.models.RNNClassifier; distsim.models.GRU; "
+    "distsim.zoo.models.RNNClassifier; distsim.zoo.models.GRU; "
     "nn.GRU (unidirectional, no projection)"
 )
 
@@ -68,7 +69,7 @@ class Plan:
 
     kind "sequential": ``steps`` in forward order. kind "rnn": GRU parameters under ``gru_prefix``
     (weight_ih_l{k} ...), ``num_layers``, ``hidden``, optional linear head under ``head_prefix``.
-    ``layers``: feature-layer names in order (see distsim.features.feature_layers).
+    ``layers``: feature-layer names in order (see distsim.weights.features.feature_layers).
     """
 
     kind: str
@@ -296,7 +297,8 @@ def _normalize_sequential(plan: Plan, p: dict[str, torch.Tensor]) -> None:
 
 def _normalize_gru(plan: Plan, p: dict[str, torch.Tensor]) -> None:
     """No-op: σ and tanh are not positively homogeneous, so no rescaling of a GRU's rows keeps
-    its function, and a row normalization would only discard scale (see distsim.recurrent)."""
+    its function, and a row normalization would only discard scale (see
+    distsim.weights.recurrent)."""
 
 
 def normalize_stacked(plan: Plan, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

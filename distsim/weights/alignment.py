@@ -9,8 +9,8 @@ for a model's weights W_l, b_l against the template's T_l, t_l. Every weight is 
 (out, in_units, rest) array: a linear layer after a linear layer (rest 1), a conv
 (rest kh*kw, or k for a Conv1d: the conv's in-channels are the previous layer's units), a
 linear layer after conv + flatten (rest = positions: the flattened input is channel-major, so
-a channel permutation moves blocks of columns, as in distsim.normalize). The aligned weights are
-W'_l[i, a, r] = W_l[perm_l[i], perm_{l-1}[a], r] and b'_l[i] = b_l[perm_l[i]].
+a channel permutation moves blocks of columns, as in distsim.weights.normalize). The aligned weights
+are W'_l[i, a, r] = W_l[perm_l[i], perm_{l-1}[a], r] and b'_l[i] = b_l[perm_l[i]].
 
 Search: perm_l starts from a forward pass that matches layer l's incoming weights (and bias)
 given perm_{l-1}; then coordinate descent, each step one ``scipy.optimize.linear_sum_assignment``
@@ -33,9 +33,15 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from distsim import recurrent
-from distsim.models import ArchConfig
-from distsim.normalize import Plan, StateDict, normalize_stacked, plan_for, stack_state_dicts
+from distsim.config.arch import ArchConfig
+from distsim.weights import recurrent
+from distsim.weights.normalize import (
+    Plan,
+    StateDict,
+    normalize_stacked,
+    plan_for,
+    stack_state_dicts,
+)
 
 __all__ = ["align_stacked", "make_template", "match_permutations"]
 
@@ -167,7 +173,7 @@ def make_template(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
     plan = plan_for(arch_config)
-    if plan.kind == "rnn":  # units match by permutation and sign: distsim.recurrent
+    if plan.kind == "rnn":  # units match by permutation and sign: distsim.weights.recurrent
         return recurrent.make_template(state_dicts, plan, iterations=iterations)
     _check_plan(plan)
     stacked = stack_state_dicts(state_dicts)

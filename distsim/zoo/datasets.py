@@ -18,58 +18,16 @@ import os
 import random
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-MNIST1D_SHAPE = (1, 40)  # one sample: 1 channel x 40 positions
-MNIST1D_CLASSES = 10
+from distsim.config.data import MNIST1D_CLASSES, MNIST1D_SHAPE, MNIST1DArgs
+
 CACHE_ENV = "DISTSIM_CACHE"
 CACHE_FORMAT = 1  # version of the cache file's layout, part of its key
 
 _GENERATE_LOCK = threading.Lock()  # make_dataset seeds and draws from numpy's global generator
-
-
-@dataclass(frozen=True)
-class MNIST1DArgs:
-    """The arguments of ``mnist1d.data.make_dataset`` that distsim exposes (the package's
-    defaults); the rest (template length 12, padding [36, 60], 40 positions, no sequence
-    shuffle) stay the package's.
-
-    samples: signals in all, samples // 10 per class; seed: the generator's seed;
-    scale_coeff: amplitude scaled by 1 + scale_coeff * U(-0.5, 0.5); max_translation: circular
-    shift by U{0, ..., max_translation - 1}; corr_noise_scale, iid_noise_scale: sd of the
-    smoothed and of the iid Gaussian noise; shear_scale: a linear trend of slope
-    shear_scale * U(-0.5, 0.5).
-    """
-
-    samples: int = 5000
-    seed: int = 42
-    scale_coeff: float = 0.4
-    max_translation: int = 48
-    corr_noise_scale: float = 0.25
-    iid_noise_scale: float = 0.02
-    shear_scale: float = 0.75
-
-    def package_args(self) -> dict[str, Any]:
-        """The full argument dict of make_dataset: the package's defaults with ours on top
-        (without its download url)."""
-        from mnist1d.data import get_dataset_args
-
-        args = dict(get_dataset_args(as_dict=True))
-        args.pop("url", None)
-        args.update(num_samples=self.samples, seed=self.seed, scale_coeff=self.scale_coeff,
-                    max_translation=self.max_translation,
-                    corr_noise_scale=self.corr_noise_scale,
-                    iid_noise_scale=self.iid_noise_scale, shear_scale=self.shear_scale)
-        return args
-
-    @property
-    def num_samples(self) -> int:
-        """Samples the generator gives: samples // 10 per class."""
-        return self.samples // MNIST1D_CLASSES * MNIST1D_CLASSES
 
 
 def mnist1d_version() -> str:

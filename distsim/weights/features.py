@@ -13,10 +13,10 @@ Permuting the units of any layer <= l permutes the rows of M_l, so the Gram G_l 
 of G_l including the diagonal, row-major; at the last layer ('out', outputs are ordered) it is
 M_L itself flattened (output-major).
 
-GRU: its gates are not positively homogeneous, so its weights are not normalized and
-``chain-gram`` equals ``gram``; its features (chain-gram/gram, aligned, and raw as below) come
-from distsim.recurrent and are invariant to its true symmetries, hidden-unit permutations and the
-tanh sign flip of a hidden unit (the table in distsim.recurrent's docstring, tested there).
+GRU: its gates are not positively homogeneous, so its weights are not normalized and ``chain-gram``
+equals ``gram``; its features (chain-gram/gram, aligned, and raw as below) come from
+distsim.weights.recurrent and are invariant to its true symmetries, hidden-unit permutations and the
+tanh sign flip of a hidden unit (the table in distsim.weights.recurrent's docstring, tested there).
 
 ``raw`` (the paper's unaligned control): unnormalized weights and biases of every layer up to the
 asked one, flattened in layer order (GRU: W_ih, b_ih of layers <= k; ``out``: every parameter).
@@ -26,14 +26,14 @@ the UNNORMALIZED weights. At 'out' it equals chain-gram to rounding (the normali
 symmetry of the linearized network too), so 'out' features say nothing about the rule; at hidden
 layers the two differ (relative difference 0.66-0.89 on digits-size MLPs and CNNs at init).
 
-``aligned`` (Git Re-Basin weight matching, distsim.alignment): the chain-normalized weights with
-each hidden layer's units (channels) permuted to match one study-wide template (``template=``,
-from distsim.alignment.make_template), then flattened like raw: weights and biases of the layers
-<= the asked one.
+``aligned`` (Git Re-Basin weight matching, distsim.weights.alignment): the chain-normalized weights
+with each hidden layer's units (channels) permuted to match one study-wide template (``template=``,
+from distsim.weights.alignment.make_template), then flattened like raw: weights and biases of the
+layers <= the asked one.
 
-``cka`` (linear CKA, distsim.cka): the centred Gram H A A^T H of the layer's activations A on the
-study's probe inputs (``probe=``, from distsim.cka.probe_inputs), divided by its Frobenius norm,
-upper triangle with off-diagonal entries times sqrt(2): f1 . f2 = linear CKA and
+``cka`` (linear CKA, distsim.weights.cka): the centred Gram H A A^T H of the layer's activations A
+on the study's probe inputs (``probe=``, from distsim.weights.cka.probe_inputs), divided by its
+Frobenius norm, upper triangle with off-diagonal entries times sqrt(2): f1 . f2 = linear CKA and
 ||f1 - f2||^2 = 2 - 2 CKA. A is the post-activation output of a hidden layer (a conv's before its
 pooling), the logits at 'out', the last hidden state of GRU layer k at ``gru_ih`` / ``gru_ih_l{k}``.
 
@@ -53,20 +53,20 @@ a per-unit rescaling moves it. chain-gram and gram drop the activations, so a si
 changes a ReLU network's function, leaves them unchanged. GRU cka: invariant to hidden-unit
 permutations (tests/test_cka.py).
 
-``dim`` with ``sketch="output"`` (the default): a seeded output projection of the feature
-vector to dim values, the same map for every model of a study and any batching
-(distsim.projection). ``projection="countsketch"`` (the default): each of the D feature values is
-added, with a hashed sign, into one of dim hashed buckets: O(D) per model, no D x dim matrix,
-squared distances estimated without bias with a variance never above the Gaussian's, and
-pairwise distances that correlate with the full features' as well as the Gaussian's do (equal
-within 0.01 over 40 sketch seeds on trained digits features, benchmarks/bench_sketch.py).
-Measured there at dim 4096 on one core: a 3073 x 3073 Gram's triangle (D = 4.7M) in 8 ms per
-model and raw CIFAR-size weights (D = 1.6M) in 3 ms, so at CIFAR sizes the full Gram it sketches
-is the cost (0.5-0.7 s per model for a 512- or 256-unit MLP layer, 10-14 s for a CNN conv layer
-of 8192-32768 units). ``projection="gaussian"`` (legacy): R (D x dim, entries N(0, 1/dim)), D x
-dim random numbers and a GEMM per call: 21 s per model for that triangle and 9 s for those raw
-weights, in calls on 25 models; kept so that stores made with it can resume. The CountSketch is
-applied to each chunk's float64 features, the Gaussian to the float32 features of the batch.
+``dim`` with ``sketch="output"`` (the default): a seeded output projection of the feature vector to
+dim values, the same map for every model of a study and any batching (distsim.weights.projection).
+``projection="countsketch"`` (the default): each of the D feature values is added, with a hashed
+sign, into one of dim hashed buckets: O(D) per model, no D x dim matrix, squared distances estimated
+without bias with a variance never above the Gaussian's, and pairwise distances that correlate with
+the full features' as well as the Gaussian's do (equal within 0.01 over 40 sketch seeds on trained
+digits features, benchmarks/bench_sketch.py). Measured there at dim 4096 on one core: a 3073 x 3073
+Gram's triangle (D = 4.7M) in 8 ms per model and raw CIFAR-size weights (D = 1.6M) in 3 ms, so at
+CIFAR sizes the full Gram it sketches is the cost (0.5-0.7 s per model for a 512- or 256-unit MLP
+layer, 10-14 s for a CNN conv layer of 8192-32768 units). ``projection="gaussian"`` (legacy): R (D x
+dim, entries N(0, 1/dim)), D x dim random numbers and a GEMM per call: 21 s per model for that
+triangle and 9 s for those raw weights, in calls on 25 models; kept so that stores made with it can
+resume. The CountSketch is applied to each chunk's float64 features, the Gaussian to the float32
+features of the batch.
 
 ``dim`` with ``sketch="input"`` (chain-gram and gram; raw still uses the output projection; aligned
 and cka: ValueError): a seeded
@@ -96,8 +96,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from distsim.alignment import align_stacked
-from distsim.chain import (
+from distsim.config.arch import ArchConfig
+from distsim.config.choices import METHODS, PROJECTIONS, SKETCHES
+from distsim.weights.alignment import align_stacked
+from distsim.weights.chain import (
     CHAIN_DIRECTIONS,
     chain_map,
     infer_input_shape,
@@ -105,9 +107,8 @@ from distsim.chain import (
     unit_shapes,
     upper_triangle,
 )
-from distsim.cka import activations, cka_vector
-from distsim.models import ArchConfig, build
-from distsim.normalize import (
+from distsim.weights.cka import activations, cka_vector
+from distsim.weights.normalize import (
     Plan,
     StateDict,
     layer_plan,
@@ -115,8 +116,7 @@ from distsim.normalize import (
     plan_for,
     stack_state_dicts,
 )
-from distsim.projection import (
-    PROJECTIONS,
+from distsim.weights.projection import (
     check_dim,
     check_projection,
     count_sketch,
@@ -126,7 +126,8 @@ from distsim.projection import (
     sketch_matrix,
     sketch_width,
 )
-from distsim.recurrent import gru_features, gru_sketch_width
+from distsim.weights.recurrent import gru_features, gru_sketch_width
+from distsim.zoo.models import build
 
 __all__ = [
     "CHAIN_BYTES",
@@ -147,8 +148,6 @@ __all__ = [
     "weight_features_batch",
 ]
 
-METHODS = ("chain-gram", "raw", "gram", "aligned", "cka")
-SKETCHES = ("output", "input")
 # Memory for the chain tensors of one chunk of models (bytes); results do not depend on it
 # beyond float rounding.
 CHAIN_BYTES = 256 * 2**20
@@ -185,7 +184,7 @@ def _check_method(method: str) -> None:
 
 def _raw(plan: Plan, p: StateDict, upto: int) -> torch.Tensor:
     """(K, D) unnormalized parameters of a sequential net's layers <= ``upto``, flattened in
-    layer order (the GRU's: distsim.recurrent)."""
+    layer order (the GRU's: distsim.weights.recurrent)."""
     keys = [k for s in plan.parametric[: upto + 1] for k in (s.weight, s.bias) if k]
     k = p[keys[0]].shape[0]
     return torch.cat([p[key].reshape(k, -1) for key in keys], dim=1)
@@ -207,7 +206,7 @@ def _features(
     if method == "cka":
         assert model is not None and probe is not None
         return cka_vector(activations(model, plan, stacked, probe, upto))
-    if plan.kind == "rnn":  # the GRU's own symmetries: distsim.recurrent
+    if plan.kind == "rnn":  # the GRU's own symmetries: distsim.weights.recurrent
         return gru_features(plan, stacked, method, upto, s, template)
     if method == "raw":
         return _raw(plan, stacked, upto).to(torch.float64)
@@ -268,9 +267,10 @@ def _check_extras(
 ) -> torch.Tensor | None:
     """One-line errors for the method-specific options; the probe as a float32 tensor."""
     if method == "aligned" and template is None:
-        raise ValueError("method 'aligned' needs template= (see distsim.alignment.make_template)")
+        raise ValueError("method 'aligned' needs template= "
+                         "(see distsim.weights.alignment.make_template)")
     if method == "cka" and probe is None:
-        raise ValueError("method 'cka' needs probe= (see distsim.cka.probe_inputs)")
+        raise ValueError("method 'cka' needs probe= (see distsim.weights.cka.probe_inputs)")
     if dim is not None and sketch == "input" and method in ("aligned", "cka"):
         raise ValueError(
             f"sketch='input' is for chain-gram and gram, got method {method!r} "
@@ -356,15 +356,15 @@ def weight_features(
 ) -> np.ndarray:
     """1-D float32 feature of one model at ``layer`` (name or index; None = last).
 
-    ``method``: one of METHODS (module docstring). ``dim``: seeded random map to ``dim`` values
-    (the same map for every model given ``seed``). ``sketch``: where ``dim`` applies, "output"
-    (the feature vector) or "input" (the chain maps' input side, for chain-gram and gram; see the
-    module docstring). ``projection``: the output map, "countsketch" or the legacy "gaussian"
-    (see distsim.projection). ``input_shape`` (C, H, W) or (C, L): only needed for a CNN whose
+    ``method``: one of METHODS (module docstring). ``dim``: seeded random map to ``dim`` values (the
+    same map for every model given ``seed``). ``sketch``: where ``dim`` applies, "output" (the
+    feature vector) or "input" (the chain maps' input side, for chain-gram and gram; see the module
+    docstring). ``projection``: the output map, "countsketch" or the legacy "gaussian" (see
+    distsim.weights.projection). ``input_shape`` (C, H, W) or (C, L): only needed for a CNN whose
     input is not the smallest square (1-D: the shortest length) that fits its head (see
-    infer_input_shape). ``template``: the study's
-    template for "aligned" (distsim.alignment.make_template). ``probe`` (n, *input_shape): the
-    study's probe inputs for "cka" (distsim.cka.probe_inputs).
+    infer_input_shape). ``template``: the study's template for "aligned"
+    (distsim.weights.alignment.make_template). ``probe`` (n, *input_shape): the study's probe inputs
+    for "cka" (distsim.weights.cka.probe_inputs).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"weight_features takes an nn.Module, got {type(model).__name__}")

@@ -13,9 +13,9 @@ symmetries of its weights (the classifier's function is unchanged, tested to 1e-
 
 ``gru_symmetry`` applies (a) and (b); there is no positive rescaling (σ and tanh are not
 homogeneous), so the features use UNNORMALIZED weights: ``chain-gram`` and ``gram`` are the same
-feature for the GRU (distsim.normalize leaves a GRU as it is). A_g = [W_ig | β_g] ((H, in+1),
-β_r,z = b_i + b_h, β_n = b_in) is gate g's affine response to one input row x (for n without the
-r ⊙ b_hn term, which E_n below keeps); a deeper layer reads through the previous candidate map,
+feature for the GRU (distsim.weights.normalize leaves a GRU as it is). A_g = [W_ig | β_g] ((H,
+in+1), β_r,z = b_i + b_h, β_n = b_in) is gate g's affine response to one input row x (for n without
+the r ⊙ b_hn term, which E_n below keeps); a deeper layer reads through the previous candidate map,
 A_g(k) = W_ig(k) A_n(k-1) + [0 | β_g(k)]. Under (a) A_g -> P A_g, under (b) A_r, A_z stay and
 A_n -> D A_n (D = diag(±1)), and (c) leaves A_g as is.
 
@@ -39,8 +39,8 @@ unit's r / z rows that the squares A_n ⊙ A_n discard (T_g keeps it only as see
 Sizes (in = C*W, the values of one image row; c classes): per layer 3(in+1)(in+2)/2 + 2(in+1)^2,
 297 for 8x8 digits; ``out`` adds c(2in+3)(4in+5) + c, 704c.
 
-``raw``: the parameters as they are (identical to distsim.features' raw). ``aligned``: each model
-matched to a template (``make_template``) by a permutation and signs per layer
+``raw``: the parameters as they are (identical to distsim.weights.features' raw). ``aligned``: each
+model matched to a template (``make_template``) by a permutation and signs per layer
 (``align_to_template``), then flattened like raw with the r, z biases merged (b_i + b_h):
 hidden layer k: W_ih, β of layers <= k; ``out``: per layer W_ih, W_hh, β (r, z merged; n: b_in),
 b_hn, then the head weight and bias.
@@ -68,9 +68,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from distsim.chain import upper_triangle
-from distsim.models import ArchConfig
-from distsim.normalize import Plan, StateDict, plan_for, stack_state_dicts
+from distsim.config.arch import ArchConfig
+from distsim.weights.chain import upper_triangle
+from distsim.weights.normalize import Plan, StateDict, plan_for, stack_state_dicts
 
 __all__ = [
     "GRU_METHODS",
@@ -237,7 +237,8 @@ def gru_sketch_width(dim: int, layers: int) -> int:
 
 
 def _raw_keys(plan: Plan, upto: int) -> list[str]:
-    """State-dict keys raw flattens at layer ``upto``, in order (as distsim.features._raw)."""
+    """State-dict keys raw flattens at layer ``upto``, in order (as
+    distsim.weights.features._raw)."""
     if upto < plan.num_layers:
         return [_key(plan, w, k) for k in range(upto + 1) for w in ("weight_ih", "bias_ih")]
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

@@ -25,8 +25,8 @@ numbers and a D x dim GEMM per call: hours per zoo at CIFAR sizes (D = 1.6M raw 
 
 Input sketch S ((P+1) x m, entries N(0, 1/m), float64): from ``default_rng([seed, 2**31 - 1])``,
 apart from every other stream. ``sketch_width(dim)`` is the largest m such that a sketched Gram's
-upper triangle, m(m+1)/2 values, fits in dim (see distsim.features). (P+1) x m random numbers:
-cheap, so it stays Gaussian.
+upper triangle, m(m+1)/2 values, fits in dim (see distsim.weights.features). (P+1) x m random
+numbers: cheap, so it stays Gaussian.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import math
 import numba
 import numpy as np
 
-PROJECTIONS = ("countsketch", "gaussian")
+from distsim.config.choices import PROJECTIONS
+
 # SeedSequence entropy [seed, this] of the input sketch: apart from the projection's [seed, block]
 _SKETCH_STREAM = 2**31 - 1
 # SeedSequence entropy [seed, this, dim, block] of the CountSketch hashes

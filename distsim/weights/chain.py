@@ -3,7 +3,7 @@ of a layer with activations dropped (max pooling as its linear average, avg pool
 in homogeneous coordinates [linear part | offset]; and the walk of shapes it follows. Convs and
 pooling are 2-D (input (C, H, W)) or 1-D (input (C, L), "pixels" its C*L values).
 
-Everything runs on stacks of K models (leading K dimension). distsim.features builds the
+Everything runs on stacks of K models (leading K dimension). distsim.weights.features builds the
 chain-gram and gram features from it.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distsim.normalize import Plan, StateDict, layer_plan
+from distsim.weights.normalize import Plan, StateDict, layer_plan
 
 CHAIN_DIRECTIONS = ("auto", "forward", "backward")
 

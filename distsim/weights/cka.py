@@ -13,7 +13,7 @@ The representation of a layer: hidden layers (fc*, conv*) their post-activation 
 ReLU / LeakyReLU right after the layer; a conv's before its pooling, flattened channel-major);
 ``out`` the logits; GRU ``gru_ih`` / ``gru_ih_l{k}`` the last hidden state of GRU layer k on the
 probe images read as row sequences (a 1-D (C, L) probe: L steps of C values; models from
-distsim.models.build).
+distsim.zoo.models.build).
 
 Cost: one forward pass per model on the probe, then an n x n centred Gram (see
 weight_features_batch for the measured time per model).
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from distsim.models import RNNClassifier
-from distsim.normalize import Plan, StateDict
+from distsim.weights.normalize import Plan, StateDict
+from distsim.zoo.models import RNNClassifier
 
 __all__ = ["activations", "cka_vector", "layer_activations", "probe_inputs"]
 

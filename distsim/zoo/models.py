@@ -9,88 +9,12 @@ normalization rule walks them in order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distsim.errors import ConfigError
-from distsim.params import NAME_PATTERN, Array, Integer, Number, Options, Table, Text, check_fields
-
-KINDS = ("mlp", "cnn", "rnn")
-ACTIVATIONS = ("relu", "leaky_relu")
-
-
-@dataclass(frozen=True)
-class ArchConfig:
-    """The architecture shared by every model of a zoo.
-
-    kind: ``mlp`` | ``cnn`` | ``rnn``.
-    widths: hidden widths of the MLP.
-    channels: output channels of each CNN block (3x3 conv, padding 1, activation, 2x2 max-pool;
-    for a 1-D input: kernel-3 Conv1d, padding 1, activation, MaxPool1d(2)).
-    head_widths: hidden linear layers of the CNN between its flatten and its output layer.
-    hidden, num_layers: GRU hidden size and depth (the RNN reads image rows as a sequence: H
-    steps of C*W values; a 1-D input: L / step_width steps of C * step_width values, each step
-    step_width consecutive positions of every channel).
-    input_shape: (C, H, W) or (C, L) of one sample; num_classes: outputs of the linear head.
-    """
-
-    kind: str = "mlp"
-    widths: tuple[int, ...] = (32, 32)
-    channels: tuple[int, ...] = (8, 16)
-    head_widths: tuple[int, ...] = ()
-    hidden: int = 32
-    num_layers: int = 1
-    step_width: int = 1
-    activation: str = "relu"
-    negative_slope: float = 0.01
-    input_shape: tuple[int, ...] = (1, 8, 8)  # (C, H, W) or (C, L)
-    num_classes: int = 2
-    name: str = field(default="")
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            object.__setattr__(self, "name", self.kind)
-        check_fields(self, "arch", ARCH_PARAMS)
-        if self.kind == "mlp" and not self.widths:
-            raise ConfigError.at("arch.widths", "must name at least one hidden layer for an mlp")
-        if self.kind == "cnn":
-            if not self.channels:
-                raise ConfigError.at("arch.channels", "must name at least one block for a cnn")
-            sizes = self.input_shape[1:]
-            if min(sizes) < 2 ** len(self.channels):
-                side = "x".join([str(2 ** len(self.channels))] * len(sizes))
-                raise ConfigError.at("arch.channels",
-                                     f"{len(self.channels)} pooling blocks need an input of at "
-                                     f"least {side}, got {'x'.join(map(str, sizes))}")
-        if self.step_width != 1 and (self.kind != "rnn" or len(self.input_shape) != 2):
-            raise ConfigError.at("arch.step_width", "applies only to an rnn over 1-D inputs "
-                                 f"(C, L), got {self.kind} over {self.input_shape}")
-        if self.step_width != 1 and self.input_shape[1] % self.step_width:
-            raise ConfigError.at("arch.step_width", f"must divide the input length "
-                                 f"{self.input_shape[1]}, got {self.step_width}")
-
-    def with_task_shape(self, input_shape: tuple[int, ...], num_classes: int) -> ArchConfig:
-        """A copy sized for a task's samples (input_shape) and labels (num_classes)."""
-        return replace(self, input_shape=tuple(input_shape), num_classes=int(num_classes))
-
-
-ARCH_PARAMS: Table = {
-    "kind": Options(KINDS),
-    "widths": Array(Integer(lo=1)),
-    "channels": Array(Integer(lo=1)),
-    "head_widths": Array(Integer(lo=1)),
-    "hidden": Integer(lo=1),
-    "num_layers": Integer(lo=1),
-    "step_width": Integer(lo=1),
-    "activation": Options(ACTIVATIONS),
-    "negative_slope": Number(),
-    "input_shape": Array(Integer(lo=1), size=(2, 3)),  # (C, H, W) or (C, L)
-    "num_classes": Integer(lo=2),
-    "name": Text(pattern=NAME_PATTERN),
-}
+from distsim.config.arch import ArchConfig
 
 
 def _activation(cfg: ArchConfig) -> nn.Module:
