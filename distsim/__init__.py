@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 _LAZY = {"open": "distsim.results", "Results": "distsim.results"}
 

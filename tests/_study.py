@@ -21,6 +21,9 @@ The base is ``DEFAULT_STUDY`` unless a full study dict is passed first, position
 The text is written by ``tomli_w``: sections in the base's order (new ones at the end), plain
 top-level values first.
 
+``FINISHED_STUDY`` is the study of the finished store that the fast tests share (launched once
+per session by the ``finished_study`` fixture of ``tests/conftest.py``).
+
 Tests import these from here where they need them at import time (module constants,
 ``parametrize`` tables, module-scoped fixtures); ``tests/conftest.py`` also offers
 ``study_toml`` as a fixture.
@@ -39,6 +42,24 @@ DEFAULT_STUDY: dict[str, Any] = {
     "data": {"dataset": "synthetic", "num_tasks": 2},
     "arch": [{"kind": "mlp", "widths": [4]}],
     "train": {"seeds_per_task": 3, "epochs": 1},
+}
+
+
+# The finished store the fast tier shares (tests/conftest.py: `finished_study`, launched once per
+# session): 4 synthetic tasks x 3 seeds of a tiny mlp, cnn (with a hidden head layer) and
+# 2-layer rnn, 4 epochs, raw + chain-gram features of the last layer, 9 permutations, top-2
+# neighbours in tiles of 4 models.
+FINISHED_STUDY: dict[str, Any] = {
+    "study": {"name": "three", "store": "store"},
+    "data": {"dataset": "synthetic", "num_tasks": 4, "synthetic_samples": 40,
+             "synthetic_separation": 1.5},
+    "arch": [{"name": "mlp", "kind": "mlp", "widths": [6, 5]},
+             {"name": "cnn", "kind": "cnn", "channels": [3, 2], "head_widths": [4]},
+             {"name": "rnn", "kind": "rnn", "hidden": 4, "num_layers": 2}],
+    "train": {"seeds_per_task": 3, "seeds_per_trial": 3, "epochs": 4, "batch_size": 16},
+    "features": {"methods": ["raw", "chain-gram"], "layers": "last"},
+    "tests": {"permutations": 9, "permanova_permutations": 9, "chunk_size": 5},
+    "pairs": {"top_k": 2, "block": 4},
 }
 
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: one local Ray instance per test session, shut down at the end; the study
-file builder (`study_toml`, from `tests/_study.py`)."""
+"""Shared fixtures: one local Ray instance per test session, shut down at the end; one finished
+store launched on it once and shared (`finished_study`, read-only); the study file builder
+(`study_toml`, from `tests/_study.py`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,29 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finished_study(ray_session, tmp_path_factory):
+    """The study file (a Path) of a finished store shared by the whole session: `FINISHED_STUDY`
+    of `tests/_study.py` (4 synthetic tasks x 3 seeds of a tiny mlp, cnn and rnn, every stage),
+    launched once on the session's Ray into a tmp_path_factory folder, its store at
+    `<folder>/store`. This launch is the fast tier's one end-to-end run.
+
+    Read it only (query, report, results, export, verify): a test that changes a store copies
+    it first, `shutil.copytree(store_root, tmp_path / "store")`.
+    """
+    import io
+
+    from distsim.config import load_study
+    from distsim.pipeline.launch import run_study
+
+    folder = tmp_path_factory.mktemp("finished")
+    path = folder / "three.toml"
+    path.write_text(_study.study_toml(_study.FINISHED_STUDY,
+                                      study={"store": str(folder / "store")}))
+    run_study(load_study(path), stream=io.StringIO())
+    return path
 
 
 @pytest.fixture

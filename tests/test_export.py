@@ -1,9 +1,9 @@
-"""export_models: safetensors + JSON sidecars of a tiny 3-arch zoo (mlp, cnn, rnn, trained once
-on the session's Ray) that rebuild the models with safetensors and distsim.zoo.models alone."""
+"""export_models: safetensors + JSON sidecars of a tiny 3-arch zoo (mlp, cnn, rnn: the session's
+finished store, tests/conftest.py `finished_study`) that rebuild the models with safetensors and
+distsim.zoo.models alone."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -12,11 +12,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from _study import study_toml
 from safetensors.torch import load_file
 
 import distsim
-from distsim.config import load_study
 from distsim.config.arch import ArchConfig
 from distsim.errors import StoreError
 from distsim.export import export_models
@@ -29,22 +27,10 @@ ARCHS = ("mlp", "cnn", "rnn")
 
 
 @pytest.fixture(scope="module")
-def res(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Results:
-    """The zoo of 2 synthetic tasks x 3 seeds of a tiny mlp, cnn and rnn (zoo stage only)."""
-    from distsim.pipeline.launch import run_study
-
-    folder = tmp_path_factory.mktemp("export")
-    path = folder / "zoo.toml"
-    path.write_text(study_toml(
-        study={"name": "zoo", "store": str(folder / "store")},
-        data={"dataset": "synthetic", "num_tasks": 2, "synthetic_samples": 30},
-        arch=[{"name": "mlp", "kind": "mlp", "widths": [6, 5]},
-              {"name": "cnn", "kind": "cnn", "channels": [3, 2], "head_widths": [4]},
-              {"name": "rnn", "kind": "rnn", "hidden": 4, "num_layers": 2}],
-        train={"seeds_per_task": 3, "seeds_per_trial": 3, "epochs": 3, "batch_size": 16},
-    ))
-    run_study(load_study(path), stages=("zoo",), stream=io.StringIO())
-    return distsim.open(path)
+def res(finished_study: Path) -> Results:
+    """The shared finished store: 4 synthetic tasks x 3 seeds of a tiny mlp, cnn and rnn (read
+    only; a test that changes it copies it first)."""
+    return distsim.open(finished_study)
 
 
 def _rebuild(folder: Path, stem: str) -> tuple[torch.nn.Module, dict]:
@@ -78,8 +64,8 @@ def test_one_file_per_model_rebuilds_the_same_predictions(res: Results, arch: st
         assert doc["task"] == {"id": task.task_id, "name": task.name,
                                "classes": list(task.classes), "input_shape": [1, 8, 8],
                                "num_classes": 2}
-        assert doc["study"] == {"name": "zoo", "hash": res.study.hash} == {
-            "name": "zoo", "hash": res.config_hash}
+        assert doc["study"] == {"name": "three", "hash": res.study.hash} == {
+            "name": "three", "hash": res.config_hash}
         assert doc["distsim_version"] == distsim.__version__
         assert doc["arch"]["kind"] == arch and doc["arch"]["name"] == arch
 
@@ -92,11 +78,10 @@ def test_a_stacked_arch_holds_every_ok_model_in_order(res: Results, arch: str,
     doc = json.loads(written[1].read_text())
     stacked = load_file(written[0])
     ids = doc["model_ids"]
-    assert ids == [f"{arch}-t{t}-s{s}" for t, s in ((0, 0), (0, 1), (0, 2), (1, 3), (1, 4),
-                                                    (1, 5))]
+    assert ids == [f"{arch}-t{t}-s{s}" for t in range(4) for s in range(3 * t, 3 * t + 3)]
     assert [m["model_id"] for m in doc["models"]] == ids
     assert doc["tensors"] == {k: list(v.shape) for k, v in stacked.items()}
-    assert [t["id"] for t in doc["tasks"]] == [0, 1]
+    assert [t["id"] for t in doc["tasks"]] == [0, 1, 2, 3]
     net = build(ArchConfig(**doc["arch"]))
     assert set(stacked) == set(net.state_dict())
     for i, mid in enumerate(ids):
@@ -129,7 +114,7 @@ def test_failed_models_are_left_out_of_the_stack_and_refused_by_id(res: Results,
         "node": [None], "error": ["boom"]})
     assert other.models().filter(pl.col("status") == "failed").height == 1  # type: ignore
     doc = json.loads(export_models(other, tmp_path / "out", arch="mlp")[1].read_text())
-    assert "mlp-t1-s9" not in doc["model_ids"] and len(doc["model_ids"]) == 6
+    assert "mlp-t1-s9" not in doc["model_ids"] and len(doc["model_ids"]) == 12
     with pytest.raises(StoreError, match="mlp-t1-s9: its training failed"):
         export_models(other, tmp_path / "out", model_ids=["mlp-t1-s9"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -36,8 +37,15 @@ def test_architecture_doc_lists_every_module_and_no_other() -> None:
     assert listed - present == set(), "docs/architecture.md names modules that do not exist"
 
 
-def test_readme_table_section_is_the_table_contract() -> None:
-    assert markdown_table() in (ROOT / "README.md").read_text()
+def test_docs_store_page_renders_the_table_contract() -> None:
+    """The docs' store reference is generated from store/tables.py by the mkdocs hook."""
+    spec = importlib.util.spec_from_file_location("docs_hook", ROOT / "docs/hooks/reference.py")
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = hook  # its dataclasses look their module up there
+    spec.loader.exec_module(hook)
+    page = (ROOT / "docs/reference/store.md").read_text()
+    assert markdown_table() in hook.on_page_markdown(page)
 
 
 FRONT = ("distsim.config", "distsim.store", "distsim.cli", "distsim.summary", "distsim.results",
@@ -78,3 +86,41 @@ def test_config_feature_layers_are_the_chain_walks_layers(arch: ArchConfig) -> N
     from distsim.weights.features import feature_layers
 
     assert arch.feature_layers() == tuple(feature_layers(arch))
+
+
+SCIENCE = ("torch", "numba", "scipy.optimize")
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", ["validate --no-data", "status", "verify", "query tests",
+                                     "report"],
+                         ids=lambda c: c.replace(" ", "-"))
+def test_read_commands_on_a_finished_store_import_no_science(finished_study: Path,
+                                                             tmp_path: Path,
+                                                             command: str) -> None:
+    """`distsim validate --no-data` (with its data, validate loads scikit-learn's digits, and
+    scikit-learn imports scipy), `status`, `verify` and `query tests` on the session's finished
+    store, each in a fresh interpreter, load neither torch, numba nor scipy.optimize; `report`
+    loads numba (its distance heatmaps call distsim.stats.distances, which imports numba when a
+    figure is drawn) but neither torch nor scipy.optimize."""
+    if command.startswith("validate"):
+        args = ["validate", str(finished_study), "--no-data"]
+    else:
+        args = [*command.split(), str(finished_study.parent / "store")]
+    if command == "report":
+        args += ["--out", str(tmp_path / "report")]  # not beside the shared store
+    code = ("import sys\nfrom distsim.cli import app\n"
+            f"code = app({args!r}, standalone_mode=False)\n"
+            f"print('\\n@', code, *(m for m in {SCIENCE!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.splitlines()[-1].split()
+    assert last[:2] == ["@", "None"], proc.stdout[-3000:]  # exit code 0
+    loaded = set(last[2:])
+    if command == "report":
+        assert (tmp_path / "report" / "index.html").is_file()
+        assert loaded <= {"numba"}, loaded
+    else:
+        assert loaded == set(), loaded

@@ -21,7 +21,7 @@ from _study import study_toml
 
 from distsim.store import Store
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 DISTSIM = str(Path(sys.executable).with_name("distsim"))
 SECTIONS = {

@@ -24,7 +24,7 @@ from _procs import kill_session
 from distsim.config import parse_study
 from distsim.store import Store
 
-pytestmark = [pytest.mark.ray, pytest.mark.multinode]
+pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 # The study's sections but [study] (name and store), for the `study_toml` fixture.

@@ -19,7 +19,7 @@ import torch
 from distsim.config.arch import ArchConfig
 from distsim.config.data import DataConfig
 from distsim.config.training import TrainConfig
-from distsim.stats import htt
+from distsim.stats import HTTOptions, htt
 from distsim.weights.alignment import make_template
 from distsim.weights.cka import probe_inputs
 from distsim.weights.features import METHODS, weight_features_batch
@@ -29,6 +29,7 @@ from distsim.zoo.train import train_pack
 torch.set_num_threads(1)
 
 N_TASKS, PER_TASK, REPLICATES = 6, 10, 500
+pytestmark = pytest.mark.slow  # 20 x 500 replicated tests: minutes on 2 cores
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +68,7 @@ def test_htt_rejects_at_its_level_without_task_signal(method, layer, protocol):
     reported = randomized = 0
     for rep in range(REPLICATES):
         tasks = rng.permutation(np.repeat(np.arange(N_TASKS), PER_TASK))
-        r = htt(X, tasks, protocol, permutations=39, seed=rep, n_query=2)
+        r = htt(X, tasks, protocol, permutations=39, seed=rep, options=HTTOptions(n_query=2))
         p_rand = _randomized_p(r.statistic, r.null, rng.random())
         assert r.p_value >= p_rand - 1e-12
         reported += r.p_value <= 0.05

@@ -187,6 +187,8 @@ def test_single_member_groups_warn_and_keep_the_tiles_equal_to_the_matrix():
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_tests_stage_tiles_route_for_cosine(ray_session, study_toml, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A cosine study's PERMANOVA runs over tiles (one task per tile, some failing once and

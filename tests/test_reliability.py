@@ -21,7 +21,7 @@ from distsim.errors import IncompleteError, LaunchError
 from distsim.pipeline import faults
 from distsim.store import Store
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 TASKS, SEEDS = 4, 4  # 16 packs of one model
 SECTIONS: dict[str, Any] = {

@@ -1,10 +1,9 @@
-"""distsim.open: a tiny 3-arch study (mlp, cnn, rnn) run once on the session's Ray, read back
-through Results: tables, q-values, features, tasks, and trained models that give the stored
-accuracies."""
+"""distsim.open: the session's finished 3-arch store (mlp, cnn, rnn; tests/conftest.py
+`finished_study`, launched once on the session's Ray) read back through Results: tables,
+q-values, features, tasks, and trained models that give the stored accuracies."""
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from _study import study_toml
+from _study import FINISHED_STUDY, study_toml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,32 +30,15 @@ ARCHS = ("mlp", "cnn", "rnn")
 
 
 def three_arch_study(store: Path, **sections: object) -> str:
-    """4 synthetic tasks x 3 seeds of a tiny mlp, cnn and rnn, 4 epochs, raw + chain-gram
-    features of the last layer, 9 permutations."""
-    return study_toml(**{
-        "study": {"name": "three", "store": str(store)},
-        "data": {"dataset": "synthetic", "num_tasks": 4, "synthetic_samples": 40,
-                 "synthetic_separation": 1.5},
-        "arch": [{"name": "mlp", "kind": "mlp", "widths": [6, 5]},
-                 {"name": "cnn", "kind": "cnn", "channels": [3, 2]},
-                 {"name": "rnn", "kind": "rnn", "hidden": 4}],
-        "train": {"seeds_per_task": 3, "seeds_per_trial": 3, "epochs": 4, "batch_size": 16},
-        "features": {"methods": ["raw", "chain-gram"], "layers": "last"},
-        "tests": {"permutations": 9, "permanova_permutations": 9, "chunk_size": 5},
-        "pairs": {"top_k": 2, "block": 4},
-        **sections,
-    })
+    """The shared study (`FINISHED_STUDY`: 4 synthetic tasks x 3 seeds of a tiny mlp, cnn and
+    rnn, 4 epochs, raw + chain-gram features of the last layer, 9 permutations) stored at
+    `store`, `sections` merged in."""
+    return study_toml(FINISHED_STUDY, study={"store": str(store)}, **sections)
 
 
 @pytest.fixture(scope="module")
-def study_file(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from distsim.pipeline.launch import run_study
-
-    folder = tmp_path_factory.mktemp("results")
-    path = folder / "three.toml"
-    path.write_text(three_arch_study(folder / "store"))
-    run_study(load_study(path), stream=io.StringIO())
-    return path
+def study_file(finished_study: Path) -> Path:
+    return finished_study  # read only: never changed by these tests
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +95,7 @@ def test_tests_carry_the_summary_q_values(res: Results) -> None:
     got = tests.select(*key, "q_value").join(want, on=key, suffix="_summary")
     assert got.height == tests.height
     np.testing.assert_array_equal(got["q_value"], got["q_value_summary"])
-    assert tests.columns[:-1] == TABLES["tests"].schema.names
+    assert tests.columns == [*TABLES["tests"].schema.names, "r2", "q_value"]
     assert tests.equals(res.tests(lazy=True).collect())  # type: ignore[union-attr]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from _procs import kill_session
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 DISTSIM = str(Path(sys.executable).with_name("distsim"))
 TASKS, SEEDS = 4, 6
