@@ -4,7 +4,7 @@ tasks and trained models back.
     import distsim
     res = distsim.open("stores/quickstart")        # a store folder, or the study's TOML
     res.models()                                    # polars DataFrame (lazy=True: LazyFrame)
-    res.tests()                                     # with the summary's q_value column
+    res.tests()                                     # with the summary's r2, q_value
     ids, tasks, X = res.features("mlp", "out", "chain-gram")
     net = res.load_model(ids[0])                    # torch module with the trained weights
     task = res.task(int(tasks[0]))                  # its train/test split
@@ -12,6 +12,11 @@ tasks and trained models back.
 Everything is read from the store; the study comes from the store's ``study.json`` (the
 config the store was computed with). Unknown model ids, archs, layers, methods and task ids
 raise :class:`~distsim.errors.StoreError` naming what the study has.
+
+Examples: ``open``'s runs (on a tiny store it writes by hand); the methods' examples read the
+quickstart's store (``distsim launch jobs/quickstart.toml`` writes stores/quickstart, minutes
+of training), so their lines are marked ``+SKIP`` and the doctests do not run them; the
+outputs shown are that store's.
 """
 
 from __future__ import annotations
@@ -37,14 +42,38 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-_TEST_KEY = ["arch", "method", "layer", "protocol"]  # one row of the tests table
 _SHOWN = 5  # model ids named in an unknown-id error
 
 
 def open(path: str | os.PathLike[str] | Store) -> Results:  # distsim.open: shadows the builtin
     """The results of the study stored at `path`: a store folder (or a Store), or a study
     TOML (whose [study] store is read). StoreError when there is no store there, or when the
-    TOML's study is not the one the store holds."""
+    TOML's study is not the one the store holds.
+
+    A launch writes a store; this one is written by hand with the Store API (a study.json and
+    two tests rows, no models) so that the example runs in a second:
+
+    >>> import shutil, tempfile
+    >>> import distsim
+    >>> from distsim.config import study_from_dict
+    >>> folder = tempfile.mkdtemp()
+    >>> study = study_from_dict({"study": {"name": "tiny", "store": "store"},
+    ...                          "data": {"dataset": "synthetic", "num_tasks": 2},
+    ...                          "arch": [{"name": "mlp", "kind": "mlp", "widths": [4]}],
+    ...                          "train": {"seeds_per_task": 2}}, base_dir=folder)
+    >>> store = Store(study.store)
+    >>> store.check_study(study)  # study.json, as a launch binds its store
+    'created'
+    >>> for protocol, p, extra in (("closed-set", 0.01, "{}"), ("permanova", 0.04, '{"r2": 0.3}')):
+    ...     key = {"arch": "mlp", "method": "raw", "layer": "out", "protocol": protocol}
+    ...     _ = store.write_shard("tests", key, [{"p_value": p, "extra": extra}])
+    >>> res = distsim.open(study.store)  # or the study's TOML
+    >>> res  # doctest: +ELLIPSIS
+    Results('tiny': 0 models, archs mlp; store '...')
+    >>> res.tests().select("protocol", "p_value", "r2", "q_value").rows()
+    [('closed-set', 0.01, None, 0.02), ('permanova', 0.04, 0.3, 0.04)]
+    >>> shutil.rmtree(folder)
+    """
     path = path.root if isinstance(path, Store) else Path(path)
     toml: Study | None = None
     if path.suffix == ".toml":
@@ -100,26 +129,42 @@ class Results:
 
     # ------------------------------------------------------------------ tables
     def models(self, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
-        """The models table: one row per trained model (status, accuracies, losses, time)."""
+        """The models table: one row per trained model (status, accuracies, losses, time).
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> models = res.models()  # doctest: +SKIP
+        >>> models.select("model_id", "task", "seed", "test_acc").head(2).rows()  # doctest: +SKIP
+        [('mlp-t0-s0', 0, 0, 1.0), ('mlp-t0-s1', 0, 1, 1.0)]
+        """
         return self._done(self._in_order(self.store.scan("models"), "task", "seed"), lazy)
 
     def tests(self, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
-        """The tests table plus ``q_value``: Benjamini-Hochberg over every test in the store,
-        as the launch summary computes it (distsim.summary.summary_table)."""
-        from distsim.stats import q_values
+        """The tests table plus ``r2`` (PERMANOVA, PERMDISP; null for HTT) and ``q_value``
+        (Benjamini-Hochberg over every test in the store): the values the launch summary and
+        ``distsim query tests`` show, from the same function (distsim.store.query.tests_with_q).
 
-        lf = self.store.scan("tests")
-        p = lf.select(*_TEST_KEY, "p_value").collect()
-        q = p.select(_TEST_KEY).with_columns(
-            pl.Series("q_value", q_values(p["p_value"].to_numpy()), dtype=pl.Float64))
-        lf = lf.join(q.lazy(), on=_TEST_KEY, how="left", maintain_order="left")
-        return self._done(self._in_order(lf, "layer", "method", "protocol"), lazy)
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> one = pl.col("layer") == "fc2", pl.col("method") == "chain-gram"  # doctest: +SKIP
+        >>> res.tests().filter(*one).select("protocol", "r2", "q_value").rows()  # doctest: +SKIP
+        [('closed-set', None, 0.0133...), ('open-set', None, 0.0133...),
+         ('permanova', 0.8236..., 0.0133...), ('permdisp', 0.1375..., 0.0671...)]
+        """
+        from distsim.store.query import tests_with_q
+
+        return self._done(self._in_order(tests_with_q(self.store), "layer", "method",
+                                         "protocol"), lazy)
 
     def neighbors(self, model_id: str | None = None, *, arch: str | None = None,
                   layer: str | None = None, method: str | None = None,
                   lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
         """Nearest neighbours in feature space (rank 1 = nearest), optionally of one model
-        and of one arch, layer and method."""
+        and of one arch, layer and method.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> nb = res.neighbors("mlp-t0-s0", layer="out", method="chain-gram")  # doctest: +SKIP
+        >>> nb.select("rank", "neighbor_id", "same_task").head(2).rows()  # doctest: +SKIP
+        [(1, 'mlp-t0-s5', True), (2, 'mlp-t0-s7', True)]
+        """
         self._check_matrix(arch, layer, method)
         lf = self.store.scan("neighbors")
         if model_id is not None:
@@ -132,7 +177,12 @@ class Results:
 
     def history(self, model_id: str | None = None,
                 lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
-        """The training history: one row per model and epoch (empty when the store has none)."""
+        """The training history: one row per model and epoch (empty when the store has none).
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> res.history("mlp-t0-s0").select("epoch", "test_acc").tail(1).rows()  # doctest: +SKIP
+        [(10, 1.0)]
+        """
         lf = self.store.scan("history")
         if model_id is not None:
             self.model(model_id)
@@ -140,12 +190,23 @@ class Results:
         return self._done(self._in_order(lf, "task", "seed", "epoch"), lazy)
 
     def model(self, model_id: str) -> dict[str, Any]:
-        """The models-table row of one model as a dict; StoreError for an unknown id."""
+        """The models-table row of one model as a dict; StoreError for an unknown id.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> row = res.model("mlp-t0-s0")  # doctest: +SKIP
+        >>> row["task"], row["seed"], row["status"], row["test_acc"]  # doctest: +SKIP
+        (0, 0, 'ok', 1.0)
+        """
         return self.model_rows([model_id])[model_id]
 
     def model_rows(self, model_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """{model_id: its models-table row as a dict} in the order given; StoreError naming
-        the first unknown id."""
+        the first unknown id.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> list(res.model_rows(["mlp-t0-s0", "cnn-t1-s12"]))  # doctest: +SKIP
+        ['mlp-t0-s0', 'cnn-t1-s12']
+        """
         ids = list(dict.fromkeys(model_ids))
         lf = self.store.scan("models")
         parsed = [parse_model_id(m) if isinstance(m, str) else None for m in ids]
@@ -162,7 +223,13 @@ class Results:
     def features(self, arch: str, layer: str, method: str) -> tuple[list[str], np.ndarray,
                                                                      np.ndarray]:
         """The feature matrix of one (arch, layer, method): model ids, their tasks (N,) int64
-        and the features (N, D) float32, rows sorted by task, then seed."""
+        and the features (N, D) float32, rows sorted by task, then seed.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> ids, tasks, X = res.features("mlp", "fc2", "chain-gram")  # doctest: +SKIP
+        >>> ids[:2], tasks[:2].tolist(), X.shape  # doctest: +SKIP
+        (['mlp-t0-s0', 'mlp-t0-s1'], [0, 0], (120, 2145))
+        """
         self._check_matrix(arch, layer, method)
         fm = self.store.feature_matrix(arch, method, layer)
         if not fm.model_ids:
@@ -172,7 +239,13 @@ class Results:
 
     def task(self, task_id: int) -> Task:
         """One of the study's tasks (its train/test split), rebuilt from the study's data
-        config exactly as the zoo trained on it."""
+        config exactly as the zoo trained on it.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> task = res.task(0)  # doctest: +SKIP
+        >>> task.name, task.classes, task.x_train.shape, task.x_test.shape  # doctest: +SKIP
+        ('digits:0v1', (0, 1), (270, 1, 8, 8), (90, 1, 8, 8))
+        """
         n = self.study.data.num_tasks
         if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) \
                 or not 0 <= task_id < n:
@@ -185,7 +258,13 @@ class Results:
 
     def arch_config(self, arch: str, task_id: int = 0) -> ArchConfig:
         """The ArchConfig of one arch sized for a task's samples and classes (every task of a
-        study has the same), the config its models were built from."""
+        study has the same), the config its models were built from.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> cfg = res.arch_config("cnn")  # doctest: +SKIP
+        >>> cfg.channels, cfg.input_shape, cfg.num_classes  # doctest: +SKIP
+        ((8, 16), (1, 8, 8), 2)
+        """
         self._check_matrix(arch, None, None)
         task = self.task(task_id)
         return self.study.arch(arch).with_task_shape(task.input_shape, task.num_classes)
@@ -200,12 +279,23 @@ class Results:
         on ``task(row["task"]).x_test`` give the stored test_acc (for a study trained on the
         CPU in float32, the defaults; other devices and dtypes round differently). StoreError
         for an unknown id or a model whose training failed.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> net, task = res.load_model("mlp-t0-s0"), res.task(0)  # doctest: +SKIP
+        >>> x = torch.as_tensor(task.x_test)  # doctest: +SKIP
+        >>> float((net(x).argmax(1).numpy() == task.y_test).mean())  # doctest: +SKIP
+        1.0
         """
         return self.load_models([model_id], normalized)[0]
 
     def load_models(self, model_ids: Sequence[str], normalized: bool = False) -> list[nn.Module]:
         """:meth:`load_model` of several models (in the order given), reading each weights
-        shard once."""
+        shard once.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> len(res.load_models(["mlp-t0-s0", "mlp-t0-s1"], normalized=True))  # doctest: +SKIP
+        2
+        """
         rows = self.model_rows(model_ids)
         states = self.state_dicts(list(rows), normalized)
         return [self._module(rows[mid], states[mid]) for mid in model_ids]
@@ -214,7 +304,13 @@ class Results:
                     normalized: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """{model_id: state dict of float32 CPU tensors} in the order given, keys those of
         distsim.zoo.models.build's modules; optionally chain-normalized (see :meth:`load_model`).
-        StoreError for an unknown model or one whose training failed."""
+        StoreError for an unknown model or one whose training failed.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> state = res.state_dicts(["mlp-t0-s0"])["mlp-t0-s0"]  # doctest: +SKIP
+        >>> list(state), tuple(state["1.weight"].shape)  # doctest: +SKIP
+        (['1.weight', '1.bias', '3.weight', '3.bias', '5.weight', '5.bias'], (32, 64))
+        """
         rows = self.model_rows(model_ids)
         for mid, row in rows.items():
             if row["status"] == "failed":

@@ -1,59 +1,58 @@
-"""The summary of a study's tests, as a launch prints it: one row per arch, layer, method, test,
-under the column names of ``distsim query tests``, then a legend of what each method, protocol
-and column means."""
+"""The summary of a study's tests, as a launch prints it: one grid per architecture (layers x
+feature methods; each cell the closed-set accuracy against its chance and the PERMANOVA R^2,
+marked where significant), a legend of what the grid shows, and the command that shows every
+row."""
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import textwrap
 from typing import Any
 
 import polars as pl
 
 from distsim.config import Study
-from distsim.stats import q_values
 from distsim.store import Store
+from distsim.store.query import tests_with_q
 
 PROTOCOL_ORDER = ("closed-set", "open-set", "permanova", "permdisp")
+SCORES = {"closed-set": "acc/chance", "open-set": "mAP/chance"}  # the first the store has
+EFFECT = "permanova"  # the grid's second number: its r2
+Q_LEVEL = 0.05  # a number is marked where its own test's q is at most this
+MARK = "*"
+_NAMES = {"closed-set": "closed-set", "open-set": "open-set", "permanova": "PERMANOVA"}
+WIDTH = 100  # the legend's lines
 
 
 def summary_table(store: Store, study: Study) -> pl.DataFrame:
     """Per arch, layer, method and test (in study order): statistic, observed, chance, null
     mean, R^2 (PERMANOVA, PERMDISP), p-value, q-value, permutations, models.
 
-    q_value: Benjamini-Hochberg over every test in the store (one family: the study's tests),
-    so a reader can keep the false discovery rate of the rows read as discoveries."""
-    df = store.scan("tests").collect()
+    r2 and q_value as distsim.store.query.tests_with_q computes them (q: Benjamini-Hochberg
+    over every test in the store, one family), the same values as ``distsim query tests``
+    and ``distsim.open(path).tests()``."""
+    df = tests_with_q(store).collect()
     if df.height == 0:
         return df
-    r2 = [json.loads(e or "{}").get("r2") for e in df["extra"]]
-    df = df.with_columns(pl.Series("r2", [float("nan") if v is None else float(v) for v in r2]),
-                         pl.Series("q_value", q_values(df["p_value"].to_numpy())))
-    arch_order = {a: i for i, a in enumerate(study.arch_names)}
-    layer_order = {(a, layer): i for a in study.arch_names
-                   for i, layer in enumerate(study.feature_layers(a))}
-    method_order = {m: i for i, m in enumerate(study.features.methods)}
 
-    def order(r: dict[str, Any]) -> list[int]:
-        protocol = r["protocol"]
-        return [arch_order.get(r["arch"], 99), layer_order.get((r["arch"], r["layer"]), 99),
-                method_order.get(r["method"], 99),
-                PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else 9]
+    def rank(col: pl.Expr, names: list[str]) -> pl.Expr:  # position in `names`, unknown last
+        return col.replace_strict(names, list(range(len(names))), default=len(names),
+                                  return_dtype=pl.Int64)
 
-    rank = pl.struct("arch", "layer", "method", "protocol").map_elements(
-        order, return_dtype=pl.List(pl.Int64))
-    df = df.with_columns(rank.alias("_order")).sort("_order").drop("_order")
+    archs = list(study.arch_names)
+    layers = [f"{a}/{layer}" for a in archs for layer in study.feature_layers(a)]
+    df = df.sort(rank(pl.col("arch"), archs),
+                 rank(pl.concat_str("arch", pl.lit("/"), "layer"), layers),
+                 rank(pl.col("method"), list(study.features.methods)),
+                 rank(pl.col("protocol"), list(PROTOCOL_ORDER)),
+                 "arch", "layer", "method", "protocol", maintain_order=True)
     return df.select("arch", "layer", "method", "protocol", "statistic", "observed", "chance",
                      "null_mean", "r2", "p_value", "q_value", "permutations", "n_models")
 
 
-# (column, alignment) of the printed summary: the names `distsim query tests` uses
-_COLUMNS = [("arch", "<"), ("layer", "<"), ("method", "<"), ("protocol", "<"),
-            ("statistic", "<"), ("observed", ">"), ("chance", ">"), ("null_mean", ">"),
-            ("r2", ">"), ("p_value", ">"), ("q_value", ">"), ("permutations", ">")]
-
-# one line each: what a method's feature is, what a protocol tests (README: "What the features
-# measure", "Reading the tests table")
+# one line each: what a method's feature is, what a number of the grid is (README: "What the
+# features measure", "Reading the tests table")
 METHODS = {
     "chain-gram": "Grams of the chain-normalized weights' linear chain (the paper's): invariant "
                   "to unit permutations and rescalings, blind to sign flips",
@@ -65,57 +64,121 @@ METHODS = {
     "cka": "activations on a fixed probe set (cosine = linear CKA): the function, not the "
            "weights",
 }
-PROTOCOLS = {
-    "closed-set": "a linear map learned on some models' task labels names the task of held-out "
-                  "models; observed = accuracy",
-    "open-set": "held-out tasks' models retrieve their task's models; observed = mAP",
-    "permanova": "do the tasks' feature centroids differ? pseudo-F; r2 = share of the spread "
-                 "the tasks explain",
-    "permdisp": "do the tasks' spreads differ? significant here: permanova's signal may be "
-                "spread, not location",
+NUMBERS = {
+    "closed-set": "closed-set test: a linear map learned on some models' task labels names the "
+                  "task of held-out models; its accuracy / chance (the accuracy's expected "
+                  "value under random task labels)",
+    "open-set": "open-set test: held-out tasks' models retrieve their task's models; their mAP "
+                "/ chance (the mAP's expected value under random task labels)",
+    "permanova": "PERMANOVA: the share of the features' spread that the tasks explain (do the "
+                 "tasks' feature centroids differ?)",
 }
-TERMS = {
-    "chance": "the statistic's expected value under random task labels",
-    "null_mean": "the mean of the statistic over the permutations",
-    "p_value": "(1 + permutations at least as extreme) / (1 + permutations): never below "
-               "1/(1 + permutations), e.g. 0.01 for 99",
-    "q_value": "Benjamini-Hochberg over every test in the store: reading the rows with q <= 0.05 "
-               "as discoveries keeps the expected share of false ones at most 5%",
-    "permutations": "how many label permutations the null has (B)",
-}
+Q_LINE = ("Benjamini-Hochberg over all {n} tests in the store (every row of `distsim query "
+          "tests`), from permutation p-values (never below 1/(1 + permutations), e.g. 0.01 for "
+          "99). BH controls the false discovery rate for independent or positively dependent "
+          "(PRDS) tests; the rows of one store are dependent (the same models and features "
+          "across methods, layers and protocols), so q <= 0.05 is a screening rule here, not "
+          "a guaranteed FDR bound (Benjamini-Yekutieli would hold under any dependence, at a "
+          "cost in power)")
 
 
-def _cell(name: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    if name in ("p_value", "q_value"):
-        return f"{value:.4f}"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
+def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None) -> str:
+    """The summary of `df` (summary_table's rows) as text: a grid per arch, the legend, and
+    the command that shows every row (of the store at `store`; "STORE" when None).
 
-
-def format_summary(df: pl.DataFrame) -> str:
-    """The summary as a fixed-width text table: one row per arch, layer, method and test."""
+    The grid's first number is the closed-set accuracy over its chance (the open-set mAP when
+    the store has no closed-set test), the second the PERMANOVA R^2; each is marked where its
+    own test's q <= 0.05. A study without one of them shows the other, and says so."""
     if df.height == 0:
         return "(no tests in the store yet)"
-    rows = [[_cell(c, r[c]) for c, _ in _COLUMNS] for r in df.iter_rows(named=True)]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, (c, _) in enumerate(_COLUMNS)]
+    protocols = set(df["protocol"])
+    score = next((p for p in SCORES if p in protocols), None)
+    effect = EFFECT if EFFECT in protocols else None
+    methods = df["method"].unique(maintain_order=True).to_list()
+    parts = []
+    for arch in df["arch"].unique(maintain_order=True):
+        parts.append(_grid(df.filter(pl.col("arch") == arch), methods, score, effect))
+    parts.append(legend(df, score, effect))
+    where = "STORE" if store is None else str(store)
+    rest = [p for p in PROTOCOL_ORDER if p in protocols and p not in (score, effect)]
+    also = f" (also {', '.join(rest)})" if rest else ""
+    parts.append(f"every row, with p and q{also}: distsim query tests {where} --limit 0")
+    return "\n\n".join(parts)
 
-    def line(values: list[str]) -> str:
-        cells = zip(values, _COLUMNS, widths, strict=True)
-        return "  ".join(f"{v:{align}{w}}" for v, (_, align), w in cells)
 
-    head = line([c for c, _ in _COLUMNS])
-    return "\n".join([head, "-" * len(head), *(line(row) for row in rows), "", legend(df)])
+def _grid(df: pl.DataFrame, methods: list[str], score: str | None, effect: str | None) -> str:
+    """One arch's grid: a row per layer, a column per method (in `df`'s order)."""
+    arch = str(df["arch"][0])
+    cells = {(r["layer"], r["method"], r["protocol"]): r for r in df.iter_rows(named=True)}
+    layers = df["layer"].unique(maintain_order=True).to_list()
+    methods = [m for m in methods if m in set(df["method"])]
+    n_models = [int(n) for n in df["n_models"].to_list() if n is not None]
+    head = f"{arch}: {max(n_models)} models" if n_models else arch
+    if score is None and effect is None:
+        return f"{head}: no closed-set, open-set or permanova test to show"
+
+    def part(layer: str, method: str, protocol: str | None) -> str:
+        r = cells.get((layer, method, protocol)) if protocol else None
+        if r is None:
+            return "-"
+        q = r["q_value"]
+        mark = MARK if q is not None and math.isfinite(q) and q <= Q_LEVEL else ""
+        if protocol == effect:
+            return _number(r["r2"], short=True) + mark
+        return f"{_number(r['observed'])}/{_number(r['chance'])}" + mark
+
+    labels = [SCORES[score]] if score else []
+    labels += ["R2"] if effect else []
+    rows = [[[part(layer, m, p) for p in (score, effect) if p] for m in methods]
+            for layer in layers]
+    # sub-column widths: one per number (score, R2) of every method column
+    widths = [max(len(labels[i]), *(len(cell[i]) for row in rows for cell in row))
+              for i in range(len(labels))]
+    width = max(sum(widths) + len(widths) - 1, *(len(m) for m in methods))
+    lw = max(len("layer"), *(len(layer) for layer in layers))
+
+    def line(first: str, columns: list[str]) -> str:
+        return "  ".join([f"{first:<{lw}}", *(f"{c:<{width}}" for c in columns)]).rstrip()
+
+    def sub(values: list[str]) -> str:
+        return " ".join(f"{v:<{w}}" for v, w in zip(values, widths, strict=True))
+
+    out = [head, line("layer", methods), line("", [sub(labels)] * len(methods))]
+    out += [line(layer, [sub(c) for c in row]) for layer, row in zip(layers, rows, strict=True)]
+    return "\n".join(out)
 
 
-def legend(df: pl.DataFrame) -> str:
-    """One line per method and protocol present in `df` and per column that needs one."""
-    present = set(df["method"]) | set(df["protocol"])
-    entries = [(k, v) for k, v in (METHODS | PROTOCOLS).items() if k in present]
-    entries += list(TERMS.items())
+def _number(value: Any, short: bool = False) -> str:
+    """Two decimals ("-" for None or NaN); short: without the leading zero (R2 .48)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    text = f"{value:.2f}"
+    return text[1:] if short and text.startswith("0.") else text
+
+
+def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None) -> str:
+    """What the grid shows: a line per method in `df`, per number of the grid (`score`:
+    closed-set or open-set; `effect`: permanova), the mark and q; a line for each of closed-set
+    and permanova the store lacks."""
+    present = set(df["method"])
+    entries = [(k, v) for k, v in METHODS.items() if k in present]
+    entries += [(SCORES[score], NUMBERS[score])] if score else []
+    entries += [("R2", NUMBERS[effect])] if effect else []
+    marked = [f"the {_NAMES[p]} test's after {label}" for p, label in
+              ((score, SCORES.get(score or "")), (effect, "R2")) if p]
+    if marked:
+        entries.append((MARK, f"q <= {Q_LEVEL}, each number by its own test's q: "
+                              f"{' and '.join(marked)}"))
+        entries.append(("q", Q_LINE.format(n=df.height)))
+    if score is None:
+        entries.append(("note", "no closed-set or open-set tests in this store: the grid has "
+                                "no accuracy"))
+    elif score != "closed-set":
+        entries.append(("note", f"no closed-set tests in this store: the grid shows the "
+                                f"{score} test's {SCORES[score]}"))
+    if effect is None:
+        entries.append(("note", "no PERMANOVA tests in this store: the grid has no R2"))
     width = max(len(k) for k, _ in entries)
     pad = " " * (width + 2)
-    return "\n".join(textwrap.fill(v, 100, initial_indent=f"{k:<{width}}  ", subsequent_indent=pad)
-                     for k, v in entries)
+    return "\n".join(textwrap.fill(v, WIDTH, initial_indent=f"{k:<{width}}  ",
+                                   subsequent_indent=pad) for k, v in entries)

@@ -327,6 +327,31 @@ def test_query_user_errors_exit_2(store, tmp_path, args, words):
     assert result.stderr.startswith(words) and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_query_tests_csv_and_json_encode_the_null_list_column(tmp_path):
+    """A list cell (each test's null) is one JSON text in CSV and a JSON list in JSON, NaN ->
+    null in both; r2 and q_value come with every row."""
+    store = Store(tmp_path / "s")
+    store.check_study(parse_study(STUDY))
+    for protocol, p, null, extra in (("closed-set", 0.01, [0.5, float("nan"), 0.25], "{}"),
+                                     ("permanova", 0.04, [1.0, 2.0], '{"r2": 0.3}')):
+        key = {"arch": "mlp", "method": "raw", "layer": "out", "protocol": protocol}
+        store.write_shard("tests", key, {"statistic": ["s"], "observed": [1.0], "p_value": [p],
+                                         "extra": [extra], "null": [null]})
+    nulls = [[0.5, None, 0.25], [1.0, 2.0]]
+    csv = run("query", "tests", store.root, "--format", "csv")
+    assert csv.exit_code == 0, csv.output
+    got = pl.read_csv(io.StringIO(csv.stdout))
+    assert [json.loads(cell) for cell in got["null"]] == nulls
+    assert got["r2"].to_list() == [None, 0.3]
+    assert got["q_value"].to_list() == pytest.approx([0.02, 0.04])
+    rows = json.loads(run("query", "tests", store.root, "--format", "json").stdout)
+    assert [r["null"] for r in rows] == nulls
+    assert [(r["r2"], r["q_value"]) for r in rows] == [(None, pytest.approx(0.02)), (0.3, 0.04)]
+    one = json.loads(run("query", "tests", store.root, "--protocol", "permanova", "--format",
+                         "json").stdout)
+    assert [(r["r2"], r["q_value"]) for r in one] == [(0.3, 0.04)]  # q of the whole family
+
+
 def test_query_on_an_empty_store_prints_an_empty_table(tmp_path):
     store = Store(tmp_path / "s")
     store.check_study(parse_study(STUDY))
@@ -373,17 +398,32 @@ def test_sql_names_the_quoting_a_keyword_column_needs(store):
     assert run("query", "sql", store.root, 'SELECT model_id, "values" FROM weights').exit_code == 0
 
 
-def test_summary_uses_the_query_column_names_and_explains_them(store):
+def test_summary_is_a_grid_per_arch_with_its_legend_and_the_query_command(store):
     from distsim.summary import format_summary, summary_table
 
     study = parse_study(STUDY, base_dir=store.root.parent)
-    text = format_summary(summary_table(store, study))
-    head = text.splitlines()[0].split()
-    tests_columns = run("query", "tests", store.root, "--format", "json")
-    assert set(head) - {"r2", "q_value"} <= set(json.loads(tests_columns.stdout)[0])
-    legend = text.split("\n\n", 1)[1]
-    for word in ("chain-gram", "raw", "closed-set", "open-set", "chance", "p_value", "q_value",
-                 "permutations"):
-        assert any(line.startswith(word + " ") for line in legend.splitlines()), word
-    assert "permdisp" not in legend  # only what the table holds is explained
+    table = summary_table(store, study)
+    text = format_summary(table, store.root)
+    grid, legend, every = text.split("\n\n")
+    assert grid.splitlines() == [
+        "mlp: 6 models",
+        "layer  chain-gram  raw",
+        "       acc/chance  acc/chance",
+        "out    1.00/0.50*  0.60/0.50",  # q 0.02 and 0.2: each number marked by its own q
+    ]
+    words = [line.split()[0] for line in legend.splitlines() if not line.startswith(" ")]
+    assert words == ["chain-gram", "raw", "acc/chance", "*", "q", "note"]
+    assert "the closed-set test's after acc/chance" in legend
     assert "0.01 for 99" in legend  # the p floor
+    assert "positively dependent (PRDS)" in legend and "Benjamini-Yekutieli" in legend
+    assert "no PERMANOVA tests in this store" in legend  # no R2: said, not left blank
+    assert "open-set" not in legend and "permdisp" not in legend  # only what the grid shows
+    assert every == (f"every row, with p and q (also open-set): distsim query tests {store.root} "
+                     "--limit 0")
+    assert max(len(line) for line in f"{grid}\n{legend}".splitlines()) <= 100
+    # the summary's r2 and q_value are the query's (one function computes them)
+    rows = json.loads(run("query", "tests", store.root, "--format", "json").stdout)
+    query = {(r["layer"], r["method"], r["protocol"]): (r["r2"], r["q_value"]) for r in rows}
+    assert query == {(r["layer"], r["method"], r["protocol"]): (r["r2"], r["q_value"])
+                     for r in table.iter_rows(named=True)}
+    assert sorted(v[1] for v in query.values()) == pytest.approx([0.02, 0.02, 0.2, 0.2])

@@ -1,4 +1,4 @@
-"""Benjamini-Hochberg q-values against the definition, statsmodels and published examples."""
+"""Benjamini-Hochberg q-values against the definition, scipy, statsmodels and published examples."""
 
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ def test_equals_statsmodels(p):  # subnormal p: the two libraries round 1e-323 a
     multitest = pytest.importorskip("statsmodels.stats.multitest")
     expected = multitest.multipletests(p, method="fdr_bh")[1]
     np.testing.assert_allclose(q_values(p), expected, rtol=1e-12)
+
+
+@given(p=st.lists(st.floats(0, 1), min_size=1, max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_equals_scipy_bit_for_bit(p):
+    """distsim computes BH in numpy (scipy.stats would load scipy.optimize into the CLI) exactly
+    as scipy.stats.false_discovery_control(method="bh") does."""
+    import scipy.stats
+
+    expected = scipy.stats.false_discovery_control(np.asarray(p), method="bh")
+    assert np.array_equal(q_values(p), expected)
 
 
 def test_known_values():

@@ -126,10 +126,12 @@ def emit(df: pl.DataFrame, fmt: Format, limit: int) -> None:
         rows = [{k: json_safe(v) for k, v in row.items()} for row in df.iter_rows(named=True)]
         typer.echo(json.dumps(rows, allow_nan=False))
         return
-    if fmt is Format.csv:
+    if fmt is Format.csv:  # a nested cell (list, struct) as its JSON text, NaN -> null
         nested = [c for c, t in df.schema.items() if t.is_nested()]
         out = df.with_columns(
-            pl.col(c).map_elements(json.dumps, return_dtype=pl.String) for c in nested
+            pl.Series(c, [None if v is None else json.dumps(json_safe(v), allow_nan=False)
+                          for v in df[c].to_list()], dtype=pl.String)
+            for c in nested
         ) if nested else df
         sys.stdout.write(out.write_csv())
         return

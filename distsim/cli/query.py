@@ -11,7 +11,7 @@ import typer
 
 from distsim.cli.common import Format, StoreArg, emit, open_store, query_app, user_errors
 from distsim.errors import StoreError
-from distsim.store.query import empty_filter_note, read_only_sql
+from distsim.store.query import empty_filter_note, read_only_sql, tests_with_q
 
 _QUERIES = {
     # table: (columns of the terminal table, sort order)
@@ -20,9 +20,10 @@ _QUERIES = {
          "epochs", "seconds", "node"],
         ["arch", "task", "seed"],
     ),
-    "tests": (
-        ["arch", "layer", "method", "protocol", "statistic", "observed", "chance", "null_mean",
-         "null_sd", "p_value", "permutations", "n_models", "n_tasks"],
+    "tests": (  # r2 and q_value: distsim.store.query.tests_with_q; a narrow terminal drops
+        # columns from the right, so the summary's numbers come first
+        ["arch", "layer", "method", "protocol", "statistic", "observed", "chance", "r2",
+         "p_value", "q_value", "null_mean", "null_sd", "permutations", "n_models", "n_tasks"],
         ["arch", "layer", "method", "protocol"],
     ),
     "neighbors": (
@@ -59,7 +60,7 @@ FormatOpt = Annotated[
 def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: Format) -> None:
     store = open_store(store_path)
     columns, order = _QUERIES[table]
-    lf = store.scan(table)
+    lf = tests_with_q(store) if table == "tests" else store.scan(table)  # q over every test
     names = lf.collect_schema().names()
     for col, value in filters.items():
         if value is None:
@@ -103,7 +104,8 @@ def query_models(store_path: StoreArg, arch: ArchOpt = None, task: TaskOpt = Non
 def query_tests(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None,
                 method: MethodOpt = None, protocol: ProtocolOpt = None, limit: LimitOpt = None,
                 fmt: FormatOpt = Format.table) -> None:
-    """Hypothesis tests: statistic, chance, null mean/sd, p-value per arch/layer/method/protocol."""
+    """Hypothesis tests: statistic, chance, null mean/sd, R^2, p-value and q-value
+    (Benjamini-Hochberg over every test in the store) per arch/layer/method/protocol."""
     _query("tests", store_path,
            {"arch": arch, "layer": layer, "method": method, "protocol": protocol}, limit, fmt)
 

@@ -8,10 +8,14 @@ error messages). So the text is checked first (one SELECT or WITH, no table func
 as polars' parser reads it: comments, nested ``/* */``, quotes), and then, as the boundary
 that syntax cannot fool, every scan of the planned query must be a Parquet file of one of
 the store's tables.
+
+``tests_with_q`` is the tests table as every reader shows it (the summary, ``distsim query
+tests``, ``distsim.open(path).tests()``): plus ``r2`` and ``q_value``, computed here once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -43,6 +47,29 @@ _TOKEN = re.compile(r"""
 _PREFIXED = re.compile(r"[\w#@$&]")  # a character that makes E'..', N'..', U&'..' a prefix
 _SCAN_LINE = re.compile(r"^\s*\w+ SCAN \[")  # a scan in plan text: "Parquet SCAN [<path>, ...]"
 _SHOWN = 20  # values listed by empty_filter_note before "... and N more"
+TEST_KEY = ("arch", "layer", "method", "protocol")  # one row of the tests table
+
+
+def tests_with_q(store: ShardStore) -> pl.LazyFrame:
+    """The store's whole tests table plus two columns, in the table's row order:
+
+    - ``r2`` (Float64): PERMANOVA's R^2 (the share of the features' spread the tasks explain)
+      and PERMDISP's, from the row's ``extra`` JSON; null for the HTT protocols;
+    - ``q_value`` (Float64): Benjamini-Hochberg over every test in the store (one family:
+      the study's tests; NaN where p_value is missing), by distsim.stats.q_values.
+
+    The only place both are computed: filter the result, not the table, so that q keeps its
+    family."""
+    from distsim.stats.multiple_testing import q_values
+
+    lf = store.scan("tests")
+    rows = lf.select(*TEST_KEY, "p_value", "extra").collect()
+    r2 = [json.loads(e).get("r2") if e else None for e in rows["extra"]]
+    derived = rows.select(TEST_KEY).with_columns(
+        pl.Series("r2", [None if v is None else float(v) for v in r2], dtype=pl.Float64),
+        pl.Series("q_value", q_values(rows["p_value"].to_numpy()), dtype=pl.Float64))
+    return lf.join(derived.lazy(), on=list(TEST_KEY), how="left", maintain_order="left",
+                   nulls_equal=True)
 
 
 def read_only_sql(store: ShardStore, sql: str) -> pl.LazyFrame:
