@@ -86,7 +86,12 @@ def _principal_coordinates(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def geometric_median(X: np.ndarray, eps: float = 1e-7, maxiters: int = 500) -> np.ndarray:
     """Spatial (geometric) median (p,) of the rows of X (n, p): the modified Weiszfeld iteration
     (Vardi & Zhang 2000) of hdmedians / scikit-bio's `geomedian_axis_one`, started at the mean,
-    with its absolute tolerance eps, so that PERMDISP's median test matches scikit-bio."""
+    with its absolute tolerance eps, so that PERMDISP's median test matches scikit-bio.
+
+    >>> X = np.array([[0.0, 0], [1, 0], [0, 1], [10, 10]])
+    >>> geometric_median(X).round(3).tolist()  # where the diagonals cross; the mean: 2.75, 2.75
+    [0.5, 0.5]
+    """
     X = np.asarray(X, dtype=np.float64)
     y = X.mean(axis=0)
     if len(X) == 1:
@@ -231,6 +236,17 @@ def permdisp(D: np.ndarray, labels: Sequence | np.ndarray, permutations: int = 9
     negative eigenvalues it follows vegan instead). r2 = SS_B / SS_T of that ANOVA; extra:
     "test", "dispersion" (group label -> mean distance to its centre) and "distances" (N,).
     p_value is NaN when permutations is 0 or the distances have no within-group variation.
+
+    A unit square with its centre, and the same 4 times as wide:
+
+    >>> from distsim.stats.distances import pairwise_distances
+    >>> square = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [0.5, 0.5]])
+    >>> X = np.vstack([square, 4 * square + 10])
+    >>> res = permdisp(pairwise_distances(X), list("aaaaabbbbb"), permutations=999, seed=0)
+    >>> round(res.statistic, 3), round(res.r2, 3), res.p_value
+    (8.471, 0.514, 0.001)
+    >>> {g: round(v, 3) for g, v in res.extra["dispersion"].items()}
+    {'a': 0.566, 'b': 2.263}
     """
     permutations = _check_permutations(permutations)
     test = _check_test(test)
@@ -253,6 +269,15 @@ def permdisp_features(X: np.ndarray, labels: Sequence | np.ndarray, permutations
     Equals ``permdisp(pairwise Euclidean distances of X, labels, permutations, seed, test)``:
     the same permutations (same seed, same shuffle), F to float rounding (1e-9 relative; for
     "median" unless the Weiszfeld iteration's 1e-7 stopping test falls on another step).
+
+    >>> square = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [0.5, 0.5]])
+    >>> X = np.vstack([square, 4 * square + 10])  # as permdisp's example
+    >>> res = permdisp_features(X, list("aaaaabbbbb"), permutations=999, seed=0)
+    >>> round(res.statistic, 3), round(res.r2, 3), res.p_value
+    (8.471, 0.514, 0.001)
+    >>> res = permdisp_features(X, list("aaaaabbbbb"), permutations=999, test="median")
+    >>> round(res.statistic, 3), res.extra["test"]
+    (8.471, 'median')
     """
     permutations = _check_permutations(permutations)
     test = _check_test(test)

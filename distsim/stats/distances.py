@@ -217,6 +217,11 @@ def distance_frame(X: np.ndarray, metric: str = "euclidean") -> Frame:
     ``distance_block(X[I], X[J], metric, frame=distance_frame(X, metric))`` then gives the
     block (I, J) of ``pairwise_distances(X, metric=metric)``, whatever the tiling (bitwise for
     the same tiles; the BLAS may round a differently shaped GEMM in another last bit).
+
+    >>> X = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    >>> centre, unit = distance_frame(X)
+    >>> centre.tolist(), unit
+    ([3.0, 4.0], 1.0)
     """
     a, _, unit = _prepare_pair(X, None, metric)
     return a.centre, unit
@@ -318,6 +323,9 @@ def upper_tiles(n: int, block: int = DEFAULT_BLOCK) -> list[tuple[int, int, int,
     Off-diagonal tiles are balanced blocks of at most `block` rows; a diagonal tile is split in
     halves (one off-diagonal tile and two smaller diagonal tiles) down to _MIN_TILE rows, so
     that little below the diagonal is computed twice. A tile with i0 == j0 is a diagonal block.
+
+    >>> upper_tiles(3, block=2)
+    [(0, 2, 0, 2), (0, 2, 2, 3), (2, 3, 2, 3)]
     """
     block = _check_block(block)
     edges = _edges(n, block)
@@ -355,6 +363,12 @@ def distance_block(
     The pipeline runs blocks (I, J), I <= J, and mirrors the off-diagonal ones. The rows are
     centred on their own mean unless `frame` (`distance_frame` of the whole matrix) is given:
     then the block equals that of `pairwise_distances` of the whole matrix.
+
+    >>> X = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    >>> distance_block(X[:1], X[1:], frame=distance_frame(X)).tolist()  # row 0 vs rows 1, 2
+    [[5.0, 10.0]]
+    >>> distance_block(X[:2]).tolist()  # a diagonal block
+    [[0.0, 5.0], [5.0, 0.0]]
     """
     a, b, unit = _prepare_pair(X_I, X_J, metric, frame)
     if b is None:  # a diagonal block
@@ -372,6 +386,15 @@ def pairwise_distances(
 
     Matches scipy.spatial.distance.cdist on the float32 values within 1e-5 relative, near-
     duplicates included. X vs X computes only the upper-triangle blocks and mirrors them.
+
+    >>> X = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    >>> pairwise_distances(X).tolist()
+    [[0.0, 5.0, 10.0], [5.0, 0.0, 5.0], [10.0, 5.0, 0.0]]
+    >>> pairwise_distances(X, X[:1]).tolist()  # (3, 1): every row against row 0
+    [[0.0], [5.0], [10.0]]
+    >>> U = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> pairwise_distances(U, metric="cosine").astype(float).round(3).tolist()  # 1 - cos
+    [[0.0, 1.0, 0.293], [1.0, 0.0, 0.293], [0.293, 0.293, 0.0]]
     """
     block = _check_block(block)
     a, b, unit = _prepare_pair(X, Y, metric)
@@ -431,6 +454,11 @@ def block_topk(
     row_start/col_start -> (indices (n_I, k) int64 global, distances (n_I, k) float32).
 
     A row's own index is excluded; rows with fewer than k candidates are padded (-1, inf).
+
+    >>> D = pairwise_distances(np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]))
+    >>> idx, dist = block_topk(D[:, 2:], 1, row_start=0, col_start=2)  # the block of column 2
+    >>> idx.tolist(), dist.tolist()  # row 2 has no candidate but itself: padded
+    ([[2], [2], [-1]], [[10.0], [5.0], [inf]])
     """
     block = np.asarray(block, dtype=np.float32)
     if block.ndim != 2:
@@ -452,7 +480,15 @@ def merge_topk(
     indices: Sequence[np.ndarray], distances: Sequence[np.ndarray], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Combine partial top-k lists of the same rows (each (n, k_p) from `block_topk` or an
-    earlier merge) -> (indices (n, k) int64, distances (n, k) float32), nearest first."""
+    earlier merge) -> (indices (n, k) int64, distances (n, k) float32), nearest first.
+
+    >>> D = pairwise_distances(np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]))
+    >>> left = block_topk(D[:, :2], 1, 0, 0)  # columns 0-1
+    >>> right = block_topk(D[:, 2:], 1, 0, 2)  # column 2
+    >>> idx, dist = merge_topk([left[0], right[0]], [left[1], right[1]], 1)
+    >>> idx.tolist(), dist.tolist()  # row 1: rows 0 and 2 tie at 5, the smaller index wins
+    ([[1], [0], [1]], [[5.0], [5.0], [5.0]])
+    """
     if len(indices) != len(distances) or not indices:
         raise ValueError("merge_topk needs the same positive number of index and distance arrays")
     if k < 1:
@@ -465,7 +501,14 @@ def topk_neighbors(
     X: np.ndarray, k: int, metric: str = "euclidean", block: int = DEFAULT_BLOCK
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest other rows of every row of X (N, D) -> (indices (N, k) int64, distances (N, k)
-    float32), nearest first, ties to the smaller index; streams over upper-triangle blocks."""
+    float32), nearest first, ties to the smaller index; streams over upper-triangle blocks.
+
+    >>> idx, dist = topk_neighbors(np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]), k=2)
+    >>> idx.tolist()
+    [[1, 2], [0, 2], [1, 0]]
+    >>> dist.tolist()
+    [[5.0, 10.0], [5.0, 5.0], [5.0, 10.0]]
+    """
     block = _check_block(block)
     a, _, unit = _prepare_pair(X, None, metric)
     n = len(a.x)

@@ -117,7 +117,12 @@ def _shuffle_into(codes: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
 def permanova_groups(labels: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Group codes (N,) int32 in 0..a-1 (`factorize`'s order, as `permanova` numbers them) and
     group sizes (a,) int64 of labels (N,); at least 2 groups, not all of a single member
-    (single-member groups warn)."""
+    (single-member groups warn).
+
+    >>> codes, sizes = permanova_groups(["b", "a", "b", "b", "a"])
+    >>> codes.tolist(), sizes.tolist()
+    ([1, 0, 1, 1, 0], [2, 3])
+    """
     groups, codes = _grouping(labels, len(labels), "labels")
     return codes.astype(np.int32), np.bincount(codes, minlength=len(groups)).astype(np.int64)
 
@@ -128,7 +133,14 @@ def permanova_labels(labels: Sequence | np.ndarray, permutations: int, seed: See
     (N, permutations) int32 (sample-major: column b is permutation b); with observed=True a
     first extra column holds the labels' own codes. Uniforms come from default_rng(seed) in
     chunks of _CHUNK and are shuffled by `_shuffled`, as in `permanova` and
-    `permanova_null_chunk`: the same seed gives the same permutations."""
+    `permanova_null_chunk`: the same seed gives the same permutations.
+
+    >>> lab = permanova_labels(list("aabb"), 5, seed=0, observed=True)
+    >>> lab.shape, lab[:, 0].tolist()  # column 0: the observed codes
+    ((4, 6), [0, 0, 1, 1])
+    >>> bool((np.sort(lab, axis=0) == [[0], [0], [1], [1]]).all())  # each column a relabelling
+    True
+    """
     permutations = _check_permutations(permutations)
     codes, _ = permanova_groups(labels)
     return _labellings(codes, permutations, seed, observed)
@@ -161,6 +173,14 @@ def tile_within_sums(d: np.ndarray, labels_i: np.ndarray, labels_j: np.ndarray |
     sum_g (1 / n_g) sum of d_ij^2 over the tile's pairs in one group g under labelling b, and
     t = the sum of d_ij^2 over the tile's pairs. Summed over the upper tiles they give s_W of
     each labelling and N s_T (`tile_pseudo_f`). Memory O(ti tj + m (tj + a)).
+
+    Three points at 0, 1 and 4 on a line, the first two in group 0: one tile holds them all.
+
+    >>> d = np.array([[0, 1, 4], [1, 0, 3], [4, 3, 0]], dtype=np.float32)
+    >>> codes = np.array([[0], [0], [1]], dtype=np.int32)  # one labelling (m = 1)
+    >>> w, t = tile_within_sums(d, codes, None, np.array([2, 1]))
+    >>> w.tolist(), t  # w: 1^2 / 2; t: 1 + 16 + 9
+    ([0.5], 26.0)
     """
     dist = np.ascontiguousarray(d, dtype=np.float32)
     diagonal = labels_j is None
@@ -183,7 +203,11 @@ def tile_within_sums(d: np.ndarray, labels_i: np.ndarray, labels_j: np.ndarray |
 
 def tile_pseudo_f(within: np.ndarray, total: float, sizes: np.ndarray) -> np.ndarray:
     """(m,) pseudo-F from the tiles' summed shares: within (m,) s_W of each labelling, total
-    the sum of d_ij^2 over all pairs i < j (N s_T), sizes (a,) the group sizes."""
+    the sum of d_ij^2 over all pairs i < j (N s_T), sizes (a,) the group sizes.
+
+    >>> tile_pseudo_f(np.array([0.5]), 26.0, np.array([2, 1])).round(3).tolist()
+    [16.333]
+    """
     n, a = int(np.sum(sizes)), len(sizes)
     s_w = np.asarray(within, dtype=np.float64)
     s_t = float(total) / n
@@ -196,6 +220,13 @@ class TileSums:
     Compensated (double-double) addition: the sums do not depend on the order in which tiles
     arrive (to ~1e-32 relative, far below float64 rounding), so a tiled run on Ray gives the
     same result every time.
+
+    >>> sums = TileSums(2)  # two labellings
+    >>> sums.add(np.array([1.0, 2.0]), 10.0)
+    >>> sums.add(np.array([0.5, 0.25]), 6.0)
+    >>> within, total = sums.sums()
+    >>> within.tolist(), total, sums.tiles
+    ([1.5, 2.25], 16.0, 2)
     """
 
     def __init__(self, m: int) -> None:
@@ -225,7 +256,20 @@ def permanova_tile(X: np.ndarray, frame: Frame, tile: tuple[int, ...],
     distances by `distance_block` in the shared `frame` (`distance_frame(X, metric)`), then
     `tile_within_sums` of the labellings of one or more (N, m_c) labels arrays, side by side
     -> (w (sum m_c,), t). Holds one tile of distances and the tile's rows of the labels; the
-    tests stage runs it as a Ray task per tile."""
+    tests stage runs it as a Ray task per tile.
+
+    The observed pseudo-F of `permanova`'s example, added up over three tiles:
+
+    >>> from distsim.stats.distances import distance_frame, upper_tiles
+    >>> X = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [10, 0], [11, 0], [10, 1], [11, 1]])
+    >>> codes, sizes = permanova_groups(list("aaaabbbb"))
+    >>> lab = codes[:, None]  # the observed labelling only (m = 1)
+    >>> frame, sums = distance_frame(X), TileSums(1)
+    >>> for tile in upper_tiles(len(X), block=4):
+    ...     sums.add(*permanova_tile(X, frame, tile, "euclidean", sizes, lab))
+    >>> sums.tiles, tile_pseudo_f(*sums.sums(), sizes).round(3).tolist()
+    (3, [300.0])
+    """
     i0, i1, j0, j1 = (int(v) for v in tile)
     diagonal = i0 == j0
     if not labels or (diagonal and i1 != j1) or not (0 <= i0 < i1 and j0 < j1 <= len(X)):
@@ -250,6 +294,14 @@ def permanova_tiles(X: np.ndarray, labels: Sequence | np.ndarray, metric: str = 
     distances (same frame, same tiles), so the same pseudo-F and null to float rounding
     (1e-9 relative) and the same p. Against another blocking of the matrix, the BLAS may round
     some distances differently in their last float32 bit.
+
+    >>> X = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [10, 0], [11, 0], [10, 1], [11, 1]])
+    >>> res = permanova_tiles(X, list("aaaabbbb"), permutations=999, seed=0, tile=4)
+    >>> round(res.statistic, 3), round(res.r2, 4), res.p_value  # as permanova's example
+    (300.0, 0.9804, 0.028)
+    >>> res = permanova_tiles(X + 1, list("aaaabbbb"), metric="cosine", permutations=99, seed=0)
+    >>> res.null.shape, round(res.r2, 3), res.p_value  # any metric: here 1 - cos
+    ((99,), 0.916, 0.08)
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")

@@ -20,6 +20,11 @@ def p_value(observed: float, null: np.ndarray) -> float:
     A null value counts when null >= observed - 1e-9 * max(|observed|, 1): equal statistics
     that differ only by float rounding are ties. NaN null values never count; a NaN observed
     value gives NaN.
+
+    >>> p_value(3.0, np.array([1.0, 2.0, 3.0, 4.0]))  # (1 + 2) / (1 + 4): 3 and 4 count
+    0.6
+    >>> p_value(10.0, np.zeros(99))  # none as extreme: the floor 1 / (1 + 99)
+    0.01
     """
     null = np.asarray(null, dtype=np.float64).ravel()
     observed = float(observed)

@@ -64,7 +64,11 @@ class PermanovaResult:
 
 def r_squared(statistic: float, n: int, a: int) -> float:
     """R^2 = SS_A / SS_T of a one-way (pseudo-)F on n objects in a groups, from F alone:
-    F = (R^2 / (a - 1)) / ((1 - R^2) / (n - a))  <=>  R^2 = F (a - 1) / (F (a - 1) + n - a)."""
+    F = (R^2 / (a - 1)) / ((1 - R^2) / (n - a))  <=>  R^2 = F (a - 1) / (F (a - 1) + n - a).
+
+    >>> round(r_squared(300.0, n=8, a=2), 4)  # 200 of a total 204 between the groups
+    0.9804
+    """
     f = float(statistic)
     if np.isnan(f):
         return float("nan")
@@ -123,7 +127,12 @@ def factorize(labels: Sequence | np.ndarray, n: int, what: str = "labels"
     """(groups, codes): the distinct labels in a deterministic order and the integer group code
     (N,) int64 in 0..a-1 of each of labels (N,), grouped by equality of value (as dict keys: 42
     and 42.0 are one label, 42 and '42' two; labels of mixed types work). Every route numbers
-    the groups this way, so they shuffle the same codes and draw the same permutations."""
+    the groups this way, so they shuffle the same codes and draw the same permutations.
+
+    >>> groups, codes = factorize(["b", "a", "b", 42, 42.0], 5)
+    >>> groups, codes.tolist()
+    ([42, 'a', 'b'], [2, 1, 2, 0, 0])
+    """
     lab = labels if isinstance(labels, np.ndarray) else np.asarray(labels, dtype=object)
     if lab.ndim != 1 or len(lab) != n:
         raise ValueError(
@@ -290,6 +299,16 @@ def permanova_null_chunk(
     For spreading one test over tasks: chunks with different seeds (e.g. seed=(study_seed, i))
     concatenate into one null; pass it with the observed F (`permanova(D, labels,
     permutations=0).statistic`) to `p_value`.
+
+    >>> from distsim.stats.distances import pairwise_distances
+    >>> from distsim.stats.permutation import p_value
+    >>> X = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [10, 0], [11, 0], [10, 1], [11, 1]])
+    >>> D, labels = pairwise_distances(X), list("aaaabbbb")
+    >>> null = np.concatenate([permanova_null_chunk(D, labels, 500, seed=(0, i))
+    ...                        for i in range(2)])  # two chunks: one null of 1000
+    >>> f = permanova(D, labels, permutations=0).statistic
+    >>> round(f, 3), null.shape, p_value(f, null) < 0.05
+    (300.0, (1000,), True)
     """
     return _Design(D, labels).null(_check_permutations(permutations), seed)
 
@@ -300,6 +319,15 @@ def permanova(
     """PERMANOVA of a grouping (N,) on a distance matrix (N, N), scikit-bio's definitions.
 
     r2 = SS_A / SS_T (vegan adonis2's R^2). p_value is NaN when permutations is 0.
+
+    Two unit squares 10 apart: the tasks explain 200 of the 204 of total spread; 2 of the
+    70 splits of 8 objects into two groups of 4 are as extreme, so p is near 2/70:
+
+    >>> from distsim.stats.distances import pairwise_distances
+    >>> X = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [10, 0], [11, 0], [10, 1], [11, 1]])
+    >>> res = permanova(pairwise_distances(X), list("aaaabbbb"), permutations=999, seed=0)
+    >>> round(res.statistic, 3), round(res.r2, 4), res.p_value, res.groups
+    (300.0, 0.9804, 0.028, ('a', 'b'))
     """
     permutations = _check_permutations(permutations)
     design = _Design(D, labels)
@@ -373,7 +401,12 @@ def euclidean_basis(X: np.ndarray) -> np.ndarray:
     """Centred X (N, D) float64 in at most min(N, D) columns with the same pairwise Euclidean
     distances (N, r): the centred X itself when D <= N, else the pivoted Cholesky factor of its
     Gram (Y Y^T = L L^T: rows of L have Y's inner products, hence its distances), N^3 / 3 flops
-    where a thin SVD costs several N^2 D. Computing it once lets chunks of one test share it."""
+    where a thin SVD costs several N^2 D. Computing it once lets chunks of one test share it.
+
+    >>> Y = euclidean_basis(np.array([[0.0, 0, 0], [2, 0, 0]]))  # D = 3 > N = 2: rank 1
+    >>> Y.round(6).tolist()  # the two rows are still 2 apart
+    [[1.0], [-1.0]]
+    """
     Y = X - X.mean(axis=0)
     n, d = Y.shape
     if d <= n:
@@ -395,6 +428,11 @@ def permanova_features(
 
     Equals ``permanova(pairwise_distances(X), labels, permutations, seed)``: the same
     permutations (same seed, same shuffle), pseudo-F to float rounding (1e-9 relative).
+
+    >>> X = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [10, 0], [11, 0], [10, 1], [11, 1]])
+    >>> res = permanova_features(X, list("aaaabbbb"), permutations=999, seed=0)
+    >>> round(res.statistic, 3), round(res.r2, 4), res.p_value  # as permanova's example
+    (300.0, 0.9804, 0.028)
     """
     permutations = _check_permutations(permutations)
     arr = _feature_matrix(X)

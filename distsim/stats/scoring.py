@@ -27,6 +27,14 @@ def centroid_accuracy(
     """Nearest training centroid in cosine -> (B,) accuracy on the test rows.
 
     Ztr (B, n, k), Zte (B, m, k) embeddings; ytr (B, n), yte (B, m) task codes in 0..n_tasks-1.
+
+    >>> Ztr = np.array([[[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.2, 1.0]]])  # B = 1
+    >>> ytr = np.array([[0, 0, 1, 1]])
+    >>> Zte = np.array([[[1.0, 0.1], [0.1, 1.0]]])
+    >>> centroid_accuracy(Ztr, Zte, ytr, np.array([[0, 1]]), n_tasks=2).tolist()
+    [1.0]
+    >>> centroid_accuracy(Ztr, Zte, ytr, np.array([[1, 1]]), n_tasks=2).tolist()
+    [0.5]
     """
     onehot = (ytr[..., None] == np.arange(n_tasks)).astype(np.float64)  # (B, n, T)
     centroids = _unit(np.matmul(np.swapaxes(onehot, 1, 2), Ztr))  # (B, T, k); sum ∝ mean
@@ -43,6 +51,14 @@ def retrieval_scores(
     Zq (B, q, k), Zg (B, g, k) embeddings; yq (B, q), yg (B, g) task codes. Tied scores keep
     the gallery's order. Queries run in blocks of about QUERY_BLOCK_BYTES of
     (B, block, g) scores, so memory does not grow with q x g.
+
+    One query of task 0; its gallery ranks [1, 0] (relevant), [1, 0.2], [0, 1] (relevant):
+
+    >>> Zq = np.array([[[1.0, 0.0]]])
+    >>> Zg = np.array([[[1.0, 0.2], [0.0, 1.0], [1.0, 0.0]]])
+    >>> mean_ap, cmc = retrieval_scores(Zq, Zg, np.array([[0]]), np.array([[1, 0, 0]]))
+    >>> mean_ap.round(4).tolist(), cmc.tolist()  # AP = (1/1 + 2/3) / 2; CMC@1, @5, @10
+    ([0.8333], [[1.0, 1.0, 1.0]])
     """
     B, q, g = Zq.shape[0], Zq.shape[1], Zg.shape[1]
     Uq, Ug = _unit(Zq), np.swapaxes(_unit(Zg), 1, 2)
@@ -68,6 +84,11 @@ def expected_ap(n_rel: int, n_gallery: int) -> float:
 
     E[AP] = (H_G + (R - 1)/(G - 1) * (G - H_G)) / G with H_G the G-th harmonic number: the
     chance level of the open-set mAP, averaged over the queries.
+
+    >>> round(expected_ap(1, 4), 4)  # one relevant item: the mean of 1/rank over ranks 1..4
+    0.5208
+    >>> expected_ap(4, 4)  # every item relevant
+    1.0
     """
     G, R = n_gallery, n_rel
     H = float(np.sum(1.0 / np.arange(1, G + 1)))
@@ -78,6 +99,11 @@ def expected_cmc(n_rel: int, n_gallery: int, rank: int) -> float:
     """P(at least one of n_rel relevant items in the top `rank` of a random ranking of n_gallery).
 
     The chance level of CMC@rank for one query.
+
+    >>> expected_cmc(1, 10, 5)  # the one relevant item among the top 5 of 10
+    0.5
+    >>> round(expected_cmc(2, 4, 1), 4)
+    0.5
     """
     r = min(rank, n_gallery)
     miss = np.prod((n_gallery - n_rel - np.arange(r)) / (n_gallery - np.arange(r)))
