@@ -118,13 +118,7 @@ def train_pack(
     ``record_history=False`` skips the per-epoch history (SeedResult.history is None); it
     exists to measure the history's cost (benchmarks/bench_history.py)."""
     cfg = train_config if train_config is not None else TrainConfig()
-    if not isinstance(task, Task):
-        raise TypeError(f"train_pack() takes a Task, got {type(task).__name__}")
-    if not isinstance(arch_config, ArchConfig):
-        raise TypeError(f"train_pack() takes an ArchConfig, got {type(arch_config).__name__}")
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"train_config must be a TrainConfig, got {type(cfg).__name__}")
-    seeds = _check_seeds(seeds)
+    seeds = _check_args(task, arch_config, cfg, seeds)
     device, dtype = resolve_device(cfg.device), TORCH_DTYPES[cfg.dtype]
     arch = arch_config.with_task_shape(task.input_shape, task.num_classes)
     start = time.perf_counter()
@@ -134,19 +128,13 @@ def train_pack(
                          f"got {len(init_seeds)}")
     models = [init_model(arch, s) for s in (seeds if init_seeds is None else init_seeds)]
     template, k = models[0], len(seeds)
-    params = {  # (K, *shape) per parameter, row i = seed i
-        name: torch.stack([m.get_parameter(name).detach() for m in models]).to(device, dtype)
-        for name, _ in template.named_parameters()
-    }
-    x_train = torch.as_tensor(task.x_train, device=device, dtype=dtype)
-    y_train = torch.as_tensor(task.y_train, device=device)
+    params = _stack(models, device, dtype)  # (K, *shape) per parameter, row i = seed i
+    x_train = torch.as_tensor(task.x_train, device=device, dtype=dtype)  # (n, C, H, W)
+    y_train = torch.as_tensor(task.y_train, device=device)  # (n,)
     x_test = torch.as_tensor(task.x_test, device=device, dtype=dtype)
     y_test = torch.as_tensor(task.y_test, device=device)
     n = x_train.shape[0]
-    # Batches are gathered a chunk of steps at a time (whole epoch when it fits GATHER_BYTES).
-    sample_bytes = x_train[0].numel() * x_train.element_size()
-    steps = max(1, GATHER_BYTES // (k * cfg.batch_size * sample_bytes))
-    chunk = cfg.batch_size * steps
+    batches = _Batches(x_train, y_train, cfg.batch_size, k)
     opt = _Optimizer(cfg, params)
     active = torch.arange(k, device=device)  # rows of the pack still training
     frozen: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # diverged row -> (weights, epochs)
@@ -154,47 +142,33 @@ def train_pack(
     # history[e, row]: HISTORY_COLUMNS after epoch e + 1, kept on the device until the end
     history = torch.full((cfg.epochs, k, 4), math.nan, dtype=torch.float64, device=device)
     for epoch, order in enumerate(batch_orders(seeds, n, cfg.epochs)):
-        batch_order = torch.as_tensor(order, device=device)
-        trained: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        sums = torch.zeros(k, 2, dtype=torch.float64, device=device)  # loss, hits this epoch
-        for lo in range(0, n, cfg.batch_size):
-            if lo % chunk == 0:  # gather the next chunk of steps' batches of every seed at once
-                if trained:  # and reduce the last chunk's (bounded memory)
-                    sums += _trained_sums(trained, k, device)
-                    trained.clear()
-                idx = batch_order[active, lo : lo + chunk]  # (K', chunk)
-                x_chunk, y_chunk = x_train[idx], y_train[idx]
-            xb = x_chunk[:, lo % chunk : lo % chunk + cfg.batch_size]  # (K', b, C, H, W)
-            yb = y_chunk[:, lo % chunk : lo % chunk + cfg.batch_size]  # (K', b)
+        scores = _TrainScores(k, batches.steps, device)  # this epoch's training loss and hits
+        for xb, yb in batches.epoch(torch.as_tensor(order, device=device), active):
+            # xb (K', b, C, H, W), yb (K', b): the next mini-batch of every active seed
             for p in params.values():
                 p.requires_grad_(True)
             logits = forward_packed(template, params, xb)  # (K', b, classes)
             losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             losses = losses.view(len(active), -1)  # (K', b)
             loss = losses.mean(dim=1)  # (K',): each seed's own mean loss
-            if record_history:  # kept as they are; reduced once per chunk (_trained_sums)
-                trained.append((active, losses.detach(), logits.detach(), yb))
+            if record_history:
+                scores.add(active, losses.detach(), logits.detach(), yb)
             # Seeds are independent, so d(sum of losses)/d(params of k) = d(loss_k)/d(params of k).
             grads = torch.autograd.grad(loss.sum(), list(params.values()))
             with torch.no_grad():
-                new = opt.step(params, grads, lr)
-                finite = torch.isfinite(loss + sum(p.flatten(1).sum(dim=1) for p in new.values()))
-                if not bool(finite.all()):  # freeze diverged seeds at their last finite weights
-                    for row in torch.nonzero(~finite).flatten().tolist():
-                        frozen[int(active[row])] = (
-                            {m: p[row].detach() for m, p in params.items()}, epoch
-                        )
-                    keep = torch.nonzero(finite).flatten()
-                    active, new = active[keep], {m: p[keep] for m, p in new.items()}
-                    x_chunk, y_chunk = x_chunk[keep], y_chunk[keep]
-                    opt.keep(keep)
+                new = opt.step(params, grads, lr)  # (K', *shape) per parameter
+                keep = _freeze_diverged(loss, params, new, active, epoch, frozen)
+            if keep is not None:  # the diverged rows leave the weights, batches and optimizer
+                active, new = active[keep], {m: p[keep] for m, p in new.items()}
+                batches.keep(keep, active)
+                opt.keep(keep)
             params = new
             if len(active) == 0:
                 break
         if len(active) == 0:
             break
         if record_history:
-            history[epoch, active, :2] = ((sums + _trained_sums(trained, k, device)) / n)[active]
+            history[epoch, active, :2] = (scores.total() / n)[active]
             if cfg.test_history and epoch + 1 < cfg.epochs:  # the last epoch's: the final ones
                 with torch.no_grad():
                     history[epoch, active, 2:] = torch.stack(
@@ -202,36 +176,148 @@ def train_pack(
         if epoch + 1 in cfg.milestones:
             lr *= cfg.gamma
 
-    with torch.no_grad():  # put the frozen seeds back in their rows, evaluate the whole pack
-        for name, p in params.items():
-            full = torch.empty(k, *p.shape[1:], dtype=dtype, device=device)
-            full[active] = p.detach()
-            for row, (weights, _) in frozen.items():
-                full[row] = weights[name]
-            params[name] = full
+    with torch.no_grad():  # the whole pack again (K, *shape), evaluated at once
+        params = _reassemble(params, active, frozen, k)
         train = _evaluate(template, params, x_train, y_train, cfg.eval_batch)
         test = _evaluate(template, params, x_test, y_test, cfg.eval_batch)
         history[-1, :, 2:] = torch.stack(test, dim=1)  # rows of seeds that completed every epoch
-    train_loss, train_acc, test_loss, test_acc = (t.cpu().numpy() for t in (*train, *test))
-    done = [frozen[i][1] if i in frozen else cfg.epochs for i in range(k)]
+    metrics = [t.cpu().numpy() for t in (*train, *test)]  # (K,) each, as HISTORY_COLUMNS
     hist = history.cpu().numpy() if record_history else None
+    epochs = [frozen[i][1] if i in frozen else cfg.epochs for i in range(k)]
     seconds = (time.perf_counter() - start) / k
+    return _seed_results(seeds, list(template.state_dict()), params, metrics, hist, epochs,
+                         set(frozen), seconds)
+
+
+class _Batches:
+    """The mini-batches of every training seed, gathered ``steps`` steps at a time (the whole
+    epoch when it fits GATHER_BYTES): one indexing of the training set per chunk of steps."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, k: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        sample_bytes = x[0].numel() * x.element_size()
+        self.steps = max(1, GATHER_BYTES // (k * batch_size * sample_bytes))
+        self.chunk = batch_size * self.steps  # samples per seed gathered at once
+        self.active = torch.arange(k, device=x.device)
+        self.x_chunk, self.y_chunk = x[:0], y[:0]
+
+    def epoch(self, order: torch.Tensor, active: torch.Tensor
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's mini-batches (K', b, C, H, W), (K', b) of the `active` rows, row k in
+        seed k's `order` (K, n); the last one may be smaller."""
+        self.active = active
+        b, chunk = self.batch_size, self.chunk
+        for lo in range(0, order.shape[1], b):
+            if lo % chunk == 0:  # gather the next chunk of steps' batches of every seed at once
+                idx = order[self.active, lo : lo + chunk]  # (K', chunk)
+                self.x_chunk, self.y_chunk = self.x[idx], self.y[idx]
+            step = slice(lo % chunk, lo % chunk + b)
+            yield self.x_chunk[:, step], self.y_chunk[:, step]
+
+    def keep(self, rows: torch.Tensor, active: torch.Tensor) -> None:
+        """Only `rows` of the gathered batches go on training (now the pack's `active` rows)."""
+        self.active = active
+        self.x_chunk, self.y_chunk = self.x_chunk[rows], self.y_chunk[rows]
+
+
+class _TrainScores:
+    """One epoch's training loss and hits per seed, each sample scored by the step that
+    trained on it: the steps' outputs are kept as they are and reduced ``steps`` at a time
+    (bounded memory, one batched reduction per chunk of steps, :func:`_trained_sums`)."""
+
+    def __init__(self, k: int, steps: int, device: torch.device) -> None:
+        self.k, self.steps, self.device = k, steps, device
+        self.sums = torch.zeros(k, 2, dtype=torch.float64, device=device)  # loss, hits
+        self.trained: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, active: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor,
+            yb: torch.Tensor) -> None:
+        """One step: its active rows, losses (K', b), logits (K', b, classes), labels (K', b)."""
+        if len(self.trained) == self.steps:  # a chunk of steps is complete: reduce it
+            self.sums += _trained_sums(self.trained, self.k, self.device)
+            self.trained.clear()
+        self.trained.append((active, losses, logits, yb))
+
+    def total(self) -> torch.Tensor:
+        """(K, 2) float64: each row's summed loss and hits over the epoch's steps so far."""
+        return self.sums + _trained_sums(self.trained, self.k, self.device)
+
+
+def _freeze_diverged(loss: torch.Tensor, params: dict[str, torch.Tensor],
+                     new: dict[str, torch.Tensor], active: torch.Tensor, epoch: int,
+                     frozen: dict[int, tuple[dict[str, torch.Tensor], int]]
+                     ) -> torch.Tensor | None:
+    """Freeze every active row whose loss (K',) or updated weights `new` are not finite at its
+    last finite weights `params`: ``frozen[pack row] = (weights, epochs completed)``. Returns
+    the positions (among the active rows) that go on training, None when all are finite."""
+    finite = torch.isfinite(loss + sum(p.flatten(1).sum(dim=1) for p in new.values()))
+    if bool(finite.all()):
+        return None
+    for row in torch.nonzero(~finite).flatten().tolist():
+        frozen[int(active[row])] = ({m: p[row].detach() for m, p in params.items()}, epoch)
+    return torch.nonzero(finite).flatten()
+
+
+def _reassemble(params: dict[str, torch.Tensor], active: torch.Tensor,
+                frozen: dict[int, tuple[dict[str, torch.Tensor], int]],
+                k: int) -> dict[str, torch.Tensor]:
+    """The whole pack's parameters (K, *shape): the active rows' trained weights `params`
+    (K', *shape) and the frozen rows' last finite ones, each in its row."""
+    out = {}
+    for name, p in params.items():
+        full = torch.empty(k, *p.shape[1:], dtype=p.dtype, device=p.device)
+        full[active] = p.detach()
+        for row, (weights, _) in frozen.items():
+            full[row] = weights[name]
+        out[name] = full
+    return out
+
+
+def _seed_results(seeds: Sequence[int], names: Sequence[str], params: dict[str, torch.Tensor],
+                  metrics: Sequence[np.ndarray], history: np.ndarray | None,
+                  epochs: Sequence[int], diverged: set[int],
+                  seconds: float) -> list[SeedResult]:
+    """One SeedResult per row of the pack: its weights (`names` of the state dict, from the
+    (K, *shape) `params`), final metrics (four (K,) arrays, as HISTORY_COLUMNS), its `epochs`
+    rows of `history` (epochs, K, 4) and status."""
+    train_loss, train_acc, test_loss, test_acc = metrics
     cpu = {name: p.cpu() for name, p in params.items()}
     return [
         SeedResult(
             seed=seed,
-            state_dict={name: cpu[name][i].clone() for name in template.state_dict()},
+            state_dict={name: cpu[name][i].clone() for name in names},
             train_acc=float(train_acc[i]),
             test_acc=float(test_acc[i]),
             train_loss=float(train_loss[i]),
             test_loss=float(test_loss[i]),
-            epochs=done[i],
+            epochs=epochs[i],
             seconds=seconds,
-            status="diverged" if i in frozen else "ok",
-            history=None if hist is None else hist[: done[i], i].copy(),
+            status="diverged" if i in diverged else "ok",
+            history=None if history is None else history[: epochs[i], i].copy(),
         )
         for i, seed in enumerate(seeds)
     ]
+
+
+def _check_args(task: Task, arch_config: ArchConfig, cfg: TrainConfig,
+                seeds: Sequence[int]) -> list[int]:
+    """The types train_pack() takes, and its seeds as checked ints."""
+    if not isinstance(task, Task):
+        raise TypeError(f"train_pack() takes a Task, got {type(task).__name__}")
+    if not isinstance(arch_config, ArchConfig):
+        raise TypeError(f"train_pack() takes an ArchConfig, got {type(arch_config).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig, got {type(cfg).__name__}")
+    return _check_seeds(seeds)
+
+
+def _stack(models: Sequence[nn.Module], device: torch.device,
+           dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The models' parameters stacked as one pack: (K, *shape) per parameter, row i = model i."""
+    return {
+        name: torch.stack([m.get_parameter(name).detach() for m in models]).to(device, dtype)
+        for name, _ in models[0].named_parameters()
+    }
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
