@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from distsim.stats import htt
+from distsim.stats import HTTOptions, htt
 
 HEADER = (
     "case", "batched s", "naive loop s", "speedup (wall)", "speedup (CPU)", "statistic",
@@ -43,14 +43,15 @@ def _timed(fn):
     return time.perf_counter() - w0, time.process_time() - c0, out
 
 
-def _case(name: str, X, y, repeats: int, **kw) -> tuple[str, ...]:
+def _case(name: str, X, y, repeats: int, learner: str, **kw) -> tuple[str, ...]:
     # batched and naive alternate, so both meet the same load from other processes; keep the
     # minimum of each (CPU time is steadier than wall time on a shared machine)
     w_fast = c_fast = w_slow = c_slow = float("inf")
+    batched, naive = (HTTOptions(learner=learner, batched=b) for b in (True, False))
     for _ in range(repeats):
-        w, c, fast = _timed(lambda: htt(X, y, batched=True, **kw))
+        w, c, fast = _timed(lambda: htt(X, y, options=batched, **kw))
         w_fast, c_fast = min(w_fast, w), min(c_fast, c)
-        w, c, slow = _timed(lambda: htt(X, y, batched=False, **kw))
+        w, c, slow = _timed(lambda: htt(X, y, options=naive, **kw))
         w_slow, c_slow = min(w_slow, w), min(c_slow, c)
     same = (
         abs(fast.statistic - slow.statistic) <= 1e-9

@@ -192,7 +192,13 @@ def synthetic(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def case(name: str, n: int) -> dict[str, float]:
     """One measurement in this process -> wall seconds and the statistic."""
-    from distsim.stats import htt, permanova_features, permanova_tiles, topk_neighbors
+    from distsim.stats import (
+        HTTOptions,
+        htt,
+        permanova_features,
+        permanova_tiles,
+        topk_neighbors,
+    )
 
     X, labels = synthetic(n)
     permanova_tiles(X[:64], labels[:64] % 2, "cosine", permutations=3, tile=16)  # compile
@@ -215,8 +221,8 @@ def case(name: str, n: int) -> dict[str, float]:
         stat = float(skbio_permanova(dm, labels, permutations=999)["test statistic"])
     elif name.startswith("htt"):
         protocol = name.split()[1]
-        stat = htt(X, labels, protocol, permutations=199, seed=0, learner="lda",
-                   n_query=20).statistic
+        stat = htt(X, labels, protocol, permutations=199, seed=0,
+                   options=HTTOptions(learner="lda", n_query=20)).statistic
     elif name == "topk":
         topk_neighbors(X, k=10, block=2048)
         stat = float("nan")

@@ -4,8 +4,11 @@ Runs every command of the CLI on a finished study (and three bare imports) under
 ``python -X importtime``, sums the ``self`` column of every import (the seconds spent importing,
 lazy imports inside the command included) and says whether torch, scipy.optimize, numba or ray
 were imported. Each row is the median of ``--repeat`` runs; the wall time is the whole command's.
+With ``--tree`` (repeatable: source folders holding a ``distsim/`` package, e.g. git worktrees
+of two commits) each command runs from each tree in turn, interleaved, so a before/after
+comparison shares the machine's load.
 
-    python benchmarks/import_times.py STUDY.toml [--repeat 3]
+    python benchmarks/import_times.py STUDY.toml [--repeat 3] [--tree DIR --tree DIR]
 
 STUDY.toml must be a finished study (its store holds every stage), e.g. a copy of
 jobs/quickstart.toml after ``distsim launch``.
@@ -14,6 +17,7 @@ jobs/quickstart.toml after ``distsim launch``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -41,11 +45,13 @@ def commands(study: Path, store: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(args: list[str]) -> tuple[float, float, set[str]]:
-    """(import seconds, wall seconds, heavy libraries imported) of one run."""
+def measure(args: list[str], tree: str | None) -> tuple[float, float, set[str]]:
+    """(import seconds, wall seconds, heavy libraries imported) of one run (from `tree`'s
+    distsim when given, else the installed one)."""
+    env = {**os.environ, **({"PYTHONPATH": tree} if tree else {})}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [""]
@@ -65,20 +71,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tree", action="append", default=None,
+                        help="a source folder to run distsim from (repeat to compare)")
     args = parser.parse_args()
+    trees: list[str | None] = args.tree or [None]
     import tomllib
 
     raw = tomllib.loads(args.study.read_text())
     store = (args.study.parent / raw["study"]["store"]).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        print("| command | import s (median) | wall s (median) | heavy libraries imported |")
-        print("|---|---|---|---|")
+        print("| command | tree | import s (median) | wall s (median) | heavy libraries imported |")
+        print("|---|---|---|---|---|")
         for label, cmd in commands(args.study, store, Path(tmp) / "report").items():
-            runs = [measure(cmd) for _ in range(args.repeat)]
-            imp = statistics.median(r[0] for r in runs)
-            wall = statistics.median(r[1] for r in runs)
-            heavy = ", ".join(h for h in HEAVY if h in runs[0][2]) or "none"
-            print(f"| `{label}` | {imp:.2f} | {wall:.2f} | {heavy} |", flush=True)
+            runs: dict[str | None, list[tuple[float, float, set[str]]]] = {t: [] for t in trees}
+            for _ in range(args.repeat):
+                for tree in trees:
+                    runs[tree].append(measure(cmd, tree))
+            for tree, rs in runs.items():
+                imp = statistics.median(r[0] for r in rs)
+                wall = statistics.median(r[1] for r in rs)
+                heavy = ", ".join(h for h in HEAVY if h in rs[0][2]) or "none"
+                print(f"| `{label}` | {tree or 'installed'} | {imp:.2f} | {wall:.2f} | {heavy} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

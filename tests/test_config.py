@@ -323,3 +323,51 @@ def test_shared_init_gives_model_i_of_every_task_one_init_seed():
         range(len(second.seeds)))
     with pytest.raises(ConfigError, match="train.shared_init: needs train.seeds_per_task >= 4"):
         parse_study(small(train={"shared_init": True, "seeds_per_task": 3, "seeds_per_trial": 3}))
+
+
+def test_tests_section_builds_the_htt_options_the_stage_passes() -> None:
+    """StatsSpec.htt_options(): the section's learner, split and k over HTTOptions' defaults
+    (the section's defaults are HTTOptions'); the tests stage gives that one object to every
+    unit of an HTT (fit, head, chunks), which then compute htt(..., options=...)."""
+    from distsim.config import MatrixKey
+    from distsim.config.sections import StatsSpec
+    from distsim.pipeline.significance import HTTJob, MatrixRefs, htt_chunk, htt_fit, htt_head
+    from distsim.stats import HTTOptions, htt, htt_null_chunk
+
+    assert StatsSpec().htt_options() == HTTOptions()
+    study = parse_study(study_toml(tests={
+        "learner": "softmax", "train_fraction": 0.5, "train_task_fraction": 0.7, "n_query": 2,
+        "k": 1, "permutations": 9, "chunk_size": 4, "seed": 3}))
+    options = study.tests.htt_options()
+    assert options == HTTOptions(learner="softmax", train_fraction=0.5, train_task_fraction=0.7,
+                                 n_query=2, k=1)
+
+    class Remote:  # a stand-in for a Ray remote function: records its calls
+        def __init__(self) -> None:
+            self.calls: list[tuple[object, ...]] = []
+
+        def remote(self, *args: object) -> str:
+            self.calls.append(args)
+            return f"ref{len(self.calls)}"
+
+    fit_task = Remote()
+    m = MatrixRefs(MatrixKey("mlp", "raw", "out"), "X", "tasks", 18, 3, "", Remote())
+    job = HTTJob.plan(m, "closed-set", study.tests, options, None, fit_task)
+    assert fit_task.calls == [("X", "tasks", "closed-set", 3, options, None)]
+    assert [u.name for u in job.units] == [f"mlp-raw-out-closed-set-{c}" for c in range(3)]
+    assert [u.fn for u in job.units] == [htt_head, htt_chunk, htt_chunk]
+    assert all(u.args[-3:] == (options, None, "ref1") for u in job.units)
+    assert job.learner == "softmax" and job.permutations == 9 and job.left == 3
+    # the units, run here on data: the head is htt with these options, a chunk its null chunk
+    rng = np.random.default_rng(0)
+    tasks = np.repeat(np.arange(3), 6)
+    X = rng.normal(size=(18, 5)) + 2 * np.eye(5)[tasks]
+    data = {"X": X, "tasks": tasks, "ref1": htt_fit(X, tasks, "closed-set", 3, options, None)}
+    head, chunk = (u.fn(*(data.get(a, a) if isinstance(a, str) else a for a in u.args))
+                   for u in job.units[:2])
+    want = htt(X, tasks, "closed-set", permutations=4, seed=3, options=options)
+    assert head["observed"] == want.statistic and head["extra"]["learner"] == "softmax"
+    assert head["extra"]["k"] == 1
+    np.testing.assert_array_equal(head["null"], want.null)
+    np.testing.assert_array_equal(chunk, htt_null_chunk(X, tasks, "closed-set", 4, (3, 1),
+                                                        options=options, split_seed=3))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from distsim.stats import (
     PROTOCOLS,
+    HTTOptions,
     HTTResult,
     expected_ap,
     expected_cmc,
@@ -79,7 +80,7 @@ def test_closed_set_clear_effect_reaches_floor():
 def test_open_set_clear_effect_reaches_floor():
     # held-out tasks share the training tasks' subspace, so a learned projection generalizes
     X, y = _zoo(12, 10, 40, effect=3.0, rank=3)
-    res = htt(X, y, "open-set", permutations=49, seed=2, n_query=2)
+    res = htt(X, y, "open-set", permutations=49, seed=2, options=HTTOptions(n_query=2))
     assert res.metric == "mAP"
     assert res.statistic >= 0.9
     assert res.p_value == pytest.approx(1 / 50)
@@ -90,12 +91,14 @@ def test_open_set_clear_effect_reaches_floor():
 
 def test_softmax_learner_finds_clear_effect():
     X, y = _zoo(6, 10, 40, effect=1.0, seed=3)
-    res = htt(X, y, "closed-set", permutations=29, seed=0, learner="softmax")
+    softmax = HTTOptions(learner="softmax")
+    res = htt(X, y, "closed-set", permutations=29, seed=0, options=softmax)
     assert res.statistic >= 0.95
     assert res.p_value == pytest.approx(1 / 30)
     assert res.extra["learner"] == "softmax" and res.extra["tol"] == 1e-4
     with pytest.warns(RuntimeWarning, match="did not reach tol"):
-        htt(X, y, "closed-set", permutations=29, seed=0, learner="softmax", max_iter=1)
+        htt(X, y, "closed-set", permutations=29, seed=0,
+            options=dataclasses.replace(softmax, max_iter=1))
 
 
 # ----------------------------------------------------------------------------- batched == naive
@@ -108,14 +111,16 @@ def test_softmax_learner_finds_clear_effect():
 def test_batched_null_equals_loop_of_full_refits(protocol, learner, k):
     """The batched learner gives the same statistic as a full re-fit, permutation by permutation."""
     X, y = _zoo(6, 8, 30, effect=0.4, seed=5)
-    kw = dict(protocol=protocol, permutations=12, seed=7, learner=learner, k=k)
-    batched = htt_null_chunk(X, y, **kw)
-    naive = htt_null_chunk(X, y, batched=False, **kw)
+    kw = dict(protocol=protocol, permutations=12, seed=7)
+    opts = HTTOptions(learner=learner, k=k)
+    naive_opts = dataclasses.replace(opts, batched=False)
+    batched = htt_null_chunk(X, y, options=opts, **kw)
+    naive = htt_null_chunk(X, y, options=naive_opts, **kw)
     assert batched.shape == (12,)
     assert len(np.unique(batched)) > 3  # the statistic varies over permutations
     np.testing.assert_allclose(batched, naive, rtol=0, atol=1e-9)
-    a = htt(X, y, **kw)
-    b = htt(X, y, batched=False, **kw)
+    a = htt(X, y, options=opts, **kw)
+    b = htt(X, y, options=naive_opts, **kw)
     assert a.statistic == pytest.approx(b.statistic, abs=1e-9) and a.p_value == b.p_value
 
 
@@ -136,7 +141,8 @@ def test_primal_equals_dual(n_tasks, n_seeds, dim, protocol, learner, seed):
     statistics, on both sides of n = D and for rank-deficient features."""
     rank = min(dim, 3) if seed % 2 else None
     X, y = _zoo(n_tasks, n_seeds, dim, effect=0.5, seed=seed, rank=rank)
-    kw = dict(protocol=protocol, permutations=5, seed=seed, learner=learner, n_query=1, tol=1e-10)
+    kw = dict(protocol=protocol, permutations=5, seed=seed)
+    opts = HTTOptions(learner=learner, n_query=1, tol=1e-10)
     names, codes = np.unique(y, return_inverse=True)
     split = make_split(codes, names, protocol, seed, n_query=1)
     tr, ev = split.blocks["train"], split.eval_rows()
@@ -149,8 +155,9 @@ def test_primal_equals_dual(n_tasks, n_seeds, dim, protocol, learner, seed):
     scale = np.abs(emb["dual"][1]).max()
     np.testing.assert_allclose(emb["primal"][0], emb["dual"][0], rtol=0, atol=1e-8 * scale)
     np.testing.assert_allclose(emb["primal"][1], emb["dual"][1], rtol=0, atol=1e-8 * scale)
-    np.testing.assert_allclose(htt_null_chunk(X, y, solve="primal", **kw),
-                               htt_null_chunk(X, y, solve="dual", **kw), rtol=0, atol=1e-9)
+    primal, dual = (dataclasses.replace(opts, solve=solve) for solve in ("primal", "dual"))
+    np.testing.assert_allclose(htt_null_chunk(X, y, options=primal, **kw),
+                               htt_null_chunk(X, y, options=dual, **kw), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize(("tol", "atol"), [(1e-9, 1e-6), (1e-5, 1e-6)])
@@ -188,15 +195,16 @@ def test_softmax_reaches_the_penalized_optimum(tol, atol):
 
 def test_shared_fit_gives_the_same_test_and_rejects_another_split():
     X, y = _zoo(5, 6, 12, effect=0.3, seed=8)
-    fit = htt_prepare(X, y, "closed-set", 4, "softmax")
-    a = htt(X, y, permutations=9, seed=4, learner="softmax")
-    b = htt(X, y, permutations=9, seed=4, learner="softmax", fit=fit)
+    softmax = HTTOptions(learner="softmax")
+    fit = htt_prepare(X, y, "closed-set", 4, options=softmax)
+    a = htt(X, y, permutations=9, seed=4, options=softmax)
+    b = htt(X, y, permutations=9, seed=4, options=softmax, fit=fit)
     np.testing.assert_array_equal(a.null, b.null)
     assert a.statistic == b.statistic and a.extra["rank"] == b.extra["rank"] == 12
     with pytest.raises(ValueError, match="another split"):
-        htt(X, y, permutations=9, seed=5, learner="softmax", fit=fit)
+        htt(X, y, permutations=9, seed=5, options=softmax, fit=fit)
     with pytest.raises(ValueError, match="another split"):
-        htt(X, y, permutations=9, seed=4, learner="lda", fit=fit)
+        htt(X, y, permutations=9, seed=4, options=HTTOptions(learner="lda"), fit=fit)
 
 
 @settings(max_examples=15, deadline=None)
@@ -211,10 +219,11 @@ def test_shared_fit_gives_the_same_test_and_rejects_another_split():
 def test_batched_lda_equals_refits_property(n_tasks, n_seeds, dim, protocol, ridge, seed):
     """Batched == re-fits also for D < n (rank-deficient Gram) and weak/strong ridge."""
     X, y = _zoo(n_tasks, n_seeds, dim, effect=0.5, seed=seed)
-    kw = dict(protocol=protocol, permutations=6, seed=seed, ridge=ridge, n_query=1)
-    np.testing.assert_allclose(
-        htt_null_chunk(X, y, **kw), htt_null_chunk(X, y, batched=False, **kw), rtol=0, atol=1e-9
-    )
+    kw = dict(protocol=protocol, permutations=6, seed=seed)
+    opts = HTTOptions(ridge=ridge, n_query=1)
+    naive = dataclasses.replace(opts, batched=False)
+    np.testing.assert_allclose(htt_null_chunk(X, y, options=opts, **kw),
+                               htt_null_chunk(X, y, options=naive, **kw), rtol=0, atol=1e-9)
 
 
 def test_chunks_combine_into_htt_null(monkeypatch):
@@ -289,9 +298,12 @@ def test_expected_ap_and_cmc_are_exact(g, data):
 
 
 def _bad(**over):
+    """htt's keyword arguments with `over`: HTTOptions' fields go into options=."""
     X, y = _zoo(4, 4, 5, effect=0.0)
     kw = dict(features=X, tasks=y, protocol="closed-set", permutations=9)
-    kw.update(over)
+    fields = {f.name for f in dataclasses.fields(HTTOptions)}
+    kw.update({k: v for k, v in over.items() if k not in fields})
+    kw["options"] = HTTOptions(**{k: v for k, v in over.items() if k in fields})
     return kw
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -10,11 +11,12 @@ import pytest
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
-from distsim.stats import PROTOCOLS, htt, htt_null_chunk, htt_prepare
+from distsim.stats import PROTOCOLS, HTTOptions, htt, htt_null_chunk, htt_prepare
 from distsim.stats.htt_split import Split, make_split, permuted_labels
 
 B = 19  # permutations per replicate: p-values on the grid 1/20, ..., 20/20
-OPTIONS = {"closed-set": {"train_fraction": 0.5}, "open-set": {}}  # 4 + 4 / 2 + 2 + 4 strata
+OPTIONS = {"closed-set": HTTOptions(train_fraction=0.5),  # 4 + 4 / 2 + 2 + 4 strata
+           "open-set": HTTOptions()}
 
 
 def _strata_zoo(n_tasks, n_strata, dim, stratum_effect, task_effect, seed=0, rank=2):
@@ -47,7 +49,7 @@ def _replicates(protocol, with_strata, task_effect=0.0, n=1000):
     for rep in range(n):
         X, y, s = _strata_zoo(6, 8, 16, 3.0, task_effect, seed=10_000 + rep)
         r = htt(X, y, protocol, permutations=B, seed=rep, strata=s if with_strata else None,
-                **OPTIONS[protocol])
+                options=OPTIONS[protocol])
         tie_break = np.random.default_rng(rep)
         out.append((r.p_value, _randomized_p(r.statistic, r.null, tie_break), r.statistic,
                     r.null_mean, r.chance))
@@ -219,7 +221,8 @@ def test_strata_chunks_fit_and_batched_agree(protocol):
     res = htt(X, y, protocol, **kw)
     np.testing.assert_array_equal(res.null, htt_null_chunk(X, y, protocol, **kw))
     assert len(np.unique(res.null)) > 3
-    np.testing.assert_allclose(htt_null_chunk(X, y, protocol, batched=False, **kw), res.null,
+    naive = HTTOptions(batched=False)
+    np.testing.assert_allclose(htt_null_chunk(X, y, protocol, options=naive, **kw), res.null,
                                rtol=0, atol=1e-9)
     fit = htt_prepare(X, y, protocol, 7, strata=s)
     shared = htt(X, y, protocol, fit=fit, **kw)
@@ -249,9 +252,12 @@ def test_extra_records_the_design():
 
 
 def _bad(protocol="closed-set", n_strata=6, **over):
+    """htt's keyword arguments with `over`: HTTOptions' fields go into options=."""
     X, y, s = _strata_zoo(6, n_strata, 5, 1.0, 0.0)
     kw = dict(features=X, tasks=y, protocol=protocol, permutations=9, strata=s)
-    kw.update(over)
+    fields = {f.name for f in dataclasses.fields(HTTOptions)}
+    kw.update({k: v for k, v in over.items() if k not in fields})
+    kw["options"] = HTTOptions(**{k: v for k, v in over.items() if k in fields})
     return kw
 
 

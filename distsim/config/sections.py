@@ -10,7 +10,7 @@ implement them: one source.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from distsim.config.choices import LEARNERS, METHODS, METRICS, PROJECTIONS, PROTOCOLS, SKETCHES
 from distsim.errors import ConfigError
@@ -27,6 +27,9 @@ from distsim.params import (
     Text,
     check_fields,
 )
+
+if TYPE_CHECKING:
+    from distsim.stats.hypothesis_training import HTTOptions
 
 # [study] and the plan keys of [train] are not dataclasses of their own: checked by the loader.
 STUDY_PARAMS: Table = {
@@ -126,12 +129,15 @@ class StatsSpec:
     def __post_init__(self) -> None:
         check_fields(self, "tests", STATS_PARAMS)
 
-    def htt_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of distsim.stats.htt beyond features, tasks, protocol,
-        permutations and seed."""
-        return {"learner": self.learner, "train_fraction": self.train_fraction,
-                "train_task_fraction": self.train_task_fraction, "n_query": self.n_query,
-                "k": self.k}
+    def htt_options(self) -> HTTOptions:
+        """The options of every HTT of the study (``htt(..., options=...)``): this section's
+        learner, split and k, the rest at HTTOptions' defaults. (HTT's module is imported
+        here, not at the top: the config loads no numba.)"""
+        from distsim.stats.hypothesis_training import HTTOptions
+
+        return HTTOptions(learner=self.learner, train_fraction=self.train_fraction,
+                          train_task_fraction=self.train_task_fraction, n_query=self.n_query,
+                          k=self.k)
 
 
 STATS_PARAMS: Table = {

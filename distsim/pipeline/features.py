@@ -9,25 +9,23 @@ features shard (arch, method, layer, task, pack). A pack whose shards are all pr
 from __future__ import annotations
 
 import functools
-from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from distsim.config import Pack, Study
 from distsim.config.data import DataConfig
 from distsim.errors import LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
-from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
-from distsim.pipeline.zoo import error_text, failed_packs, study_tasks
+from distsim.pipeline.units import Units, run_refs
+from distsim.pipeline.zoo import failed_packs, study_tasks
 from distsim.store import Store, lineage
-from distsim.weights.alignment import make_template
-from distsim.weights.cka import probe_inputs
-from distsim.weights.features import weight_features_batch
 from distsim.zoo.tasks import study_inputs
+
+if TYPE_CHECKING:  # torch and the feature methods: imported where a pack is featurized
+    import torch
 
 
 def feature_keys(study: Study, pack: Pack) -> list[dict[str, Any]]:
@@ -76,6 +74,10 @@ def outputs(study: Study, store: Store) -> Outputs:
 def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = None) -> int:
     """Compute and write the features shards of one pack; returns the number of rows written.
     `faults`: a fault-injection plan (distsim.pipeline.faults), for tests."""
+    import torch
+
+    from distsim.weights.features import weight_features_batch
+
     store = Store(study.store)
     models = (
         pl.read_parquet(store.shard_path("models", pack.key))
@@ -126,11 +128,15 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
 def study_probe(data: DataConfig, size: int, seed: int) -> np.ndarray:
     """The study's CKA probe (size, *input_shape): a seeded, class-balanced sample of every input
     of its data (distsim.zoo.tasks.study_inputs), the same for every model and actor."""
+    from distsim.weights.cka import probe_inputs
+
     return probe_inputs(*study_inputs(data), size, seed)
 
 
 def read_template(store: Store, arch: str) -> dict[str, torch.Tensor]:
     """The aligned method's template of one arch from the store (float64 tensors)."""
+    import torch
+
     df = pl.read_parquet(store.shard_path("templates", {"arch": arch}))
     return {name: torch.tensor(np.asarray(values, dtype=np.float64)).reshape(tuple(shape))
             for name, shape, values in zip(df["tensor"], df["shape"].to_list(),
@@ -145,6 +151,10 @@ def ensure_templates(study: Study, store: Store, stream: Any = None) -> list[str
     model's aligned features are matched to the same template. Returns the archs it made."""
     if "aligned" not in study.features.methods:
         return []
+    import torch
+
+    from distsim.weights.alignment import make_template
+
     spec, made = study.features, []
     for name in study.arch_names:
         if store.has_shard("templates", {"arch": name}):
@@ -191,9 +201,9 @@ def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         raise LaunchError(f"features: store {str(store.root)!r} holds no models yet; "
                           "run the zoo stage first")
     rows = 0
-    retries = Retries("features", study.resources.max_failures, ctx.stream)
-    with Progress("features", len(packs), unit="pack", skipped=total - len(packs),
-                  stream=ctx.stream) as progress:
+    with Units("features", packs, label=lambda p: f"pack {p.arch}-t{p.task}-p{p.pack}",
+               max_failures=study.resources.max_failures, stream=ctx.stream, noun="pack",
+               skipped=total - len(packs)) as units:
         if not packs:
             return {"packs": 0, "skipped": total, "rows": 0, "failed": 0}
         ensure_templates(study, store, ctx.stream)
@@ -201,39 +211,38 @@ def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         Worker = ray.remote(num_cpus=cpus)(_FeatureWorker)
         n_actors = min(study.resources.feature_actors, len(packs))
         idle: list[Any] = [Worker.remote(study, max(1, int(cpus)), plan()) for _ in range(n_actors)]
-        queue = deque(packs)
-        running: dict[Any, tuple[Any, Pack]] = {}  # task ref -> (actor, pack)
+        busy: dict[Pack, Any] = {}  # pack -> the actor running it
+
+        def submit(pack: Pack) -> Any:
+            busy[pack] = idle.pop()
+            return busy[pack].run.remote(pack)
+
+        def settle(pack: Pack, error: BaseException | None) -> None:
+            actor = busy.pop(pack)
+            if isinstance(error, ray.exceptions.RayActorError):  # its process died
+                ray.kill(actor, no_restart=True)
+                actor = Worker.remote(study, max(1, int(cpus)), plan())
+            idle.append(actor)
+
+        def on_done(pack: Pack, written: int) -> None:
+            nonlocal rows
+            rows += written
+
         try:
-            while queue or running:
-                while idle and queue:
-                    actor, pack = idle.pop(), queue.popleft()
-                    running[actor.run.remote(pack)] = (actor, pack)
-                ready, _ = ray.wait(list(running), num_returns=1)
-                actor, pack = running.pop(ready[0])
-                try:
-                    rows += ray.get(ready[0])
-                    idle.append(actor)
-                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-                    if isinstance(exc, ray.exceptions.RayActorError):  # its process died
-                        ray.kill(actor, no_restart=True)
-                        actor = Worker.remote(study, max(1, int(cpus)), plan())
-                    idle.append(actor)
-                    if retries.failed(f"pack {pack.arch}-t{pack.task}-p{pack.pack}",
-                                      error_text(exc)):
-                        queue.append(pack)
-                        continue
-                progress.update(1)
+            run_refs(units, submit, on_done, slots=n_actors, settle=settle)
         finally:
-            for a in idle + [a for a, _ in running.values()]:
+            for a in idle + list(busy.values()):
                 ray.kill(a)
     return {"packs": len(packs), "skipped": total - len(packs), "rows": rows,
-            **retries.outcome()}
+            **units.outcome()}
 
 
 class _FeatureWorker:
     """A feature actor: holds the study (and its tasks, once loaded) across packs."""
 
     def __init__(self, study: Study, threads: int, faults: dict[str, float]) -> None:
+        import torch
+
         torch.set_num_threads(threads)
         self.study, self.faults = study, faults
 

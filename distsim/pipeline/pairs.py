@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from distsim import stats  # lazy: numba loads when a tile is computed, not for `status`
 from distsim.config import MatrixKey, Study
 from distsim.errors import IncompleteError, LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
-from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
-from distsim.pipeline.zoo import error_text
-from distsim.stats import block_topk, distance_block, merge_topk
+from distsim.pipeline.units import Units, error_text
 from distsim.store import FeatureMatrix, Store, lineage
 
 
@@ -104,13 +103,13 @@ def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k
     si = slice(i * block, min((i + 1) * block, n))
     sj = slice(j * block, min((j + 1) * block, n))
     diagonal = i == j
-    D = distance_block(X[si], None if diagonal else X[sj], metric)
+    D = stats.distance_block(X[si], None if diagonal else X[sj], metric)
     summary = tile_summary(D, tasks[si], tasks[sj], diagonal)
     rows_i = np.arange(si.start, si.stop)
-    idx, dist = block_topk(D, k, si.start, sj.start)
+    idx, dist = stats.block_topk(D, k, si.start, sj.start)
     if diagonal:
         return summary, rows_i, idx, dist
-    idx_j, dist_j = block_topk(D.T, k, sj.start, si.start)
+    idx_j, dist_j = stats.block_topk(D.T, k, sj.start, si.start)
     rows = np.concatenate([rows_i, np.arange(sj.start, sj.stop)])
     return summary, rows, np.concatenate([idx, idx_j]), np.concatenate([dist, dist_j])
 
@@ -209,7 +208,7 @@ class BlockMerges:
             best_i, best_d = self.best[b]
             sel = of == b
             local = rows[sel] - lo
-            best_i[local], best_d[local] = merge_topk([best_i[local], idx[sel]],
+            best_i[local], best_d[local] = stats.merge_topk([best_i[local], idx[sel]],
                                                       [best_d[local], dist[sel]], self.k)
             self.seen[b] = self.seen.get(b, 0) + 1
             if self.seen[b] == self.parts:
@@ -272,15 +271,14 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     k = study.pairs.top_k
     merges = [BlockMerges(len(fm.X), block, k, blocks)
               for fm, blocks in zip(matrices, missing, strict=True)]
-    retries = Retries("pairs", study.resources.max_failures, ctx.stream)
-    with Progress("pairs", len(todo), unit="tile", skipped=total_tiles - len(todo),
-                  stream=ctx.stream) as progress:
+    with Units("pairs", todo, label=lambda t: f"tile {keys[t[0]]} ({t[1]}, {t[2]})",
+               max_failures=study.resources.max_failures, stream=ctx.stream, noun="tile",
+               skipped=total_tiles - len(todo)) as units:
         if not todo:
             return {"tiles": 0, "skipped": total_tiles, "groups": 0, "failed": 0}
         quiet_ray_data()
         refs = [ray.put(fm) for fm in matrices]
-        round_tiles = todo
-        while round_tiles:
+        for round_tiles in units.rounds():  # the tiles that failed in a round make the next
             with warnings.catch_warnings():
                 # max_restarts=0 goes through map_batches' **ray_remote_args (deprecated in
                 # 2.60, still honoured): a tile actor that dies fails the job. With restarts
@@ -292,7 +290,8 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     ok = batch["error"] == ""
-                    for t in np.unique(batch["tile"][ok]):
+                    done = np.unique(batch["tile"][ok])
+                    for t in done:
                         sel = batch["tile"] == t
                         g = int(batch["matrix"][sel][0])
                         for b, r, best_i, best_d in merges[g].add(
@@ -302,21 +301,16 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                                 for row in neighbor_rows(matrices[g], b, r, best_i, best_d)])
                     bad = batch["tile"][~ok].tolist()
                     errors.update(zip(bad, batch["error"][~ok], strict=True))
-                    progress.update(len(np.unique(batch["tile"][ok])))
+                    units.done(*(round_tiles[int(t)] for t in done))
             except ray.exceptions.RayError as exc:
                 raise IncompleteError(
                     f"pairs: the Ray Data job failed ({error_text(exc)[:300]}); the tiles it "
                     "finished are stored and a relaunch computes the rest") from None
-            retry = []
+            # a tile given up never completes its blocks: their neighbors stay pending
             for t, error in errors.items():
-                tile = round_tiles[t]
-                if retries.failed(f"tile {keys[tile[0]]} ({tile[1]}, {tile[2]})", error):
-                    retry.append(tile)
-                else:  # its blocks never complete: their neighbors stay pending
-                    progress.update(1)
-            round_tiles = retry
+                units.failed(round_tiles[t], error)
     return {"tiles": len(todo), "skipped": total_tiles - len(todo), "groups": len(keys),
-            **retries.outcome()}
+            **units.outcome()}
 
 
 def quiet_ray_data() -> None:

@@ -28,8 +28,7 @@ from distsim.config import Study
 from distsim.config.data import DataConfig
 from distsim.errors import ConfigError, LaunchError, StoreError
 from distsim.pipeline.registry import STAGE_NAMES
-from distsim.stats.htt_split import make_split
-from distsim.stats.hypothesis_training import MIN_TASKS
+from distsim.stats.htt_split import MIN_TASKS, make_split
 from distsim.store import Store
 from distsim.zoo.tasks import make_tasks
 

@@ -120,16 +120,19 @@ class Progress:
 class Retries:
     """Failed attempts of a stage's units (packs, tiles, chunks) against ``max_failures``
     retries, each said in one line: ``failed(unit, error)`` is True while the unit may run
-    again; ``outcome()`` gives the counts the launch reports (failed units, first cause)."""
+    again (``again``: the mechanism decided, e.g. Tune's FailureConfig); ``outcome()`` gives
+    the counts the launch reports (failed units, first cause). Used by
+    :class:`distsim.pipeline.units.Units`."""
 
     def __init__(self, stage: str, max_failures: int, stream: TextIO) -> None:
         self.stage, self.max_failures, self.stream = stage, max_failures, stream
         self.tries: dict[str, int] = {}
         self.given_up: dict[str, str] = {}  # unit -> its last error
 
-    def failed(self, unit: str, error: str) -> bool:
+    def failed(self, unit: str, error: str, again: bool | None = None) -> bool:
         self.tries[unit] = self.tries.get(unit, 0) + 1
-        again = self.tries[unit] <= self.max_failures
+        if again is None:
+            again = self.tries[unit] <= self.max_failures
         print(f"{self.stage:<9} {unit} failed ({'retrying' if again else 'giving up'}): "
               f"{error[:300]}", file=self.stream, flush=True)
         if not again:

@@ -9,7 +9,8 @@ p = (1 + #{null >= S}) / (1 + B) (``distsim.stats.p_value``). With one chunk the
 the single-process ``htt`` / ``permanova`` call exactly. An HTT's learner basis (``htt_prepare``:
 the training rows' basis, (n + m) x r with r <= min(n, D), from the D x D Gram when n > D so
 that no n x n array exists) is computed once per test by one task and shared by its chunks
-through the object store. One ``tests`` shard per (arch, method, layer, protocol); tests
+through the object store; every HTT of a study gets the options of its ``[tests]`` section
+(``StatsSpec.htt_options()``). One ``tests`` shard per (arch, method, layer, protocol); tests
 already in the store are skipped. A row's ``seconds`` is the compute time of its chunks (or
 tiles), summed: all tests are queued at the stage's start, so their wall times would measure
 the queue.
@@ -47,42 +48,36 @@ stage, the pairs stage would need the labels (N x B) before its tiles run and wo
 store B + 1 sums per tile and test (or hold them until every tile is in), and its
 skip-what-is-stored resumption would track the tests' state too. Kept apart, each stage
 stays resumable and retried on its own units.
+
+Each pending test is a typed job (``Job``): ``HTTJob`` (fit, head, null chunks),
+``FeaturesJob`` (PERMANOVA's or PERMDISP's chunks on the features' Euclidean basis) or
+``TilesJob`` (PERMANOVA's tiles), planned with its helper tasks and units; it takes each
+finished unit's value (``take``) and makes its row (``row``). ``run_tests`` submits the units,
+through ``distsim.pipeline.units`` (a failed unit runs again or gives up its test), and a test
+is written when its last unit is in.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from distsim.config import MatrixKey, Study
+from distsim import stats  # lazy: names load their module on first use
+from distsim.config import MatrixKey, PairSpec, StatsSpec, Study
 from distsim.errors import LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
-from distsim.pipeline.progress import Progress, Retries
 from distsim.pipeline.stage import Outputs, RunContext, Stage
-from distsim.pipeline.zoo import error_text
-from distsim.stats import (
-    TileSums,
-    distance_frame,
-    euclidean_basis,
-    htt,
-    htt_null_chunk,
-    htt_prepare,
-    p_value,
-    permanova_features,
-    permanova_groups,
-    permanova_labels,
-    permanova_tile,
-    permdisp_features,
-    r_squared,
-    tile_pseudo_f,
-    upper_tiles,
-)
-from distsim.stats.linear_embedding import Fit
+from distsim.pipeline.units import Units, run_refs
 from distsim.store import Store, lineage
+
+if TYPE_CHECKING:  # types only: the statistics load when a unit runs, not for `status`
+    from distsim.stats import HTTOptions, TileSums
+    from distsim.stats.linear_embedding import Fit
 
 PERMANOVA = "permanova"
 PERMDISP = "permdisp"
@@ -107,33 +102,36 @@ def chunk_sizes(permutations: int, chunk: int) -> list[int]:
     return [min(chunk, permutations - s) for s in range(0, permutations, chunk)]
 
 
-def htt_fit(X: np.ndarray, tasks: np.ndarray, protocol: str, seed: int,
-            kwargs: dict[str, Any]) -> Fit:
+def htt_fit(X: np.ndarray, tasks: np.ndarray, protocol: str, seed: int, options: HTTOptions,
+            strata: np.ndarray | None) -> Fit:
     """The learner's label-independent part for the split of `seed` (``htt_prepare``): computed
     once per test, shared by its chunks through the object store."""
-    return htt_prepare(X, tasks, protocol, seed, **{k: v for k, v in kwargs.items() if k != "k"})
+    return stats.htt_prepare(X, tasks, protocol, seed, options=options, strata=strata)
 
 
 def htt_head(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int, seed: int,
-             kwargs: dict[str, Any], fit: Fit | None = None) -> dict[str, Any]:
+             options: HTTOptions, strata: np.ndarray | None, fit: Fit | None = None
+             ) -> dict[str, Any]:
     """Chunk 0 of an HTT: the observed statistic, chance, extras and the first null chunk."""
-    r = htt(X, tasks, protocol, permutations=permutations, seed=seed, fit=fit, **kwargs)
+    r = stats.htt(X, tasks, protocol, permutations=permutations, seed=seed, options=options,
+                  fit=fit, strata=strata)
     return {"observed": r.statistic, "statistic": r.metric, "chance": r.chance, "null": r.null,
             "extra": {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str))}}
 
 
 def htt_chunk(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int, seed: int,
-              chunk: int, kwargs: dict[str, Any], fit: Fit | None = None) -> np.ndarray:
+              chunk: int, options: HTTOptions, strata: np.ndarray | None,
+              fit: Fit | None = None) -> np.ndarray:
     """Null chunk c >= 1 of an HTT: permutations from seed (seed, c), the split of `seed`."""
-    return htt_null_chunk(X, tasks, protocol, permutations=permutations, seed=(seed, chunk),
-                          split_seed=seed, fit=fit, **kwargs)
+    return stats.htt_null_chunk(X, tasks, protocol, permutations=permutations, seed=(seed, chunk),
+                          options=options, split_seed=seed, fit=fit, strata=strata)
 
 
 def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int,
                    seed: int) -> dict[str, Any]:
     """Chunk 0 of PERMANOVA's features route: the pseudo-F and the first null chunk of
     ``permanova_features`` on the features' Euclidean basis Y (no N x N array)."""
-    r = permanova_features(Y, tasks, permutations=permutations, seed=seed)
+    r = stats.permanova_features(Y, tasks, permutations=permutations, seed=seed)
     return {"observed": r.statistic, "statistic": "pseudo-F", "chance": float("nan"),
             "null": r.null, "extra": {"n_groups": r.n_groups, "route": "features", "r2": r.r2}}
 
@@ -143,7 +141,7 @@ def permdisp_test(Y: np.ndarray, tasks: np.ndarray, permutations: int,
     """PERMDISP (distances to the task centroids, ``permdisp_features``) on the features'
     Euclidean basis Y, all B permutations in one task (O(N) each): whether the tasks' spreads
     differ, which PERMANOVA alone cannot tell from a difference of location."""
-    r = permdisp_features(Y, tasks, permutations=permutations, seed=seed)
+    r = stats.permdisp_features(Y, tasks, permutations=permutations, seed=seed)
     spread = r.extra["dispersion"]
     return {"observed": r.statistic, "statistic": "F", "chance": float("nan"), "null": r.null,
             "extra": {"n_groups": r.n_groups, "route": "features", "test": "centroid",
@@ -155,7 +153,7 @@ def permanova_chunk(Y: np.ndarray, tasks: np.ndarray, permutations: int, seed: i
                     chunk: int) -> np.ndarray:
     """Null chunk c >= 1 of PERMANOVA's features route: permutations from seed (seed, c), the
     ones ``permanova_null_chunk`` draws."""
-    return permanova_features(Y, tasks, permutations, (seed, chunk)).null
+    return stats.permanova_features(Y, tasks, permutations, (seed, chunk)).null
 
 
 def chunk_labels(tasks: np.ndarray, permutations: int, seed: int, chunk: int) -> np.ndarray:
@@ -163,15 +161,15 @@ def chunk_labels(tasks: np.ndarray, permutations: int, seed: int, chunk: int) ->
     (with the observed labels first), (s, c) after, as ``permanova`` /
     ``permanova_null_chunk`` draw them."""
     if chunk == 0:
-        return permanova_labels(tasks, permutations, seed, observed=True)
-    return permanova_labels(tasks, permutations, (seed, chunk))
+        return stats.permanova_labels(tasks, permutations, seed, observed=True)
+    return stats.permanova_labels(tasks, permutations, (seed, chunk))
 
 
 def tiles_head(sums: TileSums, sizes: np.ndarray, n_tiles: int) -> dict[str, Any]:
     """The head of a tiles-route PERMANOVA from its tiles' summed shares: the observed pseudo-F
     and the whole null (the labellings of all chunks, in order)."""
-    f = tile_pseudo_f(*sums.sums(), sizes)
-    r2 = r_squared(float(f[0]), int(sizes.sum()), len(sizes))
+    f = stats.tile_pseudo_f(*sums.sums(), sizes)
+    r2 = stats.r_squared(float(f[0]), int(sizes.sum()), len(sizes))
     return {"observed": float(f[0]), "statistic": "pseudo-F", "chance": float("nan"),
             "null": f[1:], "extra": {"n_groups": len(sizes), "route": "tiles",
                                      "tiles": n_tiles, "r2": r2}}
@@ -201,7 +199,7 @@ def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) ->
     return {"statistic": head["statistic"], "observed": observed, "chance": float(head["chance"]),
             "null_mean": mean, "null_sd": sd, "effect_size": effect,
             # a null with no finite value (PERMDISP with no spread within tasks) tests nothing
-            "p_value": p_value(observed, null) if np.isfinite(null).any() else float("nan"),
+            "p_value": stats.p_value(observed, null) if np.isfinite(null).any() else float("nan"),
             "permutations": permutations, "null": null.tolist(),
             "extra": json.dumps(head["extra"], sort_keys=True)}
 
@@ -230,27 +228,174 @@ def outputs(study: Study, store: Store) -> Outputs:
                    stale=stale)
 
 
-def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
-    """Run every pending test of every feature matrix as Ray tasks (permutation chunks, or
-    tiles for PERMANOVA on a non-Euclidean metric); one shard per test."""
+# ----------------------------------------------------------------------------- the stage's jobs
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One Ray task of a test: a permutation chunk, or a tile of PERMANOVA's tiles route."""
+
+    name: str  # "<matrix>-<protocol>-<part>": the fault-injection key, named when it fails
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class MatrixRefs:
+    """One feature matrix in the object store, shared by the units of its pending tests."""
+
+    key: MatrixKey
+    X: Any  # ObjectRef of the features (N, D)
+    tasks: Any  # ObjectRef of the task labels (N,)
+    n_models: int
+    n_tasks: int
+    upstream: str  # fingerprint of the feature rows (distsim.store.lineage)
+    basis_task: Any  # the remote euclidean_basis
+    _basis: Any = None
+
+    def basis(self) -> Any:
+        """The features' Euclidean basis (a ref), made once for PERMANOVA and PERMDISP."""
+        if self._basis is None:
+            self._basis = self.basis_task.remote(self.X)
+        return self._basis
+
+    def unit(self, protocol: str, part: str, fn: Callable[..., Any], *args: Any) -> Unit:
+        return Unit(f"{self.key}-{protocol}".replace("/", "-") + f"-{part}", fn, args)
+
+
+@dataclass(eq=False)
+class Job:
+    """A pending test (one tests shard): its units, and what they have returned so far.
+    ``take`` gets a finished unit's value, ``row`` the test's row once all are in."""
+
+    matrix: MatrixRefs
+    protocol: str
+    permutations: int
+    units: list[Unit]
+    learner: str | None = None  # the row's learner: the HTT learner, None for the others
+    seconds: float = 0.0  # the compute time of the units in, summed
+    left: int = field(init=False)  # units not in yet
+    kind: ClassVar[str] = "chunk"  # what a unit is called when it fails
+
+    def __post_init__(self) -> None:
+        self.left = len(self.units)
+
+    def take(self, i: int, value: Any) -> None:
+        raise NotImplementedError
+
+    def head_and_nulls(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """The head (observed statistic, chance, extra, first null) and the other nulls."""
+        raise NotImplementedError
+
+    def row(self, seed: int) -> dict[str, Any]:
+        """The test's row of the tests table, from its units' values."""
+        row = combine(*self.head_and_nulls(), self.permutations)
+        m = self.matrix
+        row.update({"n_models": m.n_models, "n_tasks": m.n_tasks, "seed": seed,
+                    "upstream": m.upstream, "learner": self.learner, "seconds": self.seconds})
+        return row
+
+
+@dataclass(eq=False)
+class ChunkedJob(Job):
+    """A test in permutation chunks: chunk 0 the head, chunks c >= 1 more of the null."""
+
+    values: list[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.values = [None] * len(self.units)
+
+    def take(self, i: int, value: Any) -> None:
+        self.values[i] = value
+
+    def head_and_nulls(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        head, *nulls = self.values
+        return head, nulls
+
+
+@dataclass(eq=False)
+class HTTJob(ChunkedJob):
+    """An HTT protocol: one ``htt_fit`` task, then ``htt_head`` and ``htt_chunk`` units that
+    share it."""
+
+    @classmethod
+    def plan(cls, m: MatrixRefs, protocol: str, spec: StatsSpec, options: HTTOptions,
+             strata: np.ndarray | None, fit_task: Any) -> HTTJob:
+        B, seed = spec.permutations, spec.seed
+        sizes = chunk_sizes(B, spec.chunk_size)
+        fit = fit_task.remote(m.X, m.tasks, protocol, seed, options, strata)
+        units = [m.unit(protocol, "0", htt_head, m.X, m.tasks, protocol, sizes[0], seed,
+                        options, strata, fit)]
+        units += [m.unit(protocol, str(c), htt_chunk, m.X, m.tasks, protocol, b, seed, c,
+                         options, strata, fit) for c, b in enumerate(sizes[1:], 1)]
+        return cls(m, protocol, B, units, learner=options.learner)
+
+
+@dataclass(eq=False)
+class FeaturesJob(ChunkedJob):
+    """PERMANOVA (metric euclidean: chunks of ``permanova_features``) or PERMDISP (one unit)
+    on the features' Euclidean basis."""
+
+    @classmethod
+    def plan(cls, m: MatrixRefs, protocol: str, spec: StatsSpec) -> FeaturesJob:
+        B, seed, y = spec.permanova_permutations, spec.seed, m.basis()
+        if protocol == PERMDISP:
+            units = [m.unit(protocol, "0", permdisp_test, y, m.tasks, B, seed)]
+        else:
+            sizes = chunk_sizes(B, spec.chunk_size)
+            units = [m.unit(protocol, "0", permanova_head, y, m.tasks, sizes[0], seed)]
+            units += [m.unit(protocol, str(c), permanova_chunk, y, m.tasks, b, seed, c)
+                      for c, b in enumerate(sizes[1:], 1)]
+        return cls(m, protocol, B, units)
+
+
+@dataclass(eq=False)
+class TilesJob(Job):
+    """PERMANOVA on any metric: one ``permanova_tile`` unit per upper tile of the distance
+    matrix, whose shares are added as they arrive (never all held)."""
+
+    groups: np.ndarray = field(kw_only=True)  # the group sizes (permanova_groups)
+    sums: TileSums = field(init=False)
+    kind: ClassVar[str] = "tile"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sums = stats.TileSums(self.permutations + 1)
+
+    @classmethod
+    def plan(cls, m: MatrixRefs, spec: StatsSpec, pairs: PairSpec, tasks: np.ndarray,
+             frame_task: Any, labels_task: Any) -> TilesJob:
+        B, metric = spec.permanova_permutations, pairs.metric
+        groups = stats.permanova_groups(tasks)[1]
+        frame = frame_task.remote(m.X, metric)
+        labels = [labels_task.remote(m.tasks, b, spec.seed, c)
+                  for c, b in enumerate(chunk_sizes(B, spec.chunk_size))]
+        units = [m.unit(PERMANOVA, f"tile{t[0]}-{t[2]}", stats.permanova_tile, m.X, frame, t,
+                        metric, groups, *labels)
+                 for t in stats.upper_tiles(len(tasks), pairs.block)]
+        return cls(m, PERMANOVA, B, units, groups=groups)
+
+    def take(self, i: int, value: Any) -> None:
+        self.sums.add(*value)
+
+    def head_and_nulls(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        return tiles_head(self.sums, self.groups, len(self.units)), []
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _plan(study: Study, store: Store, have: set[tuple[str, ...]],
+          remotes: dict[str, Any]) -> Iterator[Job]:
+    """The jobs of the tests not in the store, matrix by matrix; a job's helper tasks (basis,
+    fit, distance frame, labels) are submitted as it is planned."""
     import ray
 
-    spec = study.tests
-    metric = study.pairs.metric
-    have = _test_state(study, store)[0]
-    task = ray.remote(num_cpus=1)(_chunk)  # a unit that raises is resubmitted below
-    basis_task = ray.remote(num_cpus=1)(euclidean_basis)
-    fit_task = ray.remote(num_cpus=1)(htt_fit)
-    frame_task = ray.remote(num_cpus=1)(distance_frame)
-    labels_task = ray.remote(num_cpus=1)(chunk_labels)
-    root, fault_plan = str(store.root), plan()
-    kwargs = spec.htt_kwargs()
-    jobs: dict[tuple[MatrixKey, str], dict[str, Any]] = {}  # -> refs, calls, values, meta
-    n_tests = 0
+    spec, options = study.tests, study.tests.htt_options()
+    euclidean = study.pairs.metric == "euclidean"
     for matrix in study.matrices():
-        protocols = list(study_protocols(study))
-        n_tests += len(protocols)
-        protocols = [p for p in protocols
+        protocols = [p for p in study_protocols(study)
                      if (matrix.arch, matrix.method, matrix.layer, p) not in have]
         if not protocols:
             continue
@@ -260,121 +405,62 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 f"tests: {matrix} has {len(fm.model_ids)} feature rows in the store; run the zoo "
                 "and features stages first"
             )
-        x_ref, t_ref = ray.put(fm.X), ray.put(fm.tasks)
-        htt_kw = dict(kwargs)
-        if study.train.shared_init:  # split and permute within init-seed strata (htt_split)
-            htt_kw["strata"] = study.model_index(fm.seeds, fm.tasks)
-        bases: list[Any] = []  # the Euclidean basis, made once for PERMANOVA and PERMDISP
-
-        def basis(x: Any, bases: list[Any] = bases) -> Any:
-            if not bases:
-                bases.append(basis_task.remote(x))
-            return bases[0]
-
-        meta = {"n_models": len(fm.model_ids), "n_tasks": int(len(np.unique(fm.tasks))),
-                "upstream": fm.upstream}
+        m = MatrixRefs(matrix, ray.put(fm.X), ray.put(fm.tasks), len(fm.model_ids),
+                       int(len(np.unique(fm.tasks))), fm.upstream, remotes["basis"])
+        # train.shared_init: split and permute within init-seed strata (htt_split)
+        strata = study.model_index(fm.seeds, fm.tasks) if study.train.shared_init else None
         for protocol in protocols:
-            unit = f"{matrix}-{protocol}".replace("/", "-")
-
-            calls: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
-
-            def submit(part: str, fn: Callable[..., Any], *args: Any, unit: str = unit,
-                       calls: list[Any] = calls) -> Any:
-                calls.append((f"{unit}-{part}", fn, args))
-                return task.remote(f"{unit}-{part}", root, fault_plan, fn, *args)
-
-            job: dict[str, Any] = {}
-            if protocol == PERMDISP:
-                B = spec.permanova_permutations
-                y_ref = basis(x_ref)
-                refs = [submit("0", permdisp_test, y_ref, t_ref, B, spec.seed)]
-            elif protocol == PERMANOVA and metric == "euclidean":  # the features' basis
-                B = spec.permanova_permutations
-                sizes = chunk_sizes(B, spec.chunk_size)
-                y_ref = basis(x_ref)
-                refs = [submit("0", permanova_head, y_ref, t_ref, sizes[0], spec.seed)]
-                refs += [submit(str(c), permanova_chunk, y_ref, t_ref, b, spec.seed, c)
-                         for c, b in enumerate(sizes[1:], 1)]
+            if protocol == PERMDISP or (protocol == PERMANOVA and euclidean):  # features route
+                yield FeaturesJob.plan(m, protocol, spec)
             elif protocol == PERMANOVA:  # any metric: tiles of the distance matrix
-                B = spec.permanova_permutations
-                groups = permanova_groups(fm.tasks)[1]
-                frame_ref = frame_task.remote(x_ref, metric)
-                label_refs = [labels_task.remote(t_ref, b, spec.seed, c)
-                              for c, b in enumerate(chunk_sizes(B, spec.chunk_size))]
-                tiles = upper_tiles(len(fm.model_ids), study.pairs.block)
-                refs = [submit(f"tile{t[0]}-{t[2]}", permanova_tile, x_ref, frame_ref, t,
-                               metric, groups, *label_refs) for t in tiles]
-                job = {"sums": TileSums(B + 1), "groups": groups}
+                yield TilesJob.plan(m, spec, study.pairs, fm.tasks, remotes["frame"],
+                                    remotes["labels"])
             else:
-                B = spec.permutations
-                sizes = chunk_sizes(B, spec.chunk_size)
-                fit_ref = fit_task.remote(x_ref, t_ref, protocol, spec.seed, htt_kw)
-                refs = [submit("0", htt_head, x_ref, t_ref, protocol, sizes[0], spec.seed,
-                               htt_kw, fit_ref)]
-                refs += [submit(str(c), htt_chunk, x_ref, t_ref, protocol, b, spec.seed, c,
-                                htt_kw, fit_ref) for c, b in enumerate(sizes[1:], 1)]
-            jobs[(matrix, protocol)] = {"refs": refs, "calls": calls, "values": [None] * len(refs),
-                                        "B": B, "seconds": 0.0, **meta, **job}
-    n_units = sum(len(j["refs"]) for j in jobs.values())
-    progress = Progress("tests", n_units, unit="task", skipped=0, stream=ctx.stream)
-    if n_tests > len(jobs):
-        print(f"tests     {n_tests - len(jobs)} of {n_tests} tests already in store",
-              file=progress.stream)
-    owner = {ref: (key, i) for key, job in jobs.items() for i, ref in enumerate(job["refs"])}
-    left = {key: len(job["refs"]) for key, job in jobs.items()}
-    retries = Retries("tests", study.resources.max_failures, ctx.stream)
-    failed: set[tuple[MatrixKey, str]] = set()  # tests with a unit given up
-    waiting = list(owner)
-    try:
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1)
-            key, i = owner.pop(ready[0])
-            job = jobs[key]
-            try:
-                value, seconds = ray.get(ready[0])
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-                if key in failed:
-                    continue
-                name, fn, args = job["calls"][i]
-                kind = "tile" if "sums" in job else "chunk"
-                if retries.failed(f"{kind} {name}", error_text(exc)):
-                    ref = task.remote(name, root, fault_plan, fn, *args)
-                    owner[ref] = (key, i)
-                    waiting.append(ref)
-                else:
-                    failed.add(key)
-                    progress.update(left.pop(key))
-                continue
-            if key in failed:
-                continue
-            if "sums" in job:  # a tile's shares: added now, never all held
-                job["sums"].add(*value)
-            else:
-                job["values"][i] = value
-            job["seconds"] += seconds
-            left[key] -= 1
-            progress.update(1)
-            if left[key] == 0:
-                if "sums" in job:
-                    job["values"] = [tiles_head(job["sums"], job["groups"], len(job["refs"]))]
-                _write_test(store, study, key, job)
-    finally:
-        progress.close()
-    return {"tests": len(jobs), "skipped": n_tests - len(jobs), "tasks": n_units,
-            **retries.outcome()}
+                yield HTTJob.plan(m, protocol, spec, options, strata, remotes["fit"])
 
 
-def _write_test(store: Store, study: Study, key: tuple[MatrixKey, str],
-                job: dict[str, Any]) -> None:
-    """Combine a test's chunks (job["values"]: head, then nulls) into its tests shard."""
-    matrix, protocol = key
-    head, *nulls = job["values"]
-    row = combine(head, nulls, job["B"])
-    row.update({"n_models": job["n_models"], "n_tasks": job["n_tasks"], "seed": study.tests.seed,
-                "upstream": job["upstream"],
-                "learner": study.tests.learner if protocol in study.tests.protocols else None,
-                "seconds": job["seconds"]})
-    store.write_shard("tests", {**matrix.key, "protocol": protocol}, [row])
+def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
+    """Run every pending test of every feature matrix as Ray tasks (permutation chunks, or
+    tiles for PERMANOVA on a non-Euclidean metric); one shard per test, written when its last
+    unit is in. A unit that raised runs again while ``resources.max_failures`` allow, else its
+    test is given up (``distsim.pipeline.units``: its other units' results are dropped)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_chunk)
+    root, fault_plan = str(store.root), plan()
+    remotes = {name: ray.remote(num_cpus=1)(fn) for name, fn in (
+        ("basis", stats.euclidean_basis), ("fit", htt_fit), ("frame", stats.distance_frame),
+        ("labels", chunk_labels))}
+
+    def submit(part: tuple[Job, int]) -> Any:
+        unit = part[0].units[part[1]]
+        return task.remote(unit.name, root, fault_plan, unit.fn, *unit.args)
+
+    def on_done(part: tuple[Job, int], result: tuple[Any, float]) -> None:
+        (job, i), (value, seconds) = part, result
+        job.take(i, value)
+        job.seconds += seconds
+        job.left -= 1
+        if job.left == 0:
+            store.write_shard("tests", {**job.matrix.key.key, "protocol": job.protocol},
+                              [job.row(study.tests.seed)])
+
+    jobs = list(_plan(study, store, _test_state(study, store)[0], remotes))
+    n_tests = len(study.matrices()) * len(study_protocols(study))
+    parts = [(job, i) for job in jobs for i in range(len(job.units))]  # a job: eq=False, hashable
+
+    def label(part: tuple[Job, int]) -> str:  # names a unit in its failure line
+        return f"{part[0].kind} {part[0].units[part[1]].name}"
+
+    with Units("tests", parts, label=label, max_failures=study.resources.max_failures,
+               stream=ctx.stream, noun="task",
+               group=lambda part: part[0]) as units:  # a unit given up gives up its test
+        if n_tests > len(jobs):
+            print(f"tests     {n_tests - len(jobs)} of {n_tests} tests already in store",
+                  file=units.stream)
+        run_refs(units, submit, on_done)
+    return {"tests": len(jobs), "skipped": n_tests - len(jobs), "tasks": len(parts),
+            **units.outcome()}
 
 
 STAGE = Stage(name="tests", outputs=outputs, run=run_tests)

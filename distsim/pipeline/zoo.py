@@ -21,22 +21,23 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from distsim.config import Pack, Study
 from distsim.config.data import DataConfig
 from distsim.errors import LaunchError
 from distsim.pipeline import faults
 from distsim.pipeline.faults import maybe_fail
-from distsim.pipeline.progress import Progress
 from distsim.pipeline.stage import Outputs, RunContext, Stage
+from distsim.pipeline.units import Units, error_text
 from distsim.store import Store, model_id
 from distsim.zoo.tasks import Task, make_tasks
-from distsim.zoo.train import HISTORY_COLUMNS, SeedResult, train_pack
+
+if TYPE_CHECKING:  # torch: imported where a pack is trained, so `distsim status` loads none
+    from distsim.zoo.train import SeedResult
 
 SYSTEMATIC = 3  # this many failed attempts with one cause before any trial succeeds: stop
 
@@ -103,6 +104,8 @@ def model_rows(pack: Pack, task: Task, results: list[SeedResult], trial_id: str,
 def history_rows(pack: Pack, results: list[SeedResult]) -> dict[str, Any]:
     """Columns of the history table for one trained pack: one row per seed x completed epoch
     (seeds in pack order, epochs from 1); a seed that diverged in its first epoch has none."""
+    from distsim.zoo.train import HISTORY_COLUMNS
+
     tables = []  # (epochs, 4) per seed
     for r in results:
         if r.history is None:
@@ -150,6 +153,10 @@ def train_and_store(study: Study, pack: Pack, trial_id: str,
             return {"ok": held.filter(pl.col("status") == "ok").height,
                     "test_acc": float(held["test_acc"].to_numpy().mean()),
                     "seconds": 0.0, "skipped": 1}
+    import torch
+
+    from distsim.zoo.train import train_pack
+
     torch.set_num_threads(max(1, threads))
     task = study_tasks(study.data)[pack.task]
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
@@ -184,16 +191,16 @@ def _trainable(config: dict[str, Any], study: Study | None = None,
 
 
 class _Watch:
-    """Tune callback and stopper in one: counts finished trials on our progress line, prints
-    one line per failed attempt, and stops the experiment when the first SYSTEMATIC failed
-    attempts, of more than one trial, share one cause before any trial succeeded (a broken
-    setup: retrying every trial would only flood the terminal)."""
+    """Tune callback and stopper in one: notes each finished trial and failed attempt in the
+    stage's units (progress line, one line per failed attempt; Tune's FailureConfig decides the
+    retries), and stops the experiment when the first SYSTEMATIC failed attempts, of more than
+    one trial, share one cause before any trial succeeded (a broken setup: retrying every trial
+    would only flood the terminal)."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.succeeded = 0
+    def __init__(self, units: Units[Pack]) -> None:
+        self.units = units
         self.causes: list[str] = []
-        self.trials: set[str] = set()  # trials with a failed attempt
+        self.trials: set[Pack] = set()  # trials with a failed attempt
         self.systematic: str | None = None
 
     def failed(self, trial: Any, again: bool) -> None:
@@ -207,11 +214,11 @@ class _Watch:
         cause = re.sub(r"^[\w.]+\.(\w+): ", r"\1: ", " ".join(lines[-1].split())[:1000]) \
             if lines else "unknown error"
         self.causes.append(cause)
-        self.trials.add(str(trial))  # the trial's name, e.g. mlp-t3-p0
-        print(f"zoo       trial {trial} failed ({'retrying' if again else 'giving up'}): "
-              f"{cause[:300]}", file=self.progress.stream, flush=True)
+        pack = _pack(trial.config)
+        self.trials.add(pack)
+        self.units.failed(pack, cause, again=again)  # given up: counted in the progress
         first = self.causes[:SYSTEMATIC]
-        if (not self.succeeded and len(first) == SYSTEMATIC and len(self.trials) > 1
+        if (not self.units.succeeded and len(first) == SYSTEMATIC and len(self.trials) > 1
                 and len({re.sub(r"\b[0-9a-f]{8,}\b|\d+", "#", c) for c in first}) == 1):
             self.systematic = cause
 
@@ -223,8 +230,7 @@ class _Watch:
         class _Callback(tune.Callback):
             def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                                   **info: Any) -> None:
-                watch.succeeded += 1
-                watch.progress.update(1)
+                watch.units.done(_pack(trial.config))
 
             def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
                                  **info: Any) -> None:
@@ -233,7 +239,6 @@ class _Watch:
             def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
                                **info: Any) -> None:
                 watch.failed(trial, again=False)
-                watch.progress.update(1)
 
         return _Callback()
 
@@ -263,9 +268,11 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     packs = pending_packs(study, store)
     total = len(study.packs())
     skipped = total - len(packs)
-    progress = Progress("zoo", len(packs), unit="trial", skipped=skipped, stream=ctx.stream)
+    units = Units("zoo", packs, label=lambda p: f"trial {p.arch}-t{p.task}-p{p.pack}",
+                  max_failures=study.resources.max_failures, stream=ctx.stream, noun="trial",
+                  skipped=skipped)
     if not packs:
-        progress.close()
+        units.close()
         return {"trials": 0, "skipped": total, "failed": 0}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0: no Tune tables, our progress only
     # a failed trial is one line from our callback, not Tune's error log with its traceback
@@ -278,10 +285,10 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         res["gpu"] = study.resources.gpus_per_trial
     bound = tune.with_parameters(_trainable, study=study, faults=faults.plan())
     trainable = tune.with_resources(bound, res)
-    space = [{**p.key, "seeds": list(p.seeds)} for p in packs]
+    space = [{**p.key, "seeds": list(p.seeds)} for p in units.take()]  # Tune runs them
     storage = store.root / "_tune"
     name = "zoo-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    watch = _Watch(progress)
+    watch = _Watch(units)
     tuner = tune.Tuner(
         trainable,
         param_space={"pack": tune.grid_search(space)},
@@ -304,7 +311,7 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     try:
         grid = tuner.fit()
     finally:
-        progress.close()
+        units.close()
         if sigint is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
@@ -331,7 +338,7 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     if failed:
         print(f"zoo       {failed} trial(s) failed after {study.resources.max_failures} retries; "
               "their models are recorded as failed and the next launch trains them again",
-              file=progress.stream, flush=True)
+              file=units.stream, flush=True)
     if failed == 0:
         shutil.rmtree(storage / name, ignore_errors=True)  # everything it holds is in the store
         if storage.is_dir() and not any(storage.iterdir()):
@@ -348,13 +355,6 @@ def outputs(study: Study, store: Store) -> Outputs:
     present = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")} & packs
     failed = failed_packs(store) & packs
     return Outputs("packs", len(packs), len(present - failed), failed=len(failed))
-
-
-def error_text(error: BaseException) -> str:
-    """The root cause of a trial's error as one short line (no Ray traceback, no ANSI colours)."""
-    cause = getattr(error, "cause", None) or error
-    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {cause}")
-    return " ".join(text.split())[:1000]
 
 
 def reuse_actors() -> bool:

@@ -22,7 +22,13 @@ if TYPE_CHECKING:
         topk_neighbors,
         upper_tiles,
     )
-    from distsim.stats.hypothesis_training import HTTResult, htt, htt_null_chunk, htt_prepare
+    from distsim.stats.hypothesis_training import (
+        HTTOptions,
+        HTTResult,
+        htt,
+        htt_null_chunk,
+        htt_prepare,
+    )
     from distsim.stats.multiple_testing import q_values
     from distsim.stats.permanova_tiled import (
         TileSums,
@@ -57,6 +63,7 @@ _MODULES = {  # name -> the module that defines it (a test keeps it equal to __a
     "htt": "distsim.stats.hypothesis_training",
     "htt_null_chunk": "distsim.stats.hypothesis_training",
     "htt_prepare": "distsim.stats.hypothesis_training",
+    "HTTOptions": "distsim.stats.hypothesis_training",
     "HTTResult": "distsim.stats.hypothesis_training",
     "LEARNERS": "distsim.config.choices",
     "merge_topk": "distsim.stats.distances",
@@ -86,6 +93,7 @@ __all__ = [
     "LEARNERS",
     "METRICS",
     "PROTOCOLS",
+    "HTTOptions",
     "HTTResult",
     "PermanovaResult",
     "TileSums",

@@ -35,6 +35,8 @@ import numpy as np
 from distsim.stats.permutation import SeedLike
 from distsim.stats.scoring import CMC_RANKS, expected_ap, expected_cmc
 
+MIN_TASKS = {"closed-set": 2, "open-set": 4}  # 2 train + 2 held-out tasks for open-set
+
 
 @dataclass(frozen=True)
 class Split:

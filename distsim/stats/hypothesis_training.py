@@ -20,8 +20,8 @@ permutation null conditional on the observed partition of positions into roles, 
 under H0 (solutions exchangeable across tasks). Because the training positions do not change,
 standardization and the basis of the training rows' span (distsim.stats.linear_embedding:
 primal D x D when there are more training rows than features, dual n x n otherwise) are shared
-by all permutations and the learners run batched; ``batched=False`` runs the same test as a
-loop of full re-fits (the reference).
+by all permutations and the learners run batched; ``HTTOptions(batched=False)`` runs the
+same test as a loop of full re-fits (the reference).
 
 Strata (``strata=``, e.g. the init seed of each model when model i of every task starts from the
 same initial weights): the split is by stratum and the null permutes within (role, stratum)
@@ -36,13 +36,14 @@ Ties: the gallery is stored in a seeded random order and sorted stably, so tied 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from distsim.config.choices import LEARNERS, PROTOCOLS
 from distsim.stats.htt_split import (
+    MIN_TASKS,
     Split,
     chance_levels,
     make_split,
@@ -57,7 +58,6 @@ from distsim.stats.scoring import (
     retrieval_scores,
 )
 
-MIN_TASKS = {"closed-set": 2, "open-set": 4}  # 2 train + 2 held-out tasks for open-set
 # Working memory per chunk of permutations. Lower it to bound memory; the null does not depend
 # on it (each permutation is evaluated on its own).
 CHUNK_BYTES = 256 * 2**20
@@ -80,17 +80,39 @@ class HTTResult:
 
 
 @dataclass(frozen=True)
-class _Learning:
-    """How the representation is learned: learner, ridge, embedding dims k, the softmax's
-    stopping rule (tol, max_iter), primal/dual basis (solve)."""
+class HTTOptions:
+    """How an HTT splits and learns, the same for every call of one test (`htt`,
+    `htt_null_chunk`, `htt_prepare`); the defaults are the paper's.
 
-    learner: str
-    ridge: float
-    k: int | None
-    tol: float
-    max_iter: int
-    solve: str
-    batched: bool
+    Split: ``train_fraction`` of each task's solutions train (closed-set; paper 60/40);
+    ``train_task_fraction`` of the tasks train (open-set; paper 30 of 50), each held-out task
+    giving ``n_query`` queries (default 20% of its solutions) and the rest gallery.
+    Learner: ``"lda"`` (ridge regression onto task indicators) or ``"softmax"``; ``k``:
+    embedding dims (default all, training tasks - 1); ``ridge``: relative L2 strength;
+    ``tol``, ``max_iter``: the softmax runs until every fit's step is below tol of its weights
+    (at most max_iter steps); ``solve``: "primal" (D x D, no n x n array), "dual" (n x n) or
+    "auto" (the smaller; the same result to rounding); ``batched=False``: a loop of full
+    re-fits (the reference; the same values). Checked when a test runs (k against its tasks).
+
+    >>> HTTOptions()  # doctest: +NORMALIZE_WHITESPACE
+    HTTOptions(learner='lda', train_fraction=0.6, train_task_fraction=0.6, n_query=None,
+               k=None, ridge=1.0, tol=0.0001, max_iter=1000, solve='auto', batched=True)
+    >>> import dataclasses
+    >>> softmax = HTTOptions(learner="softmax", k=1)
+    >>> dataclasses.replace(softmax, ridge=10.0).ridge, softmax.ridge  # frozen: a changed copy
+    (10.0, 1.0)
+    """
+
+    learner: str = "lda"
+    train_fraction: float = 0.6
+    train_task_fraction: float = 0.6
+    n_query: int | None = None
+    k: int | None = None
+    ridge: float = 1.0
+    tol: float = 1e-4
+    max_iter: int = 1000
+    solve: str = "auto"
+    batched: bool = True
 
 
 # ----------------------------------------------------------------------------- validation & split
@@ -154,7 +176,7 @@ def _one_hot(codes: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return (col[..., None] == np.arange(len(classes))).astype(np.float64)
 
 
-def _prepare(X: np.ndarray, split: Split, how: _Learning, fit: Fit | None = None) -> Fit:
+def _prepare(X: np.ndarray, split: Split, how: HTTOptions, fit: Fit | None = None) -> Fit:
     """The fit shared by every permutation: `fit` when given (checked to be this split's and
     learner's, from `htt_prepare`), else computed."""
     if fit is None:
@@ -175,7 +197,7 @@ def _evaluate(
     X: np.ndarray,
     split: Split,
     labels: dict[str, np.ndarray],
-    how: _Learning,
+    how: HTTOptions,
     fit: Fit | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Statistic (B,) and, for open-set, CMC (B, 3) for B label assignments {role: (B, n_role)}."""
@@ -201,7 +223,7 @@ def _evaluate(
     return retrieval_scores(Zev[:, :n_q], Zev[:, n_q:], labels["query"], labels["gallery"])
 
 
-def _check_options(split: Split, how: _Learning) -> None:
+def _check_options(split: Split, how: HTTOptions) -> None:
     ridge, k, tol, max_iter = how.ridge, how.k, how.tol, how.max_iter
     if not (isinstance(ridge, (int, float, np.floating)) and np.isfinite(ridge) and ridge > 0):
         raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
@@ -227,19 +249,15 @@ def _setup(
     permutations: int,
     min_permutations: int,
     split_seed: SeedLike,
-    train_fraction: float,
-    train_task_fraction: float,
-    n_query: int | None,
-    how: _Learning,
+    how: HTTOptions,
     strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, Split]:
     """Validate everything, split -> (float features (N, D), split)."""
     X, names, codes = _check_inputs(
         features, tasks, protocol, how.learner, permutations, min_permutations
     )
-    split = make_split(
-        codes, names, protocol, split_seed, train_fraction, train_task_fraction, n_query, strata
-    )
+    split = make_split(codes, names, protocol, split_seed, how.train_fraction,
+                       how.train_task_fraction, how.n_query, strata)
     _check_options(split, how)
     if np.ptp(X[split.blocks["train"]], axis=0).max() == 0:
         raise ValueError("features are constant over the training solutions: nothing to learn")
@@ -251,7 +269,7 @@ def _null(
     split: Split,
     permutations: int,
     seed: SeedLike,
-    how: _Learning,
+    how: HTTOptions,
     fit: Fit | None = None,
 ) -> np.ndarray:
     """(permutations,) statistics under `permuted_labels`, in chunks of about CHUNK_BYTES."""
@@ -279,23 +297,30 @@ def htt_prepare(
     tasks: Sequence[Hashable] | np.ndarray,
     protocol: str = "closed-set",
     seed: SeedLike = 0,
-    learner: str = "lda",
     *,
-    train_fraction: float = 0.6,
-    train_task_fraction: float = 0.6,
-    n_query: int | None = None,
-    ridge: float = 1.0,
-    solve: str = "auto",
+    options: HTTOptions | None = None,
     strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> Fit:
     """The label-independent part of an HTT's learner for the split of `seed`: the basis of the
     training rows (n, r) and the evaluation rows in it (m, r), r <= min(n, D). Pass it as
     ``fit=`` to `htt` / `htt_null_chunk` calls with the same split, learner and ridge, so that
     chunks of one test compute it once (the tests stage ships it to every chunk); with the
-    same `strata` too (they change the split)."""
-    how = _Learning(learner, ridge, None, 1e-5, 1, solve, True)
-    X, split = _setup(features, tasks, protocol, 1, 0, seed, train_fraction,
-                      train_task_fraction, n_query, how, strata)
+    same `strata` too (they change the split). Of `options` (default ``HTTOptions()``) it reads
+    the split, learner, ridge and solve; k, tol, max_iter and batched do not change it.
+
+    >>> import numpy as np
+    >>> tasks = np.repeat(np.arange(3), 6)  # 3 tasks x 6 models, 5 features
+    >>> X = np.random.default_rng(0).normal(size=(18, 5)) + 2 * np.eye(5)[tasks]
+    >>> fit = htt_prepare(X, tasks, "closed-set", seed=0)
+    >>> fit.basis.solve, len(fit.basis.s2)  # 12 training rows > 5 features: the D x D basis
+    ('primal', 5)
+    >>> shared = htt(X, tasks, "closed-set", permutations=9, seed=0, fit=fit)
+    >>> bool(np.array_equal(shared.null, htt(X, tasks, "closed-set", permutations=9).null))
+    True
+    """
+    how = options if options is not None else HTTOptions()
+    how = replace(how, k=None, tol=1e-5, max_iter=1, batched=True)  # the fit does not read them
+    X, split = _setup(features, tasks, protocol, 1, 0, seed, how, strata)
     return _prepare(X, split, how)
 
 
@@ -305,18 +330,9 @@ def htt_null_chunk(
     protocol: str = "closed-set",
     permutations: int = 199,
     seed: SeedLike = 0,
-    learner: str = "lda",
     *,
+    options: HTTOptions | None = None,
     split_seed: SeedLike | None = None,
-    train_fraction: float = 0.6,
-    train_task_fraction: float = 0.6,
-    n_query: int | None = None,
-    k: int | None = None,
-    ridge: float = 1.0,
-    tol: float = 1e-4,
-    max_iter: int = 1000,
-    solve: str = "auto",
-    batched: bool = True,
     fit: Fit | None = None,
     strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> np.ndarray:
@@ -325,16 +341,25 @@ def htt_null_chunk(
     `seed` seeds the permutations of this chunk, `split_seed` (default: `seed`) the train/test
     split. Chunks that share `split_seed` but differ in `seed` combine into one null: e.g.
     ``htt(..., seed=s)`` plus chunks ``seed=(s, i), split_seed=s`` for i = 1, 2, ..., then
-    ``p_value(result.statistic, concatenate([result.null, *chunks]))``.
-    batched=False: a loop of full re-fits (the reference; same values). fit: `htt_prepare` of
-    the same split (split_seed), learner and ridge, shared by chunks. strata (N,): as in
-    `htt`, the same for every chunk of one test.
+    ``p_value(result.statistic, concatenate([result.null, *chunks]))``. options: as in `htt`,
+    the same for every chunk of one test. fit: `htt_prepare` of the same split (split_seed),
+    learner and ridge, shared by chunks. strata (N,): as in `htt`, the same for every chunk.
+
+    >>> import numpy as np
+    >>> from distsim.stats import p_value
+    >>> tasks = np.repeat(np.arange(3), 6)  # 3 tasks x 6 models, 5 features
+    >>> X = np.random.default_rng(0).normal(size=(18, 5)) + 2 * np.eye(5)[tasks]
+    >>> head = htt(X, tasks, "closed-set", permutations=10, seed=0)
+    >>> bool(np.array_equal(htt_null_chunk(X, tasks, "closed-set", 10, seed=0), head.null))
+    True
+    >>> more = htt_null_chunk(X, tasks, "closed-set", 10, seed=(0, 1), split_seed=0)
+    >>> null = np.concatenate([head.null, more])  # one null of 20 permutations
+    >>> null.shape, round(p_value(head.statistic, null), 4)  # 1 / 21
+    ((20,), 0.0476)
     """
-    how = _Learning(learner, ridge, k, tol, max_iter, solve, batched)
-    X, split = _setup(
-        features, tasks, protocol, permutations, 0, seed if split_seed is None else split_seed,
-        train_fraction, train_task_fraction, n_query, how, strata,
-    )
+    how = options if options is not None else HTTOptions()
+    X, split = _setup(features, tasks, protocol, permutations, 0,
+                      seed if split_seed is None else split_seed, how, strata)
     return _null(X, split, permutations, seed, how, fit)
 
 
@@ -344,17 +369,8 @@ def htt(
     protocol: str = "closed-set",
     permutations: int = 199,
     seed: SeedLike = 0,
-    learner: str = "lda",
     *,
-    train_fraction: float = 0.6,
-    train_task_fraction: float = 0.6,
-    n_query: int | None = None,
-    k: int | None = None,
-    ridge: float = 1.0,
-    tol: float = 1e-4,
-    max_iter: int = 1000,
-    solve: str = "auto",
-    batched: bool = True,
+    options: HTTOptions | None = None,
     fit: Fit | None = None,
     strata: Sequence[Hashable] | np.ndarray | None = None,
 ) -> HTTResult:
@@ -364,22 +380,30 @@ def htt(
     statistic = held-out accuracy of nearest training centroid in cosine, chance 1/tasks.
     open-set: train_task_fraction of the tasks train (paper 30 of 50); each held-out task gives
     n_query queries (default 20% of its solutions) and the rest gallery; statistic = mAP, chance
-    = exact expected mAP of a random ranking. k: embedding dims (default all, tasks - 1);
-    ridge: relative L2 strength; tol, max_iter: the softmax learner runs until every fit's step
-    is below tol of its weights (at most max_iter steps); solve: "primal" (D x D, no n x n
-    array), "dual" (n x n) or "auto" (the smaller; the same result to rounding).
+    = exact expected mAP of a random ranking. options: the split and the learner (`HTTOptions`;
+    default ``HTTOptions()``, the paper's). seed: the split and the permutations.
+    fit: `htt_prepare` of the same split, learner and ridge (computed here when None).
     strata (N,): a hashable stratum label per model (e.g. its init seed, when model i of every
     task starts from the same weights), or None: the split keeps a stratum in one role
     (closed-set: train_fraction of the strata train; open-set: n_query of the held-out tasks'
     strata, default 20%, give the queries) and the null permutes labels within each (role,
     stratum) cell; see the module docstring.
+
+    >>> import numpy as np
+    >>> tasks = np.repeat(np.arange(3), 6)  # 3 tasks x 6 models, 5 features
+    >>> X = np.random.default_rng(0).normal(size=(18, 5)) + 2 * np.eye(5)[tasks]
+    >>> r = htt(X, tasks, "closed-set", permutations=19, seed=0)
+    >>> r.metric, round(r.statistic, 3), round(r.chance, 3), r.p_value  # 5 of 6 held out right
+    ('accuracy', 0.833, 0.333, 0.05)
+    >>> r.extra["n_train"], r.extra["n_test"], r.null.shape
+    (12, 6, (19,))
+    >>> soft = htt(X, tasks, "closed-set", 19, seed=0, options=HTTOptions(learner="softmax"))
+    >>> soft.extra["learner"], round(soft.statistic, 3)
+    ('softmax', 0.833)
     """
-    how = _Learning(learner, ridge, k, tol, max_iter, solve, batched)
-    X, split = _setup(
-        features, tasks, protocol, permutations, 1, seed,
-        train_fraction, train_task_fraction, n_query, how, strata,
-    )
-    fit = _prepare(X, split, how, fit) if batched else None
+    how = options if options is not None else HTTOptions()
+    X, split = _setup(features, tasks, protocol, permutations, 1, seed, how, strata)
+    fit = _prepare(X, split, how, fit) if how.batched else None
     observed, cmc = _evaluate(X, split, observed_labels(split), how, fit)
     null = _null(X, split, permutations, seed, how, fit)
     statistic = float(observed[0])
@@ -392,12 +416,12 @@ def htt(
         effect = float(np.sign(statistic - null_mean) * np.inf) if statistic != null_mean else 0.0
     extra: dict[str, Any] = {
         "protocol": protocol,
-        "learner": learner,
+        "learner": how.learner,
         "n_models": int(X.shape[0]),
         "n_tasks": split.n_tasks,
         "n_features": int(X.shape[1]),
-        "k": len(split.train_classes) - 1 if k is None else int(k),
-        "ridge": float(ridge),
+        "k": len(split.train_classes) - 1 if how.k is None else int(how.k),
+        "ridge": float(how.ridge),
         "null": "labels permuted within each role of the fixed split",
         **{f"n_{role}": len(idx) for role, idx in split.blocks.items()},
     }
@@ -411,11 +435,11 @@ def htt(
         extra["n_train_tasks"] = len(split.train_classes)
         extra.update({f"cmc@{r}": float(cmc[0, i]) for i, r in enumerate(CMC_RANKS)})
         extra.update(chance_extra)
-    extra["solve"] = fit.basis.solve if fit is not None else solve
+    extra["solve"] = fit.basis.solve if fit is not None else how.solve
     if fit is not None:
         extra["rank"] = len(fit.basis.s2)
-    if learner == "softmax":
-        extra.update(tol=float(tol), max_iter=int(max_iter))
+    if how.learner == "softmax":
+        extra.update(tol=float(how.tol), max_iter=int(how.max_iter))
     return HTTResult(
         statistic=statistic,
         metric="accuracy" if protocol == "closed-set" else "mAP",

@@ -1,0 +1,180 @@
+"""Units of a stage's work, each run until it succeeds or its retries are spent: the bookkeeping.
+
+A stage cuts its work into units (a pack, a tile, a permutation chunk) and runs them on its own
+Ray mechanism: Tune trials (zoo), an actor pool (features), Ray Data rounds (pairs), tasks
+(tests). The mechanism stays with the stage; what every stage shares is kept here:
+
+- :class:`Units` holds the units still to run, in order (a failed attempt goes to the back),
+  counts each unit's failed attempts against ``resources.max_failures`` with one line each
+  (``<stage> <label> failed (retrying|giving up): <cause>``), draws the stage's
+  :class:`~distsim.pipeline.progress.Progress` (a unit counts once: when it succeeds or is
+  given up) and gives the launch its outcome counts (``{"failed": units given up, "error":
+  the first one's cause}``). Units may belong to groups (the chunks of one test): giving up
+  one unit gives up its group, whose unfinished units are counted then and whose later
+  results are dropped.
+- :func:`run_refs` is the loop of the mechanisms that hand back Ray object refs (tasks, actor
+  methods): submit pending units (at most ``slots`` at a time), wait for the next to finish,
+  get it, pass its value on or note its error (resubmitted, or given up).
+
+A round-based mechanism (a Ray Data job per round) takes ``Units.rounds()`` and reports each
+unit with ``done`` / ``failed``; one that retries by itself (Tune) passes ``again`` to
+``failed`` and only has its lines, progress and counts kept here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any, Generic, TextIO, TypeVar
+
+from distsim.pipeline.progress import Progress, Retries
+
+U = TypeVar("U", bound=Hashable)
+
+
+def error_text(error: BaseException) -> str:
+    """The root cause of a unit's error as one short line (no Ray traceback, no ANSI colours)."""
+    cause = getattr(error, "cause", None) or error
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {cause}")
+    return " ".join(text.split())[:1000]
+
+
+class Units(Generic[U]):
+    """The units of one stage's run: what is still to run, failed attempts, progress, outcome.
+
+    ``units``: every unit to run, in order (hashable and distinct: a pack, a tile id, a
+    (test, chunk) pair); ``label(unit)`` names one in its failure lines ("pack mlp-t0-p1");
+    ``noun`` and ``skipped`` go to the progress line (units of work, units the store already
+    held); ``group(unit)``: units given up together (default: each unit alone). Use it as a
+    context manager: the progress line is drawn at once and closed at the end.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        units: Iterable[U],
+        *,
+        label: Callable[[U], str],
+        max_failures: int,
+        stream: TextIO,
+        noun: str = "it",
+        skipped: int = 0,
+        group: Callable[[U], Hashable] | None = None,
+    ) -> None:
+        self.pending: deque[U] = deque(units)
+        self.label, self.group = label, group or (lambda unit: unit)
+        self.retries = Retries(stage, max_failures, stream)
+        self.succeeded = 0  # units done
+        self._left: dict[Hashable, int] = {}  # group -> its units neither done nor given up
+        for unit in self.pending:
+            g = self.group(unit)
+            self._left[g] = self._left.get(g, 0) + 1
+        self._dropped: set[Hashable] = set()  # groups given up
+        self.progress = Progress(stage, len(self.pending), unit=noun, skipped=skipped,
+                                 stream=stream)
+
+    @property
+    def stream(self) -> TextIO:
+        """Where the stage's lines go (its progress line, failures, notices)."""
+        return self.progress.stream
+
+    def take(self, n: int | None = None) -> list[U]:
+        """The next `n` pending units (all when None), removed from the queue: to submit now."""
+        count = len(self.pending) if n is None else max(0, min(n, len(self.pending)))
+        return [self.pending.popleft() for _ in range(count)]
+
+    def rounds(self) -> Iterator[list[U]]:
+        """Rounds of a round-based mechanism: all pending units, while any is pending (the
+        units that failed in one round and may run again make the next)."""
+        while self.pending:
+            yield self.take()
+
+    def dropped(self, unit: U) -> bool:
+        """Whether `unit`'s group was given up (its results are not wanted any more)."""
+        return self.group(unit) in self._dropped
+
+    def done(self, *units: U) -> None:
+        """`units` succeeded: the progress counts them (those of a given-up group aside)."""
+        live = [u for u in units if not self.dropped(u)]
+        for unit in live:
+            self._left[self.group(unit)] -= 1
+        self.succeeded += len(live)
+        self.progress.update(len(live))
+
+    def failed(self, unit: U, error: str, *, again: bool | None = None) -> bool:
+        """An attempt of `unit` failed with `error`: one line, and True while it may run again.
+
+        ``again`` None: this decides (``max_failures`` retries) and a unit to run again goes
+        to the back of ``pending``; a bool: the mechanism decided and retries it itself. A
+        unit given up gives up its group: the group's unfinished units count in the progress
+        now and the group's later results and errors are dropped (no line).
+        """
+        if self.dropped(unit):
+            return False
+        decided = again is not None
+        if self.retries.failed(self.label(unit), error, again):
+            if not decided:
+                self.pending.append(unit)
+            return True
+        g = self.group(unit)
+        self._dropped.add(g)
+        self.progress.update(self._left.pop(g))
+        return False
+
+    def outcome(self) -> dict[str, int | str]:
+        """{"failed": units given up} plus {"error": the first one's cause} when any."""
+        return self.retries.outcome()
+
+    def close(self) -> None:
+        self.progress.close()
+
+    def __enter__(self) -> Units[U]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_refs(
+    units: Units[U],
+    submit: Callable[[U], Any],
+    on_done: Callable[[U, Any], None],
+    *,
+    slots: int | None = None,
+    settle: Callable[[U, BaseException | None], None] | None = None,
+) -> None:
+    """Run every pending unit of `units` as a Ray object ref, until none is pending or running.
+
+    ``submit(unit)`` starts one attempt and returns its ref (a task's, an actor method's); at
+    most ``slots`` attempts run at once (all pending ones when None). Finished refs are taken
+    one at a time (``ray.wait``): ``settle(unit, error)`` first, for every finished attempt
+    (error None when it succeeded; e.g. give its actor back to the pool), then for a success
+    ``on_done(unit, value)`` and ``units.done(unit)``, for an error (``RayTaskError``: it
+    raised; ``RayActorError``: its process died) ``units.failed(unit, error_text(error))``,
+    which queues the unit again or gives it up. Results of a given-up group are dropped; any
+    other exception propagates (the stage's ``finally`` cleans up).
+    """
+    import ray
+
+    if slots is not None and slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    errors = (ray.exceptions.RayTaskError, ray.exceptions.RayActorError)
+    running: dict[Any, U] = {}  # ref -> its unit, in submission order
+    while units.pending or running:
+        for unit in units.take(None if slots is None else slots - len(running)):
+            running[submit(unit)] = unit
+        ready, _ = ray.wait(list(running), num_returns=1)
+        unit = running.pop(ready[0])
+        try:
+            value = ray.get(ready[0])
+        except errors as exc:
+            if settle is not None:
+                settle(unit, exc)
+            units.failed(unit, error_text(exc))
+            continue
+        if settle is not None:
+            settle(unit, None)
+        if not units.dropped(unit):
+            on_done(unit, value)
+            units.done(unit)
