@@ -49,9 +49,9 @@ def measure(args: list[str], tree: str | None) -> tuple[float, float, set[str]]:
     """(import seconds, wall seconds, heavy libraries imported) of one run (from `tree`'s
     distsim when given, else the installed one)."""
     env = {**os.environ, **({"PYTHONPATH": tree} if tree else {})}
-    start = time.perf_counter()
+    start = time.perf_counter()  # cwd: `python -c` and `-m` put the cwd first on sys.path
     proc = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True,
-                          text=True, check=False, env=env)
+                          text=True, check=False, env=env, cwd=tree)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [""]
