@@ -6,23 +6,8 @@ first use, so ``import distsim`` itself loads neither torch, polars nor Ray.
 
 from __future__ import annotations
 
-from typing import Any
+from distsim.lazy import attach
 
 __version__ = "0.3.0"
 
-_LAZY = {"open": "distsim.results", "Results": "distsim.results"}
-
-
-def __getattr__(name: str) -> Any:
-    """``distsim.open`` and ``distsim.Results``, imported from their module on first use."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'distsim' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = attach(__name__, {"open": "distsim.results", "Results": "distsim.results"})

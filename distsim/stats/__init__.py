@@ -7,8 +7,9 @@ statistics: the front (summary, report, CLI) stays light. Every name is importab
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from distsim.lazy import attach
 
 if TYPE_CHECKING:
     from distsim.config.choices import LEARNERS, METRICS, PROTOCOLS
@@ -128,15 +129,4 @@ __all__ = [
     "upper_tiles",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use and then cached here."""
-    if name not in _MODULES:
-        raise AttributeError(f"module 'distsim.stats' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_MODULES})
+__getattr__, __dir__ = attach(__name__, _MODULES)
