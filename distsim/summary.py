@@ -51,8 +51,8 @@ def summary_table(store: Store, study: Study) -> pl.DataFrame:
                      "null_mean", "r2", "p_value", "q_value", "permutations", "n_models")
 
 
-# one line each: what a method's feature is, what a number of the grid is (README: "What the
-# features measure", "Reading the tests table")
+# one line each: what a method's feature is, what a number of the grid is (docs: the method,
+# read the tests table)
 METHODS = {
     "chain-gram": "Grams of the chain-normalized weights' linear chain (the paper's): invariant "
                   "to unit permutations and rescalings, blind to sign flips",
