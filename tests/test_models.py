@@ -21,6 +21,9 @@ SHAPES = [(1, 8, 8), (3, 16, 12)]
         ArchConfig(kind="mlp", widths=(5,), activation="leaky_relu", negative_slope=0.2),
         ArchConfig(kind="cnn", channels=(4, 6), head_widths=(7,)),
         ArchConfig(kind="cnn", channels=(3,), activation="leaky_relu"),
+        ArchConfig(kind="mlp", widths=(6, 4), activation="tanh"),
+        ArchConfig(kind="cnn", channels=(3,), head_widths=(5,), activation="gelu"),
+        ArchConfig(kind="mlp", widths=(5,), activation="sigmoid"),
         ArchConfig(kind="rnn", hidden=9),
         ArchConfig(kind="rnn", hidden=5, num_layers=2),
     ],
@@ -88,7 +91,7 @@ def test_rnn_reads_image_rows_as_steps():
     ("kwargs", "match"),
     [
         ({"kind": "transformer"}, "arch.kind"),
-        ({"activation": "tanh"}, "arch.activation"),
+        ({"activation": "silu"}, "arch.activation"),
         ({"input_shape": (8,)}, "arch.input_shape"),
         ({"input_shape": (1, 0, 8)}, "arch.input_shape"),
         ({"widths": (4, 0)}, "arch.widths"),
@@ -110,4 +113,4 @@ def test_build_and_forward_packed_reject_other_types():
     with pytest.raises(TypeError, match="build"):
         forward_packed(nn.Linear(2, 2), {}, torch.zeros(1, 1, 2))
     with pytest.raises(TypeError, match="unsupported layer"):
-        forward_packed(nn.Sequential(nn.Tanh()), {}, torch.zeros(1, 1, 2))
+        forward_packed(nn.Sequential(nn.SiLU()), {}, torch.zeros(1, 1, 2))

@@ -150,8 +150,8 @@ def test_zero_unit_is_left_alone() -> None:
             "'1' \\(BatchNorm2d\\)",
         ),
         (
-            nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 2)),
-            "'2' \\(Tanh\\)",
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.SiLU(), nn.Linear(4, 2)),
+            "'2' \\(SiLU\\)",
         ),
         (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.ReLU()), "groups=1"),
         (nn.LSTM(4, 3), "LSTM"),

@@ -13,7 +13,7 @@ from distsim.errors import ConfigError
 from distsim.params import NAME_PATTERN, Array, Integer, Number, Options, Table, Text, check_fields
 
 KINDS = ("mlp", "cnn", "rnn")
-ACTIVATIONS = ("relu", "leaky_relu")
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class ArchConfig:
     hidden, num_layers: GRU hidden size and depth (the RNN reads image rows as a sequence: H
     steps of C*W values; a 1-D input: L / step_width steps of C * step_width values, each step
     step_width consecutive positions of every channel).
+    activation: the hidden layers' activation of the MLP and CNN (the GRU's gates are its own):
+    ``relu``, ``leaky_relu`` (slope ``negative_slope`` below 0), ``tanh``, ``gelu`` (the exact erf
+    form) or ``sigmoid``. Which hidden-unit transforms keep the function depends on it
+    (distsim.weights.normalize.symmetries).
     input_shape: (C, H, W) or (C, L) of one sample; num_classes: outputs of the linear head.
     """
 

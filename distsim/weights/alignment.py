@@ -20,6 +20,11 @@ so permuting a model's hidden units permutes the result with it: the aligned wei
 same (exactly, barring ties in an assignment). Cost per model and round: one assignment of
 width n per hidden layer (O(n^3)) plus the similarity GEMMs.
 
+The matching is by permutation only, whatever the activation: a tanh net's other symmetry, the
+sign flip of a unit, is not removed (aligned moves under it, tests/test_invariance.py; the GRU's
+matching, distsim.weights.recurrent, matches signs too), and with tanh, GELU or sigmoid the
+chain-normalized weights it matches are those of another function (distsim.weights.normalize).
+
 ``make_template``: start from the first model, then ``iterations`` times align every model to the
 template and set the template to the mean of the aligned chain-normalized weights: N matchings
 per iteration.

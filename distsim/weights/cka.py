@@ -10,10 +10,10 @@ the distance GEMM gives ||f1 - f2||^2 = 2 - 2 CKA. A layer with K = 0 (no respon
 the probe) gets the zero vector. n(n+1)/2 values (32,896 for n = 256).
 
 The representation of a layer: hidden layers (fc*, conv*) their post-activation output (the
-ReLU / LeakyReLU right after the layer; a conv's before its pooling, flattened channel-major);
-``out`` the logits; GRU ``gru_ih`` / ``gru_ih_l{k}`` the last hidden state of GRU layer k on the
-probe images read as row sequences (a 1-D (C, L) probe: L steps of C values; models from
-distsim.zoo.models.build).
+ReLU, LeakyReLU, Tanh, GELU or Sigmoid right after the layer; a conv's before its pooling,
+flattened channel-major); ``out`` the logits; GRU ``gru_ih`` / ``gru_ih_l{k}`` the last hidden
+state of GRU layer k on the probe images read as row sequences (a 1-D (C, L) probe: L steps of C
+values; models from distsim.zoo.models.build).
 
 Cost: one forward pass per model on the probe, then an n x n centred Gram (see
 weight_features_batch for the measured time per model).
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from distsim.weights.normalize import Plan, StateDict
+from distsim.weights.normalize import ACTIVATION_MODULES, Plan, StateDict
 from distsim.zoo.models import RNNClassifier
 
 __all__ = ["activations", "cka_vector", "layer_activations", "probe_inputs"]
@@ -81,7 +81,7 @@ def _target(model: nn.Module, plan: Plan, upto: int) -> nn.Module:
     if upto == len(plan.parametric) - 1:
         return leaves[i][1]
     for _, m in leaves[i + 1 :]:  # the activation right after the layer, past Identity/Dropout
-        if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
+        if isinstance(m, tuple(kind for kind, _ in ACTIVATION_MODULES)):
             return m
         if not isinstance(m, (nn.Identity, nn.Dropout)):
             break

@@ -49,8 +49,9 @@ Frobenius norm, upper triangle with off-diagonal entries times sqrt(2): f1 . f2 
 ||f1 - f2||^2 = 2 - 2 CKA. A is the post-activation output of a hidden layer (a conv's before its
 pooling), the logits at 'out', the last hidden state of GRU layer k at ``gru_ih`` / ``gru_ih_l{k}``.
 
-What each method is invariant to (MLP and CNN, tests/test_invariance.py; "yes": the feature does
-not move; the transform keeps the function except the sign flip):
+What each method is invariant to (ReLU / LeakyReLU MLP and CNN, tests/test_invariance.py; "yes":
+the feature does not move; the transform keeps the function except the sign flip; other
+activations below):
 
     transform                                 chain-gram  gram       raw  aligned  cka
     permutation of hidden units / channels    yes         yes        no   yes      yes
@@ -64,6 +65,62 @@ and a global scale: at 'out', to anything that keeps the function on the probe; 
 a per-unit rescaling moves it. chain-gram and gram drop the activations, so a sign flip, which
 changes a ReLU network's function, leaves them unchanged. GRU cka: invariant to hidden-unit
 permutations (tests/test_cka.py).
+
+Other activations (``[[arch]] activation`` tanh, gelu, sigmoid; TABLES and FUNCTION in
+tests/test_invariance.py, docs/explanation/activations.md). Which hidden-unit transforms keep the
+function (distsim.weights.normalize.symmetries; the flips of a unit of the last hidden layer, for
+a CNN a unit of its linear head: a flipped conv channel changes the function, max pooling does not
+commute with a negation):
+
+    transform                          relu, leaky_relu  tanh  gelu  sigmoid
+    permutation                        yes               yes   yes   yes
+    positive rescaling                 yes               no    no    no
+    sign flip (row, bias, column: -1)  no                yes   no    no
+    sign flip + bias shift (the next   -                 no    no    yes (σ(-x) = 1 - σ(x))
+      bias gains the unit's column)
+    dead unit's outgoing weights       relu: yes         yes   yes   yes
+
+chain-gram, gram, raw and aligned never read the activation, so they move or not under a given
+weight change whatever the activation is; the activation decides whether that is a symmetry
+removed or a blind spot (the function changed). Invariant at hidden layers / at 'out' (the flips:
+at the flipped last hidden layer / 'out'):
+
+    method          permutation  rescaling  sign flip               flip + shift
+    chain-gram      yes/yes      yes/yes a  yes/yes b               yes/no c
+    gram            yes/yes      no/yes a   yes/yes b               yes/no c
+    raw             no/no        no/no      no/no                   no/no
+    aligned         yes/yes      yes/yes a  no/no (misses tanh's)   no/no (misses sigmoid's)
+    cka, relu       yes/yes      no/yes     no/no                   -
+    cka, tanh       yes/yes      no/no      yes/yes                 yes/yes d
+    cka, gelu       yes/yes      no/no      no/no                   no/no
+    cka, sigmoid    yes/yes      no/no      yes/yes d               yes/yes
+
+a: blind unless ReLU / LeakyReLU (rescaling changes a tanh, GELU or sigmoid net's function).
+b: blind unless tanh. c: misses sigmoid's symmetry (the bias shift moves 'out', and the next
+hidden layer when an earlier layer is flipped). d: at 'out' blind (a constant logit shift).
+
+- tanh: chain-gram and gram remove its symmetries (permutation, sign flip) and are blind to a
+  rescaling (gram at 'out'); aligned matches by permutation only, so it misses the sign flip; cka
+  is invariant to both (a flip negates a unit's centred activations: an orthogonal map).
+- gelu: permutations only. The weight methods are blind to rescaling (gram at 'out') and
+  chain-gram and gram to the sign flip; cka moves under both.
+- sigmoid: its flip needs the next layer's bias shifted, which chain-gram and gram see: invariant
+  at the flipped layer (its rows negated), not from the next layer on (tests/test_invariance.py
+  flips an fc1 unit: fc2 and 'out' move), so they miss that symmetry; they are blind to the plain
+  flip (a change of the function) instead. cka is invariant to the flip with the shift.
+- cka at 'out' centres the logits over the probe, so it is blind to a constant shift of them:
+  sigmoid's plain flip of a last-hidden-layer unit (logits - the unit's column) and tanh's flip +
+  shift (logits + the column) change the function and leave cka at 'out' unchanged.
+- dead unit's outgoing weights (zero incoming weights and a bias where the activation is 0: ReLU
+  -1, GELU -10, sigmoid -100, tanh only 0): weight methods not invariant, cka invariant, as for
+  ReLU, except tanh's all-zero unit, which the linearized chain maps to zero rows: gram is then
+  invariant at every layer and chain-gram at 'out' but not at the hidden layers after it (the
+  unit's outgoing weights enter the next layer's normalization norms).
+- The flip + shift column and the dead units of tanh, GELU and sigmoid are tested on those three
+  activations only; the ReLU rows above are the ReLU table's.
+- The chain normalization runs on every activation (chain-gram and aligned use it) but keeps the
+  function only for ReLU / LeakyReLU: chain_normalize(model).function_preserving is False for
+  tanh, GELU and sigmoid nets (distsim.weights.normalize.function_preserving).
 
 ``dim`` with ``sketch="output"`` (the default): a seeded output projection of the feature vector to
 dim values, the same map for every model of a study and any batching (distsim.weights.projection).

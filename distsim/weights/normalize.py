@@ -6,11 +6,20 @@ unit i (a column of a linear layer, an input-channel slice of a conv, the block 
 columns of a linear layer after conv + flatten) by s_i. A conv's (1-D or 2-D) hidden units are
 its output channels. ReLU/LeakyReLU are positively
 homogeneous and max/avg pooling commute with a positive per-channel scale, so the network's
-function is unchanged and every hidden unit's incoming vector has unit norm afterwards. GRU gates
-(σ, tanh) are not homogeneous, so a GRU has no rescaling symmetry to remove: its weights are left
-as they are (normalizing its rows would discard scale that the function depends on and remove no
-symmetry); its symmetries, hidden-unit permutations and tanh sign flips, are handled by
-:mod:`distsim.weights.recurrent`.
+function is unchanged and every hidden unit's incoming vector has unit norm afterwards.
+
+Tanh, GELU and sigmoid are not positively homogeneous: the same walk runs on such a network (it
+is the feature-extraction step of chain-gram and aligned, which compare the normalized weights),
+but the normalized network computes another function, and a rescaled unit is a different network
+that the normalization maps to the same weights. ``chain_normalize`` flags this
+(``function_preserving``), :func:`function_preserving` says it of a plan and :func:`symmetries`
+lists the hidden-unit transforms that do keep the function of an architecture (tested in
+tests/test_invariance.py, with what each feature method does under them).
+
+GRU gates (σ, tanh) are not homogeneous either, so a GRU has no rescaling symmetry to remove: its
+weights are left as they are (normalizing its rows would discard scale that the function depends on
+and remove no symmetry); its symmetries, hidden-unit permutations and tanh sign flips, are handled
+by :mod:`distsim.weights.recurrent`.
 
 Everything runs on stacks of K models (leading K dimension), so a pack of trained weights is
 normalized at once: ``chain_normalize_state(state_dicts, arch_config)``. The walk of the layers
@@ -32,13 +41,25 @@ from distsim.config.arch import ArchConfig
 from distsim.zoo.models import GRU, RNNClassifier, build
 
 SUPPORTED = (
-    "nn.Sequential of Linear, Conv1d/Conv2d (groups=1, zero padding), ReLU, LeakyReLU, "
+    "nn.Sequential of Linear, Conv1d/Conv2d (groups=1, zero padding), ReLU, LeakyReLU, Tanh, "
+    "GELU, Sigmoid, "
     "MaxPool1d/MaxPool2d, AvgPool1d/AvgPool2d, Flatten, Identity, Dropout; "
     "distsim.zoo.models.RNNClassifier; distsim.zoo.models.GRU; "
     "nn.GRU (unidirectional, no projection)"
 )
 
 StateDict = Mapping[str, torch.Tensor]
+
+# activation modules of a sequential walk and their names (Step.activation)
+ACTIVATION_MODULES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ReLU, "relu"),
+    (nn.LeakyReLU, "leaky_relu"),
+    (nn.Tanh, "tanh"),
+    (nn.GELU, "gelu"),
+    (nn.Sigmoid, "sigmoid"),
+)
+# positively homogeneous (f(a x) = a f(x) for a > 0): the chain normalization keeps the function
+HOMOGENEOUS = ("relu", "leaky_relu")
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,7 @@ class Step:
 
     op: linear | conv | act | maxpool | avgpool | flatten | identity.
     name: feature-layer name of a parametric layer (fc1, conv2, out); weight/bias: state-dict keys.
+    activation: an act step's function, one of relu, leaky_relu, tanh, gelu, sigmoid.
     kernel/stride/padding/dilation: conv and pooling geometry, one entry per spatial dimension
     (pairs for Conv2d / pooling 2d, 1-tuples for Conv1d / pooling 1d).
     """
@@ -61,6 +83,7 @@ class Step:
     dilation: tuple[int, ...] = (1, 1)
     ceil_mode: bool = False
     count_include_pad: bool = True
+    activation: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,8 +140,9 @@ def _sequential_steps(seq: nn.Sequential, prefix: str) -> list[Step]:
                     dilation=_ntuple(m.dilation, n),
                 )
             )
-        elif isinstance(m, (nn.ReLU, nn.LeakyReLU)):
-            steps.append(Step("act"))
+        elif isinstance(m, tuple(kind for kind, _ in ACTIVATION_MODULES)):
+            act = next(label for kind, label in ACTIVATION_MODULES if isinstance(m, kind))
+            steps.append(Step("act", activation=act))
         elif isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
             n = 1 if isinstance(m, (nn.MaxPool1d, nn.AvgPool1d)) else 2
             kind = type(m).__name__
@@ -295,6 +319,67 @@ def _normalize_sequential(plan: Plan, p: dict[str, torch.Tensor]) -> None:
             )
 
 
+def function_preserving(plan: Plan) -> bool:
+    """Whether the chain normalization keeps the function of a model laid out as ``plan``: True
+    for a GRU (left as it is) and for a sequential net whose activations are all positively
+    homogeneous (ReLU, LeakyReLU); False when one is tanh, GELU or sigmoid."""
+    if plan.kind != "sequential":
+        return True
+    return all(s.activation in HOMOGENEOUS for s in plan.steps if s.op == "act")
+
+
+def symmetries(arch: ArchConfig, layer: str | None = None) -> tuple[str, ...]:
+    """The transforms of hidden units that keep the function of the models of ``arch``.
+
+    ``layer`` (a hidden layer of arch.feature_layers()): the transforms of that layer's units;
+    None: those that hold at every hidden layer ('out' has none: the outputs are ordered).
+    Names, as in tests/test_invariance.py (which checks each against the function):
+
+    - "permutation": the layer's units (channels) and the next layer's reading slices permuted;
+    - "rescaling": a unit's incoming weights and bias times a > 0, its reading slice times 1/a
+      (ReLU, LeakyReLU: positively homogeneous, and max pooling commutes with it);
+    - "sign flip": incoming weights and bias and reading slice negated (tanh: odd);
+    - "sign flip + bias shift": the sign flip, then the reading slice (before the flip) added to
+      the next layer's bias (sigmoid: σ(-x) = 1 - σ(x)).
+
+    The two flips hold for linear units only: a conv channel is followed by max pooling, which
+    does not commute with a negation (nor, for the shift, does zero padding). GELU has
+    permutations only. GRU (``kind="rnn"``, whose gates do not follow ``activation``): the
+    symmetries of distsim.weights.recurrent, tested in tests/test_recurrent.py.
+
+    >>> symmetries(ArchConfig(kind="mlp", activation="relu"))
+    ('permutation', 'rescaling')
+    >>> symmetries(ArchConfig(kind="mlp", activation="tanh"))
+    ('permutation', 'sign flip')
+    >>> symmetries(ArchConfig(kind="mlp", activation="gelu"))
+    ('permutation',)
+    >>> symmetries(ArchConfig(kind="mlp", activation="sigmoid"))
+    ('permutation', 'sign flip + bias shift')
+    >>> cnn = ArchConfig(kind="cnn", channels=(4,), head_widths=(6,), activation="tanh")
+    >>> symmetries(cnn), symmetries(cnn, "conv1"), symmetries(cnn, "fc1"), symmetries(cnn, "out")
+    (('permutation',), ('permutation',), ('permutation', 'sign flip'), ())
+    """
+    if not isinstance(arch, ArchConfig):
+        raise TypeError(f"arch must be an ArchConfig, got {type(arch).__name__}")
+    layers = arch.feature_layers()
+    if layer is not None and layer not in layers:
+        raise ValueError(f"layer {layer!r} is not one of {list(layers)}")
+    if layer == "out":
+        return ()
+    if arch.kind == "rnn":
+        return ("permutation", "sign flip", "r/z bias shift")
+    flip = {"tanh": "sign flip", "sigmoid": "sign flip + bias shift"}.get(arch.activation)
+    per_layer = []
+    for name in ([layer] if layer is not None else layers[:-1]):
+        found = ["permutation"]
+        if arch.activation in HOMOGENEOUS:
+            found.append("rescaling")
+        if flip and not name.startswith("conv"):
+            found.append(flip)
+        per_layer.append(found)
+    return tuple(t for t in per_layer[0] if all(t in found for found in per_layer))
+
+
 def _normalize_gru(plan: Plan, p: dict[str, torch.Tensor]) -> None:
     """No-op: σ and tanh are not positively homogeneous, so no rescaling of a GRU's rows keeps
     its function, and a row normalization would only discard scale (see
@@ -326,8 +411,10 @@ def chain_normalize_state(
 def chain_normalize(model: nn.Module) -> nn.Module:
     """A chain-normalized deep copy of ``model`` with attribute ``function_preserving`` (bool).
 
-    MLP/CNN (ReLU/LeakyReLU): same outputs, unit-norm hidden units. GRU: unchanged (no rescaling
-    symmetry to remove), so also function-preserving.
+    MLP/CNN: unit-norm hidden units; with ReLU/LeakyReLU the same outputs (function_preserving
+    True), with tanh, GELU or sigmoid other outputs (False: a feature-extraction step there, see
+    :func:`function_preserving`). GRU: unchanged (no rescaling symmetry to remove), so also
+    function-preserving.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"chain_normalize takes an nn.Module, got {type(model).__name__}")
@@ -336,5 +423,5 @@ def chain_normalize(model: nn.Module) -> nn.Module:
     normed = normalize_stacked(plan, {k: v[None] for k, v in state.items()})
     out = copy.deepcopy(model)
     out.load_state_dict({k: v[0] for k, v in normed.items()})
-    out.function_preserving = True  # type: ignore[assignment]
+    out.function_preserving = function_preserving(plan)  # type: ignore[assignment]
     return out

@@ -2,7 +2,8 @@
 
 Every model of a zoo is built from one :class:`ArchConfig`, so all models share the same
 parameter names and shapes. The layouts are kept plain (``nn.Sequential`` of Linear and
-Conv2d, or Conv1d for 1-D inputs, activations, pooling, Flatten) because the chain
+Conv2d, or Conv1d for 1-D inputs, activations (ReLU, LeakyReLU, Tanh, GELU or Sigmoid, after
+``ArchConfig.activation``), pooling, Flatten) because the chain
 normalization rule walks them in order.
 """
 
@@ -18,9 +19,18 @@ from distsim.config.arch import ArchConfig
 
 
 def _activation(cfg: ArchConfig) -> nn.Module:
+    """The hidden layers' activation module of ``cfg`` (one of ACTIVATIONS)."""
     if cfg.activation == "relu":
         return nn.ReLU()
-    return nn.LeakyReLU(cfg.negative_slope)
+    if cfg.activation == "leaky_relu":
+        return nn.LeakyReLU(cfg.negative_slope)
+    if cfg.activation == "tanh":
+        return nn.Tanh()
+    if cfg.activation == "gelu":
+        return nn.GELU()  # approximate="none": x * Phi(x), the exact erf form
+    if cfg.activation == "sigmoid":
+        return nn.Sigmoid()
+    raise ValueError(f"unknown activation {cfg.activation!r}")
 
 
 class GRU(nn.Module):
@@ -183,6 +193,12 @@ def forward_packed(
             out = F.leaky_relu(out, layer.negative_slope)
         elif isinstance(layer, nn.ReLU):
             out = F.relu(out)
+        elif isinstance(layer, nn.Tanh):
+            out = torch.tanh(out)
+        elif isinstance(layer, nn.GELU):
+            out = F.gelu(out, approximate=layer.approximate)
+        elif isinstance(layer, nn.Sigmoid):
+            out = torch.sigmoid(out)
         else:
             raise TypeError(f"forward_packed(): unsupported layer {name}: {type(layer).__name__}")
     return out
