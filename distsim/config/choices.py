@@ -14,3 +14,5 @@ PROJECTIONS = ("countsketch", "gaussian")  # the output sketch's map (distsim.we
 METRICS = ("euclidean", "cosine")  # distsim.stats.distances
 PROTOCOLS = ("closed-set", "open-set")  # distsim.stats.hypothesis_training
 LEARNERS = ("lda", "softmax")  # distsim.stats.linear_embedding
+SOURCES = ("train", "import")  # where a study's models come from ([zoo] source)
+FORMATS = ("distsim-export", "model-zoos", "weights-table", "state-dicts")  # distsim.zoo.sources

@@ -27,10 +27,11 @@ from distsim.config.sections import (
 )
 from distsim.config.study import Study, TrainPlan
 from distsim.config.training import TrainConfig
+from distsim.config.zoo import ZooSpec
 from distsim.errors import ConfigError
 from distsim.params import check_keys, init_fields, type_name
 
-SECTIONS = ("study", "data", "arch", "train", "resources", "features", "tests", "pairs")
+SECTIONS = ("study", "zoo", "data", "arch", "train", "resources", "features", "tests", "pairs")
 _NPZ_PLACEHOLDER_SHAPE = (1, 1024, 1024)  # passes shape checks until the npz is read at launch
 
 T = TypeVar("T")
@@ -65,9 +66,14 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
     raw = _drop_none(raw)
     base = Path(base_dir).resolve()
     check_keys(raw, SECTIONS, "")
-    for required in ("study", "data", "arch", "train"):
-        if required not in raw:
-            raise ConfigError.at(required, f"missing section [{required}]")
+    zoo = _section(ZooSpec, _table(raw, "zoo", optional=True), "zoo")
+    required = ("study", "arch") if zoo.imports else ("study", "data", "arch", "train")
+    for key in required:
+        if key not in raw:
+            raise ConfigError.at(key, f"missing section [{key}]")
+    if zoo.imports and "train" in raw:
+        raise ConfigError.at("train", 'an import study (zoo.source = "import") trains nothing; '
+                             "remove [train]")
 
     st = _table(raw, "study")
     check_keys(st, STUDY_PARAMS, "study")
@@ -78,15 +84,24 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
     seed = STUDY_PARAMS["seed"].check(st.get("seed", 0), "study.seed")
     store = _resolve_path(STUDY_PARAMS["store"].check(st["store"], "study.store"), base)
 
-    data_table = _table(raw, "data")
-    check_keys(data_table, init_fields(DataConfig), "data")
-    data_kwargs = {"seed": seed, **data_table}
-    if isinstance(data_kwargs.get("path"), str) and data_kwargs["path"].strip():
-        data_kwargs["path"] = _resolve_path(data_kwargs["path"], base)
-    data = DataConfig(**data_kwargs)
+    data: DataConfig | None = None
+    if "data" in raw:
+        data_table = _table(raw, "data")
+        check_keys(data_table, init_fields(DataConfig), "data")
+        data_kwargs = {"seed": seed, **data_table}
+        if isinstance(data_kwargs.get("path"), str) and data_kwargs["path"].strip():
+            data_kwargs["path"] = _resolve_path(data_kwargs["path"], base)
+        data = DataConfig(**data_kwargs)
 
-    archs = _archs(raw["arch"], data)
-    train = _train(_table(raw, "train"), tuple(a.name for a in archs))
+    if zoo.imports:
+        assert zoo.path is not None  # ZooSpec requires it for an import
+        zoo = dataclasses.replace(zoo, path=_resolve_path(zoo.path, base))
+        archs = _declared_archs(raw["arch"], data)
+        train = None
+    else:
+        assert data is not None  # required above
+        archs = _archs(raw["arch"], data)
+        train = _train(_table(raw, "train"), tuple(a.name for a in archs))
     resources = _section(Resources, _table(raw, "resources", optional=True), "resources")
     features = _section(FeatureSpec, _table(raw, "features", optional=True), "features",
                         seed=seed)
@@ -94,13 +109,18 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
     tests = _section(StatsSpec, _table(raw, "tests", optional=True), "tests", seed=seed)
     pairs_table = _table(raw, "pairs", optional=True)
     pairs = _section(PairSpec, pairs_table, "pairs")
-    n_models = data.num_tasks * train.seeds_per_task
-    if pairs.top_k >= n_models:
-        if "top_k" in pairs_table:
-            raise ConfigError.at("pairs.top_k", f"must be < the number of models per arch "
-                                 f"({n_models}), got {pairs.top_k}")
-        pairs = dataclasses.replace(pairs, top_k=n_models - 1)  # the default, cut to a tiny zoo
-    return Study(name, seed, store, source, data, archs, train, resources, features, tests, pairs)
+    if "cka" in features.methods and data is None:
+        raise ConfigError.at("features.methods", "'cka' needs inputs for its probe: give an "
+                             "import study a [data] section whose samples fit its [[arch]]")
+    if train is not None and data is not None:
+        n_models = data.num_tasks * train.seeds_per_task
+        if pairs.top_k >= n_models:
+            if "top_k" in pairs_table:
+                raise ConfigError.at("pairs.top_k", f"must be < the number of models per arch "
+                                     f"({n_models}), got {pairs.top_k}")
+            pairs = dataclasses.replace(pairs, top_k=n_models - 1)  # the default, cut to a tiny zoo
+    return Study(name, seed, store, source, data, archs, train, resources, features, tests, pairs,
+                 zoo)
 
 
 def _section(cls: type[T], table: dict[str, Any], path: str, **defaults: Any) -> T:
@@ -135,6 +155,34 @@ def _archs(raw: Any, data: DataConfig) -> tuple[ArchConfig, ...]:
             cfg = dataclasses.replace(cfg, input_shape=ArchConfig().input_shape)
         archs.append(cfg)
     return tuple(archs)
+
+
+def _declared_archs(raw: Any, data: DataConfig | None) -> tuple[ArchConfig, ...]:
+    """The one [[arch]] of an import study: the network its checkpoints hold, with input_shape
+    and num_classes given (no task sizes it); with [data], its samples must fit."""
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or len(raw) != 1:
+        got = len(raw) if isinstance(raw, list) else type_name(raw)
+        raise ConfigError.at("arch", f"an import study reads one architecture: give exactly one "
+                             f"[[arch]] table, got {got}")
+    table = raw[0]
+    if not isinstance(table, dict):
+        raise ConfigError.at("arch[0]", f"must be a table [[arch]], got {type_name(table)}")
+    check_keys(table, init_fields(ArchConfig), "arch[0]")
+    for key in ("kind", "input_shape", "num_classes"):
+        if key not in table:
+            raise ConfigError.at(f"arch[0].{key}", "missing required key (an import study "
+                                 "declares the network its checkpoints hold)")
+    try:
+        cfg = ArchConfig(**table)
+    except ConfigError as exc:
+        raise exc.moved("arch", "arch[0]") from None
+    shape = _task_input_shape(data) if data is not None else None
+    if shape is not None and tuple(shape) != cfg.input_shape:
+        raise ConfigError.at("arch[0].input_shape", f"{list(cfg.input_shape)} does not fit the "
+                             f"samples of [data] ({list(shape)}), which the cka probe feeds it")
+    return (cfg,)
 
 
 def _task_input_shape(data: DataConfig) -> tuple[int, ...] | None:

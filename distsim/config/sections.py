@@ -113,7 +113,12 @@ FEATURE_PARAMS: Table = {
 
 @dataclass(frozen=True)
 class StatsSpec:
-    """The ``[tests]`` section: HTT protocols and PERMANOVA, permutations spread in chunks."""
+    """The ``[tests]`` section: HTT protocols and PERMANOVA, permutations spread in chunks.
+
+    group_by: the column of ``models`` whose values are the groups every test compares (the
+    task by default; any metadata column of an imported zoo, e.g. ``optim::lr`` or ``epoch``);
+    group_bins: bins a numeric column first, into that many equal-count bins or at the given
+    edges (a value v falls in bin i when edges[i-1] <= v < edges[i])."""
 
     protocols: tuple[str, ...] = ("closed-set", "open-set")
     permutations: int = 199
@@ -125,9 +130,15 @@ class StatsSpec:
     train_task_fraction: float = 0.6
     n_query: int | None = None
     k: int | None = None
+    group_by: str = "task"
+    group_bins: int | tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "tests", STATS_PARAMS)
+        if isinstance(self.group_bins, tuple) and list(self.group_bins) != sorted(
+                set(self.group_bins)):
+            raise ConfigError.at("tests.group_bins", "edges must increase strictly, got "
+                                 f"{list(self.group_bins)}")
 
     def htt_options(self) -> HTTOptions:
         """The options of every HTT of the study (``htt(..., options=...)``): this section's
@@ -151,6 +162,9 @@ STATS_PARAMS: Table = {
     "train_task_fraction": Number(lo=0, hi=1, lo_open=True, hi_open=True),
     "n_query": Maybe(Integer(lo=1)),
     "k": Maybe(Integer(lo=1)),
+    "group_by": Text(empty=False),
+    "group_bins": Maybe(Either((Integer(lo=2), Array(Number(), nonempty=True)),
+                               "a number of equal-count bins (>= 2) or a list of bin edges")),
 }
 
 

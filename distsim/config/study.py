@@ -18,6 +18,7 @@ from distsim.config.arch import ArchConfig
 from distsim.config.data import DataConfig
 from distsim.config.sections import FeatureSpec, PairSpec, Resources, StatsSpec
 from distsim.config.training import TrainConfig
+from distsim.config.zoo import ZooSpec
 
 GRU_FEATURES = 2  # version of the GRU's features (distsim.weights.recurrent), in a GRU study's hash
 
@@ -89,19 +90,39 @@ class MatrixKey:
 
 @dataclass(frozen=True)
 class Study:
-    """A validated study file: what to train, featurize and test (see distsim.config)."""
+    """A validated study file: what to train (or import), featurize and test (see
+    distsim.config). An import study (``zoo.source = "import"``) has no train plan, and data
+    only when its ``[data]`` section gives the cka method its probe inputs."""
 
     name: str
     seed: int
     store: str
     source: str
-    data: DataConfig
+    data: DataConfig | None
     archs: tuple[ArchConfig, ...]
-    train: TrainPlan
+    train: TrainPlan | None
     resources: Resources
     features: FeatureSpec
     tests: StatsSpec
     pairs: PairSpec
+    zoo: ZooSpec = ZooSpec()
+
+    @property
+    def imports(self) -> bool:
+        """Whether the models are read from a zoo ([zoo] source = "import"), not trained."""
+        return self.zoo.imports
+
+    @property
+    def plan(self) -> TrainPlan:
+        """The train plan (ValueError for an import study, which trains nothing)."""
+        if self.train is None:
+            raise ValueError(f"study {self.name!r} imports its models: it has no train plan")
+        return self.train
+
+    @property
+    def shared_init(self) -> bool:
+        """train.shared_init (False for an import study)."""
+        return self.train is not None and self.train.shared_init
 
     # ---- lookups
     @property
@@ -118,35 +139,38 @@ class Study:
     def train_config(self, arch_name: str) -> TrainConfig:
         """The TrainConfig of one architecture ([train] + [train.<arch_name>])."""
         self.arch(arch_name)  # KeyError for an unknown name
-        return TrainConfig(**self.train.kwargs(arch_name))
+        return TrainConfig(**self.plan.kwargs(arch_name))
 
     def model_seeds(self, task_id: int) -> tuple[int, ...]:
         """Seeds of the seeds_per_task models of one task (the same for every arch)."""
-        n = self.train.seeds_per_task
+        n = self.plan.seeds_per_task
         base = self.seed * SEED_STRIDE + task_id * n
         return tuple(range(base, base + n))
 
     def model_index(self, seeds: Any, tasks: Any) -> Any:
         """Index i (0..seeds_per_task-1) of model seeds within their tasks (ints or arrays)."""
-        return seeds - self.seed * SEED_STRIDE - tasks * self.train.seeds_per_task
+        return seeds - self.seed * SEED_STRIDE - tasks * self.plan.seeds_per_task
 
     def init_seeds(self, pack: Pack) -> tuple[int, ...]:
         """The seeds that initialize a pack's models: their own seeds, or with
         train.shared_init the seed of model i of task 0 for model i of every task."""
-        if not self.train.shared_init:
+        if not self.shared_init:
             return pack.seeds
         base = self.seed * SEED_STRIDE
         return tuple(base + int(self.model_index(s, pack.task)) for s in pack.seeds)
 
     def packs(self, arch_name: str | None = None) -> list[Pack]:
-        """Every zoo trial (arch, task, pack) in a fixed order, or those of one arch."""
+        """Every zoo trial (arch, task, pack) in a fixed order, or those of one arch (a trained
+        study's; an import study's packs come from its source: distsim.pipeline.imports)."""
         names = self.arch_names if arch_name is None else (self.arch(arch_name).name,)
-        size = self.train.seeds_per_trial
+        plan = self.plan
+        assert self.data is not None  # a trained study has data
+        size = plan.seeds_per_trial
         out = []
         for name in names:
             for t in range(self.data.num_tasks):
                 seeds = self.model_seeds(t)
-                for p in range(self.train.packs_per_task):
+                for p in range(plan.packs_per_task):
                     out.append(Pack(name, t, p, seeds[p * size : (p + 1) * size]))
         return out
 
@@ -174,26 +198,37 @@ class Study:
         archs = []
         for a in self.archs:
             d = _plain(dataclasses.asdict(a))
-            d.pop("input_shape"), d.pop("num_classes")
+            if not self.imports:  # set from the tasks; an import study declares them
+                d.pop("input_shape"), d.pop("num_classes")
             if d["step_width"] == 1:  # added later: the default keeps older studies' hashes
                 d.pop("step_width")
             archs.append(d)
-        return {
-            "study": {"name": self.name, "seed": self.seed, "store": self.store},
-            "data": _plain(self.data.resolved()),  # mnist1d_* keys only for mnist1d
-            "arch": archs,
-            "train": {
-                "seeds_per_task": self.train.seeds_per_task,
-                "seeds_per_trial": self.train.seeds_per_trial,
-                **({"shared_init": True} if self.train.shared_init else {}),
-                **_train_resolved(TrainConfig(**self.train.kwargs())),
-                **{arch: _plain(dict(pairs)) for arch, pairs in self.train.overrides},
-            },
+        tests = _plain(dataclasses.asdict(self.tests))
+        if tests["group_by"] == "task" and tests["group_bins"] is None:  # added later: keep
+            del tests["group_by"], tests["group_bins"]  # older studies' hashes
+        out: dict[str, Any] = {"study": {"name": self.name, "seed": self.seed,
+                                         "store": self.store}}
+        if self.data is not None:
+            out["data"] = _plain(self.data.resolved())  # mnist1d_* keys only for mnist1d
+        out["arch"] = archs
+        if self.train is not None:
+            plan = self.train
+            out["train"] = {
+                "seeds_per_task": plan.seeds_per_task,
+                "seeds_per_trial": plan.seeds_per_trial,
+                **({"shared_init": True} if plan.shared_init else {}),
+                **_train_resolved(TrainConfig(**plan.kwargs())),
+                **{arch: _plain(dict(pairs)) for arch, pairs in plan.overrides},
+            }
+        out.update({
             "resources": _plain(dataclasses.asdict(self.resources)),
             "features": _plain(dataclasses.asdict(self.features)),
-            "tests": _plain(dataclasses.asdict(self.tests)),
+            "tests": tests,
             "pairs": _plain(dataclasses.asdict(self.pairs)),
-        }
+        })
+        if self.imports:  # a trained study's resolved config (and hash) has no [zoo]
+            out["zoo"] = _plain(dataclasses.asdict(self.zoo))
+        return out
 
     @property
     def hash(self) -> str:
@@ -223,7 +258,7 @@ class Study:
             d["features"].pop("template_models"), d["features"].pop("template_iterations")
         if any(a.kind == "rnn" for a in self.archs):  # distsim.weights.recurrent's GRU features
             d["features"]["gru_features"] = GRU_FEATURES
-        if self.data.dataset == "mnist1d":
+        if self.data is not None and self.data.dataset == "mnist1d":
             from distsim.zoo.datasets import mnist1d_version
 
             d["data"]["mnist1d_version"] = mnist1d_version()
