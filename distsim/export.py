@@ -48,7 +48,8 @@ def export_models(store_or_results: Results | Store | str | os.PathLike[str],
     Neither: the stacked files of every arch of the study that has ok models. Both: StoreError.
     The JSON holds the arch config (``ArchConfig(**json["arch"])``), every tensor's shape,
     the models-table row(s), the task(s), the study's name and config hash (as study.json
-    records it), and distsim's version.
+    records it), and distsim's version; an imported model's row keeps its provenance
+    (``source``, ``source_hash``, ``source_meta``) and the sidecar the zoo it came from.
     Files are written whole (temp file, then rename).
     """
     res = _results(store_or_results)
@@ -129,6 +130,8 @@ def _arch_doc(res: Results, arch: str, task_id: int) -> dict[str, Any]:
 
 
 def _task_doc(res: Results, task_id: int) -> dict[str, Any]:
+    if res.study.imports:  # an imported zoo's task is a number, with no data to rebuild
+        return {"id": task_id}
     task = res.task(task_id)
     return {"id": task.task_id, "name": task.name, "classes": list(task.classes),
             "input_shape": list(task.input_shape), "num_classes": task.num_classes}
@@ -137,8 +140,11 @@ def _task_doc(res: Results, task_id: int) -> dict[str, Any]:
 def _provenance(res: Results) -> dict[str, Any]:
     from distsim import __version__
 
-    return {"study": {"name": res.study.name, "hash": res.config_hash},
-            "distsim_version": __version__}
+    out: dict[str, Any] = {"study": {"name": res.study.name, "hash": res.config_hash},
+                           "distsim_version": __version__}
+    if res.study.imports:  # where the models came from (each row: source, hash, metadata)
+        out["imported_from"] = {"format": res.study.zoo.format, "path": res.study.zoo.path}
+    return out
 
 
 def _write(folder: Path, stem: str, tensors: dict[str, torch.Tensor],

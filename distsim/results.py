@@ -129,14 +129,17 @@ class Results:
 
     # ------------------------------------------------------------------ tables
     def models(self, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
-        """The models table: one row per trained model (status, accuracies, losses, time).
+        """The models table: one row per model (status, accuracies, losses, time; an imported
+        model's metadata as columns too, distsim.store.query.models_with_meta).
 
         >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
         >>> models = res.models()  # doctest: +SKIP
         >>> models.select("model_id", "task", "seed", "test_acc").head(2).rows()  # doctest: +SKIP
         [('mlp-t0-s0', 0, 0, 1.0), ('mlp-t0-s1', 0, 1, 1.0)]
         """
-        return self._done(self._in_order(self.store.scan("models"), "task", "seed"), lazy)
+        from distsim.store.query import models_with_meta
+
+        return self._done(self._in_order(models_with_meta(self.store), "task", "seed"), lazy)
 
     def tests(self, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
         """The tests table plus ``r2`` (PERMANOVA, PERMDISP; null for HTT) and ``q_value``
@@ -246,6 +249,9 @@ class Results:
         >>> task.name, task.classes, task.x_train.shape, task.x_test.shape  # doctest: +SKIP
         ('digits:0v1', (0, 1), (270, 1, 8, 8), (90, 1, 8, 8))
         """
+        if self.study.imports or self.study.data is None:
+            raise StoreError(f"study {self.study.name!r} imported its models: it has no tasks "
+                             "to rebuild")
         n = self.study.data.num_tasks
         if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) \
                 or not 0 <= task_id < n:
@@ -254,6 +260,7 @@ class Results:
 
     @functools.cached_property
     def _tasks(self) -> tuple[Task, ...]:
+        assert self.study.data is not None  # task() refused an import study
         return tuple(make_tasks(self.study.data))
 
     def arch_config(self, arch: str, task_id: int = 0) -> ArchConfig:
@@ -266,6 +273,8 @@ class Results:
         ((8, 16), (1, 8, 8), 2)
         """
         self._check_matrix(arch, None, None)
+        if self.study.imports:  # declared whole by the study
+            return self.study.arch(arch)
         task = self.task(task_id)
         return self.study.arch(arch).with_task_shape(task.input_shape, task.num_classes)
 

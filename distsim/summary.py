@@ -55,7 +55,8 @@ def summary_table(store: Store, study: Study) -> pl.DataFrame:
 # read the tests table)
 METHODS = {
     "chain-gram": "Grams of the chain-normalized weights' linear chain (the paper's): invariant "
-                  "to unit permutations and rescalings, blind to sign flips",
+                  "to unit permutations, rescalings and sign flips (of a ReLU net the first two "
+                  "are the symmetries; other activations: docs/explanation/activations.md)",
     "gram": "the same Grams of the unnormalized weights: chain-gram vs gram at hidden layers is "
             "what the normalization adds",
     "raw": "the trained weights flattened, no symmetry removed: the control",
@@ -82,9 +83,11 @@ Q_LINE = ("Benjamini-Hochberg over all {n} tests in the store (every row of `dis
           "cost in power)")
 
 
-def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None) -> str:
+def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None,
+                   group_by: str = "task") -> str:
     """The summary of `df` (summary_table's rows) as text: a grid per arch, the legend, and
-    the command that shows every row (of the store at `store`; "STORE" when None).
+    the command that shows every row (of the store at `store`; "STORE" when None). group_by:
+    the models column whose groups the tests compare (tests.group_by), when not the task.
 
     The grid's first number is the closed-set accuracy over its chance (the open-set mAP when
     the store has no closed-set test), the second the PERMANOVA R^2; each is marked where its
@@ -98,7 +101,7 @@ def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None
     parts = []
     for arch in df["arch"].unique(maintain_order=True):
         parts.append(_grid(df.filter(pl.col("arch") == arch), methods, score, effect))
-    parts.append(legend(df, score, effect))
+    parts.append(legend(df, score, effect, group_by))
     where = "STORE" if store is None else str(store)
     rest = [p for p in PROTOCOL_ORDER if p in protocols and p not in (score, effect)]
     also = f" (also {', '.join(rest)})" if rest else ""
@@ -156,7 +159,8 @@ def _number(value: Any, short: bool = False) -> str:
     return text[1:] if short and text.startswith("0.") else text
 
 
-def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None) -> str:
+def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None,
+           group_by: str = "task") -> str:
     """What the grid shows: a line per method in `df`, per number of the grid (`score`:
     closed-set or open-set; `effect`: permanova), the mark and q; a line for each of closed-set
     and permanova the store lacks."""
@@ -178,6 +182,10 @@ def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None
                                 f"{score} test's {SCORES[score]}"))
     if effect is None:
         entries.append(("note", "no PERMANOVA tests in this store: the grid has no R2"))
+    if group_by != "task":
+        entries.append(("groups", f"the tests compare the models' groups by {group_by!r} "
+                                  "(tests.group_by), not their tasks: read each 'task' above "
+                                  "as such a group"))
     width = max(len(k) for k, _ in entries)
     pad = " " * (width + 2)
     return "\n".join(textwrap.fill(v, WIDTH, initial_indent=f"{k:<{width}}  ",

@@ -99,6 +99,9 @@ def test_validate_every_job(job):
         assert refused.exit_code == 2
         assert refused.stderr.startswith("error: data.path: no such file '/mnt/shared/")
         result = run("validate", job, "--no-data")
+    elif job.name.startswith("import-"):  # their zoo is a fixture written first: with the
+        # source read, tests/test_import.py::test_each_example_job_validates_on_the_fixture...
+        result = run("validate", job, "--no-data")
     else:
         result = run("validate", job)
     assert result.exit_code == 0, result.output

@@ -18,7 +18,9 @@ from distsim.config.arch import ArchConfig
 from distsim.config.data import DataConfig
 from distsim.config.training import TrainConfig
 
-JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.toml"))
+ALL_JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.toml"))
+JOBS = [p for p in ALL_JOBS if not p.name.startswith("import-")]  # trained studies
+IMPORT_JOBS = [p for p in ALL_JOBS if p.name.startswith("import-")]
 
 MLP = {"kind": "mlp", "widths": [8]}
 GRU = {"name": "gru", "kind": "rnn", "hidden": 4}
@@ -65,6 +67,14 @@ def test_every_job_validates(path):
         assert study.feature_layers(name)
     n_models = study.data.num_tasks * study.train.seeds_per_task
     assert sum(len(p.seeds) for p in study.packs()) == n_models * len(study.archs)
+
+
+@pytest.mark.parametrize("path", IMPORT_JOBS, ids=[p.name for p in IMPORT_JOBS])
+def test_every_import_job_declares_one_arch_and_no_training(path):
+    study = load_study(path)
+    assert study.imports and study.train is None and len(study.archs) == 1
+    assert study.zoo.format in path.name or (study.zoo.format == "distsim-export"
+                                             and "export" in path.name)
 
 
 def test_quickstart_is_small_and_cifar_follows_the_paper():
@@ -196,7 +206,7 @@ def test_hash_is_stable_and_sees_what_matters(tmp_path):
     assert len({parse_study(t).hash for t in changed} | {h}) == len(changed) + 1
 
 
-@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+@pytest.mark.parametrize("path", ALL_JOBS, ids=[p.name for p in ALL_JOBS])
 def test_resolved_round_trips_to_the_same_study(path):
     study = load_study(path)
     again = study_from_dict(json.loads(json.dumps(study.resolved())))

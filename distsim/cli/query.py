@@ -11,14 +11,15 @@ import typer
 
 from distsim.cli.common import Format, StoreArg, emit, open_store, query_app, user_errors
 from distsim.errors import StoreError
-from distsim.store.query import empty_filter_note, read_only_sql, tests_with_q
+from distsim.store.query import empty_filter_note, models_with_meta, read_only_sql, tests_with_q
+from distsim.store.tables import TABLES
 
 _QUERIES = {
     # table: (columns of the terminal table, sort order)
     "models": (
         ["model_id", "arch", "task", "seed", "status", "train_acc", "test_acc", "test_loss",
          "epochs", "seconds", "node"],
-        ["arch", "task", "seed"],
+        ["arch", "task", "seed", "epoch", "model_id"],
     ),
     "tests": (  # r2 and q_value: distsim.store.query.tests_with_q; a narrow terminal drops
         # columns from the right, so the summary's numbers come first
@@ -60,8 +61,13 @@ FormatOpt = Annotated[
 def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: Format) -> None:
     store = open_store(store_path)
     columns, order = _QUERIES[table]
-    lf = tests_with_q(store) if table == "tests" else store.scan(table)  # q over every test
+    lf = (tests_with_q(store) if table == "tests"  # q over every test
+          else models_with_meta(store) if table == "models" else store.scan(table))
     names = lf.collect_schema().names()
+    if table == "models":  # an imported zoo's epoch and metadata columns too
+        meta = [c for c in names if c not in TABLES["models"].schema.names]
+        if meta:
+            columns = [c for c in columns if c not in ("seconds", "node")] + ["epoch", *meta]
     for col, value in filters.items():
         if value is None:
             continue
@@ -94,7 +100,8 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
 def query_models(store_path: StoreArg, arch: ArchOpt = None, task: TaskOpt = None,
                  status: StatusOpt = None, model: ModelOpt = None, limit: LimitOpt = None,
                  fmt: FormatOpt = Format.table) -> None:
-    """Trained models: seed, status, accuracy, loss, time, node."""
+    """Models: seed, status, accuracy, loss, time, node (an imported zoo's: its epoch and
+    metadata columns instead of time and node)."""
     _query("models", store_path,
            {"arch": arch, "task": task, "status": status, "model_id": model}, limit, fmt)
 

@@ -36,11 +36,17 @@ def validate(
 
     study = load_study(study_file)
     notes = check_offline(study, data=not no_data)
-    n_models = study.data.num_tasks * study.train.seeds_per_task
     typer.echo(f"ok: study {study.name!r} (config {study.hash[:12]})")
     for note in notes:
         typer.echo(f"  {note}")
     for arch in study.archs:
+        if study.train is None:
+            shape = "x".join(map(str, arch.input_shape))
+            typer.echo(f"  arch {arch.name} ({arch.kind}, {arch.activation}): imported, inputs "
+                       f"{shape}, {arch.num_classes} outputs")
+            continue
+        assert study.data is not None  # a trained study has data
+        n_models = study.data.num_tasks * study.train.seeds_per_task
         cfg = study.train_config(arch.name)
         typer.echo(
             f"  arch {arch.name} ({arch.kind}): {n_models} models in "
@@ -53,8 +59,9 @@ def validate(
         f"  tests: {', '.join(study.tests.protocols) or 'none'} "
         f"({study.tests.permutations} permutations), "
         f"PERMANOVA{' and PERMDISP' if b and study.pairs.metric == 'euclidean' else ''} "
-        f"({f'{b} permutations' if b and not study.train.shared_init else 'skipped'})"
-        + (", HTT within init-seed strata (train.shared_init)" if study.train.shared_init else "")
+        f"({f'{b} permutations' if b and not study.shared_init else 'skipped'})"
+        + (", HTT within init-seed strata (train.shared_init)" if study.shared_init else "")
+        + (f", groups by {study.tests.group_by}" if study.tests.group_by != "task" else "")
     )
 
 

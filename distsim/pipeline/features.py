@@ -20,7 +20,7 @@ from distsim.errors import LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.units import Units, run_refs
-from distsim.pipeline.zoo import failed_packs, study_tasks
+from distsim.pipeline.zoo import failed_packs, pack_arch, zoo_packs
 from distsim.store import Store, lineage
 from distsim.zoo.tasks import study_inputs
 
@@ -52,10 +52,11 @@ def _feature_state(study: Study, store: Store) -> tuple[list[Pack], int, int]:
     failed = failed_packs(store)
     have = lineage.feature_tokens(store)
     pending, stale, ready = [], 0, 0
-    for pack in study.packs():
+    for pack in zoo_packs(study, store):
         pk = (pack.arch, pack.task, pack.pack)
-        if pk not in models or pk in failed:
-            continue
+        if pk not in models or (pk in failed and not models[pk]):
+            continue  # a failed trial (retrained next launch); an import's failed checkpoints
+            # leave the pack's other models to featurize
         ready += 1
         held = [have.get((pack.arch, k["method"], k["layer"], pack.task, pack.pack))
                 for k in feature_keys(study, pack)]
@@ -68,7 +69,7 @@ def _feature_state(study: Study, store: Store) -> tuple[list[Pack], int, int]:
 def outputs(study: Study, store: Store) -> Outputs:
     """Packs whose every features shard is present and computed from the pack's models now."""
     pending, stale, ready = _feature_state(study, store)
-    return Outputs("packs", len(study.packs()), ready - len(pending), stale=stale)
+    return Outputs("packs", len(zoo_packs(study, store)), ready - len(pending), stale=stale)
 
 
 def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = None) -> int:
@@ -82,15 +83,14 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
     models = (
         pl.read_parquet(store.shard_path("models", pack.key))
         .filter(pl.col("status") == "ok")
-        .sort("seed")
+        .sort("seed", "model_id")
     )
     maybe_fail("feature", f"{pack.arch}-t{pack.task}-p{pack.pack}", study.store, faults or {})
     ids = models["model_id"].to_list()
     seeds = models["seed"].to_list()
     trials = models["trial_id"].to_list()
     want = frozenset(map(lineage.token, ids, trials))
-    task = study_tasks(study.data)[pack.task]
-    arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
+    arch = pack_arch(study, pack.arch, pack.task)
     state_dicts = store.read_state_dicts(ids) if ids else {}
     spec = study.features
     template: dict[str, torch.Tensor] | None = None
@@ -106,6 +106,7 @@ def featurize_pack(study: Study, pack: Pack, faults: dict[str, float] | None = N
                     template = template or read_template(store, pack.arch)
                     extra["template"] = template
                 if key["method"] == "cka":
+                    assert study.data is not None  # the config requires [data] for cka
                     extra["probe"] = study_probe(study.data, spec.probe_size, spec.seed)
                 X = weight_features_batch([state_dicts[i] for i in ids], arch, key["method"],
                                           key["layer"], spec.dim, spec.seed, spec.sketch,
@@ -167,8 +168,7 @@ def ensure_templates(study: Study, store: Store, stream: Any = None) -> list[str
         rng = np.random.default_rng([spec.seed, 7])
         pick = sorted(rng.choice(ok["model_id"].to_list(), min(spec.template_models, len(ok)),
                                  replace=False).tolist())
-        task = study_tasks(study.data)[int(ok.filter(pl.col("model_id") == pick[0])["task"][0])]
-        arch = study.arch(name).with_task_shape(task.input_shape, task.num_classes)
+        arch = pack_arch(study, name, int(ok.filter(pl.col("model_id") == pick[0])["task"][0]))
         states = store.read_state_dicts(pick)
         template = make_template([states[i] for i in pick], arch, spec.template_iterations,
                                  spec.seed)
@@ -196,7 +196,7 @@ def run_features(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     import ray
 
     packs = pending_feature_packs(study, store)
-    total = len(study.packs())
+    total = len(zoo_packs(study, store))
     if not store.shard_keys("models"):
         raise LaunchError(f"features: store {str(store.root)!r} holds no models yet; "
                           "run the zoo stage first")

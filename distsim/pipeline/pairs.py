@@ -13,6 +13,7 @@ callable class fetches it. Tiles whose outputs are in the store are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -263,6 +264,12 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         if not work.tiles:
             continue
         fm = store.feature_matrix(key.arch, key.method, key.layer)
+        if study.tests.group_by != "task" or study.tests.group_bins is not None:
+            # intra/inter and same_task by the groups the tests compare (tests.group_by)
+            from distsim.pipeline.significance import study_groups
+
+            fm = dataclasses.replace(fm, tasks=study_groups(study, store, fm.model_ids,
+                                                             fm.tasks, []))
         g = len(keys)
         keys.append(key)
         matrices.append(fm)

@@ -61,7 +61,10 @@ def check_offline(study: Study, data: bool = True,
 def _check_splits(study: Study) -> None:
     """Each HTT protocol's split can be drawn from tasks x seeds models (ConfigError at
     ``tests.protocols`` otherwise, e.g. open-set with fewer than 4 tasks). Assumes every model
-    trains; diverged models can still make a split impossible at run time."""
+    trains; diverged models can still make a split impossible at run time. An import study's
+    groups are known once its zoo is read: checked by the tests stage."""
+    if study.train is None or study.data is None:
+        return
     tasks, seeds = study.data.num_tasks, study.train.seeds_per_task
     codes = np.repeat(np.arange(tasks), seeds)
     spec = study.tests
@@ -79,7 +82,10 @@ def _check_splits(study: Study) -> None:
 
 
 def _check_data(study: Study) -> str:
+    if study.imports:
+        return _check_source(study)
     data = study.data
+    assert data is not None  # a trained study has data
     try:
         tasks = make_tasks(data)
     except ConfigError:
@@ -101,6 +107,37 @@ def _check_data(study: Study) -> str:
     test = _span(len(t.y_test) for t in tasks)
     return (f"data: {len(tasks)} {source} tasks of {classes} classes, samples {_dims(shape)}, "
             f"{train} train / {test} test each")
+
+
+def _check_source(study: Study) -> str:
+    """List an import study's source (SourceError, one line, if it cannot be), and read and map
+    its first checkpoint onto the [[arch]] (SourceError or MappingError, one line naming the
+    file, the tensor and both shapes: a zoo of another architecture fails here, before anything
+    is written, not once per checkpoint); with [data], build its tasks too (the cka probe's
+    inputs)."""
+    from distsim.pipeline.imports import plan, source_entries, source_label
+    from distsim.zoo.mapping import MappingError, to_state_dict
+    from distsim.zoo.sources import read_entry
+
+    entries = source_entries(study)
+    zoo = study.zoo
+    assert zoo.format is not None and zoo.path is not None  # an import study has both
+    first = read_entry(zoo.format, zoo.path, entries[0], manifest=zoo.manifest, labels=zoo.labels)
+    try:
+        to_state_dict(first.tensors, study.archs[0], first.layout,
+                      where=source_label(entries[0]))
+    except MappingError as exc:  # the key to fix: the declared architecture
+        raise ConfigError.at("arch[0]", f"does not fit the zoo's first checkpoint: {exc}") \
+            from None
+    models = len({e.name for e in entries})
+    epochs = sorted({e.epoch for e in entries if e.epoch is not None})
+    span = f", epochs {epochs[0]}..{epochs[-1]}" if len(epochs) > 1 else (
+        f", epoch {epochs[0]}" if epochs else "")
+    note = (f"zoo: {len(entries)} checkpoints of {models} models in {zoo.path} ({zoo.format}"
+            f"{span}), {_count(len(plan(study, entries)), 'pack')}")
+    if study.data is not None:
+        make_tasks(study.data)
+    return note
 
 
 def _data_error(message: str, data: DataConfig) -> ConfigError:
@@ -289,6 +326,8 @@ def _size(shape: tuple[float, float]) -> str:
 
 def _cuda_key(study: Study) -> str | None:
     """The key that sets device = "cuda" for the first arch that trains on cuda, or None."""
+    if study.train is None:
+        return None
     overrides = {arch: dict(pairs) for arch, pairs in study.train.overrides}
     for name in study.arch_names:
         if study.train_config(name).device == "cuda":

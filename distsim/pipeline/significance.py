@@ -89,7 +89,7 @@ def study_protocols(study: Study) -> tuple[str, ...]:
     another metric would need the N x N matrix's principal coordinates). With train.shared_init
     only the HTT protocols, restricted to init-seed strata: PERMANOVA's and PERMDISP's
     permutations are not restricted to strata, so their null would not hold there."""
-    if not study.tests.permanova_permutations or study.train.shared_init:
+    if not study.tests.permanova_permutations or study.shared_init:
         return study.tests.protocols
     spread = (PERMDISP,) if study.pairs.metric == "euclidean" else ()
     return (*study.tests.protocols, PERMANOVA, *spread)
@@ -405,18 +405,38 @@ def _plan(study: Study, store: Store, have: set[tuple[str, ...]],
                 f"tests: {matrix} has {len(fm.model_ids)} feature rows in the store; run the zoo "
                 "and features stages first"
             )
-        m = MatrixRefs(matrix, ray.put(fm.X), ray.put(fm.tasks), len(fm.model_ids),
-                       int(len(np.unique(fm.tasks))), fm.upstream, remotes["basis"])
+        groups = study_groups(study, store, fm.model_ids, fm.tasks, protocols)
+        m = MatrixRefs(matrix, ray.put(fm.X), ray.put(groups), len(fm.model_ids),
+                       int(len(np.unique(groups))), fm.upstream, remotes["basis"])
         # train.shared_init: split and permute within init-seed strata (htt_split)
-        strata = study.model_index(fm.seeds, fm.tasks) if study.train.shared_init else None
+        strata = study.model_index(fm.seeds, fm.tasks) if study.shared_init else None
         for protocol in protocols:
             if protocol == PERMDISP or (protocol == PERMANOVA and euclidean):  # features route
                 yield FeaturesJob.plan(m, protocol, spec)
             elif protocol == PERMANOVA:  # any metric: tiles of the distance matrix
-                yield TilesJob.plan(m, spec, study.pairs, fm.tasks, remotes["frame"],
+                yield TilesJob.plan(m, spec, study.pairs, groups, remotes["frame"],
                                     remotes["labels"])
             else:
                 yield HTTJob.plan(m, protocol, spec, options, strata, remotes["fit"])
+
+
+def study_groups(study: Study, store: Store, model_ids: list[str], tasks: np.ndarray,
+                 protocols: list[str]) -> np.ndarray:
+    """The groups (N,) int64 the tests compare: the tasks, or the codes of the models column
+    tests.group_by (binned by tests.group_bins; distsim.store.query.group_codes). LaunchError
+    (one line) when there are too few groups for a protocol."""
+    from distsim.stats.htt_split import MIN_TASKS
+    from distsim.store.query import group_codes
+
+    spec = study.tests
+    if spec.group_by == "task" and spec.group_bins is None:
+        return tasks
+    codes, names = group_codes(store, model_ids, spec.group_by, spec.group_bins)
+    need = max([MIN_TASKS.get(p, 2) for p in protocols], default=2)
+    if len(names) < need:
+        raise LaunchError(f"tests.group_by: {spec.group_by!r} has {len(names)} group(s) "
+                          f"({', '.join(names[:5])}); {'/'.join(protocols)} need at least {need}")
+    return codes
 
 
 def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from distsim.config import Pack, Study
+from distsim.config.arch import ArchConfig
 from distsim.config.data import DataConfig
 from distsim.errors import LaunchError
 from distsim.pipeline import faults
@@ -46,6 +47,24 @@ SYSTEMATIC = 3  # this many failed attempts with one cause before any trial succ
 def study_tasks(data: DataConfig) -> tuple[Task, ...]:
     """The study's tasks, built once per worker process (make_tasks is deterministic)."""
     return tuple(make_tasks(data))
+
+
+def zoo_packs(study: Study, store: Store) -> list[Pack]:
+    """The study's packs: a trained study's from its config, an import study's as stored."""
+    if study.imports:
+        from distsim.pipeline.imports import stored_packs
+
+        return stored_packs(study, store)
+    return study.packs()
+
+
+def pack_arch(study: Study, name: str, task: int) -> ArchConfig:
+    """The arch `name` sized for task `task`'s samples (an import study's: as declared)."""
+    if study.imports:
+        return study.arch(name)
+    assert study.data is not None  # a trained study has data
+    t = study_tasks(study.data)[task]
+    return study.arch(name).with_task_shape(t.input_shape, t.num_classes)
 
 
 def failed_packs(store: Store) -> set[tuple[str, int, int]]:
@@ -124,6 +143,7 @@ def history_rows(pack: Pack, results: list[SeedResult]) -> dict[str, Any]:
 def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dict[str, Any]]:
     """Rows recording a trial that failed after all retries (NaN metrics, the error text)."""
     try:
+        assert study.data is not None  # a trained study has data
         name = study_tasks(study.data)[pack.task].name
     except Exception:  # the data may be what failed
         name = None
@@ -158,6 +178,7 @@ def train_and_store(study: Study, pack: Pack, trial_id: str,
     from distsim.zoo.train import train_pack
 
     torch.set_num_threads(max(1, threads))
+    assert study.data is not None  # a trained study has data
     task = study_tasks(study.data)[pack.task]
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
     start = time.perf_counter()
@@ -263,6 +284,10 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     A trial that fails after its retries is recorded as failed (the next launch trains it
     again); a failure that repeats for the first trials stops the stage (LaunchError).
     """
+    if study.imports:
+        from distsim.pipeline.imports import run_import
+
+        return run_import(study, store, ctx)
     from ray import tune
 
     packs = pending_packs(study, store)
@@ -350,7 +375,12 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
 
 
 def outputs(study: Study, store: Store) -> Outputs:
-    """Packs of the study with a models shard (done) or one that records a failed trial."""
+    """Packs of the study with a models shard (done) or one that records a failed trial (an
+    import study's: distsim.pipeline.imports.outputs)."""
+    if study.imports:
+        from distsim.pipeline.imports import outputs as import_outputs
+
+        return import_outputs(study, store)
     packs = {(p.arch, p.task, p.pack) for p in study.packs()}
     present = {(k["arch"], k["task"], k["pack"]) for k in store.shard_keys("models")} & packs
     failed = failed_packs(store) & packs

@@ -60,7 +60,8 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
     tests = _tests(store, study)
     models = store.scan("models").collect()
     history = store.scan("history").collect()
-    labels = np.unique(np.concatenate([np.arange(study.data.num_tasks),
+    n_tasks = study.data.num_tasks if study.data is not None and not study.imports else 0
+    labels = np.unique(np.concatenate([np.arange(n_tasks),
                                        models["task"].drop_nulls().to_numpy()])).astype(np.int64)
     # One BLAS thread: the products here are small, and BLAS threads fighting a busy 2-core
     # machine made the quickstart's 40 PCAs 7 times slower (measured: 0.7 s against 0.1 s).

@@ -9,6 +9,9 @@ as polars' parser reads it: comments, nested ``/* */``, quotes), and then, as th
 that syntax cannot fool, every scan of the planned query must be a Parquet file of one of
 the store's tables.
 
+``models_with_meta`` is the models table as every reader shows it: an imported model's metadata
+as columns; ``group_codes`` the groups the tests compare (``tests.group_by``).
+
 ``tests_with_q`` is the tests table as every reader shows it (the summary, ``distsim query
 tests``, ``distsim.open(path).tests()``): plus ``r2`` and ``q_value``, computed here once.
 """
@@ -20,6 +23,7 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from distsim.errors import StoreError
@@ -70,6 +74,67 @@ def tests_with_q(store: ShardStore) -> pl.LazyFrame:
         pl.Series("q_value", q_values(rows["p_value"].to_numpy()), dtype=pl.Float64))
     return lf.join(derived.lazy(), on=list(TEST_KEY), how="left", maintain_order="left",
                    nulls_equal=True)
+
+
+def models_with_meta(store: ShardStore) -> pl.LazyFrame:
+    """The models table plus one typed column per key of ``source_meta`` (an imported model's
+    metadata: its config's hyperparameters, metrics, labels), under the key's own name, typed
+    over the whole table (ints, floats, strings, booleans; null where a model lacks the key).
+    A key that names a models column (seed, epoch, test_acc, ...) is that column already and
+    is not repeated. A trained study's table comes back as it is."""
+    lf = store.scan("models")
+    meta = lf.select("model_id", "source_meta").filter(pl.col("source_meta").is_not_null())
+    found = meta.collect()
+    if found.height == 0:
+        return lf
+    decoded = found["source_meta"].str.json_decode(infer_schema_length=None)
+    wide = pl.DataFrame({"model_id": found["model_id"]}).with_columns(
+        decoded.struct.unnest())
+    extra = [c for c in wide.columns[1:] if c not in TABLES["models"].schema.names]
+    if not extra:
+        return lf
+    return lf.join(wide.select("model_id", *extra).lazy(), on="model_id", how="left",
+                   maintain_order="left")
+
+
+def group_codes(store: ShardStore, model_ids: list[str], group_by: str,
+                bins: int | tuple[float, ...] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The group of each model of `model_ids` by the models column `group_by` (a metadata
+    column too, :func:`models_with_meta`): codes (N,) int64 in 0..G-1, in the order of the
+    sorted distinct values, and the G values' names. bins: a numeric column cut into that many
+    equal-count bins (quantile edges) or at the given edges first; a group is then named
+    ``[lo, hi)``. StoreError (one line) for an unknown column, a model without a value, or a
+    non-numeric column with bins."""
+    lf = models_with_meta(store)
+    names = lf.collect_schema().names()
+    if group_by not in names:
+        raise StoreError(f"tests.group_by: {group_by!r} is not a column of models; columns: "
+                         f"{', '.join(names)}")
+    df = (pl.DataFrame({"model_id": model_ids})
+          .join(lf.select("model_id", group_by).unique("model_id").collect(), on="model_id",
+                how="left", maintain_order="left"))
+    values = df[group_by]
+    if values.null_count():
+        first = df.filter(pl.col(group_by).is_null())["model_id"][0]
+        raise StoreError(f"tests.group_by: {group_by!r} is null for {values.null_count()} of "
+                         f"{len(values)} models (e.g. {first})")
+    if bins is None:
+        keys = values.to_list()
+        distinct = sorted(set(keys), key=lambda v: (isinstance(v, str), v))
+        index = {v: i for i, v in enumerate(distinct)}
+        return np.array([index[v] for v in keys], np.int64), [str(v) for v in distinct]
+    if not values.dtype.is_numeric():
+        raise StoreError(f"tests.group_bins: {group_by!r} holds {values.dtype}, not numbers")
+    x = values.cast(pl.Float64).to_numpy()
+    if isinstance(bins, int):  # equal-count bins: the inner quantiles are the edges
+        edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1]))
+    else:
+        edges = np.asarray(bins, np.float64)
+    codes = np.searchsorted(edges, x, side="right")  # v in [edges[i-1], edges[i]) -> i
+    used = np.unique(codes)
+    bounds = [-np.inf, *edges.tolist(), np.inf]
+    labels = [f"[{bounds[i]:g}, {bounds[i + 1]:g})" for i in used]
+    return np.searchsorted(used, codes).astype(np.int64), labels
 
 
 def read_only_sql(store: ShardStore, sql: str) -> pl.LazyFrame:

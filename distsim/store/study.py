@@ -286,11 +286,13 @@ class Store(ShardStore):
         return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
     def summary(self) -> pl.DataFrame:
-        """Per arch: models expected (from study.json), ok, diverged, failed, the mean train and
-        test accuracy of the ok models, feature rows, tests."""
+        """Per arch: models expected (from study.json; an import study's: the checkpoints its
+        last import listed), ok, diverged, failed, the mean train and test accuracy of the ok
+        models, feature rows, tests."""
         cfg = (self.read_study() or {}).get("config", {})
         n_tasks = cfg.get("data", {}).get("num_tasks", 0)
         expected = n_tasks * cfg.get("train", {}).get("seeds_per_task", 0)
+        imported = cfg.get("zoo", {}).get("source") == "import"
         archs = [a["name"] for a in cfg.get("arch", [])]
         count = pl.len().alias("n")
         counts = self.scan("models").group_by("arch", "status").agg(count).collect()
@@ -308,7 +310,8 @@ class Store(ShardStore):
             f = feats.filter(pl.col("arch") == arch)["n"]
             t = tests.filter(pl.col("arch") == arch)["n"]
             acc = accs.filter(pl.col("arch") == arch)
-            rows.append({"arch": arch, "expected": expected, **{s: by[s] for s in STATUSES},
+            rows.append({"arch": arch, "expected": sum(by.values()) if imported else expected,
+                         **{s: by[s] for s in STATUSES},
                          "train_acc": acc["train_acc"][0] if acc.height else None,
                          "test_acc": acc["test_acc"][0] if acc.height else None,
                          "features": int(f[0]) if len(f) else 0,

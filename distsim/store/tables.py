@@ -15,7 +15,7 @@ from distsim.params import NAME_PATTERN
 
 STATUSES = ("ok", "diverged", "failed")  # models.status
 KEY_VALUE = re.compile(f"^{NAME_PATTERN}$")  # a shard key's value becomes a folder/file name
-_MODEL_ID = re.compile(r"^(.+)-t(\d+)-s(\d+)$")
+_MODEL_ID = re.compile(r"^(.+)-t(\d+)-[sm](\d+)$")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,13 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("model_id", _S), ("arch", _S), ("task", _I32), ("task_name", _S), ("pack", _I32),
         ("seed", _I64), ("trial_id", _S), ("status", _S, "ok/diverged/failed"),
         ("train_acc", _F64), ("test_acc", _F64), ("train_loss", _F64), ("test_loss", _F64),
-        ("epochs", _I32), ("seconds", _F64), ("node", _S), ("error", _S))),
+        ("epochs", _I32), ("seconds", _F64), ("node", _S), ("error", _S),
+        ("epoch", _I32, "the checkpoint's epoch (an imported zoo's; null for a trained model)"),
+        ("source", _S, "an imported model's file, relative to zoo.path (#row: a row in it)"),
+        ("source_hash", _S, "SHA-256 of the bytes imported"),
+        ("source_stamp", _S, "size:mtime of the file when it was read"),
+        ("source_meta", _S, "JSON: the source's metadata of the model (its config, metrics, "
+                            "labels); `distsim query models` shows each key as a column"))),
     TableSpec("weights", "model x tensor", ("arch", "task", "pack"), ("arch",), _cols(
         ("model_id", _S), ("arch", _S), ("task", _I32), ("pack", _I32), ("tensor", _S),
         ("shape", pa.list_(_I32), "list of int32"),
@@ -79,8 +85,9 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("trial_id", _S, "the training run of the weights it was computed from"))),
     TableSpec("neighbors", "model x rank", (*_MATRIX, "block"), _MATRIX, _cols(
         ("model_id", _S), ("arch", _S), ("method", _S), ("layer", _S), ("block", _I32),
-        ("task", _I32), ("rank", _I32, "1 = nearest"), ("neighbor_id", _S),
-        ("neighbor_task", _I32), ("distance", _F32), ("same_task", pa.bool_()),
+        ("task", _I32, "the model's group: its task, or its code of tests.group_by"),
+        ("rank", _I32, "1 = nearest"), ("neighbor_id", _S),
+        ("neighbor_task", _I32), ("distance", _F32), ("same_task", pa.bool_(), "same group"),
         ("upstream", _S, _UPSTREAM))),
     TableSpec("pairs", "block (I, J) of the distance matrix", (*_MATRIX, "block_i", "block_j"),
               _MATRIX, _cols(
@@ -116,7 +123,12 @@ def model_id(arch: str, task: int, seed: int) -> str:
 
 
 def parse_model_id(mid: str) -> tuple[str, int, int] | None:
-    """(arch, task, seed) of an id made by :func:`model_id`, or None for any other string."""
+    """(arch, task, seed) of an id made by :func:`model_id`, (arch, task, index) of an imported
+    model's ``<arch>-t<task>-m<index>`` (distsim.pipeline.imports), or None for any other string.
+
+    >>> parse_model_id("mlp-t3-s12"), parse_model_id("cnn-t0-m7"), parse_model_id("x")
+    (('mlp', 3, 12), ('cnn', 0, 7), None)
+    """
     m = _MODEL_ID.match(mid)
     return None if m is None else (m.group(1), int(m.group(2)), int(m.group(3)))
 

@@ -34,6 +34,7 @@ from distsim.config.sections import (
 )
 from distsim.config.study import TrainPlan
 from distsim.config.training import TRAIN_PARAMS, TrainConfig
+from distsim.config.zoo import ZOO_PARAMS, ZooSpec
 from distsim.params import Constraint
 
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", flags=re.MULTILINE)
@@ -51,7 +52,7 @@ LOADER_DEFAULTS = {
     "arch.name": "the `kind`",
 }
 # Fields of a section's dataclass that are not keys of the study file.
-NOT_KEYS = {"arch": ("input_shape", "num_classes")}  # set from the tasks' data
+NOT_KEYS: dict[str, tuple[str, ...]] = {}  # none since import studies declare input_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +69,22 @@ class Section:
 SECTIONS = (
     Section("[study]", "study", ((STUDY_PARAMS, None),),
             "The study's name, seed and store folder. Checked by the loader."),
+    Section("[zoo]", "zoo", ((ZOO_PARAMS, ZooSpec),),
+            "Where the models come from: trained by the zoo stage (the default) or imported "
+            "from a zoo someone else trained (`distsim.config.zoo.ZooSpec`; the layouts: "
+            "[Bring your own zoo](../howto/own-zoo.md)). Optional section.", (ZooSpec,)),
     Section("[data]", "data", ((DATA_PARAMS, DataConfig),),
-            f"Which tasks the zoo trains on: `{DataConfig.__module__}.DataConfig`.",
+            f"Which tasks the zoo trains on: `{DataConfig.__module__}.DataConfig`. Optional in "
+            "an import study, where it gives the `cka` method its probe inputs.",
             (DataConfig,)),
     Section("[[arch]]", "arch", ((ARCH_PARAMS, ArchConfig),),
             f"One table per architecture: `{ArchConfig.__module__}.ArchConfig`. "
-            "`input_shape` and `num_classes` are not keys: they come from the data.",
+            "In a trained study `input_shape` and `num_classes` are not keys: they come from "
+            "the data; an import study gives both (and exactly one `[[arch]]`).",
             (ArchConfig,)),
     Section("[train]", "train", ((PLAN_PARAMS, TrainPlan), (TRAIN_PARAMS, TrainConfig)),
-            "How many models per task and how each is trained. The plan keys "
+            "How many models per task and how each is trained (an import study has none). "
+            "The plan keys "
             "(`distsim.config.study.TrainPlan`): `seeds_per_task` models per task and arch; "
             "`seeds_per_trial` of them trained together by one Ray Tune trial (a pack); "
             "`shared_init`: model i of every task starts from the same initial weights. Then "
