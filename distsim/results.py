@@ -284,7 +284,9 @@ class Results:
 
         normalized: its chain-normalized weights instead (distsim.weights.normalize); for the ReLU /
         LeakyReLU MLPs and CNNs that is the same function (same logits up to rounding), for
-        the GRU the weights are unchanged (a GRU has no rescaling symmetry). Its predictions
+        tanh, GELU and sigmoid nets another function (their units have no rescaling symmetry:
+        ``chain_normalize(...).function_preserving`` is False), for the GRU the weights are
+        unchanged (a GRU has no rescaling symmetry). Its predictions
         on ``task(row["task"]).x_test`` give the stored test_acc (for a study trained on the
         CPU in float32, the defaults; other devices and dtypes round differently). StoreError
         for an unknown id or a model whose training failed.

@@ -272,3 +272,14 @@ def test_each_example_job_validates_on_the_fixture_its_comment_writes(fmt: str,
     got = CliRunner().invoke(app, ["validate", str(tmp_path / "jobs" / job.name)])
     assert got.exit_code == 0, got.output
     assert f"({fmt}" in got.output and "zoo: " in got.output
+
+
+def test_a_model_exported_twice_is_refused_naming_both_files(tmp_path: Path) -> None:
+    mlp = ArchConfig(kind="mlp", widths=(6,), input_shape=(1, 8, 8), num_classes=2)
+    fixtures.write_distsim_export(tmp_path / "ex", mlp, tasks=2, seeds=2, train=False)
+    fixtures.write_distsim_export(tmp_path / "ex", mlp, tasks=2, seeds=2, train=False,
+                                  stacked=True)
+    got = CliRunner().invoke(app, ["validate", str(_study(tmp_path, "distsim-export",
+                                                         tmp_path / "ex", mlp))])
+    assert got.exit_code == 2 and "model 'mlp-t0-s0' is also in mlp-t0-s0.json" in got.output
+    assert "mlp.json" in got.output and len(got.output.strip().splitlines()) == 1

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
@@ -36,9 +36,7 @@ from distsim.pipeline.stage import Outputs, RunContext
 from distsim.pipeline.units import Units, run_refs
 from distsim.store import Store
 from distsim.store.codecs import json_safe
-
-if TYPE_CHECKING:
-    from distsim.zoo.sources import Entry
+from distsim.zoo.sources import Entry, SourceError  # no torch: read_entry loads it for a .pt
 
 # models columns an import fills from the source's metadata, and the names a source may use
 METRICS = {
@@ -93,6 +91,13 @@ def plan(study: Study, entries: Iterable[Entry]) -> list[ImportPack]:
             chunk = items[p * size:(p + 1) * size]
             ids = tuple(_model_id(arch, e, p * size + i) for i, e in enumerate(chunk))
             out.append(ImportPack(Pack(arch, task, p, ()), tuple(chunk), ids))
+    seen: dict[str, Entry] = {}
+    for ip in out:
+        for mid, e in zip(ip.model_ids, ip.entries, strict=True):
+            if mid in seen:  # e.g. one model exported both alone and in a stack
+                raise SourceError(f"zoo.path: model {mid} is in the zoo twice: "
+                                  f"{source_label(seen[mid])} and {source_label(e)}")
+            seen[mid] = e
     return out
 
 
@@ -148,35 +153,38 @@ def drop(store: Store, key: dict[str, Any]) -> None:
 def read_pack(study: Study, ip: ImportPack) -> dict[str, Any]:
     """Read one pack's checkpoints and write its weights, then models shards; returns counts
     and the error lines of its failed models."""
+    import numpy as np
     import torch
 
     from distsim.errors import DistsimError
     from distsim.pipeline.zoo import node_label
     from distsim.zoo.mapping import to_state_dict
-    from distsim.zoo.sources import read_entry
+    from distsim.zoo.sources import read_entries
 
     torch.set_num_threads(1)
     zoo, arch = study.zoo, study.archs[0]
     assert zoo.format is not None and zoo.path is not None
     store, node = Store(study.store), node_label()
     rows, weights, errors = [], {}, []
+    start = time.perf_counter()
+    read = read_entries(zoo.format, zoo.path, list(ip.entries), zoo.manifest, zoo.labels)
+    seconds = (time.perf_counter() - start) / max(1, len(read))  # the pack's read, shared out
     first = ip.pack.pack * zoo.pack_size
-    for index, (mid, entry) in enumerate(zip(ip.model_ids, ip.entries, strict=True), first):
-        start = time.perf_counter()
-        where = source_label(entry)
+    for index, (mid, entry, ck) in enumerate(zip(ip.model_ids, ip.entries, read, strict=True),
+                                             first):
         try:
-            ck = read_entry(zoo.format, zoo.path, entry, manifest=zoo.manifest,
-                            labels=zoo.labels)
-            state = to_state_dict(ck.tensors, arch, ck.layout, where=where)
+            if isinstance(ck, DistsimError):
+                raise ck
+            state = to_state_dict(ck.tensors, arch, ck.layout, where=source_label(entry))
         except DistsimError as exc:
             errors.append(str(exc))
             rows.append(_row(mid, index, ip.pack.task, entry, None, {}, "failed", str(exc),
-                             node, time.perf_counter() - start))
+                             node, seconds))
             continue
-        finite = all(bool(torch.isfinite(t).all()) for t in state.values())
+        finite = bool(np.isfinite(np.concatenate([a.reshape(-1) for _, a in ck.tensors])).all())
         weights[mid] = state
         rows.append(_row(mid, index, ip.pack.task, entry, ck.digest, ck.meta,
-                         "ok" if finite else "diverged", None, node, time.perf_counter() - start))
+                         "ok" if finite else "diverged", None, node, seconds))
     store.write_weights(ip.pack.key, weights)
     store.write_shard("models", ip.pack.key, rows)
     return {"ok": sum(r["status"] == "ok" for r in rows), "failed": len(errors),
@@ -213,13 +221,21 @@ def _row(mid: str, index: int, task: int, entry: Entry, digest: str | None,
         "source": source,
         "source_hash": digest,
         "source_stamp": entry.stamp,
-        "source_meta": json.dumps(json_safe(meta), sort_keys=True) if meta else None,
+        "source_meta": _json(meta) if meta else None,
     }
     for column, names in METRICS.items():
         value = next((meta[n] for n in names if isinstance(meta.get(n), (int, float))
                       and not isinstance(meta.get(n), bool)), math.nan)
         row[column] = float(value)
     return row
+
+
+def _json(meta: dict[str, Any]) -> str:
+    """The metadata as JSON (NaN and infinities as null)."""
+    try:
+        return json.dumps(meta, sort_keys=True, allow_nan=False)
+    except ValueError:  # a NaN metric: null, as the store's JSON columns write it
+        return json.dumps(json_safe(meta), sort_keys=True)
 
 
 def run_import(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:

@@ -33,22 +33,17 @@ class FeatureMatrix:
 def weights_table(state_dicts: Mapping[str, Mapping[str, Any]]) -> pa.Table:
     """Rows (model_id, tensor, shape, values) of {model_id: state_dict}, tensors in dict order;
     values are the tensor flattened in C order as float32."""
-    ids, names, shapes, flats = [], [], [], []
-    for mid, sd in state_dicts.items():
-        for name, tensor in sd.items():
-            arr = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
-            ids.append(mid)
-            names.append(name)
-            shapes.append(list(arr.shape))
-            flats.append(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
-    offsets = np.zeros(len(flats) + 1, dtype=np.int64)
-    np.cumsum([f.size for f in flats], out=offsets[1:])
-    flat = np.concatenate(flats) if flats else np.zeros(0, np.float32)
+    arrays = [(mid, name, t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))
+              for mid, sd in state_dicts.items() for name, t in sd.items()]
+    sizes = np.array([a.size for _, _, a in arrays], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    flat = (np.concatenate([np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+                            for _, _, a in arrays]) if arrays else np.zeros(0, np.float32))
     values = pa.LargeListArray.from_arrays(offsets, flat).cast(pa.list_(pa.float32()))
     return pa.table({
-        "model_id": pa.array(ids, pa.string()),
-        "tensor": pa.array(names, pa.string()),
-        "shape": pa.array(shapes, pa.list_(pa.int32())),
+        "model_id": pa.array([mid for mid, _, _ in arrays], pa.string()),
+        "tensor": pa.array([name for _, name, _ in arrays], pa.string()),
+        "shape": pa.array([a.shape for _, _, a in arrays], pa.list_(pa.int32())),
         "values": values,
     })
 

@@ -156,6 +156,22 @@ def read_entry(fmt: str, root: str | os.PathLike[str], entry: Entry,
     return _read_export(base, path, entry)
 
 
+def read_entries(fmt: str, root: str | os.PathLike[str], entries: list[Entry],
+                 manifest: str | None = None,
+                 labels: str | None = None) -> list[Checkpoint | SourceError]:
+    """:func:`read_entry` of each entry, in order, an unreadable one's SourceError in its place:
+    what one unit of work reads. A weights table's rows are sliced in one read."""
+    if fmt == "weights-table":
+        return _read_table_rows(_root(fmt, root), entries)
+    out: list[Checkpoint | SourceError] = []
+    for entry in entries:
+        try:
+            out.append(read_entry(fmt, root, entry, manifest, labels))
+        except SourceError as exc:
+            out.append(exc)
+    return out
+
+
 def _root(fmt: str, root: str | os.PathLike[str]) -> Path:
     if fmt not in FORMATS:
         raise SourceError(f"zoo.format: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -436,16 +452,36 @@ def _list_table(base: Path) -> list[Entry]:
 
 
 def _read_table(base: Path, entry: Entry) -> Checkpoint:
+    found = _read_table_rows(base, [entry])[0]
+    if isinstance(found, SourceError):
+        raise found
+    return found
+
+
+def _read_table_rows(base: Path, entries: list[Entry]) -> list[Checkpoint | SourceError]:
+    """The checkpoints of weights-table entries: their rows in one slice of weights.npy, their
+    metrics rows in one slice of metrics.csv (a row out of range: its SourceError)."""
     table = _table(base)
     n = table.weights.shape[0]
-    if entry.row is None or not 0 <= entry.row < n:
-        raise SourceError.at(base / "weights.npy", f"row {entry.row} out of range ({n} rows)")
-    row = np.array(table.weights[entry.row])
-    tensors = [(name, row[s:e].reshape(shape)) for name, s, e, shape in table.layout]
-    meta = {k: _scalar(v) for k, v in table.metrics.row(entry.row, named=True).items()}
-    meta["epoch"] = meta["step"]
-    text = json.dumps(meta, sort_keys=True, default=str).encode()
-    return Checkpoint(entry, tensors, meta, _sha(row.tobytes(), text), "tensorflow")
+    wanted = [e.row for e in entries if e.row is not None and 0 <= e.row < n]
+    block = np.asarray(table.weights[wanted]) if wanted else None  # (rows, parameters)
+    metrics = table.metrics[wanted].to_dicts() if wanted else []
+    out: list[Checkpoint | SourceError] = []
+    k = 0
+    for entry in entries:
+        if entry.row is None or not 0 <= entry.row < n:
+            out.append(SourceError.at(base / "weights.npy",
+                                      f"row {entry.row} out of range ({n} rows)"))
+            continue
+        assert block is not None
+        row = block[k]
+        meta = {key: _scalar(v) for key, v in metrics[k].items()}
+        k += 1
+        meta["epoch"] = meta["step"]
+        text = json.dumps(meta, sort_keys=True, default=str).encode()
+        tensors = [(name, row[s:e].reshape(shape)) for name, s, e, shape in table.layout]
+        out.append(Checkpoint(entry, tensors, meta, _sha(row.tobytes(), text), "tensorflow"))
+    return out
 
 
 def _manifest_path(base: Path, manifest: str | None, labels: str | None) -> Path | None:
