@@ -26,7 +26,7 @@ import distsim
 from distsim.cli import app
 from distsim.config import load_study
 from distsim.config.arch import ArchConfig
-from distsim.errors import IncompleteError
+from distsim.errors import IncompleteError, LaunchError
 from distsim.export import export_models
 from distsim.pipeline.launch import run_study
 from distsim.zoo import fixtures
@@ -283,3 +283,31 @@ def test_a_model_exported_twice_is_refused_naming_both_files(tmp_path: Path) -> 
                                                          tmp_path / "ex", mlp))])
     assert got.exit_code == 2 and "model 'mlp-t0-s0' is also in mlp-t0-s0.json" in got.output
     assert "mlp.json" in got.output and len(got.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # two launches
+def test_a_label_fixed_in_the_manifest_regroups_the_tests(ray_session, tmp_path: Path) -> None:
+    """The lineage holds the metadata too: a relabelled model's features, and the tests that
+    group by the label, are recomputed; the tests then see the new groups."""
+    root = fixtures.write_state_dicts(tmp_path / "sd", CNN, labels=("a", "b"), per_label=4,
+                                      train=False)
+    file = _study(tmp_path, "state-dicts", root, tests={"group_by": "label",
+                                                        "permanova_permutations": 19})
+    _launch(file)
+    manifest = pl.read_csv(root / "manifest.csv")
+    moved = manifest.filter(pl.col("label") == "a")["path"][:2]
+    manifest.with_columns(pl.when(pl.col("path").is_in(moved)).then(pl.lit("c"))
+                          .otherwise(pl.col("label")).alias("label")).write_csv(
+        root / "manifest.csv")
+    result, _ = _launch(file)
+    assert result["stages"]["features"]["packs"] == 1 and result["stages"]["tests"]["tests"] > 0
+    moved_one = manifest.with_columns(pl.when(pl.col("path") == moved[0]).then(pl.lit("d"))
+                                      .otherwise(pl.col("label")).alias("label"))
+    moved_one.write_csv(tmp_path / "other.csv")  # a group of one model is refused in one line
+    with pytest.raises(LaunchError, match="group 'd' of 'label' has 1 model"):
+        (tmp_path / "single").mkdir()
+        _launch(_study(tmp_path / "single", "state-dicts", root,
+                       zoo={"manifest": "../other.csv"}, tests={"group_by": "label"}))
+    res = distsim.open(tmp_path / "store")
+    assert sorted(set(res.models()["label"])) == ["a", "b", "c"]
+    assert (res.tests()["n_tasks"] == 3).all()

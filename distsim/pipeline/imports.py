@@ -8,8 +8,9 @@ checkpoints (``read_entry``), maps their tensors onto the study's ``[[arch]]``
 (``distsim.zoo.mapping.to_state_dict``) and writes the pack's weights shard, then its models
 shard (the pack's "done" marker, as in the trained zoo).
 
-Lineage: a models row's ``trial_id`` is ``<source>@<first 16 hex digits of its content
-hash>``, so features computed from a checkpoint whose bytes changed are stale. A pack is read
+Lineage: a models row's ``trial_id`` is ``<source>@<16 hex digits of the SHA-256 of its content
+hash and its metadata>``, so the features (and the pairs and tests after them) of a checkpoint
+whose bytes or metadata changed are stale; ``source_hash`` is the content hash alone. A pack is read
 again when it has no models shard, records a failed model, or its entries' files changed
 stat (size, mtime) since they were read (``source_stamp``); a file touched but not changed keeps
 its ``trial_id``, so nothing downstream is recomputed. Packs the source no longer has (files
@@ -22,6 +23,7 @@ checkpoint is ``diverged`` (kept, not featurized), as a trained one is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -204,6 +206,9 @@ def _row(mid: str, index: int, task: int, entry: Entry, digest: str | None,
     """One models row of an imported checkpoint (metadata in source_meta, JSON). seed: the
     source's integer ``seed`` (a distsim export's model seed), else the entry's index."""
     source = source_label(entry)
+    text = _json(meta) if meta else None
+    # the lineage: its bytes and its metadata (a changed label regroups the tests)
+    lineage = hashlib.sha256(f"{digest}\n{text}".encode()).hexdigest()[:16] if digest else None
     seed = meta.get("seed", entry.seed)
     if not isinstance(seed, int) or isinstance(seed, bool):
         seed = entry.seed if entry.seed is not None else index
@@ -211,7 +216,7 @@ def _row(mid: str, index: int, task: int, entry: Entry, digest: str | None,
         "model_id": mid,
         "task_name": meta.get("task_name") if isinstance(meta.get("task_name"), str) else None,
         "seed": seed,
-        "trial_id": f"{source}@{digest[:16]}" if digest else f"{source}@unread",
+        "trial_id": f"{source}@{lineage or 'unread'}",
         "status": status,
         "epochs": entry.epoch,
         "seconds": seconds,
@@ -221,7 +226,7 @@ def _row(mid: str, index: int, task: int, entry: Entry, digest: str | None,
         "source": source,
         "source_hash": digest,
         "source_stamp": entry.stamp,
-        "source_meta": _json(meta) if meta else None,
+        "source_meta": text,
     }
     for column, names in METRICS.items():
         value = next((meta[n] for n in names if isinstance(meta.get(n), (int, float))

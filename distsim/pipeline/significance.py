@@ -436,6 +436,13 @@ def study_groups(study: Study, store: Store, model_ids: list[str], tasks: np.nda
     if len(names) < need:
         raise LaunchError(f"tests.group_by: {spec.group_by!r} has {len(names)} group(s) "
                           f"({', '.join(names[:5])}); {'/'.join(protocols)} need at least {need}")
+    counts = np.bincount(codes, minlength=len(names))
+    if any(p in MIN_TASKS for p in protocols) and counts.min() < 2:
+        small = names[int(counts.argmin())]
+        raise LaunchError(f"tests.group_by: group {small!r} of {spec.group_by!r} has "
+                          f"{int(counts.min())} model; HTT splits each group, so each needs at "
+                          "least 2 (bin the column with tests.group_bins, or drop the HTT "
+                          "protocols)")
     return codes
 
 
