@@ -18,7 +18,8 @@ metadata, a digest of the bytes read); :mod:`distsim.zoo.mapping` maps the tenso
   ``layout.csv`` (``varname,start_idx,end_idx,shape``, TensorFlow's sorted variable order, so a
   layer's ``bias:0`` before its ``kernel:0``; shape a tuple literal), ``metrics.csv[.gz]`` (row i
   describes weights row i: ``config.*``, ``modeldir``, ``step``, accuracies, losses). A model is
-  one ``modeldir`` (without that column: one set of ``config.*`` values), an epoch its ``step``.
+  one ``modeldir`` (without that column: one set of ``config.*`` values), an epoch its ``step``
+  (:mod:`distsim.zoo.weights_table`).
 - ``state-dicts``: ``.pt`` (torch.save of a state dict) or ``.safetensors`` files, listed by a
   manifest (``manifest.csv`` / ``.parquet`` at the root, or the file ``manifest=`` names) with a
   ``path`` column (relative to the root) and label columns, or found recursively with
@@ -36,13 +37,11 @@ Importing this module loads no torch or safetensors; reading such a file does.
 
 from __future__ import annotations
 
-import ast
 import functools
 import gzip
 import hashlib
 import io
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -58,7 +57,6 @@ from distsim.errors import DistsimError
 FORMATS = ("distsim-export", "model-zoos", "weights-table", "state-dicts")
 MODEL_FORMAT, ZOO_FORMAT = "distsim-model/1", "distsim-zoo/1"  # distsim.export's sidecars
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
-_LAYOUT_COLUMNS = ("varname", "start_idx", "end_idx", "shape")
 
 
 class SourceError(DistsimError):
@@ -117,7 +115,9 @@ def list_entries(fmt: str, root: str | os.PathLike[str],
     if fmt == "model-zoos":
         found = _list_model_zoos(base)
     elif fmt == "weights-table":
-        found = _list_table(base)
+        from distsim.zoo.weights_table import list_table  # imports this module
+
+        found = list_table(base)
     elif fmt == "state-dicts":
         found = _list_state_dicts(base, _manifest_path(base, manifest, labels), labels)
     else:
@@ -141,7 +141,9 @@ def read_entry(fmt: str, root: str | os.PathLike[str], entry: Entry,
         meta = _zoo_meta(path.parent.parent, entry.epoch)
         return Checkpoint(entry, tensors, meta, _sha(data), "torch")
     if fmt == "weights-table":
-        return _read_table(base, entry)
+        from distsim.zoo.weights_table import read_row
+
+        return read_row(base, entry)
     if fmt == "state-dicts":
         data, tensors = _read_tensor_file(path)
         mpath = _manifest_path(base, manifest, labels)
@@ -162,7 +164,9 @@ def read_entries(fmt: str, root: str | os.PathLike[str], entries: list[Entry],
     """:func:`read_entry` of each entry, in order, an unreadable one's SourceError in its place:
     what one unit of work reads. A weights table's rows are sliced in one read."""
     if fmt == "weights-table":
-        return _read_table_rows(_root(fmt, root), entries)
+        from distsim.zoo.weights_table import read_rows
+
+        return read_rows(_root(fmt, root), entries)
     out: list[Checkpoint | SourceError] = []
     for entry in entries:
         try:
@@ -369,26 +373,6 @@ def _zoo_meta(trial: Path, epoch: int | None) -> dict[str, Any]:
             "epoch": epoch}
 
 
-@dataclass(frozen=True)
-class _Table:
-    weights: np.ndarray  # (rows, parameters), memory-mapped
-    layout: list[tuple[str, int, int, tuple[int, ...]]]  # varname, start, end, shape
-    metrics: pl.DataFrame  # row i describes weights row i
-    names: list[str]  # the model of each row
-    stamp: str
-
-
-def _table(base: Path) -> _Table:
-    gz, csv = base / "metrics.csv.gz", base / "metrics.csv"
-    files = [base / "weights.npy", base / "layout.csv", gz if gz.is_file() and not csv.is_file()
-             else csv]
-    for p in files:
-        if not p.is_file():
-            raise SourceError.at(p, "no such file (a weights-table zoo has weights.npy, "
-                                 "layout.csv and metrics.csv or metrics.csv.gz)")
-    return _load_table(*map(str, files), "+".join(_stamp(p) for p in files))
-
-
 def _read_frame(path: Path) -> pl.DataFrame:
     """A CSV (gzipped or not) or Parquet file as a frame."""
     data, kind = _read_bytes(path), "Parquet" if path.suffix == ".parquet" else "CSV"
@@ -405,83 +389,6 @@ def _need_columns(df: pl.DataFrame, path: Path, columns: Iterable[str]) -> None:
     for col in columns:
         if col not in df.columns:
             raise SourceError.at(path, f"no column {col!r} (columns: {', '.join(df.columns)})")
-
-
-@functools.lru_cache(maxsize=4)
-def _load_table(weights: str, layout: str, metrics: str, stamp: str) -> _Table:
-    try:
-        w = np.load(weights, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:
-        raise SourceError.at(weights, f"cannot read it as .npy ({_first_line(exc)})") from exc
-    if w.ndim != 2:
-        raise SourceError.at(weights, f"must be (rows, parameters), has shape {w.shape}")
-    lay = _read_frame(Path(layout))
-    _need_columns(lay, Path(layout), _LAYOUT_COLUMNS)
-    rows = []
-    for i, (name, start, end, shape_text) in enumerate(lay.select(_LAYOUT_COLUMNS).iter_rows()):
-        try:
-            shape = tuple(int(s) for s in ast.literal_eval(str(shape_text)))
-        except (ValueError, SyntaxError, TypeError) as exc:
-            raise SourceError.at(layout, f"row {i + 1}: shape {shape_text!r} is not a tuple "
-                                 "of ints") from exc
-        if end - start != math.prod(shape) or start < 0 or end > w.shape[1]:
-            raise SourceError.at(layout, f"row {i + 1} ({name}): columns {start}..{end} do not "
-                                 f"hold shape {shape} within {w.shape[1]} parameters")
-        rows.append((str(name), int(start), int(end), shape))
-    df = _read_frame(Path(metrics))
-    _need_columns(df, Path(metrics), ("step",))
-    if df.height != w.shape[0]:
-        raise SourceError.at(metrics, f"has {df.height} rows, weights.npy has {w.shape[0]}")
-    if "modeldir" in df.columns:
-        names = [str(x) for x in df["modeldir"].to_list()]
-    else:  # one model per set of config.* values
-        cfg = df.select([c for c in df.columns if c.startswith("config.")])
-        names = ["config-" + _sha(json.dumps(r).encode())[:12] for r in cfg.iter_rows()]
-    keys = list(zip(names, df["step"].to_list(), strict=True))
-    if len(set(keys)) < len(keys):
-        name, step = next(k for i, k in enumerate(keys) if k in keys[:i])
-        raise SourceError.at(metrics, f"model {name!r} has two rows of step {step}")
-    return _Table(w, rows, df, names, stamp)
-
-
-def _list_table(base: Path) -> list[Entry]:
-    table = _table(base)
-    steps = table.metrics["step"].to_list()
-    return [Entry(name, None if step is None else int(step), "weights.npy", i, table.stamp)
-            for i, (name, step) in enumerate(zip(table.names, steps, strict=True))]
-
-
-def _read_table(base: Path, entry: Entry) -> Checkpoint:
-    found = _read_table_rows(base, [entry])[0]
-    if isinstance(found, SourceError):
-        raise found
-    return found
-
-
-def _read_table_rows(base: Path, entries: list[Entry]) -> list[Checkpoint | SourceError]:
-    """The checkpoints of weights-table entries: their rows in one slice of weights.npy, their
-    metrics rows in one slice of metrics.csv (a row out of range: its SourceError)."""
-    table = _table(base)
-    n = table.weights.shape[0]
-    wanted = [e.row for e in entries if e.row is not None and 0 <= e.row < n]
-    block = np.asarray(table.weights[wanted]) if wanted else None  # (rows, parameters)
-    metrics = table.metrics[wanted].to_dicts() if wanted else []
-    out: list[Checkpoint | SourceError] = []
-    k = 0
-    for entry in entries:
-        if entry.row is None or not 0 <= entry.row < n:
-            out.append(SourceError.at(base / "weights.npy",
-                                      f"row {entry.row} out of range ({n} rows)"))
-            continue
-        assert block is not None
-        row = block[k]
-        meta = {key: _scalar(v) for key, v in metrics[k].items()}
-        k += 1
-        meta["epoch"] = meta["step"]
-        text = json.dumps(meta, sort_keys=True, default=str).encode()
-        tensors = [(name, row[s:e].reshape(shape)) for name, s, e, shape in table.layout]
-        out.append(Checkpoint(entry, tensors, meta, _sha(row.tobytes(), text), "tensorflow"))
-    return out
 
 
 def _manifest_path(base: Path, manifest: str | None, labels: str | None) -> Path | None:
