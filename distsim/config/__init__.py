@@ -1,10 +1,12 @@
 """The study file: one TOML file parsed into a frozen, typed, validated :class:`Study`.
 
-A study says which tasks, which architectures, how to train, how to featurize and how to
-test. Its sections map onto dataclasses, each with one constraint table (distsim.params)
-that says what its keys accept:
+A study says which tasks, which architectures, how to train (or which zoo to import), how to
+featurize and how to test. Its sections map onto dataclasses, each with one constraint table
+(distsim.params) that says what its keys accept:
 
     [study]      name, seed, store                      config.sections.STUDY_PARAMS
+    [zoo]        config.zoo.ZooSpec: trained (default) or imported (format, path, epochs)
+                                                        zoo.ZOO_PARAMS
     [data]       distsim.zoo.tasks.DataConfig               tasks.DATA_PARAMS
     [[arch]]     distsim.zoo.models.ArchConfig (one or more; input_shape and num_classes come
                  from the tasks)                        models.ARCH_PARAMS
