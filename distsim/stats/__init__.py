@@ -31,6 +31,12 @@ if TYPE_CHECKING:
         htt_prepare,
     )
     from distsim.stats.multiple_testing import q_values
+    from distsim.stats.permanova_multiterm import (
+        TermRow,
+        TermsResult,
+        permanova_terms,
+        permanova_terms_features,
+    )
     from distsim.stats.permanova_tiled import (
         TileSums,
         permanova_groups,
@@ -77,6 +83,8 @@ _MODULES = {  # name -> the module that defines it (a test keeps it equal to __a
     "permanova_labels": "distsim.stats.permanova_tiled",
     "permanova_null_chunk": "distsim.stats.permutational_anova",
     "permanova_tile": "distsim.stats.permanova_tiled",
+    "permanova_terms": "distsim.stats.permanova_multiterm",
+    "permanova_terms_features": "distsim.stats.permanova_multiterm",
     "permanova_tiles": "distsim.stats.permanova_tiled",
     "PermanovaResult": "distsim.stats.permutational_anova",
     "permdisp": "distsim.stats.dispersion",
@@ -84,6 +92,8 @@ _MODULES = {  # name -> the module that defines it (a test keeps it equal to __a
     "PROTOCOLS": "distsim.config.choices",
     "q_values": "distsim.stats.multiple_testing",
     "r_squared": "distsim.stats.permutational_anova",
+    "TermRow": "distsim.stats.permanova_multiterm",
+    "TermsResult": "distsim.stats.permanova_multiterm",
     "tile_pseudo_f": "distsim.stats.permanova_tiled",
     "tile_within_sums": "distsim.stats.permanova_tiled",
     "TileSums": "distsim.stats.permanova_tiled",
@@ -97,6 +107,8 @@ __all__ = [
     "HTTOptions",
     "HTTResult",
     "PermanovaResult",
+    "TermRow",
+    "TermsResult",
     "TileSums",
     "block_topk",
     "distance_block",
@@ -117,6 +129,8 @@ __all__ = [
     "permanova_groups",
     "permanova_labels",
     "permanova_null_chunk",
+    "permanova_terms",
+    "permanova_terms_features",
     "permanova_tile",
     "permanova_tiles",
     "permdisp",
