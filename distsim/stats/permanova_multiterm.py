@@ -182,8 +182,12 @@ def _design(table: Mapping[str, Any], terms: Sequence[str], n: int
         raise ValueError(f"terms must be a non-empty list of column names, got {terms!r}")
     dummies: dict[str, np.ndarray] = {}
     out: list[tuple[str, np.ndarray]] = []
+    if n < 2:
+        raise ValueError(f"PERMANOVA needs at least 2 objects, got {n}")
     for term in terms:
         factors = term.split(":")
+        if len(set(factors)) < len(factors):
+            raise ValueError(f"interaction {term!r} names a factor twice")
         for name in factors:
             if name not in table:
                 raise ValueError(f"term {term!r}: no column {name!r} in table (columns: "
