@@ -59,7 +59,7 @@ def test_public_column_names_are_stable():
     assert TABLES["models"].schema.names == [
         "model_id", "arch", "task", "task_name", "pack", "seed", "trial_id", "status", "train_acc",
         "test_acc", "train_loss", "test_loss", "epochs", "seconds", "node", "error",
-        "epoch", "source", "source_hash", "source_stamp", "source_meta"]  # added in 0.4
+        "epoch", "source", "source_hash", "source_stamp", "source_meta", "factors"]  # 0.4
     assert TABLES["weights"].schema.names == [
         "model_id", "arch", "task", "pack", "tensor", "shape", "values"]
     assert {"model_id", "arch", "layer", "method", "dim", "vector"} <= set(

@@ -46,13 +46,20 @@ def validate(
                        f"{shape}, {arch.num_classes} outputs")
             continue
         assert study.data is not None  # a trained study has data
-        n_models = study.data.num_tasks * study.train.seeds_per_task
+        cells = len(study.cells())
+        n_models = study.data.num_tasks * study.train.seeds_per_task * cells
         cfg = study.train_config(arch.name)
+        swept = dict(study.sweep)  # a swept key's value is the sweep's, shown on its own line
+        shown = {k: "(swept)" if k in swept else str(getattr(cfg, k))
+                 for k in ("epochs", "optimizer", "lr")}
         typer.echo(
             f"  arch {arch.name} ({arch.kind}): {n_models} models in "
             f"{len(study.packs(arch.name))} trials of <= {study.train.seeds_per_trial} seeds, "
-            f"{cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr}"
+            f"{shown['epochs']} epochs, {shown['optimizer']} lr {shown['lr']}"
         )
+    if study.sweep:
+        grid = " x ".join(f"{k} {list(v)}" for k, v in study.sweep)
+        typer.echo(f"  sweep: {grid} ({len(study.cells())} cells, each column of `query models`)")
     typer.echo(f"  features: {', '.join(study.features.methods)} at layers {study.features.layers}")
     b = study.tests.permanova_permutations
     typer.echo(

@@ -10,6 +10,8 @@ rebuilds the same study.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +22,7 @@ from distsim.config.data import MNIST1D_SHAPE, DataConfig
 from distsim.config.sections import (
     PLAN_PARAMS,
     STUDY_PARAMS,
+    SWEEP_PARAMS,
     FeatureSpec,
     PairSpec,
     Resources,
@@ -31,7 +34,8 @@ from distsim.config.zoo import ZooSpec
 from distsim.errors import ConfigError
 from distsim.params import check_keys, init_fields, type_name
 
-SECTIONS = ("study", "zoo", "data", "arch", "train", "resources", "features", "tests", "pairs")
+SECTIONS = ("study", "zoo", "data", "arch", "train", "sweep", "resources", "features", "tests",
+            "pairs")
 _NPZ_PLACEHOLDER_SHAPE = (1, 1024, 1024)  # passes shape checks until the npz is read at launch
 
 T = TypeVar("T")
@@ -71,9 +75,10 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
     for key in required:
         if key not in raw:
             raise ConfigError.at(key, f"missing section [{key}]")
-    if zoo.imports and "train" in raw:
-        raise ConfigError.at("train", 'an import study (zoo.source = "import") trains nothing; '
-                             "remove [train]")
+    for key in ("train", "sweep"):
+        if zoo.imports and key in raw:
+            raise ConfigError.at(key, 'an import study (zoo.source = "import") trains nothing; '
+                                 f"remove [{key}]")
 
     st = _table(raw, "study")
     check_keys(st, STUDY_PARAMS, "study")
@@ -93,6 +98,7 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
             data_kwargs["path"] = _resolve_path(data_kwargs["path"], base)
         data = DataConfig(**data_kwargs)
 
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     if zoo.imports:
         assert zoo.path is not None  # ZooSpec requires it for an import
         zoo = dataclasses.replace(zoo, path=_resolve_path(zoo.path, base))
@@ -102,6 +108,7 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
         assert data is not None  # required above
         archs = _archs(raw["arch"], data)
         train = _train(_table(raw, "train"), tuple(a.name for a in archs))
+        sweep = _sweep(_table(raw, "sweep", optional=True), train)
     resources = _section(Resources, _table(raw, "resources", optional=True), "resources")
     features = _section(FeatureSpec, _table(raw, "features", optional=True), "features",
                         seed=seed)
@@ -113,14 +120,41 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
         raise ConfigError.at("features.methods", "'cka' needs inputs for its probe: give an "
                              "import study a [data] section whose samples fit its [[arch]]")
     if train is not None and data is not None:
-        n_models = data.num_tasks * train.seeds_per_task
+        cells = math.prod([len(values) for _, values in sweep])
+        n_models = data.num_tasks * train.seeds_per_task * cells
         if pairs.top_k >= n_models:
             if "top_k" in pairs_table:
                 raise ConfigError.at("pairs.top_k", f"must be < the number of models per arch "
                                      f"({n_models}), got {pairs.top_k}")
             pairs = dataclasses.replace(pairs, top_k=n_models - 1)  # the default, cut to a tiny zoo
     return Study(name, seed, store, source, data, archs, train, resources, features, tests, pairs,
-                 zoo)
+                 zoo, sweep)
+
+
+def _sweep(table: dict[str, Any], train: TrainPlan) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The [sweep] grid: train keys, each with a non-empty list of distinct values, checked as
+    [train] checks them; a swept key may not be set in [train] or [train.<arch>] too, and every
+    cell must make a valid TrainConfig for every arch."""
+    check_keys(table, SWEEP_PARAMS, "sweep")
+    grid = []
+    for key, values in table.items():
+        path = f"sweep.{key}"
+        checked = SWEEP_PARAMS[key].check(values, path)
+        where = ["train"] if key in dict(train.base) else []
+        where += [f"train.{arch}" for arch, over in train.overrides if key in dict(over)]
+        if where:
+            raise ConfigError.at(path, f"also set in [{where[0]}]: a swept key takes its values "
+                                 "from [sweep] only")
+        grid.append((key, checked))
+    for values in itertools.product(*[v for _, v in grid]):
+        cell = dict(zip([k for k, _ in grid], values, strict=True))
+        for arch in [None, *[a for a, _ in train.overrides]]:
+            try:
+                TrainConfig(**{**train.kwargs(arch), **cell})
+            except ConfigError as exc:
+                raise ConfigError.at("sweep", f"the cell {cell} makes an invalid [train]: "
+                                     f"{exc}") from None
+    return tuple(grid)
 
 
 def _section(cls: type[T], table: dict[str, Any], path: str, **defaults: Any) -> T:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from distsim.config.choices import LEARNERS, METHODS, METRICS, PROJECTIONS, PROTOCOLS, SKETCHES
+from distsim.config.training import TRAIN_PARAMS
 from distsim.errors import ConfigError
 from distsim.params import (
     NAME_PATTERN,
@@ -39,6 +40,10 @@ STUDY_PARAMS: Table = {
 }
 PLAN_PARAMS: Table = {"seeds_per_task": Integer(lo=2), "seeds_per_trial": Integer(lo=1),
                       "shared_init": Flag()}
+# [sweep]: the [train] keys a grid may vary, each a non-empty list of distinct [train] values
+SWEEP_PARAMS: Table = {key: Array(TRAIN_PARAMS[key], nonempty=True, distinct=True)
+                       for key in ("lr", "weight_decay", "momentum", "batch_size", "epochs",
+                                   "optimizer")}
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,17 @@
 """The study plan: a validated study (:class:`Study`), its zoo trials, feature matrices and hash.
 
-Model seeds: model i (0-based) of task t gets seed ``study.seed * 1_000_000 + t *
-train.seeds_per_task + i``, distinct over tasks, identical across architectures. Pack p of a
-task holds its seeds ``[p * seeds_per_trial, (p + 1) * seeds_per_trial)``.
+Model seeds: model i (0-based) of task t in sweep cell c gets seed ``study.seed * 1_000_000 +
+(c * num_tasks + t) * train.seeds_per_task + i``, distinct over tasks and cells, identical
+across architectures (without a ``[sweep]`` there is one cell, c = 0). Pack p of a (task, cell)
+holds its seeds ``[p * seeds_per_trial, (p + 1) * seeds_per_trial)`` and is numbered
+``c * packs_per_task + p`` in the store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -59,6 +62,7 @@ class Pack:
     task: int
     pack: int
     seeds: tuple[int, ...]
+    cell: int = 0  # the [sweep] cell whose train values it uses (0 without a sweep)
 
     @property
     def trial_id(self) -> str:
@@ -106,6 +110,13 @@ class Study:
     tests: StatsSpec
     pairs: PairSpec
     zoo: ZooSpec = ZooSpec()
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # [sweep]: (train key, its values)
+
+    def cells(self) -> list[dict[str, Any]]:
+        """The [sweep] grid's cells, each {train key: value}, in the grid's order (the last key
+        varies fastest); one empty cell without a sweep."""
+        return [dict(zip([k for k, _ in self.sweep], values, strict=True))
+                for values in itertools.product(*[v for _, v in self.sweep])]
 
     @property
     def imports(self) -> bool:
@@ -141,19 +152,27 @@ class Study:
         self.arch(arch_name)  # KeyError for an unknown name
         return TrainConfig(**self.plan.kwargs(arch_name))
 
-    def model_seeds(self, task_id: int) -> tuple[int, ...]:
-        """Seeds of the seeds_per_task models of one task (the same for every arch)."""
+    def pack_config(self, pack: Pack) -> TrainConfig:
+        """The TrainConfig of one pack: its arch's, with its sweep cell's values on top."""
+        return TrainConfig(**{**self.plan.kwargs(pack.arch), **self.cells()[pack.cell]})
+
+    def model_seeds(self, task_id: int, cell: int = 0) -> tuple[int, ...]:
+        """Seeds of the seeds_per_task models of one task in one sweep cell (the same for every
+        arch)."""
+        assert self.data is not None  # a trained study has data
         n = self.plan.seeds_per_task
-        base = self.seed * SEED_STRIDE + task_id * n
+        base = self.seed * SEED_STRIDE + (cell * self.data.num_tasks + task_id) * n
         return tuple(range(base, base + n))
 
-    def model_index(self, seeds: Any, tasks: Any) -> Any:
-        """Index i (0..seeds_per_task-1) of model seeds within their tasks (ints or arrays)."""
-        return seeds - self.seed * SEED_STRIDE - tasks * self.plan.seeds_per_task
+    def model_index(self, seeds: Any, tasks: Any = None) -> Any:
+        """Index i (0..seeds_per_task-1) of model seeds within their task and cell (ints or
+        arrays; `tasks` is not needed, kept for callers that pass it)."""
+        return (seeds - self.seed * SEED_STRIDE) % self.plan.seeds_per_task
 
     def init_seeds(self, pack: Pack) -> tuple[int, ...]:
         """The seeds that initialize a pack's models: their own seeds, or with
-        train.shared_init the seed of model i of task 0 for model i of every task."""
+        train.shared_init the seed of model i of task 0 (cell 0) for model i of every task and
+        sweep cell."""
         if not self.shared_init:
             return pack.seeds
         base = self.seed * SEED_STRIDE
@@ -167,11 +186,14 @@ class Study:
         assert self.data is not None  # a trained study has data
         size = plan.seeds_per_trial
         out = []
+        ppt = plan.packs_per_task
         for name in names:
             for t in range(self.data.num_tasks):
-                seeds = self.model_seeds(t)
-                for p in range(plan.packs_per_task):
-                    out.append(Pack(name, t, p, seeds[p * size : (p + 1) * size]))
+                for c in range(len(self.cells())):
+                    seeds = self.model_seeds(t, c)
+                    for p in range(ppt):
+                        out.append(Pack(name, t, c * ppt + p, seeds[p * size : (p + 1) * size],
+                                        c))
         return out
 
     def feature_layers(self, arch_name: str) -> tuple[str, ...]:
@@ -220,6 +242,8 @@ class Study:
                 **_train_resolved(TrainConfig(**plan.kwargs())),
                 **{arch: _plain(dict(pairs)) for arch, pairs in plan.overrides},
             }
+            for key, _ in self.sweep:  # a swept key's values are in "sweep", not here
+                out["train"].pop(key)
         out.update({
             "resources": _plain(dataclasses.asdict(self.resources)),
             "features": _plain(dataclasses.asdict(self.features)),
@@ -228,6 +252,8 @@ class Study:
         })
         if self.imports:  # a trained study's resolved config (and hash) has no [zoo]
             out["zoo"] = _plain(dataclasses.asdict(self.zoo))
+        if self.sweep:  # nor [sweep] without one
+            out["sweep"] = {k: list(v) for k, v in self.sweep}
         return out
 
     @property

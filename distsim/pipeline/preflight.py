@@ -65,7 +65,8 @@ def _check_splits(study: Study) -> None:
     groups are known once its zoo is read: checked by the tests stage."""
     if study.train is None or study.data is None:
         return
-    tasks, seeds = study.data.num_tasks, study.train.seeds_per_task
+    tasks = study.data.num_tasks
+    seeds = study.train.seeds_per_task * len(study.cells())
     codes = np.repeat(np.arange(tasks), seeds)
     spec = study.tests
     for protocol in spec.protocols:

@@ -13,6 +13,7 @@ missing (or whose models were recorded as failed).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -97,8 +98,14 @@ def node_label() -> str:
     return f"{socket.gethostname()}/{node}"
 
 
+def sweep_factors(study: Study, pack: Pack) -> str | None:
+    """The models' ``factors`` column of a pack: its [sweep] cell's train values as JSON (None
+    without a sweep)."""
+    return json.dumps(study.cells()[pack.cell], sort_keys=True) if study.sweep else None
+
+
 def model_rows(pack: Pack, task: Task, results: list[SeedResult], trial_id: str,
-               node: str) -> list[dict[str, Any]]:
+               node: str, factors: str | None = None) -> list[dict[str, Any]]:
     """Rows of the models table for one trained pack (one per seed, in pack order)."""
     return [
         {
@@ -115,6 +122,7 @@ def model_rows(pack: Pack, task: Task, results: list[SeedResult], trial_id: str,
             "seconds": r.seconds,
             "node": node,
             "error": None,
+            "factors": factors,
         }
         for r in results
     ]
@@ -152,7 +160,7 @@ def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dic
         {"model_id": model_id(pack.arch, pack.task, s), "task_name": name, "seed": s,
          "trial_id": trial_id, "status": "failed", "train_acc": nan, "test_acc": nan,
          "train_loss": nan, "test_loss": nan, "epochs": 0, "seconds": nan, "node": None,
-         "error": error}
+         "error": error, "factors": sweep_factors(study, pack)}
         for s in pack.seeds
     ]
 
@@ -182,13 +190,14 @@ def train_and_store(study: Study, pack: Pack, trial_id: str,
     task = study_tasks(study.data)[pack.task]
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
     start = time.perf_counter()
-    results = train_pack(task, arch, list(pack.seeds), study.train_config(pack.arch),
+    results = train_pack(task, arch, list(pack.seeds), study.pack_config(pack),
                          init_seeds=list(study.init_seeds(pack)))
     seconds = time.perf_counter() - start
     weights = {model_id(pack.arch, pack.task, r.seed): r.state_dict for r in results}
     store.write_weights(key, weights)
     store.write_shard("history", key, history_rows(pack, results))
-    store.write_shard("models", key, model_rows(pack, task, results, trial_id, node_label()))
+    store.write_shard("models", key, model_rows(pack, task, results, trial_id, node_label(),
+                                                sweep_factors(study, pack)))
     ok = [r for r in results if r.status == "ok"]
     return {
         "ok": len(ok),
@@ -310,7 +319,8 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         res["gpu"] = study.resources.gpus_per_trial
     bound = tune.with_parameters(_trainable, study=study, faults=faults.plan())
     trainable = tune.with_resources(bound, res)
-    space = [{**p.key, "seeds": list(p.seeds)} for p in units.take()]  # Tune runs them
+    space = [{**p.key, "seeds": list(p.seeds), "cell": p.cell}  # Tune runs them
+             for p in units.take()]
     storage = store.root / "_tune"
     name = "zoo-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     watch = _Watch(units)
@@ -399,7 +409,7 @@ def reuse_actors() -> bool:
 
 def _pack(config: dict) -> Pack:
     p = config["pack"]
-    return Pack(p["arch"], p["task"], p["pack"], tuple(p["seeds"]))
+    return Pack(p["arch"], p["task"], p["pack"], tuple(p["seeds"]), p.get("cell", 0))
 
 
 def _trial_name(config: dict) -> str:

@@ -78,16 +78,18 @@ def tests_with_q(store: ShardStore) -> pl.LazyFrame:
 
 def models_with_meta(store: ShardStore) -> pl.LazyFrame:
     """The models table plus one typed column per key of ``source_meta`` (an imported model's
-    metadata: its config's hyperparameters, metrics, labels), under the key's own name, typed
+    metadata: its config's hyperparameters, metrics, labels) or of ``factors`` (a swept model's
+    [sweep] values: lr, weight_decay, ...), under the key's own name, typed
     over the whole table (ints, floats, strings, booleans; null where a model lacks the key).
     A key that names a models column (seed, epoch, test_acc, ...) is that column already and
     is not repeated. A trained study's table comes back as it is."""
     lf = store.scan("models")
-    meta = lf.select("model_id", "source_meta").filter(pl.col("source_meta").is_not_null())
+    json_text = pl.coalesce("source_meta", "factors").alias("json")  # one of them per model
+    meta = lf.select("model_id", json_text).filter(pl.col("json").is_not_null())
     found = meta.collect()
     if found.height == 0:
         return lf
-    decoded = found["source_meta"].str.json_decode(infer_schema_length=None)
+    decoded = found["json"].str.json_decode(infer_schema_length=None)
     wide = pl.DataFrame({"model_id": found["model_id"]}).with_columns(
         decoded.struct.unnest())
     extra = [c for c in wide.columns[1:] if c not in TABLES["models"].schema.names]

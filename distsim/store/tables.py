@@ -68,7 +68,9 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("source_hash", _S, "SHA-256 of the bytes imported"),
         ("source_stamp", _S, "size:mtime of the file when it was read"),
         ("source_meta", _S, "JSON: the source's metadata of the model (its config, metrics, "
-                            "labels); `distsim query models` shows each key as a column"))),
+                            "labels); `distsim query models` shows each key as a column"),
+        ("factors", _S, "JSON: the [sweep] cell's train values (lr, weight_decay, ...) of a "
+                        "trained model; `distsim query models` shows each as a column"))),
     TableSpec("weights", "model x tensor", ("arch", "task", "pack"), ("arch",), _cols(
         ("model_id", _S), ("arch", _S), ("task", _I32), ("pack", _I32), ("tensor", _S),
         ("shape", pa.list_(_I32), "list of int32"),

@@ -27,6 +27,7 @@ from distsim.config.sections import (
     RESOURCE_PARAMS,
     STATS_PARAMS,
     STUDY_PARAMS,
+    SWEEP_PARAMS,
     FeatureSpec,
     PairSpec,
     Resources,
@@ -50,6 +51,7 @@ LOADER_DEFAULTS = {
     "features.seed": "`study.seed`",
     "tests.seed": "`study.seed`",
     "arch.name": "the `kind`",
+    **{f"sweep.{key}": "not swept" for key in SWEEP_PARAMS},
 }
 # Fields of a section's dataclass that are not keys of the study file.
 NOT_KEYS: dict[str, tuple[str, ...]] = {}  # none since import studies declare input_shape
@@ -91,6 +93,12 @@ SECTIONS = (
             f"`{TrainConfig.__module__}.TrainConfig`. A table `[train.<arch name>]` "
             "overrides TrainConfig keys for one architecture.",
             (TrainConfig,)),
+    Section("[sweep]", "sweep", ((SWEEP_PARAMS, None),),
+            "A grid over `[train]` keys, crossed with the tasks and seeds: each key a list of "
+            "values, each cell of the grid trains `seeds_per_task` models per task with those "
+            "values (a swept key is not set in `[train]`). Each key becomes a column of "
+            "`models` (`distsim query models`), so `[tests] group_by` can name it. Optional "
+            "section; without it a study has one cell and its seeds and hash are unchanged."),
     Section("[resources]", "resources", ((RESOURCE_PARAMS, Resources),),
             "What one zoo trial and one feature actor ask Ray for: "
             "`distsim.config.sections.Resources`. Optional section.", (Resources,)),
