@@ -66,8 +66,10 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
     names = lf.collect_schema().names()
     if table == "models":  # an imported zoo's epoch and metadata columns too
         meta = [c for c in names if c not in TABLES["models"].schema.names]
-        if meta:
-            columns = [c for c in columns if c not in ("seconds", "node")] + ["epoch", *meta]
+        if meta:  # an imported zoo's checkpoints have an epoch; a sweep's models have none
+            epoch = ["epoch"] if lf.select(pl.col("epoch").is_not_null().any()).collect().item() \
+                else []
+            columns = [c for c in columns if c not in ("seconds", "node")] + [*epoch, *meta]
     for col, value in filters.items():
         if value is None:
             continue
