@@ -95,3 +95,25 @@ def test_a_sweep_runs_end_to_end_and_its_factor_groups_the_tests(ray_session,
     assert (models["factors"].str.json_decode().struct.field("lr") == models["lr"]).all()
     tests = res.tests()
     assert (tests["n_tasks"] == 2).all() and (tests["n_models"] == 16).all()
+
+
+@pytest.mark.slow  # one launch
+def test_tests_within_the_strata_of_a_swept_factor(ray_session, tmp_path: Path) -> None:
+    """[tests] strata = "lr": HTT split and permuted within (task, lr) cells, PERMANOVA
+    permuted within lr, PERMDISP (unrestricted) left out."""
+    text = study_toml(
+        study={"store": str(tmp_path / "store")},
+        data={"dataset": "digits", "num_tasks": 4, "pairing": "consecutive"},
+        arch=[{"kind": "mlp", "widths": [8]}],
+        train={"seeds_per_task": 4, "epochs": 2},
+        sweep={"lr": [0.01, 0.3]},
+        features={"methods": ["chain-gram"], "layers": "last"},
+        tests={"strata": "lr", "protocols": ["closed-set"], "permutations": 19,
+               "permanova_permutations": 19})
+    (tmp_path / "strata.toml").write_text(text)
+    run_study(load_study(tmp_path / "strata.toml"), stream=io.StringIO())
+    tests = distsim.open(tmp_path / "store").tests()
+    assert sorted(tests["protocol"]) == ["closed-set", "permanova"]
+    extras = {p: json.loads(e) for p, e in zip(tests["protocol"], tests["extra"], strict=True)}
+    assert extras["closed-set"]["strata"] == 2 and extras["permanova"]["strata"] == 2
+    assert (tests["n_tasks"] == 4).all()

@@ -116,6 +116,12 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
     tests = _section(StatsSpec, _table(raw, "tests", optional=True), "tests", seed=seed)
     pairs_table = _table(raw, "pairs", optional=True)
     pairs = _section(PairSpec, pairs_table, "pairs")
+    if tests.strata is not None and train is not None and train.shared_init:
+        raise ConfigError.at("tests.strata", "train.shared_init already sets the strata (the "
+                             "init seeds); give one of them")
+    if tests.strata is not None and tests.strata == tests.group_by:
+        raise ConfigError.at("tests.strata", f"{tests.strata!r} is also tests.group_by: within "
+                             "one stratum there would be a single group")
     if "cka" in features.methods and data is None:
         raise ConfigError.at("features.methods", "'cka' needs inputs for its probe: give an "
                              "import study a [data] section whose samples fit its [[arch]]")

@@ -123,7 +123,10 @@ class StatsSpec:
     group_by: the column of ``models`` whose values are the groups every test compares (the
     task by default; any metadata column of an imported zoo, e.g. ``optim::lr`` or ``epoch``);
     group_bins: bins a numeric column first, into that many equal-count bins or at the given
-    edges (a value v falls in bin i when edges[i-1] <= v < edges[i])."""
+    edges (a value v falls in bin i when edges[i-1] <= v < edges[i]).
+    strata: a models column whose values are strata: HTT splits and permutes within them, and
+    PERMANOVA permutes within them (its features route: metric euclidean); PERMDISP, whose
+    permutations are not restricted, is not run."""
 
     protocols: tuple[str, ...] = ("closed-set", "open-set")
     permutations: int = 199
@@ -137,6 +140,7 @@ class StatsSpec:
     k: int | None = None
     group_by: str = "task"
     group_bins: int | tuple[float, ...] | None = None
+    strata: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "tests", STATS_PARAMS)
@@ -153,7 +157,7 @@ class StatsSpec:
 
         return HTTOptions(learner=self.learner, train_fraction=self.train_fraction,
                           train_task_fraction=self.train_task_fraction, n_query=self.n_query,
-                          k=self.k)
+                          k=self.k, strata_split="stratum" if self.strata is None else "cell")
 
 
 STATS_PARAMS: Table = {
@@ -170,6 +174,7 @@ STATS_PARAMS: Table = {
     "group_by": Text(empty=False),
     "group_bins": Maybe(Either((Integer(lo=2), Array(Number(), nonempty=True)),
                                "a number of equal-count bins (>= 2) or a list of bin edges")),
+    "strata": Maybe(Text(empty=False)),
 }
 
 

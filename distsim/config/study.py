@@ -228,6 +228,8 @@ class Study:
         tests = _plain(dataclasses.asdict(self.tests))
         if tests["group_by"] == "task" and tests["group_bins"] is None:  # added later: keep
             del tests["group_by"], tests["group_bins"]  # older studies' hashes
+        if tests["strata"] is None:
+            del tests["strata"]
         out: dict[str, Any] = {"study": {"name": self.name, "seed": self.seed,
                                          "store": self.store}}
         if self.data is not None:

@@ -88,9 +88,14 @@ def study_protocols(study: Study) -> tuple[str, ...]:
     permutations, with PERMDISP beside it when the metric is Euclidean (its features route;
     another metric would need the N x N matrix's principal coordinates). With train.shared_init
     only the HTT protocols, restricted to init-seed strata: PERMANOVA's and PERMDISP's
-    permutations are not restricted to strata, so their null would not hold there."""
+    permutations are not restricted to strata, so their null would not hold there. With
+    tests.strata, PERMANOVA permutes within the strata (``permanova_terms_features``, metric
+    euclidean only) and PERMDISP, unrestricted, is left out."""
     if not study.tests.permanova_permutations or study.shared_init:
         return study.tests.protocols
+    if study.tests.strata is not None:  # PERMANOVA within strata: its features route only
+        return (*study.tests.protocols,
+                *((PERMANOVA,) if study.pairs.metric == "euclidean" else ()))
     spread = (PERMDISP,) if study.pairs.metric == "euclidean" else ()
     return (*study.tests.protocols, PERMANOVA, *spread)
 
@@ -134,6 +139,19 @@ def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int,
     r = stats.permanova_features(Y, tasks, permutations=permutations, seed=seed)
     return {"observed": r.statistic, "statistic": "pseudo-F", "chance": float("nan"),
             "null": r.null, "extra": {"n_groups": r.n_groups, "route": "features", "r2": r.r2}}
+
+
+def permanova_within(Y: np.ndarray, tasks: np.ndarray, strata: np.ndarray, permutations: int,
+                     seed: int) -> dict[str, Any]:
+    """PERMANOVA of the groups with every permutation within the strata (tests.strata), all B
+    in one task: ``permanova_terms_features`` of the one term, on the features' basis Y."""
+    r = stats.permanova_terms_features(Y, {"group": tasks}, ["group"], strata=strata,
+                                       permutations=permutations, seed=seed)
+    row = r.rows[0]
+    return {"observed": row.F, "statistic": "pseudo-F", "chance": float("nan"),
+            "null": r.null["group"], "extra": {"n_groups": int(len(np.unique(tasks))),
+                                               "route": "features", "r2": row.r2,
+                                               "strata": int(len(np.unique(strata)))}}
 
 
 def permdisp_test(Y: np.ndarray, tasks: np.ndarray, permutations: int,
@@ -338,10 +356,13 @@ class FeaturesJob(ChunkedJob):
     on the features' Euclidean basis."""
 
     @classmethod
-    def plan(cls, m: MatrixRefs, protocol: str, spec: StatsSpec) -> FeaturesJob:
+    def plan(cls, m: MatrixRefs, protocol: str, spec: StatsSpec,
+             strata: np.ndarray | None = None) -> FeaturesJob:
         B, seed, y = spec.permanova_permutations, spec.seed, m.basis()
         if protocol == PERMDISP:
             units = [m.unit(protocol, "0", permdisp_test, y, m.tasks, B, seed)]
+        elif strata is not None:  # tests.strata: every permutation within the strata
+            units = [m.unit(protocol, "0", permanova_within, y, m.tasks, strata, B, seed)]
         else:
             sizes = chunk_sizes(B, spec.chunk_size)
             units = [m.unit(protocol, "0", permanova_head, y, m.tasks, sizes[0], seed)]
@@ -408,11 +429,13 @@ def _plan(study: Study, store: Store, have: set[tuple[str, ...]],
         groups = study_groups(study, store, fm.model_ids, fm.tasks, protocols)
         m = MatrixRefs(matrix, ray.put(fm.X), ray.put(groups), len(fm.model_ids),
                        int(len(np.unique(groups))), fm.upstream, remotes["basis"])
-        # train.shared_init: split and permute within init-seed strata (htt_split)
-        strata = study.model_index(fm.seeds, fm.tasks) if study.shared_init else None
+        # train.shared_init: split and permute within init-seed strata (htt_split); or the
+        # strata of tests.strata, a models column
+        strata = study_strata(study, store, fm.model_ids, fm.seeds, groups, protocols)
         for protocol in protocols:
             if protocol == PERMDISP or (protocol == PERMANOVA and euclidean):  # features route
-                yield FeaturesJob.plan(m, protocol, spec)
+                yield FeaturesJob.plan(m, protocol, spec,
+                                       strata if spec.strata is not None else None)
             elif protocol == PERMANOVA:  # any metric: tiles of the distance matrix
                 yield TilesJob.plan(m, spec, study.pairs, groups, remotes["frame"],
                                     remotes["labels"])
@@ -443,6 +466,30 @@ def study_groups(study: Study, store: Store, model_ids: list[str], tasks: np.nda
                           f"{int(counts.min())} model; HTT splits each group, so each needs at "
                           "least 2 (bin the column with tests.group_bins, or drop the HTT "
                           "protocols)")
+    return codes
+
+
+def study_strata(study: Study, store: Store, model_ids: list[str], seeds: np.ndarray,
+                 groups: np.ndarray, protocols: list[str]) -> np.ndarray | None:
+    """The strata (N,) int64 of the tests: the init-seed index (train.shared_init), the codes
+    of the models column tests.strata, or None. LaunchError (one line) when an HTT split cannot
+    be drawn within them."""
+    spec = study.tests
+    if spec.strata is None:
+        return np.asarray(study.model_index(seeds)) if study.shared_init else None
+    from distsim.stats.htt_split import make_split
+    from distsim.store.query import group_codes
+
+    codes, names = group_codes(store, model_ids, spec.strata)
+    for protocol in [p for p in protocols if p in ("closed-set", "open-set")]:
+        try:
+            make_split(groups, np.unique(groups), protocol, spec.seed, strata=codes,
+                       train_fraction=spec.train_fraction,
+                       train_task_fraction=spec.train_task_fraction, n_query=spec.n_query,
+                       strata_split="cell")
+        except ValueError as exc:
+            raise LaunchError(f"tests.strata: {protocol} cannot split the groups within the "
+                              f"{len(names)} strata of {spec.strata!r}: {exc}") from None
     return codes
 
 

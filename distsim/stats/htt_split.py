@@ -60,6 +60,9 @@ class Split:
         return np.concatenate([idx for role, idx in self.blocks.items() if role != "train"])
 
 
+STRATA_SPLITS = ("stratum", "cell")  # how strata enter the split (make_split's strata_split)
+
+
 def make_split(
     codes: np.ndarray,
     names: np.ndarray,
@@ -69,6 +72,7 @@ def make_split(
     train_task_fraction: float = 0.6,
     n_query: int | None = None,
     strata: Sequence[Hashable] | np.ndarray | None = None,
+    strata_split: str = "stratum",
 ) -> Split:
     """Seeded split of positions into roles: per task for closed-set, by task for open-set.
 
@@ -78,13 +82,22 @@ def make_split(
     each held-out task gives n_query queries (None: 20% of its positions) and the rest gallery.
     strata (N,): stratum labels; then closed-set splits the strata (train_fraction of them
     train) and open-set splits the held-out tasks' strata (n_query of them query; None: 20%),
-    see the module docstring. The split is drawn from default_rng([*seed, 0]);
-    `permuted_labels` uses stream 1.
+    see the module docstring. strata_split="cell" (strata that are cells of other factors,
+    e.g. a sweep's learning rates, each holding models of every task): the split is drawn in
+    each (task, stratum) cell as it is in each task without strata (closed-set: train_fraction
+    of the cell trains; open-set: the held-out tasks' cells give 20% or n_query queries each),
+    so every stratum is in every role and the null permutes within (role, stratum) cells. The
+    split is drawn from default_rng([*seed, 0]); `permuted_labels` uses stream 1.
     """
+    if strata_split not in STRATA_SPLITS:
+        raise ValueError(f"strata_split must be one of {STRATA_SPLITS}, got {strata_split!r}")
     n_tasks = len(names)
     rng = np.random.default_rng([*_seed_words(seed), 0])
     members = [np.flatnonzero(codes == t) for t in range(n_tasks)]
     s = None if strata is None else _strata_codes(strata, len(codes))
+    if s is not None and strata_split == "cell":
+        return _split_by_cell(codes, names, protocol, rng, s, train_fraction,
+                              train_task_fraction, n_query)
     if protocol == "closed-set":
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
@@ -195,6 +208,52 @@ def _open_split_by_stratum(codes: np.ndarray, train_tasks: np.ndarray, s: np.nda
                          f"(at least 2 of the {n_held} held-out strata in query and in gallery)")
     is_query = np.isin(s[held], rng.permutation(held_strata)[:n_q])
     return held[is_query], held[~is_query]
+
+
+def _split_by_cell(codes: np.ndarray, names: np.ndarray, protocol: str,
+                   rng: np.random.Generator, s: np.ndarray, train_fraction: float,
+                   train_task_fraction: float, n_query: int | None) -> Split:
+    """make_split without strata, applied to each (task, stratum) cell as if it were a task
+    (its code stays the task's), with the strata kept for the null."""
+    cell = codes * (int(s.max()) + 1) + s  # one code per (task, stratum)
+    used, cells = np.unique(cell, return_inverse=True)
+    cell_task = used // (int(s.max()) + 1)  # the task of each cell
+    small = np.flatnonzero(np.bincount(cells) < 2)
+    if small.size:
+        c = used[small[0]]
+        raise ValueError(f"task {names[c // (int(s.max()) + 1)].item()!r} has 1 model in a "
+                         "stratum; with strata_split='cell' every (task, stratum) cell needs 2")
+    n_tasks = len(names)
+    if protocol == "closed-set":
+        if not 0.0 < train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+        train, test = [], []
+        for c in range(len(used)):
+            idx = rng.permutation(np.flatnonzero(cells == c))
+            n_tr = int(np.clip(round(train_fraction * len(idx)), 1, len(idx) - 1))
+            train.append(idx[:n_tr])
+            test.append(idx[n_tr:])
+        blocks = {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+        return Split(protocol, codes, n_tasks, blocks, np.arange(n_tasks), s)
+    if not 0.0 < train_task_fraction < 1.0:
+        raise ValueError(f"train_task_fraction must be in (0, 1), got {train_task_fraction}")
+    order = rng.permutation(n_tasks)
+    n_train_tasks = int(np.clip(round(train_task_fraction * n_tasks), 2, n_tasks - 2))
+    train_tasks = np.sort(order[:n_train_tasks])
+    query, gallery = [], []
+    for c in np.flatnonzero(~np.isin(cell_task, train_tasks)):
+        idx = rng.permutation(np.flatnonzero(cells == c))
+        n_q = int(np.clip(round(0.2 * len(idx)), 1, len(idx) - 1)) if n_query is None \
+            else int(n_query)
+        if n_q >= len(idx):
+            raise ValueError(f"n_query={n_q} leaves no gallery in a (task, stratum) cell of "
+                             f"{len(idx)} models")
+        query.append(idx[:n_q])
+        gallery.append(idx[n_q:])
+    blocks = {"train": np.flatnonzero(np.isin(codes, train_tasks)),
+              "query": np.sort(np.concatenate(query)),
+              "gallery": rng.permutation(np.concatenate(gallery))}
+    return Split(protocol, codes, n_tasks, blocks, train_tasks, s)
 
 
 def _check_strata_split(split: Split, names: np.ndarray) -> Split:

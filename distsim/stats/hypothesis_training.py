@@ -92,11 +92,15 @@ class HTTOptions:
     ``tol``, ``max_iter``: the softmax runs until every fit's step is below tol of its weights
     (at most max_iter steps); ``solve``: "primal" (D x D, no n x n array), "dual" (n x n) or
     "auto" (the smaller; the same result to rounding); ``batched=False``: a loop of full
-    re-fits (the reference; the same values). Checked when a test runs (k against its tasks).
+    re-fits (the reference; the same values). ``strata_split``: how strata enter the split
+    (``make_split``): "stratum" (the strata are units split between the roles: init seeds) or
+    "cell" (each (task, stratum) cell is split: strata that are another factor's cells).
+    Checked when a test runs (k against its tasks).
 
     >>> HTTOptions()  # doctest: +NORMALIZE_WHITESPACE
     HTTOptions(learner='lda', train_fraction=0.6, train_task_fraction=0.6, n_query=None,
-               k=None, ridge=1.0, tol=0.0001, max_iter=1000, solve='auto', batched=True)
+               k=None, ridge=1.0, tol=0.0001, max_iter=1000, solve='auto', batched=True,
+               strata_split='stratum')
     >>> import dataclasses
     >>> softmax = HTTOptions(learner="softmax", k=1)
     >>> dataclasses.replace(softmax, ridge=10.0).ridge, softmax.ridge  # frozen: a changed copy
@@ -113,6 +117,7 @@ class HTTOptions:
     max_iter: int = 1000
     solve: str = "auto"
     batched: bool = True
+    strata_split: str = "stratum"
 
 
 # ----------------------------------------------------------------------------- validation & split
@@ -257,7 +262,7 @@ def _setup(
         features, tasks, protocol, how.learner, permutations, min_permutations
     )
     split = make_split(codes, names, protocol, split_seed, how.train_fraction,
-                       how.train_task_fraction, how.n_query, strata)
+                       how.train_task_fraction, how.n_query, strata, how.strata_split)
     _check_options(split, how)
     if np.ptp(X[split.blocks["train"]], axis=0).max() == 0:
         raise ValueError("features are constant over the training solutions: nothing to learn")
