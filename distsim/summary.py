@@ -84,10 +84,11 @@ Q_LINE = ("Benjamini-Hochberg over all {n} tests in the store (every row of `dis
 
 
 def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None,
-                   group_by: str = "task") -> str:
+                   group_by: str = "task", strata: str | None = None) -> str:
     """The summary of `df` (summary_table's rows) as text: a grid per arch, the legend, and
     the command that shows every row (of the store at `store`; "STORE" when None). group_by:
-    the models column whose groups the tests compare (tests.group_by), when not the task.
+    the models column whose groups the tests compare (tests.group_by), when not the task;
+    strata: the models column the tests split and permute within (tests.strata), if any.
 
     The grid's first number is the closed-set accuracy over its chance (the open-set mAP when
     the store has no closed-set test), the second the PERMANOVA R^2; each is marked where its
@@ -101,7 +102,7 @@ def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None
     parts = []
     for arch in df["arch"].unique(maintain_order=True):
         parts.append(_grid(df.filter(pl.col("arch") == arch), methods, score, effect))
-    parts.append(legend(df, score, effect, group_by))
+    parts.append(legend(df, score, effect, group_by, strata))
     where = "STORE" if store is None else str(store)
     rest = [p for p in PROTOCOL_ORDER if p in protocols and p not in (score, effect)]
     also = f" (also {', '.join(rest)})" if rest else ""
@@ -160,7 +161,7 @@ def _number(value: Any, short: bool = False) -> str:
 
 
 def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None,
-           group_by: str = "task") -> str:
+           group_by: str = "task", strata: str | None = None) -> str:
     """What the grid shows: a line per method in `df`, per number of the grid (`score`:
     closed-set or open-set; `effect`: permanova), the mark and q; a line for each of closed-set
     and permanova the store lacks."""
@@ -186,6 +187,10 @@ def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None
         entries.append(("groups", f"the tests compare the models' groups by {group_by!r} "
                                   "(tests.group_by), not their tasks: read each 'task' above "
                                   "as such a group"))
+    if strata is not None:
+        entries.append(("strata", f"the tests split and permute within the values of "
+                                  f"{strata!r} (tests.strata): they compare the groups within "
+                                  "each, not across; PERMDISP is not run"))
     width = max(len(k) for k, _ in entries)
     pad = " " * (width + 2)
     return "\n".join(textwrap.fill(v, WIDTH, initial_indent=f"{k:<{width}}  ",

@@ -225,7 +225,7 @@ def run_study(
                               f"{_first_error(done)}a relaunch redoes the missing units")
     table = summary_table(store, study)
     seconds = time.perf_counter() - start
-    print(format_summary(table, store.root, study.tests.group_by), file=out)
+    print(format_summary(table, store.root, study.tests.group_by, study.tests.strata), file=out)
     if any(info.get("partial") for info in done.values()):
         print("distsim: PARTIAL: these results were computed on an incomplete upstream "
               "(see above); `distsim status` shows which stages", file=out)
