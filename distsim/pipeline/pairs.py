@@ -26,6 +26,7 @@ from distsim import stats  # lazy: numba loads when a tile is computed, not for 
 from distsim.config import MatrixKey, Study
 from distsim.errors import IncompleteError, LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
+from distsim.pipeline.significance import labelled_models, study_groups
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.units import Units, error_text
 from distsim.store import FeatureMatrix, Store, lineage
@@ -248,6 +249,7 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     block, metric = study.pairs.block, study.pairs.metric
     recorded = _recorded(store)
     rows = lineage.matrix_rows(store)  # decide from the lineage; load only matrices with work
+    models = labelled_models(study, store)  # tests.group_by's column, read once
     for key in study.matrices():
         tokens = rows.get((key.arch, key.method, key.layer), frozenset())
         if len(tokens) < 2:
@@ -264,12 +266,9 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         if not work.tiles:
             continue
         fm = store.feature_matrix(key.arch, key.method, key.layer)
-        if study.tests.group_by != "task" or study.tests.group_bins is not None:
-            # intra/inter and same_task by the groups the tests compare (tests.group_by)
-            from distsim.pipeline.significance import study_groups
-
-            fm = dataclasses.replace(fm, tasks=study_groups(study, store, fm.model_ids,
-                                                             fm.tasks, []))
+        # intra/inter and same_task by the groups the tests compare (tests.group_by)
+        fm = dataclasses.replace(fm, tasks=study_groups(study, models, fm.model_ids, fm.tasks,
+                                                         []))
         g = len(keys)
         keys.append(key)
         matrices.append(fm)

@@ -76,6 +76,8 @@ from distsim.pipeline.units import Units, run_refs
 from distsim.store import Store, lineage
 
 if TYPE_CHECKING:  # types only: the statistics load when a unit runs, not for `status`
+    import polars as pl
+
     from distsim.stats import HTTOptions, TileSums
     from distsim.stats.linear_embedding import Fit
 
@@ -415,6 +417,7 @@ def _plan(study: Study, store: Store, have: set[tuple[str, ...]],
 
     spec, options = study.tests, study.tests.htt_options()
     euclidean = study.pairs.metric == "euclidean"
+    models = labelled_models(study, store)
     for matrix in study.matrices():
         protocols = [p for p in study_protocols(study)
                      if (matrix.arch, matrix.method, matrix.layer, p) not in have]
@@ -426,12 +429,12 @@ def _plan(study: Study, store: Store, have: set[tuple[str, ...]],
                 f"tests: {matrix} has {len(fm.model_ids)} feature rows in the store; run the zoo "
                 "and features stages first"
             )
-        groups = study_groups(study, store, fm.model_ids, fm.tasks, protocols)
+        groups = study_groups(study, models, fm.model_ids, fm.tasks, protocols)
         m = MatrixRefs(matrix, ray.put(fm.X), ray.put(groups), len(fm.model_ids),
                        int(len(np.unique(groups))), fm.upstream, remotes["basis"])
         # train.shared_init: split and permute within init-seed strata (htt_split); or the
         # strata of tests.strata, a models column
-        strata = study_strata(study, store, fm.model_ids, fm.seeds, groups, protocols)
+        strata = study_strata(study, models, fm.model_ids, fm.seeds, groups, protocols)
         for protocol in protocols:
             if protocol == PERMDISP or (protocol == PERMANOVA and euclidean):  # features route
                 yield FeaturesJob.plan(m, protocol, spec,
@@ -443,8 +446,19 @@ def _plan(study: Study, store: Store, have: set[tuple[str, ...]],
                 yield HTTJob.plan(m, protocol, spec, options, strata, remotes["fit"])
 
 
-def study_groups(study: Study, store: Store, model_ids: list[str], tasks: np.ndarray,
-                 protocols: list[str]) -> np.ndarray:
+def labelled_models(study: Study, store: Store) -> pl.DataFrame | None:
+    """The models table with its metadata columns (models_with_meta), read once for every
+    matrix, when tests.group_by or tests.strata names a column other than the task; else None."""
+    from distsim.store.query import models_with_meta
+
+    spec = study.tests
+    if spec.group_by == "task" and spec.group_bins is None and spec.strata is None:
+        return None
+    return models_with_meta(store).collect()
+
+
+def study_groups(study: Study, models: pl.DataFrame | None, model_ids: list[str],
+                 tasks: np.ndarray, protocols: list[str]) -> np.ndarray:
     """The groups (N,) int64 the tests compare: the tasks, or the codes of the models column
     tests.group_by (binned by tests.group_bins; distsim.store.query.group_codes). LaunchError
     (one line) when there are too few groups for a protocol."""
@@ -454,7 +468,8 @@ def study_groups(study: Study, store: Store, model_ids: list[str], tasks: np.nda
     spec = study.tests
     if spec.group_by == "task" and spec.group_bins is None:
         return tasks
-    codes, names = group_codes(store, model_ids, spec.group_by, spec.group_bins)
+    assert models is not None  # labelled_models read it
+    codes, names = group_codes(models, model_ids, spec.group_by, spec.group_bins)
     need = max([MIN_TASKS.get(p, 2) for p in protocols], default=2)
     if len(names) < need:
         raise LaunchError(f"tests.group_by: {spec.group_by!r} has {len(names)} group(s) "
@@ -469,8 +484,9 @@ def study_groups(study: Study, store: Store, model_ids: list[str], tasks: np.nda
     return codes
 
 
-def study_strata(study: Study, store: Store, model_ids: list[str], seeds: np.ndarray,
-                 groups: np.ndarray, protocols: list[str]) -> np.ndarray | None:
+def study_strata(study: Study, models: pl.DataFrame | None, model_ids: list[str],
+                 seeds: np.ndarray, groups: np.ndarray,
+                 protocols: list[str]) -> np.ndarray | None:
     """The strata (N,) int64 of the tests: the init-seed index (train.shared_init), the codes
     of the models column tests.strata, or None. LaunchError (one line) when an HTT split cannot
     be drawn within them."""
@@ -480,7 +496,8 @@ def study_strata(study: Study, store: Store, model_ids: list[str], seeds: np.nda
     from distsim.stats.htt_split import make_split
     from distsim.store.query import group_codes
 
-    codes, names = group_codes(store, model_ids, spec.strata)
+    assert models is not None  # labelled_models read it
+    codes, names = group_codes(models, model_ids, spec.strata)
     for protocol in [p for p in protocols if p in ("closed-set", "open-set")]:
         try:
             make_split(groups, np.unique(groups), protocol, spec.seed, strata=codes,

@@ -99,15 +99,16 @@ def models_with_meta(store: ShardStore) -> pl.LazyFrame:
                    maintain_order="left")
 
 
-def group_codes(store: ShardStore, model_ids: list[str], group_by: str,
+def group_codes(models: ShardStore | pl.DataFrame, model_ids: list[str], group_by: str,
                 bins: int | tuple[float, ...] | None = None) -> tuple[np.ndarray, list[str]]:
     """The group of each model of `model_ids` by the models column `group_by` (a metadata
     column too, :func:`models_with_meta`): codes (N,) int64 in 0..G-1, in the order of the
     sorted distinct values, and the G values' names. bins: a numeric column cut into that many
     equal-count bins (quantile edges) or at the given edges first; a group is then named
     ``[lo, hi)``. StoreError (one line) for an unknown column, a model without a value, or a
-    non-numeric column with bins."""
-    lf = models_with_meta(store)
+    non-numeric column with bins. models: a store, or its models_with_meta frame read once (a
+    stage asks for the groups of every feature matrix)."""
+    lf = models_with_meta(models) if isinstance(models, ShardStore) else models.lazy()
     names = lf.collect_schema().names()
     if group_by not in names:
         raise StoreError(f"tests.group_by: {group_by!r} is not a column of models; columns: "
