@@ -214,8 +214,10 @@ def test_shard_keys_where_lists_only_the_selected_partitions(tmp_path):
     for key in keys:
         store.write_shard("neighbors", key, [])
     mine = {"arch": "mlp", "method": "raw", "layer": "fc1"}
-    assert store.shard_keys("neighbors", mine) == [{**mine, "block": 0}, {**mine, "block": 1}]
-    assert store.shard_keys("neighbors", {"arch": "cnn"}) == keys[:4]
+    none = {"epoch": None}  # an optional key column left out of the name reads back as None
+    assert store.shard_keys("neighbors", mine) == [{**mine, "block": 0, **none},
+                                                   {**mine, "block": 1, **none}]
+    assert store.shard_keys("neighbors", {"arch": "cnn"}) == [{**k, **none} for k in keys[:4]]
     assert store.shard_keys("neighbors", {"arch": "rnn"}) == []
     with pytest.raises(StoreError, match="selected by"):
         store.shard_keys("neighbors", {"block": 0})  # not a partition column
@@ -325,7 +327,7 @@ def test_one_read_scans_the_features_once_inside_the_block_and_afresh_after(tmp_
     with lineage.one_read():
         first = lineage.feature_tokens(store)
         assert lineage.feature_tokens(store) is first and scans == ["features"]
-        assert lineage.matrix_rows(store) == {("mlp", "raw", "fc1"): {"mlp-t0-s0@a"}}
+        assert lineage.matrix_rows(store) == {("mlp", "raw", "fc1", None): {"mlp-t0-s0@a"}}
         assert scans == ["features"]
     write(1)  # outside the block every call reads the store as it is now
     assert set(lineage.feature_tokens(store)) == {("mlp", "raw", "fc1", 0, 0),
@@ -405,3 +407,26 @@ def test_json_safe_writes_strict_json(value: object) -> None:
     back = json.loads(text)
     if isinstance(value, float):
         assert back == (value if np.isfinite(value) else None)
+
+
+def test_optional_key_columns_name_a_shard_only_when_set(tmp_path):
+    """tests.factor and tests.epoch are optional key columns: left out (or None) they are not
+    in the file name (a study without factors or saved epochs keeps its shard names); set, they
+    are, and each reads back from the name and the rows."""
+    store = Store(tmp_path)
+    base = {"arch": "mlp", "method": "raw", "layer": "fc1", "protocol": "permanova"}
+    plain = store.write_shard("tests", base, [{"p_value": 0.5}])
+    assert plain.name == "protocol=permanova.parquet"
+    assert store.shard_path("tests", {**base, "factor": None, "epoch": None}) == plain
+    both = store.write_shard("tests", {**base, "factor": "lr", "epoch": 5}, [{"p_value": 0.1}])
+    assert both.name == "protocol=permanova-factor=lr-epoch=5.parquet"
+    epoch_only = store.write_shard("tests", {**base, "epoch": 0}, [{"p_value": 0.2}])
+    assert epoch_only.name == "protocol=permanova-epoch=0.parquet"
+    keys = sorted(store.shard_keys("tests"), key=str)
+    assert {(k["factor"], k["epoch"]) for k in keys} == {(None, None), ("lr", 5), (None, 0)}
+    rows = store.scan("tests").select("factor", "epoch", "p_value").collect().sort("p_value")
+    assert rows.rows() == [("lr", 5, 0.1), (None, 0, 0.2), (None, None, 0.5)]
+    with pytest.raises(StoreError, match="leaves it out"):
+        store.write_shard("tests", base, [{"factor": "lr"}])
+    from distsim.store.verify import verify_store
+    assert not [line for line in verify_store(store) if "tests" in line and "lineage" not in line]

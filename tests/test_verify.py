@@ -58,15 +58,15 @@ def _build(root: Path) -> None:
         store.write_shard("weights", key, {"model_id": ids, "tensor": ["fc1.weight"] * n,
                                            "shape": [[2]] * n, "values": [[0.5, 1.0]] * n})
         for m in study.matrices():
-            store.write_shard("features", {**m.key, "task": p.task, "pack": p.pack}, {
+            store.write_shard("features", {**m.partition, "task": p.task, "pack": p.pack}, {
                 "model_id": ids, "seed": list(p.seeds), "dim": [2] * n,
                 "vector": [[float(s), 1.0] for s in p.seeds], "trial_id": [trial] * n})
     rows = lineage.matrix_rows(store)
     for m in study.matrices():
-        up = lineage.fingerprint(rows[(m.arch, m.method, m.layer)])
+        up = lineage.fingerprint(rows[m.id])
         store.write_shard("pairs", {**m.key, "block_i": 0, "block_j": 0},
                           [{"metric": "euclidean", "intra_count": 6, "upstream": up}])
-        ids = sorted(t.split("@")[0] for t in rows[(m.arch, m.method, m.layer)])
+        ids = sorted(t.split("@")[0] for t in rows[m.id])
         store.write_shard("neighbors", {**m.key, "block": 0}, [
             {"model_id": i, "task": int(i.split("-t")[1].split("-")[0]), "rank": 1,
              "neighbor_id": ids[(k + 1) % len(ids)], "distance": 1.0, "upstream": up}

@@ -19,10 +19,11 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from distsim.store.shards import ShardStore
+from distsim.store.tables import model_epoch
 
 PackKey = tuple[str, int, int]  # (arch, task, pack)
 FeatureKey = tuple[str, str, str, int, int]  # (arch, method, layer, task, pack)
-MatrixId = tuple[str, str, str]  # (arch, method, layer)
+MatrixId = tuple[str, str, str, int | None]  # (arch, method, layer, epoch)
 
 
 def token(model_id: str, trial_id: str | None) -> str:
@@ -98,10 +99,16 @@ def shard_tokens(path: Path) -> frozenset[str]:
 
 
 def matrix_rows(store: ShardStore) -> dict[MatrixId, frozenset[str]]:
-    """Tokens of the feature rows of every feature matrix (arch, method, layer) in the store."""
+    """Tokens of the feature rows of every feature matrix in the store, by (arch, method,
+    layer, None) (every row) and, where rows are checkpoints of [train] save_epochs (ids
+    ending ``-e<epoch>``), by (arch, method, layer, epoch) too."""
     out: dict[MatrixId, set[str]] = {}
     for (arch, method, layer, _, _), rows in feature_tokens(store).items():
-        out.setdefault((arch, method, layer), set()).update(rows)
+        out.setdefault((arch, method, layer, None), set()).update(rows)
+        for row in rows:
+            epoch = model_epoch(row.rsplit("@", 1)[0])
+            if epoch is not None:
+                out.setdefault((arch, method, layer, epoch), set()).add(row)
     return {k: frozenset(v) for k, v in out.items()}
 
 

@@ -51,7 +51,7 @@ _TOKEN = re.compile(r"""
 _PREFIXED = re.compile(r"[\w#@$&]")  # a character that makes E'..', N'..', U&'..' a prefix
 _SCAN_LINE = re.compile(r"^\s*\w+ SCAN \[")  # a scan in plan text: "Parquet SCAN [<path>, ...]"
 _SHOWN = 20  # values listed by empty_filter_note before "... and N more"
-TEST_KEY = ("arch", "layer", "method", "protocol")  # one row of the tests table
+TEST_KEY = ("arch", "layer", "method", "protocol", "factor", "epoch")  # one tests row
 
 
 def tests_with_q(store: ShardStore) -> pl.LazyFrame:
@@ -100,18 +100,19 @@ def models_with_meta(store: ShardStore) -> pl.LazyFrame:
 
 
 def group_codes(models: ShardStore | pl.DataFrame, model_ids: list[str], group_by: str,
-                bins: int | tuple[float, ...] | None = None) -> tuple[np.ndarray, list[str]]:
+                bins: int | tuple[float, ...] | None = None,
+                key: str = "tests.group_by") -> tuple[np.ndarray, list[str]]:
     """The group of each model of `model_ids` by the models column `group_by` (a metadata
     column too, :func:`models_with_meta`): codes (N,) int64 in 0..G-1, in the order of the
     sorted distinct values, and the G values' names. bins: a numeric column cut into that many
     equal-count bins (quantile edges) or at the given edges first; a group is then named
     ``[lo, hi)``. StoreError (one line) for an unknown column, a model without a value, or a
     non-numeric column with bins. models: a store, or its models_with_meta frame read once (a
-    stage asks for the groups of every feature matrix)."""
+    stage asks for the groups of every feature matrix). key: the study key its errors name."""
     lf = models_with_meta(models) if isinstance(models, ShardStore) else models.lazy()
     names = lf.collect_schema().names()
     if group_by not in names:
-        raise StoreError(f"tests.group_by: {group_by!r} is not a column of models; columns: "
+        raise StoreError(f"{key}: {group_by!r} is not a column of models; columns: "
                          f"{', '.join(names)}")
     df = (pl.DataFrame({"model_id": model_ids})
           .join(lf.select("model_id", group_by).unique("model_id").collect(), on="model_id",
@@ -119,7 +120,7 @@ def group_codes(models: ShardStore | pl.DataFrame, model_ids: list[str], group_b
     values = df[group_by]
     if values.null_count():
         first = df.filter(pl.col(group_by).is_null())["model_id"][0]
-        raise StoreError(f"tests.group_by: {group_by!r} is null for {values.null_count()} of "
+        raise StoreError(f"{key}: {group_by!r} is null for {values.null_count()} of "
                          f"{len(values)} models (e.g. {first})")
     if bins is None:
         keys = values.to_list()

@@ -112,12 +112,14 @@ class ShardStore:
         return TABLES[table]
 
     def shard_path(self, table: str, key: Mapping[str, Any]) -> Path:
-        """Where the shard of `key` lives (deterministic; the key must name exactly spec.key)."""
+        """Where the shard of `key` lives (deterministic; the key must name exactly spec.key,
+        where an optional key column may be left out or None: it is then not in the name)."""
         spec = self.spec(table)
-        if set(key) != set(spec.key):
+        if not set(spec.key) - set(spec.optional) <= set(key) <= set(spec.key):
             raise StoreError(f"{table}: a shard key has exactly {list(spec.key)}, "
                              f"got {sorted(key)}")
-        parts = [_key_part(table, col, key[col]) for col in spec.key]
+        parts = [_key_part(table, col, key[col]) for col in spec.key
+                 if key.get(col) is not None or col not in spec.optional]
         folders, leaf = parts[: len(spec.partition)], parts[len(spec.partition):]
         return self.root.joinpath(table, *folders, "-".join(leaf) + ".parquet")
 
@@ -143,14 +145,15 @@ class ShardStore:
     def shard_keys(self, table: str,
                    where: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Keys of the shards present (those of the partition values `where`, if given),
-        parsed back from their paths (ints as int)."""
+        parsed back from their paths (ints as int; an optional key column not in the name is
+        None)."""
         spec = self.spec(table)
         leaf_cols = "|".join(re.escape(c) for c in spec.key[len(spec.partition):])
         keys = []
         for path in self.shard_files(table, where):
             rel = path.relative_to(self.root / table)
             leaf = re.split(rf"-(?=(?:{leaf_cols})=)", rel.name[: -len(".parquet")])
-            key: dict[str, Any] = {}
+            key: dict[str, Any] = dict.fromkeys(spec.optional)
             for item in [*rel.parts[:-1], *leaf]:
                 col, _, value = item.partition("=")
                 integer = pa.types.is_integer(spec.schema.field(col).type)
@@ -219,7 +222,7 @@ def _key_part(table: str, col: str, value: Any) -> str:
         raise StoreError(f"{table}: key {col} must be a string or an int, got {value!r}")
     text = str(int(value)) if isinstance(value, (int, np.integer)) else value
     if not KEY_VALUE.match(text):
-        raise StoreError(f"{table}: key {col}={text!r} must match [A-Za-z0-9_.-]+")
+        raise StoreError(f"{table}: key {col}={text!r} must match [A-Za-z0-9_.:-]+")
     return f"{col}={text}"
 
 
@@ -244,7 +247,12 @@ def _to_table(spec: TableSpec, key: Mapping[str, Any], data: Any) -> pa.Table:
     n = t.num_rows
     columns = []
     for field in spec.schema:
-        if field.name in key:
+        if field.name in spec.optional and key.get(field.name) is None:
+            if field.name in t.column_names and t.column(field.name).null_count < n:
+                raise StoreError(f"{spec.name}: column {field.name} holds values but the shard "
+                                 "key leaves it out")
+            columns.append(pa.nulls(n, field.type))
+        elif field.name in key:
             value = key[field.name]
             if field.name in t.column_names:
                 got = set(t.column(field.name).to_pylist())

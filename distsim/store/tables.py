@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from distsim.params import NAME_PATTERN
-
 STATUSES = ("ok", "diverged", "failed")  # models.status
-KEY_VALUE = re.compile(f"^{NAME_PATTERN}$")  # a shard key's value becomes a folder/file name
-_MODEL_ID = re.compile(r"^(.+)-t(\d+)-[sm](\d+)$")
+# a shard key's value becomes a folder/file name (":" for an interaction term, tests.factor)
+KEY_VALUE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_MODEL_ID = re.compile(r"^(.+)-t(\d+)-[sm](\d+)(?:-e(\d+))?$")
+_EPOCH_SUFFIX = re.compile(r"-e(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,17 @@ class Column:
 @dataclass(frozen=True)
 class TableSpec:
     """One table: its columns, what one row is, the key naming a shard, and the key's folder
-    part (hive partitions: the partition columns live in folder names, not in the files)."""
+    part (hive partitions: the partition columns live in folder names, not in the files).
+    ``optional`` key columns may be null: a null one is left out of the shard's file name, so
+    the shards of a study (or a store written before the column) that never sets it keep
+    their names."""
 
     name: str
     row: str
     key: tuple[str, ...]
     partition: tuple[str, ...]
     columns: tuple[Column, ...]
+    optional: tuple[str, ...] = ()
 
     @property
     def schema(self) -> pa.Schema:
@@ -51,6 +55,8 @@ class TableSpec:
 _S, _I32, _I64, _F32, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64()
 _MATRIX = ("arch", "method", "layer")  # the key of one feature matrix
 _UPSTREAM = "fingerprint of the feature rows it was computed from (distsim.store.lineage)"
+_EPOCH = ("epoch", pa.int32(), "the epoch of the checkpoints ([train] save_epochs); null in a "
+                               "study that saves none")
 
 
 def _cols(*spec: tuple[str, pa.DataType] | tuple[str, pa.DataType, str]) -> tuple[Column, ...]:
@@ -63,7 +69,8 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("seed", _I64), ("trial_id", _S), ("status", _S, "ok/diverged/failed"),
         ("train_acc", _F64), ("test_acc", _F64), ("train_loss", _F64), ("test_loss", _F64),
         ("epochs", _I32), ("seconds", _F64), ("node", _S), ("error", _S),
-        ("epoch", _I32, "the checkpoint's epoch (an imported zoo's; null for a trained model)"),
+        ("epoch", _I32, "the checkpoint's epoch (an imported zoo's, or a trained study's with "
+                        "[train] save_epochs; null otherwise)"),
         ("source", _S, "an imported model's file, relative to zoo.path (#row: a row in it)"),
         ("source_hash", _S, "SHA-256 of the bytes imported"),
         ("source_stamp", _S, "size:mtime of the file when it was read"),
@@ -85,19 +92,20 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("pack", _I32), ("seed", _I64), ("dim", _I32),
         ("vector", pa.list_(_F32), "list of float32"),
         ("trial_id", _S, "the training run of the weights it was computed from"))),
-    TableSpec("neighbors", "model x rank", (*_MATRIX, "block"), _MATRIX, _cols(
+    TableSpec("neighbors", "model x rank", (*_MATRIX, "epoch", "block"), _MATRIX, _cols(
         ("model_id", _S), ("arch", _S), ("method", _S), ("layer", _S), ("block", _I32),
         ("task", _I32, "the model's group: its task, or its code of tests.group_by"),
         ("rank", _I32, "1 = nearest"), ("neighbor_id", _S),
         ("neighbor_task", _I32), ("distance", _F32), ("same_task", pa.bool_(), "same group"),
-        ("upstream", _S, _UPSTREAM))),
-    TableSpec("pairs", "block (I, J) of the distance matrix", (*_MATRIX, "block_i", "block_j"),
-              _MATRIX, _cols(
+        ("upstream", _S, _UPSTREAM), _EPOCH), optional=("epoch",)),
+    TableSpec("pairs", "block (I, J) of the distance matrix",
+              (*_MATRIX, "epoch", "block_i", "block_j"), _MATRIX, _cols(
         ("arch", _S), ("method", _S), ("layer", _S), ("block_i", _I32), ("block_j", _I32),
         ("metric", _S), ("intra_count", _I64), ("intra_sum", _F64), ("intra_sumsq", _F64),
         ("inter_count", _I64), ("inter_sum", _F64), ("inter_sumsq", _F64),
-        ("upstream", _S, _UPSTREAM))),
-    TableSpec("tests", "arch x layer x method x protocol", (*_MATRIX, "protocol"), _MATRIX, _cols(
+        ("upstream", _S, _UPSTREAM), _EPOCH), optional=("epoch",)),
+    TableSpec("tests", "arch x layer x method x protocol (x factor x epoch)",
+              (*_MATRIX, "protocol", "factor", "epoch"), _MATRIX, _cols(
         ("arch", _S), ("method", _S), ("layer", _S), ("protocol", _S), ("statistic", _S),
         ("observed", _F64), ("chance", _F64), ("null_mean", _F64), ("null_sd", _F64),
         ("effect_size", _F64), ("p_value", _F64), ("permutations", _I32), ("n_models", _I32),
@@ -108,7 +116,10 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                           "included"),
         ("upstream", _S, _UPSTREAM),
         ("null", pa.list_(_F64), "the statistic under each of the permutations, in draw order; "
-                                 "null in stores written before distsim 0.2"))),
+                                 "null in stores written before distsim 0.2"),
+        ("factor", _S, "the models column whose groups the row tests ([tests] factors); null "
+                       "in a study that tests one grouping (the task or tests.group_by)"),
+        _EPOCH), optional=("factor", "epoch")),
     TableSpec("history", "model x epoch", ("arch", "task", "pack"), ("arch",), _cols(
         ("model_id", _S), ("arch", _S), ("task", _I32), ("pack", _I32), ("seed", _I64),
         ("epoch", _I32, "1 = after the first epoch"),
@@ -119,14 +130,32 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
 )}
 
 
-def model_id(arch: str, task: int, seed: int) -> str:
-    """The stable id of one model: ``f"{arch}-t{task}-s{seed}"`` (unique within a study)."""
-    return f"{arch}-t{int(task)}-s{int(seed)}"
+def model_id(arch: str, task: int, seed: int, epoch: int | None = None) -> str:
+    """The stable id of one model: ``f"{arch}-t{task}-s{seed}"`` (unique within a study); in a
+    study that saves checkpoints along training (``[train] save_epochs``) each checkpoint is a
+    model, ``f"{arch}-t{task}-s{seed}-e{epoch}"``.
+
+    >>> model_id("mlp", 3, 12), model_id("mlp", 3, 12, epoch=0)
+    ('mlp-t3-s12', 'mlp-t3-s12-e0')
+    """
+    base = f"{arch}-t{int(task)}-s{int(seed)}"
+    return base if epoch is None else f"{base}-e{int(epoch)}"
+
+
+def model_epoch(mid: str) -> int | None:
+    """The epoch of a checkpoint's id (:func:`model_id` with an epoch), else None.
+
+    >>> model_epoch("mlp-t3-s12-e5"), model_epoch("mlp-t3-s12")
+    (5, None)
+    """
+    m = _EPOCH_SUFFIX.search(mid)
+    return None if m is None else int(m.group(1))
 
 
 def parse_model_id(mid: str) -> tuple[str, int, int] | None:
-    """(arch, task, seed) of an id made by :func:`model_id`, (arch, task, index) of an imported
-    model's ``<arch>-t<task>-m<index>`` (distsim.pipeline.imports), or None for any other string.
+    """(arch, task, seed) of an id made by :func:`model_id` (with or without an epoch), (arch,
+    task, index) of an imported model's ``<arch>-t<task>-m<index>``
+    (distsim.pipeline.imports), or None for any other string.
 
     >>> parse_model_id("mlp-t3-s12"), parse_model_id("cnn-t0-m7"), parse_model_id("x")
     (('mlp', 3, 12), ('cnn', 0, 7), None)

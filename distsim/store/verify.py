@@ -52,13 +52,14 @@ from distsim.store.lineage import fingerprint, fresh
 from distsim.store.lock import LOCK_NAME
 from distsim.store.shards import TEMP_PREFIX, ShardStore, polars_schema
 from distsim.store.study import OWN_FOLDERS
-from distsim.store.tables import KEY_VALUE, STATUSES, TABLES, TableSpec
+from distsim.store.tables import KEY_VALUE, STATUSES, TABLES, TableSpec, model_epoch
 
 # Columns added to the contract after stores were written: a shard may lack them (no lineage).
 LINEAGE_COLUMNS = {"features": "trial_id", "neighbors": "upstream", "pairs": "upstream",
                    "tests": "upstream"}
 # Columns added later that a shard may lack without harm (a scan reads them as null).
-ADDED_COLUMNS = {"tests": ("null",)}
+ADDED_COLUMNS = {"tests": ("null", "factor", "epoch"), "pairs": ("epoch",),
+                 "neighbors": ("epoch",)}
 # Columns the checks read, besides the key columns stored in the files.
 _NEEDED = {"models": ("model_id", "trial_id", "status"), "weights": ("model_id", "tensor"),
            "features": ("model_id", "trial_id"), "neighbors": ("model_id", "rank", "upstream"),
@@ -211,16 +212,19 @@ def _shard_key(spec: TableSpec, parts: list[str], name: str) -> dict[str, Any] |
 
 
 def _key(cols: Iterable[str], items: list[str], spec: TableSpec) -> dict[str, Any] | None:
-    """{col: value} of the ``col=value`` items, one per column in order, each value as
-    ``shard_path`` writes it (matching KEY_VALUE; ints in canonical form), else None."""
-    cols = list(cols)
-    if len(cols) != len(items):
-        return None
+    """{col: value} of the ``col=value`` items, one per column in order (an optional key
+    column may be absent: None), each value as ``shard_path`` writes it (matching KEY_VALUE;
+    ints in canonical form), else None."""
     key: dict[str, Any] = {}
-    for col, item in zip(cols, items, strict=True):
-        name, eq, value = item.partition("=")
+    rest = list(items)
+    for col in cols:
+        name, eq, value = rest[0].partition("=") if rest else ("", "", "")
+        if name != col and col in spec.optional:
+            key[col] = None
+            continue
         if name != col or not eq or not KEY_VALUE.match(value):
             return None
+        rest.pop(0)
         if col in _INT_KEYS[spec.name]:
             try:
                 key[col] = int(value)
@@ -230,7 +234,7 @@ def _key(cols: Iterable[str], items: list[str], spec: TableSpec) -> dict[str, An
                 return None
         else:
             key[col] = value
-    return key
+    return None if rest else key
 
 
 def _rel(root: Path, path: Path) -> str:
@@ -468,10 +472,16 @@ def _check_lineage(shards: dict[str, list[_Shard]], frames: dict[str, pl.DataFra
             out.add(s.rel, NO_LINEAGE)
         elif tokens != packs.get(pack, frozenset()):
             out.add(s.rel, STALE_FEATURES)
-    upstream = {
-        tuple(row[:3]): fingerprint(row[3])
-        for row in features.group_by(_MATRIX).agg(pl.col("_token").unique()).iter_rows()
-    }
+    upstream: dict[tuple[Any, ...], str] = {}  # (arch, method, layer, epoch): fingerprint
+    for row in features.group_by(_MATRIX).agg(pl.col("_token").unique()).iter_rows():
+        key, tokens = tuple(row[:3]), row[3]
+        upstream[(*key, None)] = fingerprint(tokens)
+        by_epoch: dict[int, list[str]] = {}  # [train] save_epochs: each epoch's checkpoints
+        for t in tokens:
+            epoch = model_epoch(t.rsplit("@", 1)[0])
+            if epoch is not None:
+                by_epoch.setdefault(epoch, []).append(t)
+        upstream.update({(*key, e): fingerprint(ts) for e, ts in by_epoch.items()})
     unknown = {tuple(s.key[c] for c in _MATRIX) for s in shards["features"] if not s.usable}
     for table in ("pairs", "neighbors", "tests"):
         held = {rel: set(values) for rel, values in frames[table].group_by("_rel").agg(
@@ -483,5 +493,6 @@ def _check_lineage(shards: dict[str, list[_Shard]], frames: dict[str, pl.DataFra
             values = held[s.rel]
             if None in values:
                 out.add(s.rel, NO_LINEAGE)
-            elif not fresh(values, upstream.get(matrix, fingerprint([]))):
+            elif not fresh(values, upstream.get((*matrix, s.key.get("epoch")),
+                                                fingerprint([]))):
                 out.add(s.rel, STALE_OUTPUT)
