@@ -122,6 +122,12 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
     if tests.strata is not None and tests.strata == tests.group_by:
         raise ConfigError.at("tests.strata", f"{tests.strata!r} is also tests.group_by: within "
                              "one stratum there would be a single group")
+    if tests.factors is not None and tests.permanova_permutations and pairs.metric != (
+            "euclidean"):
+        raise ConfigError.at("tests.factors", "the multi-term PERMANOVA of several factors "
+                             "runs on the Euclidean features route; with pairs.metric = "
+                             f"{pairs.metric!r} set tests.permanova_permutations = 0, or test "
+                             "one factor with tests.group_by (its tiles route)")
     if "cka" in features.methods and data is None:
         raise ConfigError.at("features.methods", "'cka' needs inputs for its probe: give an "
                              "import study a [data] section whose samples fit its [[arch]]")
@@ -152,6 +158,12 @@ def _sweep(table: dict[str, Any], train: TrainPlan) -> tuple[tuple[str, tuple[An
             raise ConfigError.at(path, f"also set in [{where[0]}]: a swept key takes its values "
                                  "from [sweep] only")
         grid.append((key, checked))
+    saving = [a for a in [None, *[a for a, _ in train.overrides]]
+              if train.kwargs(a).get("save_epochs")]
+    if "epochs" in table and saving:
+        raise ConfigError.at("sweep.epochs", "cannot vary with train.save_epochs: the tests "
+                             "compare the checkpoints of one epoch, so every cell needs the "
+                             "same epochs")
     for values in itertools.product(*[v for _, v in grid]):
         cell = dict(zip([k for k, _ in grid], values, strict=True))
         for arch in [None, *[a for a, _ in train.overrides]]:

@@ -43,7 +43,7 @@ PLAN_PARAMS: Table = {"seeds_per_task": Integer(lo=2), "seeds_per_trial": Intege
 # [sweep]: the [train] keys a grid may vary, each a non-empty list of distinct [train] values
 SWEEP_PARAMS: Table = {key: Array(TRAIN_PARAMS[key], nonempty=True, distinct=True)
                        for key in ("lr", "weight_decay", "momentum", "batch_size", "epochs",
-                                   "optimizer")}
+                                   "optimizer", "init_scale")}
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,13 @@ class StatsSpec:
     edges (a value v falls in bin i when edges[i-1] <= v < edges[i]).
     strata: a models column whose values are strata: HTT splits and permutes within them, and
     PERMANOVA permutes within them (its features route: metric euclidean); PERMDISP, whose
-    permutations are not restricted, is not run."""
+    permutations are not restricted, is not run.
+    factors: models columns each tested in one run (instead of group_by): HTT per factor
+    within the cells of the other factors (and the strata), one multi-term PERMANOVA whose
+    terms are ``permanova_terms`` (default: the factors in order; ``"a:b"`` an interaction)
+    with sums of squares by ``permanova_by`` ("terms": sequential, "margin": marginal, as
+    vegan's adonis2), and PERMDISP per factor (without strata; permutations unrestricted).
+    A protocol that needs more groups than a factor has (open-set: 4) is not run for it."""
 
     protocols: tuple[str, ...] = ("closed-set", "open-set")
     permutations: int = 199
@@ -141,13 +147,35 @@ class StatsSpec:
     group_by: str = "task"
     group_bins: int | tuple[float, ...] | None = None
     strata: str | None = None
+    factors: tuple[str, ...] | None = None
+    permanova_terms: tuple[str, ...] | None = None
+    permanova_by: str = "terms"
 
     def __post_init__(self) -> None:
         check_fields(self, "tests", STATS_PARAMS)
+        if self.factors is not None and (self.group_by != "task" or self.group_bins):
+            raise ConfigError.at("tests.factors", "set either tests.factors or "
+                                 "tests.group_by/group_bins, not both")
+        if self.permanova_terms is not None:
+            if self.factors is None:
+                raise ConfigError.at("tests.permanova_terms", "needs tests.factors")
+            for term in self.permanova_terms:
+                bad = [f for f in term.split(":") if f not in self.factors]
+                if bad or len(set(term.split(":"))) != len(term.split(":")):
+                    raise ConfigError.at("tests.permanova_terms", f"{term!r} is not a factor "
+                                         "or an interaction 'a:b' of distinct factors of "
+                                         f"tests.factors {list(self.factors)}")
+        if self.strata is not None and self.factors and self.strata in self.factors:
+            raise ConfigError.at("tests.strata", f"{self.strata!r} is also a factor")
         if isinstance(self.group_bins, tuple) and list(self.group_bins) != sorted(
                 set(self.group_bins)):
             raise ConfigError.at("tests.group_bins", "edges must increase strictly, got "
                                  f"{list(self.group_bins)}")
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """PERMANOVA's terms with tests.factors: permanova_terms, or the factors in order."""
+        return self.permanova_terms or self.factors or ()
 
     def htt_options(self) -> HTTOptions:
         """The options of every HTT of the study (``htt(..., options=...)``): this section's
@@ -157,7 +185,8 @@ class StatsSpec:
 
         return HTTOptions(learner=self.learner, train_fraction=self.train_fraction,
                           train_task_fraction=self.train_task_fraction, n_query=self.n_query,
-                          k=self.k, strata_split="stratum" if self.strata is None else "cell")
+                          k=self.k, strata_split="cell" if self.strata is not None or (
+                              self.factors is not None and len(self.factors) > 1) else "stratum")
 
 
 STATS_PARAMS: Table = {
@@ -175,6 +204,9 @@ STATS_PARAMS: Table = {
     "group_bins": Maybe(Either((Integer(lo=2), Array(Number(), nonempty=True)),
                                "a number of equal-count bins (>= 2) or a list of bin edges")),
     "strata": Maybe(Text(empty=False)),
+    "factors": Maybe(Array(Text(empty=False), nonempty=True, distinct=True)),
+    "permanova_terms": Maybe(Array(Text(empty=False), nonempty=True, distinct=True)),
+    "permanova_by": Options(("terms", "margin")),
 }
 
 

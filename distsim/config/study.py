@@ -77,19 +77,34 @@ class Pack:
 @dataclass(frozen=True)
 class MatrixKey:
     """One feature matrix of a study: the features of every model of `arch` by `method` at
-    `layer` (the unit of the pairs and tests stages)."""
+    `layer` (the unit of the pairs and tests stages); with ``[train] save_epochs`` one per
+    saved `epoch`, the checkpoints of that epoch."""
 
     arch: str
     method: str
     layer: str
+    epoch: int | None = None
 
     @property
-    def key(self) -> dict[str, str]:
-        """The store key part (arch, method, layer) of its features, pairs and tests shards."""
+    def key(self) -> dict[str, Any]:
+        """The store key part (arch, method, layer, epoch) of its pairs, neighbors and tests
+        shards (epoch None: not in their names)."""
+        return {"arch": self.arch, "method": self.method, "layer": self.layer,
+                "epoch": self.epoch}
+
+    @property
+    def partition(self) -> dict[str, str]:
+        """The (arch, method, layer) folders its shards live in."""
         return {"arch": self.arch, "method": self.method, "layer": self.layer}
 
+    @property
+    def id(self) -> tuple[str, str, str, int | None]:
+        """(arch, method, layer, epoch): its key in ``distsim.store.lineage.matrix_rows``."""
+        return (self.arch, self.method, self.layer, self.epoch)
+
     def __str__(self) -> str:
-        return f"{self.arch}/{self.method}/{self.layer}"
+        name = f"{self.arch}/{self.method}/{self.layer}"
+        return name if self.epoch is None else f"{name}@e{self.epoch}"
 
 
 @dataclass(frozen=True)
@@ -205,13 +220,25 @@ class Study:
             return available[-1:]
         return tuple(name for name in available if name in self.features.layers)
 
+    def saved_epochs(self, arch_name: str) -> tuple[int | None, ...]:
+        """The epochs whose checkpoints of one arch are models (``[train] save_epochs`` and the
+        last epoch), or (None,) when the study saves none (the last checkpoint only)."""
+        if self.train is None:
+            return (None,)
+        cfg = self.train_config(arch_name)
+        if not cfg.save_epochs:
+            return (None,)
+        return tuple(sorted({*cfg.save_epochs, cfg.epochs}))
+
     def matrices(self) -> list[MatrixKey]:
-        """Every feature matrix (arch, method, layer), in arch, layer, method order."""
+        """Every feature matrix (arch, method, layer[, epoch]), in arch, layer, method, epoch
+        order."""
         return [
-            MatrixKey(arch, method, layer)
+            MatrixKey(arch, method, layer, epoch)
             for arch in self.arch_names
             for layer in self.feature_layers(arch)
             for method in self.features.methods
+            for epoch in self.saved_epochs(arch)
         ]
 
     # ---- identity
@@ -228,8 +255,10 @@ class Study:
         tests = _plain(dataclasses.asdict(self.tests))
         if tests["group_by"] == "task" and tests["group_bins"] is None:  # added later: keep
             del tests["group_by"], tests["group_bins"]  # older studies' hashes
-        if tests["strata"] is None:
-            del tests["strata"]
+        for key, default in (("strata", None), ("factors", None), ("permanova_terms", None),
+                             ("permanova_by", "terms")):
+            if tests[key] == default:  # added later: keep older studies' hashes
+                del tests[key]
         out: dict[str, Any] = {"study": {"name": self.name, "seed": self.seed,
                                          "store": self.store}}
         if self.data is not None:
@@ -245,7 +274,7 @@ class Study:
                 **{arch: _plain(dict(pairs)) for arch, pairs in plan.overrides},
             }
             for key, _ in self.sweep:  # a swept key's values are in "sweep", not here
-                out["train"].pop(key)
+                out["train"].pop(key, None)
         out.update({
             "resources": _plain(dataclasses.asdict(self.resources)),
             "features": _plain(dataclasses.asdict(self.features)),
@@ -295,11 +324,12 @@ class Study:
 
 
 def _train_resolved(cfg: TrainConfig) -> dict[str, Any]:
-    """A TrainConfig as plain JSON types; test_history (added later) only when set, so that
-    older studies keep their hashes."""
+    """A TrainConfig as plain JSON types; test_history, init_scale and save_epochs (added
+    later) only when not their defaults, so that older studies keep their hashes."""
     d = _plain(dataclasses.asdict(cfg))
-    if not d["test_history"]:
-        d.pop("test_history")
+    for key, default in (("test_history", False), ("init_scale", 1.0), ("save_epochs", [])):
+        if d[key] == default:
+            d.pop(key)
     return d
 
 

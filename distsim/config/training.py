@@ -30,6 +30,12 @@ class TrainConfig:
     test_history: also evaluate the test split after every epoch (SeedResult.history's test
         columns; without it only the last epoch has them, from the final evaluation). It costs
         a forward pass over the test split per epoch (benchmarks/bench_history.py).
+    init_scale: every weight matrix and kernel (a parameter of 2 or more dimensions; biases
+        are left) of the freshly initialized network is multiplied by it: the initialization's
+        scale, a factor a [sweep] can vary.
+    save_epochs: the epochs whose checkpoints are kept besides the last (0 = the
+        initialization): each is a model of its own (``<arch>-t<task>-s<seed>-e<epoch>``,
+        models.epoch), and the features, pairs and tests are computed per epoch.
     """
 
     epochs: int = 20
@@ -47,9 +53,17 @@ class TrainConfig:
     dtype: str = "float32"
     eval_batch: int = 4096
     test_history: bool = False
+    init_scale: float = 1.0
+    save_epochs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_fields(self, "train", TRAIN_PARAMS)
+        if list(self.save_epochs) != sorted(set(self.save_epochs)):
+            raise ConfigError.at("train.save_epochs",
+                                 f"must be increasing epochs, got {list(self.save_epochs)!r}")
+        if self.save_epochs and self.save_epochs[-1] > self.epochs:
+            raise ConfigError.at("train.save_epochs", f"epoch {self.save_epochs[-1]} is after "
+                                 f"the last (train.epochs = {self.epochs})")
         if self.nesterov and self.momentum == 0:
             raise ConfigError.at("train.nesterov", "needs train.momentum > 0")
         if list(self.milestones) != sorted(set(self.milestones)):
@@ -73,6 +87,8 @@ TRAIN_PARAMS: Table = {
     "dtype": Options(DTYPES),
     "eval_batch": Integer(lo=1),
     "test_history": Flag(),
+    "init_scale": Number(lo=0.0, lo_open=True),
+    "save_epochs": Array(Integer(lo=0)),
 }
 
 

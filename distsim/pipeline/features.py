@@ -147,7 +147,8 @@ def read_template(store: Store, arch: str) -> dict[str, torch.Tensor]:
 def ensure_templates(study: Study, store: Store, stream: Any = None) -> list[str]:
     """Make and store the aligned method's template of every arch that lacks one (archs whose
     models are trained): features.template_models models drawn by features.seed from all
-    tasks' ok models, then features.template_iterations rounds of "align all, average"
+    tasks' ok models (with [train] save_epochs, of the last epoch), then
+    features.template_iterations rounds of "align all, average"
     (distsim.weights.alignment.make_template). Written once: later launches reuse it, so every
     model's aligned features are matched to the same template. Returns the archs it made."""
     if "aligned" not in study.features.methods:
@@ -165,6 +166,9 @@ def ensure_templates(study: Study, store: Store, stream: Any = None) -> list[str
             continue
         ok = (pl.concat([pl.read_parquet(f, columns=["model_id", "task", "status"]) for f in files])
               .filter(pl.col("status") == "ok").sort("model_id"))
+        last = study.saved_epochs(name)[-1]  # [train] save_epochs: the trained models' template
+        if last is not None:
+            ok = ok.filter(pl.col("model_id").str.ends_with(f"-e{last}"))
         rng = np.random.default_rng([spec.seed, 7])
         pick = sorted(rng.choice(ok["model_id"].to_list(), min(spec.template_models, len(ok)),
                                  replace=False).tolist())

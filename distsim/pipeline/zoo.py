@@ -105,32 +105,46 @@ def sweep_factors(study: Study, pack: Pack) -> str | None:
 
 
 def model_rows(pack: Pack, task: Task, results: list[SeedResult], trial_id: str,
-               node: str, factors: str | None = None) -> list[dict[str, Any]]:
-    """Rows of the models table for one trained pack (one per seed, in pack order)."""
-    return [
-        {
-            "model_id": model_id(pack.arch, pack.task, r.seed),
-            "task_name": task.name,
-            "seed": r.seed,
-            "trial_id": trial_id,
-            "status": r.status,
-            "train_acc": r.train_acc,
-            "test_acc": r.test_acc,
-            "train_loss": r.train_loss,
-            "test_loss": r.test_loss,
-            "epochs": r.epochs,
-            "seconds": r.seconds,
-            "node": node,
-            "error": None,
-            "factors": factors,
-        }
-        for r in results
-    ]
+               node: str, factors: str | None = None,
+               last: int | None = None) -> list[dict[str, Any]]:
+    """Rows of the models table for one trained pack (one per seed, in pack order); with
+    [train] save_epochs (`last`: the last epoch) one per seed and saved epoch besides, each
+    checkpoint a model ``<arch>-t<task>-s<seed>-e<epoch>`` with its epoch."""
+    common = {"task_name": task.name, "trial_id": trial_id, "node": node, "error": None,
+              "factors": factors}
+    rows = []
+    for r in results:
+        for c in r.checkpoints:
+            train_loss, train_acc, test_loss, test_acc = c.metrics
+            rows.append({**common, "model_id": model_id(pack.arch, pack.task, r.seed, c.epoch),
+                         "seed": r.seed, "status": c.status, "train_acc": train_acc,
+                         "test_acc": test_acc, "train_loss": train_loss, "test_loss": test_loss,
+                         "epochs": min(c.epoch, r.epochs), "seconds": r.seconds,
+                         "epoch": c.epoch})
+        rows.append({**common, "model_id": model_id(pack.arch, pack.task, r.seed, last),
+                     "seed": r.seed, "status": r.status, "train_acc": r.train_acc,
+                     "test_acc": r.test_acc, "train_loss": r.train_loss,
+                     "test_loss": r.test_loss, "epochs": r.epochs, "seconds": r.seconds,
+                     "epoch": last})
+    return rows
 
 
-def history_rows(pack: Pack, results: list[SeedResult]) -> dict[str, Any]:
+def pack_weights(pack: Pack, results: list[SeedResult],
+                 last: int | None = None) -> dict[str, dict[str, Any]]:
+    """{model id: state dict} of a trained pack's models (model_rows' ids)."""
+    out = {}
+    for r in results:
+        for c in r.checkpoints:
+            out[model_id(pack.arch, pack.task, r.seed, c.epoch)] = c.state_dict
+        out[model_id(pack.arch, pack.task, r.seed, last)] = r.state_dict
+    return out
+
+
+def history_rows(pack: Pack, results: list[SeedResult],
+                 last: int | None = None) -> dict[str, Any]:
     """Columns of the history table for one trained pack: one row per seed x completed epoch
-    (seeds in pack order, epochs from 1); a seed that diverged in its first epoch has none."""
+    (seeds in pack order, epochs from 1); a seed that diverged in its first epoch has none.
+    With [train] save_epochs (`last`: the last epoch) a seed's rows carry its last model's id."""
     from distsim.zoo.train import HISTORY_COLUMNS
 
     tables = []  # (epochs, 4) per seed
@@ -141,7 +155,7 @@ def history_rows(pack: Pack, results: list[SeedResult]) -> dict[str, Any]:
     seeds = [r.seed for r, h in zip(results, tables, strict=True) for _ in range(len(h))]
     metrics = np.concatenate(tables)  # (rows, 4)
     return {
-        "model_id": [model_id(pack.arch, pack.task, s) for s in seeds],
+        "model_id": [model_id(pack.arch, pack.task, s, last) for s in seeds],
         "seed": seeds,
         "epoch": [e for h in tables for e in range(1, len(h) + 1)],
         **{name: metrics[:, j] for j, name in enumerate(HISTORY_COLUMNS)},
@@ -156,11 +170,13 @@ def failed_rows(study: Study, pack: Pack, trial_id: str, error: str) -> list[dic
     except Exception:  # the data may be what failed
         name = None
     nan = math.nan
+    cfg = study.pack_config(pack)
+    last = cfg.epochs if cfg.save_epochs else None
     return [
-        {"model_id": model_id(pack.arch, pack.task, s), "task_name": name, "seed": s,
+        {"model_id": model_id(pack.arch, pack.task, s, last), "task_name": name, "seed": s,
          "trial_id": trial_id, "status": "failed", "train_acc": nan, "test_acc": nan,
          "train_loss": nan, "test_loss": nan, "epochs": 0, "seconds": nan, "node": None,
-         "error": error, "factors": sweep_factors(study, pack)}
+         "error": error, "factors": sweep_factors(study, pack), "epoch": last}
         for s in pack.seeds
     ]
 
@@ -190,14 +206,15 @@ def train_and_store(study: Study, pack: Pack, trial_id: str,
     task = study_tasks(study.data)[pack.task]
     arch = study.arch(pack.arch).with_task_shape(task.input_shape, task.num_classes)
     start = time.perf_counter()
-    results = train_pack(task, arch, list(pack.seeds), study.pack_config(pack),
+    cfg = study.pack_config(pack)
+    results = train_pack(task, arch, list(pack.seeds), cfg,
                          init_seeds=list(study.init_seeds(pack)))
     seconds = time.perf_counter() - start
-    weights = {model_id(pack.arch, pack.task, r.seed): r.state_dict for r in results}
-    store.write_weights(key, weights)
-    store.write_shard("history", key, history_rows(pack, results))
+    last = cfg.epochs if cfg.save_epochs else None  # the last model's epoch (id and column)
+    store.write_weights(key, pack_weights(pack, results, last))
+    store.write_shard("history", key, history_rows(pack, results, last))
     store.write_shard("models", key, model_rows(pack, task, results, trial_id, node_label(),
-                                                sweep_factors(study, pack)))
+                                                sweep_factors(study, pack), last))
     ok = [r for r in results if r.status == "ok"]
     return {
         "ok": len(ok),

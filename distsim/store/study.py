@@ -25,6 +25,7 @@ disk): each trial writes its own shards from the node it runs on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -239,14 +240,22 @@ class Store(ShardStore):
                       if p.name.startswith(f"task={t}-")]
         return files
 
-    def feature_matrix(self, arch: str, method: str, layer: str) -> FeatureMatrix:
-        """The features of one (arch, method, layer) as a dense (N, D) float32 matrix."""
+    def feature_matrix(self, arch: str, method: str, layer: str,
+                       epoch: int | None = None) -> FeatureMatrix:
+        """The features of one (arch, method, layer) as a dense (N, D) float32 matrix: of the
+        checkpoints of one `epoch` ([train] save_epochs; ids ending ``-e<epoch>``), or with
+        epoch None of every model."""
         files = self.shard_files("features", {"arch": arch, "method": method, "layer": layer})
         columns = ["model_id", "task", "seed", "vector", "trial_id"]
         schema = polars_schema(TABLES["features"].file_schema)
-        df = (pl.scan_parquet(files, schema=schema, missing_columns="insert").select(columns)
-              .collect() if files else pl.DataFrame())
-        return codecs.feature_matrix(df, f"{arch}/{method}/{layer}")
+        what = f"{arch}/{method}/{layer}"
+        if not files:
+            return codecs.feature_matrix(pl.DataFrame(), what)
+        lf = pl.scan_parquet(files, schema=schema, missing_columns="insert").select(columns)
+        if epoch is not None:
+            lf = lf.filter(pl.col("model_id").str.ends_with(f"-e{int(epoch)}"))
+            what += f"@e{epoch}"
+        return codecs.feature_matrix(lf.collect(), what)
 
     # ------------------------------------------------------------------ stages and status
     def mark_stage(self, stage: str, **info: Any) -> None:
@@ -286,12 +295,19 @@ class Store(ShardStore):
         return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
     def summary(self) -> pl.DataFrame:
-        """Per arch: models expected (from study.json; an import study's: the checkpoints its
-        last import listed), ok, diverged, failed, the mean train and test accuracy of the ok
-        models, feature rows, tests."""
+        """Per arch: models expected (from study.json: tasks x [sweep] cells x seeds x saved
+        epochs; an import study's: the checkpoints its last import listed), ok, diverged,
+        failed, the mean train and test accuracy of the ok models, feature rows, tests."""
         cfg = (self.read_study() or {}).get("config", {})
         n_tasks = cfg.get("data", {}).get("num_tasks", 0)
-        expected = n_tasks * cfg.get("train", {}).get("seeds_per_task", 0)
+        train = cfg.get("train", {})
+        cells = math.prod(len(v) for v in cfg.get("sweep", {}).values())  # [sweep] cells
+
+        def expected_of(arch: str) -> int:  # tasks x cells x seeds x checkpoints kept
+            own = {**train, **train.get(arch, {})}
+            saved = set(own.get("save_epochs", [])) | {own.get("epochs")}
+            kept = len(saved) if own.get("save_epochs") else 1
+            return n_tasks * cells * int(train.get("seeds_per_task", 0)) * kept
         imported = cfg.get("zoo", {}).get("source") == "import"
         archs = [a["name"] for a in cfg.get("arch", [])]
         count = pl.len().alias("n")
@@ -310,7 +326,8 @@ class Store(ShardStore):
             f = feats.filter(pl.col("arch") == arch)["n"]
             t = tests.filter(pl.col("arch") == arch)["n"]
             acc = accs.filter(pl.col("arch") == arch)
-            rows.append({"arch": arch, "expected": sum(by.values()) if imported else expected,
+            rows.append({"arch": arch,
+                         "expected": sum(by.values()) if imported else expected_of(arch),
                          **{s: by[s] for s in STATUSES},
                          "train_acc": acc["train_acc"][0] if acc.height else None,
                          "test_acc": acc["test_acc"][0] if acc.height else None,

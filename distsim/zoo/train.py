@@ -22,6 +22,7 @@ different experiment: seed s inside a pack is the same run as seed s trained alo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -58,6 +59,10 @@ class SeedResult:
         row (the same evaluation fills both); a diverged seed
         has one row per completed epoch, none for the epoch it diverged in (its test_loss /
         test_acc are those of its frozen weights, part-way through that epoch).
+    checkpoints: one per epoch of TrainConfig.save_epochs before the last, in order: the
+        weights at the end of that epoch (0: the initialization), evaluated on both splits
+        after training as the final weights are. A seed that diverged by then keeps its
+        frozen weights there, with status "diverged".
     """
 
     seed: int
@@ -70,6 +75,18 @@ class SeedResult:
     seconds: float
     status: str
     history: np.ndarray | None = None
+    checkpoints: tuple[Checkpoint, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A seed's weights at the end of one saved epoch (TrainConfig.save_epochs), its metrics
+    on both splits (HISTORY_COLUMNS order) and status ("ok" or "diverged")."""
+
+    epoch: int
+    state_dict: dict[str, torch.Tensor]
+    metrics: tuple[float, float, float, float]
+    status: str
 
 
 def init_model(arch_config: ArchConfig, seed: int) -> nn.Module:
@@ -129,6 +146,12 @@ def train_pack(
     models = [init_model(arch, s) for s in (seeds if init_seeds is None else init_seeds)]
     template, k = models[0], len(seeds)
     params = _stack(models, device, dtype)  # (K, *shape) per parameter, row i = seed i
+    for p in params.values():  # TrainConfig.init_scale: weight matrices and kernels, not biases
+        if p.dim() > 2:  # (K, out, in, ...): a matrix or kernel of every seed
+            p.mul_(cfg.init_scale)
+    saved: dict[int, tuple[dict[str, torch.Tensor], set[int]]] = {}  # epoch -> (K,...), diverged
+    if 0 in cfg.save_epochs:
+        saved[0] = ({m: p.detach().clone() for m, p in params.items()}, set())
     x_train = torch.as_tensor(task.x_train, device=device, dtype=dtype)  # (n, C, H, W)
     y_train = torch.as_tensor(task.y_train, device=device)  # (n,)
     x_test = torch.as_tensor(task.x_test, device=device, dtype=dtype)
@@ -175,18 +198,38 @@ def train_pack(
                         _evaluate(template, params, x_test, y_test, cfg.eval_batch), dim=1)
         if epoch + 1 in cfg.milestones:
             lr *= cfg.gamma
+        if epoch + 1 in cfg.save_epochs and epoch + 1 < cfg.epochs:
+            with torch.no_grad():
+                saved[epoch + 1] = (_reassemble(params, active, frozen, k), set(frozen))
 
     with torch.no_grad():  # the whole pack again (K, *shape), evaluated at once
         params = _reassemble(params, active, frozen, k)
-        train = _evaluate(template, params, x_train, y_train, cfg.eval_batch)
-        test = _evaluate(template, params, x_test, y_test, cfg.eval_batch)
-        history[-1, :, 2:] = torch.stack(test, dim=1)  # rows of seeds that completed every epoch
-    metrics = [t.cpu().numpy() for t in (*train, *test)]  # (K,) each, as HISTORY_COLUMNS
+        metrics = _metrics(template, params, x_train, y_train, x_test, y_test, cfg.eval_batch)
+        history[-1, :, 2:] = torch.as_tensor(np.stack(metrics[2:], axis=1), device=device)
+        checkpoints = []  # (epoch, (K, *shape) weights, rows diverged by then, metrics)
+        for e in (e for e in cfg.save_epochs if e < cfg.epochs):
+            weights, gone = saved.get(e, (params, set(frozen)))  # not reached: all diverged
+            checkpoints.append((e, weights, gone, _metrics(template, weights, x_train, y_train,
+                                                           x_test, y_test, cfg.eval_batch)))
     hist = history.cpu().numpy() if record_history else None
     epochs = [frozen[i][1] if i in frozen else cfg.epochs for i in range(k)]
     seconds = (time.perf_counter() - start) / k
-    return _seed_results(seeds, list(template.state_dict()), params, metrics, hist, epochs,
-                         set(frozen), seconds)
+    names = list(template.state_dict())
+    results = _seed_results(seeds, names, params, metrics, hist, epochs, set(frozen), seconds)
+    return [dataclasses.replace(r, checkpoints=tuple(
+        Checkpoint(e, {n: w[n][i].cpu().clone() for n in names},
+                   tuple(float(m[i]) for m in ms),  # type: ignore[arg-type]
+                   "diverged" if i in gone else "ok")
+        for e, w, gone, ms in checkpoints)) for i, r in enumerate(results)]
+
+
+def _metrics(template: nn.Module, params: dict[str, torch.Tensor], x_train: torch.Tensor,
+             y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+             eval_batch: int) -> list[np.ndarray]:
+    """The pack's (K, *shape) weights on both splits: four (K,) arrays, as HISTORY_COLUMNS."""
+    train = _evaluate(template, params, x_train, y_train, eval_batch)
+    test = _evaluate(template, params, x_test, y_test, eval_batch)
+    return [t.cpu().numpy() for t in (*train, *test)]
 
 
 class _Batches:
