@@ -42,13 +42,16 @@ def summary_table(store: Store, study: Study) -> pl.DataFrame:
 
     archs = list(study.arch_names)
     layers = [f"{a}/{layer}" for a in archs for layer in study.feature_layers(a)]
+    factors = list(dict.fromkeys([*(study.tests.factors or ()), *study.tests.terms]))
     df = df.sort(rank(pl.col("arch"), archs),
+                 rank(pl.col("factor").fill_null(""), factors),
                  rank(pl.concat_str("arch", pl.lit("/"), "layer"), layers),
                  rank(pl.col("method"), list(study.features.methods)),
                  rank(pl.col("protocol"), list(PROTOCOL_ORDER)),
-                 "arch", "layer", "method", "protocol", maintain_order=True)
-    return df.select("arch", "layer", "method", "protocol", "statistic", "observed", "chance",
-                     "null_mean", "r2", "p_value", "q_value", "permutations", "n_models")
+                 "arch", "layer", "method", "protocol", "epoch", maintain_order=True)
+    return df.select("arch", "layer", "method", "protocol", "factor", "epoch", "statistic",
+                     "observed", "chance", "null_mean", "r2", "p_value", "q_value",
+                     "permutations", "n_models")
 
 
 # one line each: what a method's feature is, what a number of the grid is (docs: the method,
@@ -92,17 +95,31 @@ def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None
 
     The grid's first number is the closed-set accuracy over its chance (the open-set mAP when
     the store has no closed-set test), the second the PERMANOVA R^2; each is marked where its
-    own test's q <= 0.05. A study without one of them shows the other, and says so."""
+    own test's q <= 0.05. A study without one of them shows the other, and says so. With
+    tests.factors a grid per arch and factor; with saved epochs the last epoch's tests."""
     if df.height == 0:
         return "(no tests in the store yet)"
+    n_tests = df.height
+    epoch = df["epoch"].max() if "epoch" in df.columns else None
+    epoch = None if epoch is None else int(epoch)  # type: ignore[arg-type]
+    if epoch is not None:
+        df = df.filter(pl.col("epoch") == epoch)
+    if "factor" not in df.columns:
+        df = df.with_columns(factor=pl.lit(None, pl.String))
     protocols = set(df["protocol"])
     score = next((p for p in SCORES if p in protocols), None)
     effect = EFFECT if EFFECT in protocols else None
     methods = df["method"].unique(maintain_order=True).to_list()
     parts = []
     for arch in df["arch"].unique(maintain_order=True):
-        parts.append(_grid(df.filter(pl.col("arch") == arch), methods, score, effect))
-    parts.append(legend(df, score, effect, group_by, strata))
+        mine = df.filter(pl.col("arch") == arch)
+        for factor in mine["factor"].unique(maintain_order=True):
+            title = ", ".join([*([] if factor is None else [f"factor {factor}"]),
+                               *([] if epoch is None else [f"epoch {epoch}"])])
+            parts.append(_grid(mine.filter(pl.col("factor").eq_missing(factor)), methods,
+                               score, effect, title))
+    factored = df["factor"].drop_nulls().unique().len() > 0
+    parts.append(legend(df, score, effect, group_by, strata, n_tests, factored, epoch))
     where = "STORE" if store is None else str(store)
     rest = [p for p in PROTOCOL_ORDER if p in protocols and p not in (score, effect)]
     also = f" (also {', '.join(rest)})" if rest else ""
@@ -110,14 +127,17 @@ def format_summary(df: pl.DataFrame, store: str | os.PathLike[str] | None = None
     return "\n\n".join(parts)
 
 
-def _grid(df: pl.DataFrame, methods: list[str], score: str | None, effect: str | None) -> str:
-    """One arch's grid: a row per layer, a column per method (in `df`'s order)."""
+def _grid(df: pl.DataFrame, methods: list[str], score: str | None, effect: str | None,
+          title: str = "") -> str:
+    """One arch's grid: a row per layer, a column per method (in `df`'s order); `title`
+    follows the arch's name and model count (the factor, the epoch)."""
     arch = str(df["arch"][0])
     cells = {(r["layer"], r["method"], r["protocol"]): r for r in df.iter_rows(named=True)}
     layers = df["layer"].unique(maintain_order=True).to_list()
     methods = [m for m in methods if m in set(df["method"])]
     n_models = [int(n) for n in df["n_models"].to_list() if n is not None]
     head = f"{arch}: {max(n_models)} models" if n_models else arch
+    head += f" ({title})" if title else ""
     if score is None and effect is None:
         return f"{head}: no closed-set, open-set or permanova test to show"
 
@@ -161,10 +181,12 @@ def _number(value: Any, short: bool = False) -> str:
 
 
 def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None,
-           group_by: str = "task", strata: str | None = None) -> str:
+           group_by: str = "task", strata: str | None = None, n_tests: int | None = None,
+           factored: bool = False, epoch: int | None = None) -> str:
     """What the grid shows: a line per method in `df`, per number of the grid (`score`:
-    closed-set or open-set; `effect`: permanova), the mark and q; a line for each of closed-set
-    and permanova the store lacks."""
+    closed-set or open-set; `effect`: permanova), the mark and q (over `n_tests`, default
+    df's rows); a line for each of closed-set and permanova the store lacks, and for
+    tests.group_by, tests.strata, tests.factors (`factored`) and saved epochs."""
     present = set(df["method"])
     entries = [(k, v) for k, v in METHODS.items() if k in present]
     entries += [(SCORES[score], NUMBERS[score])] if score else []
@@ -174,7 +196,7 @@ def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None
     if marked:
         entries.append((MARK, f"q <= {Q_LEVEL}, each number by its own test's q: "
                               f"{' and '.join(marked)}"))
-        entries.append(("q", Q_LINE.format(n=df.height)))
+        entries.append(("q", Q_LINE.format(n=df.height if n_tests is None else n_tests)))
     if score is None:
         entries.append(("note", "no closed-set or open-set tests in this store: the grid has "
                                 "no accuracy"))
@@ -191,6 +213,16 @@ def legend(df: pl.DataFrame, score: str | None = None, effect: str | None = None
         entries.append(("strata", f"the tests split and permute within the values of "
                                   f"{strata!r} (tests.strata): they compare the groups within "
                                   "each, not across; PERMDISP is not run"))
+    if factored:
+        entries.append(("factor", "each grid tests one models column (tests.factors): HTT "
+                                  "within the cells of the other factors, its PERMANOVA R2 "
+                                  "a term of one model of all factors (sequential unless "
+                                  "tests.permanova_by = \"margin\"); read 'task' above as "
+                                  "the factor's groups"))
+    if epoch is not None:
+        entries.append(("epoch", f"the tests of the checkpoints of epoch {epoch}, the last "
+                                 "([train] save_epochs); every epoch's: distsim query tests, "
+                                 "or the report's 'along training' figure"))
     width = max(len(k) for k, _ in entries)
     pad = " " * (width + 2)
     return "\n".join(textwrap.fill(v, WIDTH, initial_indent=f"{k:<{width}}  ",

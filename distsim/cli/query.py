@@ -25,7 +25,7 @@ _QUERIES = {
         # columns from the right, so the summary's numbers come first
         ["arch", "layer", "method", "protocol", "statistic", "observed", "chance", "r2",
          "p_value", "q_value", "null_mean", "null_sd", "permutations", "n_models", "n_tasks"],
-        ["arch", "layer", "method", "protocol"],
+        ["arch", "layer", "method", "protocol", "factor", "epoch"],
     ),
     "neighbors": (
         ["model_id", "arch", "layer", "method", "task", "rank", "neighbor_id", "neighbor_task",
@@ -46,6 +46,10 @@ MethodOpt = Annotated[str | None, typer.Option(help="Only this feature method (c
 ProtocolOpt = Annotated[
     str | None, typer.Option(help="Only this protocol (closed-set, open-set, permanova, permdisp).")
 ]
+FactorOpt = Annotated[str | None, typer.Option(
+    help="Only the tests of this factor (tests.factors; a PERMANOVA term).")]
+EpochOpt = Annotated[int | None, typer.Option(
+    help="Only the tests of this epoch's checkpoints ([train] save_epochs).")]
 StatusOpt = Annotated[
     str | None, typer.Option(help="Only models with this status (ok, diverged, failed).")
 ]
@@ -64,12 +68,19 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
     lf = (tests_with_q(store) if table == "tests"  # q over every test
           else models_with_meta(store) if table == "models" else store.scan(table))
     names = lf.collect_schema().names()
+
+    def some(col: str) -> list[str]:  # [col] where some row has a value, else []
+        return [col] if lf.select(pl.col(col).is_not_null().any()).collect().item() else []
+
     if table == "models":  # an imported zoo's epoch and metadata columns too
         meta = [c for c in names if c not in TABLES["models"].schema.names]
-        if meta:  # an imported zoo's checkpoints have an epoch; a sweep's models have none
-            epoch = ["epoch"] if lf.select(pl.col("epoch").is_not_null().any()).collect().item() \
-                else []
-            columns = [c for c in columns if c not in ("seconds", "node")] + [*epoch, *meta]
+        if meta:  # a sweep's values or an imported zoo's metadata; checkpoints' epochs
+            columns = [c for c in columns if c not in ("seconds", "node")] + [*some("epoch"),
+                                                                               *meta]
+        else:
+            columns = columns + some("epoch")
+    if table == "tests":  # [tests] factors, [train] save_epochs: after the protocol
+        columns = [*columns[:4], *some("factor"), *some("epoch"), *columns[4:]]
     for col, value in filters.items():
         if value is None:
             continue
@@ -111,12 +122,15 @@ def query_models(store_path: StoreArg, arch: ArchOpt = None, task: TaskOpt = Non
 @query_app.command("tests")
 @user_errors
 def query_tests(store_path: StoreArg, arch: ArchOpt = None, layer: LayerOpt = None,
-                method: MethodOpt = None, protocol: ProtocolOpt = None, limit: LimitOpt = None,
+                method: MethodOpt = None, protocol: ProtocolOpt = None,
+                factor: FactorOpt = None, epoch: EpochOpt = None, limit: LimitOpt = None,
                 fmt: FormatOpt = Format.table) -> None:
     """Hypothesis tests: statistic, chance, null mean/sd, R^2, p-value and q-value
-    (Benjamini-Hochberg over every test in the store) per arch/layer/method/protocol."""
+    (Benjamini-Hochberg over every test in the store) per arch/layer/method/protocol (and
+    factor, epoch where the study has them)."""
     _query("tests", store_path,
-           {"arch": arch, "layer": layer, "method": method, "protocol": protocol}, limit, fmt)
+           {"arch": arch, "layer": layer, "method": method, "protocol": protocol,
+            "factor": factor, "epoch": epoch}, limit, fmt)
 
 
 @query_app.command("neighbors")

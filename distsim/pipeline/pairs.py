@@ -26,7 +26,7 @@ from distsim import stats  # lazy: numba loads when a tile is computed, not for 
 from distsim.config import MatrixKey, Study
 from distsim.errors import IncompleteError, LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
-from distsim.pipeline.significance import labelled_models, study_groups
+from distsim.pipeline.groups import labelled_models, study_groups
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.units import Units, error_text
 from distsim.store import FeatureMatrix, Store, lineage
@@ -61,8 +61,8 @@ def matrix_work(study: Study, matrix: MatrixKey, n: int, upstream: str,
     block = study.pairs.block
     tiles = tile_plan(n, block)
     nb = math.ceil(n / block)
-    this = (matrix.arch, matrix.method, matrix.layer)
-    mine = {t: {k[3:]: v for k, v in rec.items() if k[:3] == this} for t, rec in recorded.items()}
+    this = matrix.id  # (arch, method, layer, epoch): the key's first four columns
+    mine = {t: {k[4:]: v for k, v in rec.items() if k[:4] == this} for t, rec in recorded.items()}
     stale = any(not lineage.fresh(v, upstream) for rec in mine.values() for v in rec.values())
     if stale:
         return MatrixWork(tiles, set(range(nb)), True)
@@ -224,7 +224,7 @@ def outputs(study: Study, store: Store) -> Outputs:
     rows, recorded = lineage.matrix_rows(store), _recorded(store)
     done = stale = 0
     for m in study.matrices():
-        tokens = rows.get((m.arch, m.method, m.layer), frozenset())
+        tokens = rows.get(m.id, frozenset())
         work = matrix_work(study, m, len(tokens), lineage.fingerprint(tokens), recorded)
         done += len(tokens) >= 2 and not work.tiles and not work.blocks
         stale += work.stale
@@ -251,7 +251,7 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     rows = lineage.matrix_rows(store)  # decide from the lineage; load only matrices with work
     models = labelled_models(study, store)  # tests.group_by's column, read once
     for key in study.matrices():
-        tokens = rows.get((key.arch, key.method, key.layer), frozenset())
+        tokens = rows.get(key.id, frozenset())
         if len(tokens) < 2:
             raise LaunchError(
                 f"pairs: {key} has {len(tokens)} feature rows in the store; run the "
@@ -261,11 +261,12 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         total_tiles += len(tile_plan(len(tokens), block))
         if work.stale:  # computed from other feature rows: none of its shards can be reused
             for table in ("pairs", "neighbors"):
-                for path in store.shard_files(table, key.key):
-                    path.unlink(missing_ok=True)
+                for held in store.shard_keys(table, key.partition):
+                    if held["epoch"] == key.epoch:
+                        store.shard_path(table, held).unlink(missing_ok=True)
         if not work.tiles:
             continue
-        fm = store.feature_matrix(key.arch, key.method, key.layer)
+        fm = store.feature_matrix(key.arch, key.method, key.layer, key.epoch)
         # intra/inter and same_task by the groups the tests compare (tests.group_by)
         fm = dataclasses.replace(fm, tasks=study_groups(study, models, fm.model_ids, fm.tasks,
                                                          []))

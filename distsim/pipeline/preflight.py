@@ -62,8 +62,19 @@ def _check_splits(study: Study) -> None:
     """Each HTT protocol's split can be drawn from tasks x seeds models (ConfigError at
     ``tests.protocols`` otherwise, e.g. open-set with fewer than 4 tasks). Assumes every model
     trains; diverged models can still make a split impossible at run time. An import study's
-    groups are known once its zoo is read: checked by the tests stage."""
+    groups are known once its zoo is read: checked by the tests stage. With tests.factors,
+    each must be a [sweep] key or a models column; the splits within the other factors' cells
+    are checked by the tests stage."""
     if study.train is None or study.data is None:
+        return
+    if study.tests.factors is not None:  # a protocol runs for the factors it can split
+        from distsim.store.tables import TABLES
+
+        known = [*[k for k, _ in study.sweep], *TABLES["models"].schema.names]
+        for factor in study.tests.factors:
+            if factor not in known:
+                raise ConfigError.at("tests.factors", f"{factor!r} is not a [sweep] key or a "
+                                     f"models column ({', '.join(known[:8])}, ...)")
         return
     tasks = study.data.num_tasks
     seeds = study.train.seeds_per_task * len(study.cells())

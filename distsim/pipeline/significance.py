@@ -71,7 +71,28 @@ from distsim import stats  # lazy: names load their module on first use
 from distsim.config import MatrixKey, PairSpec, StatsSpec, Study
 from distsim.errors import LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
+from distsim.pipeline.groups import (
+    PERMANOVA,
+    PERMDISP,
+    factor_codes,
+    labelled_models,
+    study_groups,
+    study_strata,
+    study_tests,
+)
 from distsim.pipeline.stage import Outputs, RunContext, Stage
+from distsim.pipeline.test_units import (
+    chunk_labels,
+    htt_chunk,
+    htt_fit,
+    htt_head,
+    permanova_chunk,
+    permanova_head,
+    permanova_terms_test,
+    permanova_within,
+    permdisp_test,
+    tiles_head,
+)
 from distsim.pipeline.units import Units, run_refs
 from distsim.store import Store, lineage
 
@@ -79,120 +100,12 @@ if TYPE_CHECKING:  # types only: the statistics load when a unit runs, not for `
     import polars as pl
 
     from distsim.stats import HTTOptions, TileSums
-    from distsim.stats.linear_embedding import Fit
-
-PERMANOVA = "permanova"
-PERMDISP = "permdisp"
-
-
-def study_protocols(study: Study) -> tuple[str, ...]:
-    """The tests run per feature matrix: the HTT protocols, then PERMANOVA unless it has 0
-    permutations, with PERMDISP beside it when the metric is Euclidean (its features route;
-    another metric would need the N x N matrix's principal coordinates). With train.shared_init
-    only the HTT protocols, restricted to init-seed strata: PERMANOVA's and PERMDISP's
-    permutations are not restricted to strata, so their null would not hold there. With
-    tests.strata, PERMANOVA permutes within the strata (``permanova_terms_features``, metric
-    euclidean only) and PERMDISP, unrestricted, is left out."""
-    if not study.tests.permanova_permutations or study.shared_init:
-        return study.tests.protocols
-    if study.tests.strata is not None:  # PERMANOVA within strata: its features route only
-        return (*study.tests.protocols,
-                *((PERMANOVA,) if study.pairs.metric == "euclidean" else ()))
-    spread = (PERMDISP,) if study.pairs.metric == "euclidean" else ()
-    return (*study.tests.protocols, PERMANOVA, *spread)
-
 
 def chunk_sizes(permutations: int, chunk: int) -> list[int]:
     """Sizes of the permutation chunks: full chunks of `chunk`, then the remainder."""
     if permutations < 1 or chunk < 1:
         raise ValueError(f"need permutations >= 1 and chunk >= 1, got {permutations}, {chunk}")
     return [min(chunk, permutations - s) for s in range(0, permutations, chunk)]
-
-
-def htt_fit(X: np.ndarray, tasks: np.ndarray, protocol: str, seed: int, options: HTTOptions,
-            strata: np.ndarray | None) -> Fit:
-    """The learner's label-independent part for the split of `seed` (``htt_prepare``): computed
-    once per test, shared by its chunks through the object store."""
-    return stats.htt_prepare(X, tasks, protocol, seed, options=options, strata=strata)
-
-
-def htt_head(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int, seed: int,
-             options: HTTOptions, strata: np.ndarray | None, fit: Fit | None = None
-             ) -> dict[str, Any]:
-    """Chunk 0 of an HTT: the observed statistic, chance, extras and the first null chunk."""
-    r = stats.htt(X, tasks, protocol, permutations=permutations, seed=seed, options=options,
-                  fit=fit, strata=strata)
-    return {"observed": r.statistic, "statistic": r.metric, "chance": r.chance, "null": r.null,
-            "extra": {k: v for k, v in r.extra.items() if isinstance(v, (int, float, str))}}
-
-
-def htt_chunk(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int, seed: int,
-              chunk: int, options: HTTOptions, strata: np.ndarray | None,
-              fit: Fit | None = None) -> np.ndarray:
-    """Null chunk c >= 1 of an HTT: permutations from seed (seed, c), the split of `seed`."""
-    return stats.htt_null_chunk(X, tasks, protocol, permutations=permutations, seed=(seed, chunk),
-                          options=options, split_seed=seed, fit=fit, strata=strata)
-
-
-def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int,
-                   seed: int) -> dict[str, Any]:
-    """Chunk 0 of PERMANOVA's features route: the pseudo-F and the first null chunk of
-    ``permanova_features`` on the features' Euclidean basis Y (no N x N array)."""
-    r = stats.permanova_features(Y, tasks, permutations=permutations, seed=seed)
-    return {"observed": r.statistic, "statistic": "pseudo-F", "chance": float("nan"),
-            "null": r.null, "extra": {"n_groups": r.n_groups, "route": "features", "r2": r.r2}}
-
-
-def permanova_within(Y: np.ndarray, tasks: np.ndarray, strata: np.ndarray, permutations: int,
-                     seed: int) -> dict[str, Any]:
-    """PERMANOVA of the groups with every permutation within the strata (tests.strata), all B
-    in one task: ``permanova_terms_features`` of the one term, on the features' basis Y."""
-    r = stats.permanova_terms_features(Y, {"group": tasks}, ["group"], strata=strata,
-                                       permutations=permutations, seed=seed)
-    row = r.rows[0]
-    return {"observed": row.F, "statistic": "pseudo-F", "chance": float("nan"),
-            "null": r.null["group"], "extra": {"n_groups": int(len(np.unique(tasks))),
-                                               "route": "features", "r2": row.r2,
-                                               "strata": int(len(np.unique(strata)))}}
-
-
-def permdisp_test(Y: np.ndarray, tasks: np.ndarray, permutations: int,
-                  seed: int) -> dict[str, Any]:
-    """PERMDISP (distances to the task centroids, ``permdisp_features``) on the features'
-    Euclidean basis Y, all B permutations in one task (O(N) each): whether the tasks' spreads
-    differ, which PERMANOVA alone cannot tell from a difference of location."""
-    r = stats.permdisp_features(Y, tasks, permutations=permutations, seed=seed)
-    spread = r.extra["dispersion"]
-    return {"observed": r.statistic, "statistic": "F", "chance": float("nan"), "null": r.null,
-            "extra": {"n_groups": r.n_groups, "route": "features", "test": "centroid",
-                      "r2": r.r2, "dispersion_min": float(min(spread.values())),
-                      "dispersion_max": float(max(spread.values()))}}
-
-
-def permanova_chunk(Y: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
-                    chunk: int) -> np.ndarray:
-    """Null chunk c >= 1 of PERMANOVA's features route: permutations from seed (seed, c), the
-    ones ``permanova_null_chunk`` draws."""
-    return stats.permanova_features(Y, tasks, permutations, (seed, chunk)).null
-
-
-def chunk_labels(tasks: np.ndarray, permutations: int, seed: int, chunk: int) -> np.ndarray:
-    """The labellings of chunk c of PERMANOVA's tiles route, (N, b_c) int32: seed s for chunk 0
-    (with the observed labels first), (s, c) after, as ``permanova`` /
-    ``permanova_null_chunk`` draw them."""
-    if chunk == 0:
-        return stats.permanova_labels(tasks, permutations, seed, observed=True)
-    return stats.permanova_labels(tasks, permutations, (seed, chunk))
-
-
-def tiles_head(sums: TileSums, sizes: np.ndarray, n_tiles: int) -> dict[str, Any]:
-    """The head of a tiles-route PERMANOVA from its tiles' summed shares: the observed pseudo-F
-    and the whole null (the labellings of all chunks, in order)."""
-    f = stats.tile_pseudo_f(*sums.sums(), sizes)
-    r2 = stats.r_squared(float(f[0]), int(sizes.sum()), len(sizes))
-    return {"observed": float(f[0]), "statistic": "pseudo-F", "chance": float("nan"),
-            "null": f[1:], "extra": {"n_groups": len(sizes), "route": "tiles",
-                                     "tiles": n_tiles, "r2": r2}}
 
 
 def _chunk(unit: str, store_root: str, faults: dict[str, float], fn: Callable[..., Any],
@@ -224,28 +137,36 @@ def combine(head: dict[str, Any], nulls: list[np.ndarray], permutations: int) ->
             "extra": json.dumps(head["extra"], sort_keys=True)}
 
 
-def _test_state(study: Study, store: Store) -> tuple[set[tuple[str, ...]], int]:
-    """(tests (arch, method, layer, protocol) stored and computed from their matrix's feature
-    rows now, how many stored tests are stale)."""
+TestKey = tuple[Any, ...]  # (arch, method, layer, protocol, factor, epoch): the shard key
+
+
+def test_key(m: MatrixKey, protocol: str, factor: str | None) -> TestKey:
+    return (m.arch, m.method, m.layer, protocol, factor, m.epoch)
+
+
+def _test_state(study: Study, store: Store,
+                tests: list[tuple[str, str | None]]) -> tuple[set[TestKey], int]:
+    """(the (protocol, factor) `tests` of every matrix stored and computed from their
+    matrix's feature rows now, how many stored tests are stale)."""
     rows, recorded = lineage.matrix_rows(store), lineage.recorded(store, "tests")
-    fresh: set[tuple[str, ...]] = set()
+    fresh: set[TestKey] = set()
     stale = 0
     for m in study.matrices():
-        upstream = lineage.fingerprint(rows.get((m.arch, m.method, m.layer), frozenset()))
-        for p in study_protocols(study):
-            held = recorded.get((m.arch, m.method, m.layer, p))
+        upstream = lineage.fingerprint(rows.get(m.id, frozenset()))
+        for p, f in tests:
+            held = recorded.get(test_key(m, p, f))
             if held is not None and lineage.fresh(held, upstream):
-                fresh.add((m.arch, m.method, m.layer, p))
+                fresh.add(test_key(m, p, f))
             else:
                 stale += held is not None
     return fresh, stale
 
 
 def outputs(study: Study, store: Store) -> Outputs:
-    """Tests (feature matrix x protocol) stored and computed from their matrix now."""
-    fresh, stale = _test_state(study, store)
-    return Outputs("tests", len(study.matrices()) * len(study_protocols(study)), len(fresh),
-                   stale=stale)
+    """Tests (feature matrix x protocol x factor) stored and computed from their matrix now."""
+    tests = study_tests(study, labelled_models(study, store))
+    fresh, stale = _test_state(study, store, tests)
+    return Outputs("tests", len(study.matrices()) * len(tests), len(fresh), stale=stale)
 
 
 # ----------------------------------------------------------------------------- the stage's jobs
@@ -271,16 +192,18 @@ class MatrixRefs:
     n_tasks: int
     upstream: str  # fingerprint of the feature rows (distsim.store.lineage)
     basis_task: Any  # the remote euclidean_basis
-    _basis: Any = None
+    factor: str | None = None  # the models column whose groups `tasks` holds (tests.factors)
+    shared: dict[str, Any] = field(default_factory=dict)  # the basis, shared by the factors
 
     def basis(self) -> Any:
         """The features' Euclidean basis (a ref), made once for PERMANOVA and PERMDISP."""
-        if self._basis is None:
-            self._basis = self.basis_task.remote(self.X)
-        return self._basis
+        if "basis" not in self.shared:
+            self.shared["basis"] = self.basis_task.remote(self.X)
+        return self.shared["basis"]
 
     def unit(self, protocol: str, part: str, fn: Callable[..., Any], *args: Any) -> Unit:
-        return Unit(f"{self.key}-{protocol}".replace("/", "-") + f"-{part}", fn, args)
+        name = f"{self.key}-{protocol}" + (f"-{self.factor}" if self.factor else "")
+        return Unit(name.replace("/", "-").replace("@", "-") + f"-{part}", fn, args)
 
 
 @dataclass(eq=False)
@@ -314,6 +237,11 @@ class Job:
         row.update({"n_models": m.n_models, "n_tasks": m.n_tasks, "seed": seed,
                     "upstream": m.upstream, "learner": self.learner, "seconds": self.seconds})
         return row
+
+    def shards(self, seed: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(shard key, row) of each tests shard the job writes: one."""
+        m = self.matrix
+        return [({**m.key.key, "protocol": self.protocol, "factor": m.factor}, self.row(seed))]
 
 
 @dataclass(eq=False)
@@ -374,6 +302,34 @@ class FeaturesJob(ChunkedJob):
 
 
 @dataclass(eq=False)
+class TermsJob(Job):
+    """tests.factors' PERMANOVA: one model of every term, one unit; a tests shard per term."""
+
+    value: dict[str, dict[str, Any]] = field(init=False, default_factory=dict)
+
+    @classmethod
+    def plan(cls, m: MatrixRefs, spec: StatsSpec, table: dict[str, np.ndarray],
+             strata: np.ndarray | None) -> TermsJob:
+        B = spec.permanova_permutations
+        unit = m.unit(PERMANOVA, "0", permanova_terms_test, m.basis(), table, spec.terms,
+                      spec.permanova_by, strata, B, spec.seed)
+        return cls(m, PERMANOVA, B, [unit])
+
+    def take(self, i: int, value: Any) -> None:
+        self.value = value
+
+    def shards(self, seed: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        m, out = self.matrix, []
+        for term, head in self.value.items():
+            row = combine(head, [], self.permutations)
+            row.update({"n_models": m.n_models, "n_tasks": head["extra"]["n_groups"],
+                        "seed": seed, "upstream": m.upstream, "learner": None,
+                        "seconds": self.seconds})
+            out.append(({**m.key.key, "protocol": PERMANOVA, "factor": term}, row))
+        return out
+
+
+@dataclass(eq=False)
 class TilesJob(Job):
     """PERMANOVA on any metric: one ``permanova_tile`` unit per upper tile of the distance
     matrix, whose shares are added as they arrive (never all held)."""
@@ -409,105 +365,62 @@ class TilesJob(Job):
 # ----------------------------------------------------------------------------- the stage
 
 
-def _plan(study: Study, store: Store, have: set[tuple[str, ...]],
-          remotes: dict[str, Any]) -> Iterator[Job]:
-    """The jobs of the tests not in the store, matrix by matrix; a job's helper tasks (basis,
-    fit, distance frame, labels) are submitted as it is planned."""
+def _plan(study: Study, store: Store, tests: list[tuple[str, str | None]], have: set[TestKey],
+          remotes: dict[str, Any], models: pl.DataFrame | None) -> Iterator[Job]:
+    """The jobs of the tests not in the store, matrix by matrix (and factor by factor with
+    tests.factors); a job's helper tasks (basis, fit, distance frame, labels) are submitted
+    as it is planned."""
     import ray
 
     spec, options = study.tests, study.tests.htt_options()
     euclidean = study.pairs.metric == "euclidean"
-    models = labelled_models(study, store)
     for matrix in study.matrices():
-        protocols = [p for p in study_protocols(study)
-                     if (matrix.arch, matrix.method, matrix.layer, p) not in have]
-        if not protocols:
+        todo = [(p, f) for p, f in tests if test_key(matrix, p, f) not in have]
+        if not todo:
             continue
-        fm = store.feature_matrix(matrix.arch, matrix.method, matrix.layer)
+        fm = store.feature_matrix(matrix.arch, matrix.method, matrix.layer, matrix.epoch)
         if len(fm.model_ids) < 4:
             raise LaunchError(
                 f"tests: {matrix} has {len(fm.model_ids)} feature rows in the store; run the zoo "
                 "and features stages first"
             )
-        groups = study_groups(study, models, fm.model_ids, fm.tasks, protocols)
-        m = MatrixRefs(matrix, ray.put(fm.X), ray.put(groups), len(fm.model_ids),
-                       int(len(np.unique(groups))), fm.upstream, remotes["basis"])
-        # train.shared_init: split and permute within init-seed strata (htt_split); or the
-        # strata of tests.strata, a models column
-        strata = study_strata(study, models, fm.model_ids, fm.seeds, groups, protocols)
-        for protocol in protocols:
-            if protocol == PERMDISP or (protocol == PERMANOVA and euclidean):  # features route
-                yield FeaturesJob.plan(m, protocol, spec,
-                                       strata if spec.strata is not None else None)
-            elif protocol == PERMANOVA:  # any metric: tiles of the distance matrix
-                yield TilesJob.plan(m, spec, study.pairs, groups, remotes["frame"],
-                                    remotes["labels"])
+        X, shared = ray.put(fm.X), dict[str, Any]()
+        # tests.strata's codes: PERMANOVA permutes within them
+        within = (None if spec.strata is None else
+                  factor_codes(models, fm.model_ids, fm.tasks, spec.strata, "tests.strata"))
+        table: dict[str, np.ndarray] = {}  # tests.factors: each factor's codes
+        for factor in dict.fromkeys(f for _, f in todo if f is None or ":" not in f):
+            protocols = [p for p, f in todo if f == factor and (factor is None or
+                                                                  p != PERMANOVA)]
+            if factor is None:
+                groups = study_groups(study, models, fm.model_ids, fm.tasks, protocols)
             else:
-                yield HTTJob.plan(m, protocol, spec, options, strata, remotes["fit"])
-
-
-def labelled_models(study: Study, store: Store) -> pl.DataFrame | None:
-    """The models table with its metadata columns (models_with_meta), read once for every
-    matrix, when tests.group_by or tests.strata names a column other than the task; else None."""
-    from distsim.store.query import models_with_meta
-
-    spec = study.tests
-    if spec.group_by == "task" and spec.group_bins is None and spec.strata is None:
-        return None
-    return models_with_meta(store).collect()
-
-
-def study_groups(study: Study, models: pl.DataFrame | None, model_ids: list[str],
-                 tasks: np.ndarray, protocols: list[str]) -> np.ndarray:
-    """The groups (N,) int64 the tests compare: the tasks, or the codes of the models column
-    tests.group_by (binned by tests.group_bins; distsim.store.query.group_codes). LaunchError
-    (one line) when there are too few groups for a protocol."""
-    from distsim.stats.htt_split import MIN_TASKS
-    from distsim.store.query import group_codes
-
-    spec = study.tests
-    if spec.group_by == "task" and spec.group_bins is None:
-        return tasks
-    assert models is not None  # labelled_models read it
-    codes, names = group_codes(models, model_ids, spec.group_by, spec.group_bins)
-    need = max([MIN_TASKS.get(p, 2) for p in protocols], default=2)
-    if len(names) < need:
-        raise LaunchError(f"tests.group_by: {spec.group_by!r} has {len(names)} group(s) "
-                          f"({', '.join(names[:5])}); {'/'.join(protocols)} need at least {need}")
-    counts = np.bincount(codes, minlength=len(names))
-    if any(p in MIN_TASKS for p in protocols) and counts.min() < 2:
-        small = names[int(counts.argmin())]
-        raise LaunchError(f"tests.group_by: group {small!r} of {spec.group_by!r} has "
-                          f"{int(counts.min())} model; HTT splits each group, so each needs at "
-                          "least 2 (bin the column with tests.group_bins, or drop the HTT "
-                          "protocols)")
-    return codes
-
-
-def study_strata(study: Study, models: pl.DataFrame | None, model_ids: list[str],
-                 seeds: np.ndarray, groups: np.ndarray,
-                 protocols: list[str]) -> np.ndarray | None:
-    """The strata (N,) int64 of the tests: the init-seed index (train.shared_init), the codes
-    of the models column tests.strata, or None. LaunchError (one line) when an HTT split cannot
-    be drawn within them."""
-    spec = study.tests
-    if spec.strata is None:
-        return np.asarray(study.model_index(seeds)) if study.shared_init else None
-    from distsim.stats.htt_split import make_split
-    from distsim.store.query import group_codes
-
-    assert models is not None  # labelled_models read it
-    codes, names = group_codes(models, model_ids, spec.strata)
-    for protocol in [p for p in protocols if p in ("closed-set", "open-set")]:
-        try:
-            make_split(groups, np.unique(groups), protocol, spec.seed, strata=codes,
-                       train_fraction=spec.train_fraction,
-                       train_task_fraction=spec.train_task_fraction, n_query=spec.n_query,
-                       strata_split="cell")
-        except ValueError as exc:
-            raise LaunchError(f"tests.strata: {protocol} cannot split the groups within the "
-                              f"{len(names)} strata of {spec.strata!r}: {exc}") from None
-    return codes
+                groups = factor_codes(models, fm.model_ids, fm.tasks, factor)
+                table[factor] = groups
+            if not protocols:  # a factor only PERMANOVA still tests
+                continue
+            m = MatrixRefs(matrix, X, ray.put(groups), len(fm.model_ids),
+                           int(len(np.unique(groups))), fm.upstream, remotes["basis"],
+                           factor, shared)
+            # train.shared_init: split and permute within init-seed strata (htt_split); the
+            # strata of tests.strata, a models column; and the cells of the other factors
+            strata = study_strata(study, models, fm.model_ids, fm.seeds, fm.tasks, groups,
+                                  protocols, factor)
+            for protocol in protocols:
+                if protocol == PERMDISP or (protocol == PERMANOVA and euclidean):
+                    yield FeaturesJob.plan(m, protocol, spec, within)  # features route
+                elif protocol == PERMANOVA:  # any metric: tiles of the distance matrix
+                    yield TilesJob.plan(m, spec, study.pairs, groups, remotes["frame"],
+                                        remotes["labels"])
+                else:
+                    yield HTTJob.plan(m, protocol, spec, options, strata, remotes["fit"])
+        if spec.factors is not None and any(p == PERMANOVA for p, _ in todo):
+            for factor in spec.factors:  # every term's factors, also those tested already
+                if factor not in table:
+                    table[factor] = factor_codes(models, fm.model_ids, fm.tasks, factor)
+            m = MatrixRefs(matrix, X, None, len(fm.model_ids), 0, fm.upstream,
+                           remotes["basis"], None, shared)
+            yield TermsJob.plan(m, spec, table, within)
 
 
 def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
@@ -533,11 +446,14 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         job.seconds += seconds
         job.left -= 1
         if job.left == 0:
-            store.write_shard("tests", {**job.matrix.key.key, "protocol": job.protocol},
-                              [job.row(study.tests.seed)])
+            for key, row in job.shards(study.tests.seed):
+                store.write_shard("tests", key, [row])
 
-    jobs = list(_plan(study, store, _test_state(study, store)[0], remotes))
-    n_tests = len(study.matrices()) * len(study_protocols(study))
+    models = labelled_models(study, store)
+    tests = study_tests(study, models)
+    have = _test_state(study, store, tests)[0]
+    jobs = list(_plan(study, store, tests, have, remotes, models))
+    n_tests = len(study.matrices()) * len(tests)
     parts = [(job, i) for job in jobs for i in range(len(job.units))]  # a job: eq=False, hashable
 
     def label(part: tuple[Job, int]) -> str:  # names a unit in its failure line
@@ -546,11 +462,11 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     with Units("tests", parts, label=label, max_failures=study.resources.max_failures,
                stream=ctx.stream, noun="task",
                group=lambda part: part[0]) as units:  # a unit given up gives up its test
-        if n_tests > len(jobs):
-            print(f"tests     {n_tests - len(jobs)} of {n_tests} tests already in store",
+        if have:
+            print(f"tests     {len(have)} of {n_tests} tests already in store",
                   file=units.stream)
         run_refs(units, submit, on_done)
-    return {"tests": len(jobs), "skipped": n_tests - len(jobs), "tasks": len(parts),
+    return {"tests": len(jobs), "skipped": len(have), "tasks": len(parts),
             **units.outcome()}
 
 
