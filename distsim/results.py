@@ -157,6 +157,30 @@ class Results:
         return self._done(self._in_order(tests_with_q(self.store), "layer", "method",
                                          "protocol"), lazy)
 
+    def along_training(self) -> pl.DataFrame:
+        """Every test of a study with saved epochs (``[train] save_epochs``) against the epoch
+        of the checkpoints it tested: the tests rows that have an epoch, with their effect size
+        (``effect``: accuracy or mAP - chance for closed-set and open-set, R^2 for PERMANOVA and
+        PERMDISP, named by ``effect_name``; ``partial_r2`` of a multi-factor PERMANOVA), the
+        numbers ``distsim report``'s along-training figure draws. Columns arch, method, layer,
+        factor, protocol, epoch, effect, effect_name, partial_r2, observed, chance, p_value,
+        n_models; sorted by arch (study order), layer, method, factor, protocol and epoch;
+        empty, with those columns, for a study without epochs.
+
+        >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
+        >>> res.along_training().height  # the quickstart saves no epochs  # doctest: +SKIP
+        0
+        >>> res = distsim.open("stores/epochs")  # a study with save_epochs  # doctest: +SKIP
+        >>> curves = res.along_training()  # doctest: +SKIP
+        >>> one = pl.col("layer") == "out", pl.col("protocol") == "permanova"  # doctest: +SKIP
+        >>> curves.filter(*one).select("method", "factor", "epoch", "effect")  # doctest: +SKIP
+        """
+        from distsim.report.effects import along_training
+
+        rows = along_training(self.store.scan("tests").collect())
+        return self._in_order(rows.lazy(), "layer", "method", "factor", "protocol",
+                              "epoch").collect()
+
     def neighbors(self, model_id: str | None = None, *, arch: str | None = None,
                   layer: str | None = None, method: str | None = None,
                   lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
@@ -223,10 +247,12 @@ class Results:
         return {m: rows[m] for m in ids}
 
     # ------------------------------------------------------------------ features and tasks
-    def features(self, arch: str, layer: str, method: str) -> tuple[list[str], np.ndarray,
-                                                                     np.ndarray]:
+    def features(self, arch: str, layer: str, method: str, epoch: int | None = None
+                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The feature matrix of one (arch, layer, method): model ids, their tasks (N,) int64
-        and the features (N, D) float32, rows sorted by task, then seed.
+        and the features (N, D) float32, rows sorted by task, then seed. A study with
+        ``[train] save_epochs`` has one per saved epoch: `epoch` picks it (every checkpoint
+        when None).
 
         >>> res = distsim.open("stores/quickstart")  # doctest: +SKIP
         >>> ids, tasks, X = res.features("mlp", "fc2", "chain-gram")  # doctest: +SKIP
@@ -234,10 +260,11 @@ class Results:
         (['mlp-t0-s0', 'mlp-t0-s1'], [0, 0], (120, 2145))
         """
         self._check_matrix(arch, layer, method)
-        fm = self.store.feature_matrix(arch, method, layer)
+        fm = self.store.feature_matrix(arch, method, layer, epoch)
         if not fm.model_ids:
-            raise StoreError(f"features {arch}/{layer}/{method}: none in the store yet; run "
-                             "`distsim launch` (stage features)")
+            at = "" if epoch is None else f" at epoch {epoch}"
+            raise StoreError(f"features {arch}/{layer}/{method}{at}: none in the store; run "
+                             "`distsim launch` (stage features), or pick a saved epoch")
         return fm.model_ids, fm.tasks, fm.X
 
     def task(self, task_id: int) -> Task:

@@ -25,12 +25,14 @@ from distsim import __version__
 from distsim.config import Study
 from distsim.errors import DistsimError, StoreError
 from distsim.report import figures
+from distsim.report.effects import effect_frame, last_epoch
 from distsim.report.figures import MatrixPanel, NullPanel
 from distsim.report.page import ArchSection, Image, MethodSection, Page, render
 from distsim.report.sampling import pca_2d, read_sample, stratified_sample
 from distsim.results import held_study
 from distsim.store import Store
-from distsim.summary import PROTOCOL_ORDER, summary_table
+from distsim.store.query import tests_with_q
+from distsim.summary import PROTOCOL_ORDER
 
 __all__ = ["write_report"]
 
@@ -57,7 +59,11 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
     for stale in folder.glob(_FIGURE_GLOB):
         stale.unlink()
 
-    tests = _tests(store, study)
+    every = _tests(store, study)  # every epoch's rows; the grid and nulls show the last's
+    last = last_epoch(every)
+    tests = last.drop("null").to_dicts()
+    for r, null in zip(tests, last["null"], strict=True):  # each test's null (B,), or None
+        r["null"] = None if null is None else null.to_numpy().astype(np.float64)
     models = store.scan("models").collect()
     history = store.scan("history").collect()
     n_tasks = study.data.num_tasks if study.data is not None and not study.imports else 0
@@ -75,8 +81,9 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
                     draw(drawing)
         with figures.style():
             zoo = _zoo(folder, models, history, study)
-    archs = [_arch(study, tests, a, [sections[a, m] for m in study.features.methods])
-             for a in study.arch_names]
+            training = {a: _training(folder, every, study, a) for a in study.arch_names}
+    archs = [_arch(study, tests, a, [sections[a, m] for m in study.features.methods],
+                   training[a]) for a in study.arch_names]
     names = models.filter(pl.col("task_name").is_not_null()).unique("task").sort("task")
     page = Page(
         title=f"distsim report: {study.name}",
@@ -106,22 +113,33 @@ def _out_folder(store: Store, out: Path | None) -> Path:
     return folder
 
 
-def _tests(store: Store, study: Study) -> list[dict[str, Any]]:
-    """summary_table's rows with each test's null (B,) as a numpy array, or None."""
-    summary = summary_table(store, study)
-    if summary.height == 0:
-        return []
-    keys = ["arch", "layer", "method", "protocol"]
-    nulls = store.scan("tests").select(*keys, "null").collect()
-    rows = summary.join(nulls, on=keys, how="left").to_dicts()  # join keeps the left order
-    for r in rows:
-        r["null"] = None if r["null"] is None else np.asarray(r["null"], dtype=np.float64)
-    return rows
+def _tests(store: Store, study: Study) -> pl.DataFrame:
+    """The tests table with q_value (distsim.store.query.tests_with_q, as the summary) and the
+    effect sizes (distsim.report.effects), in study order: arch, layer, method, protocol, then
+    factor and epoch."""
+    df = effect_frame(tests_with_q(store).collect())
+
+    def rank(col: str, names: list[str]) -> pl.Expr:  # position in `names`, unknown last
+        return pl.col(col).replace_strict(names, list(range(len(names))), default=len(names),
+                                          return_dtype=pl.Int64)
+
+    layers = list(dict.fromkeys(x for a in study.arch_names for x in study.feature_layers(a)))
+    factors = list(dict.fromkeys([*(study.tests.factors or ()), *study.tests.terms]))
+    factor = pl.col("factor").fill_null("").replace_strict(
+        factors, list(range(len(factors))), default=len(factors), return_dtype=pl.Int64)
+    return df.sort(rank("arch", list(study.arch_names)), "arch", rank("layer", layers), "layer",
+                   rank("method", list(study.features.methods)), "method",
+                   rank("protocol", list(PROTOCOL_ORDER)), "protocol", factor, "factor",
+                   "epoch", nulls_last=False, maintain_order=True)
 
 
 def _zoo(folder: Path, models: pl.DataFrame, history: pl.DataFrame,
          study: Study) -> list[Image | str]:
     out: list[Image | str] = []
+    if not study.imports:  # [train] save_epochs: the accuracy of the trained (last) models
+        last = {a: study.saved_epochs(a)[-1] for a in study.arch_names}
+        models = models.filter(pl.col("epoch").eq_missing(
+            pl.col("arch").replace_strict(last, default=None, return_dtype=pl.Int32)))
     for fig, name, caption, none in (
         (figures.accuracy_figure(models, study.arch_names), "fig-accuracy.png",
          "test accuracy per task, per architecture", "no ok models in this store"),
@@ -137,10 +155,24 @@ def _zoo(folder: Path, models: pl.DataFrame, history: pl.DataFrame,
 
 
 def _arch(study: Study, tests: list[dict[str, Any]], arch: str,
-          sections: list[MethodSection]) -> ArchSection:
+          sections: list[MethodSection], training: list[Image | str]) -> ArchSection:
     layers, methods = list(study.feature_layers(arch)), list(study.features.methods)
     mine = [t for t in tests if t["arch"] == arch]
-    return ArchSection(arch, layers, methods, mine, sections)
+    return ArchSection(arch, layers, methods, mine, sections, training)
+
+
+def _training(folder: Path, tests: pl.DataFrame, study: Study, arch: str) -> list[Image | str]:
+    """The along-training figure of `arch` (its Image, or why none); nothing for a study
+    whose tests have no epoch."""
+    if tests.filter(pl.col("epoch").is_not_null()).height == 0:
+        return []
+    fig = figures.epoch_figure(tests, arch, list(study.feature_layers(arch)),
+                               list(study.features.methods))
+    if fig is None:
+        return [f"no test of {arch} has an epoch's checkpoints yet"]
+    name = f"fig-{arch}-training.png"
+    figures.save_png(fig, folder / name)
+    return [Image(name, f"{arch}: effect size of every test against the epoch, per method")]
 
 
 def _method(store: Store, study: Study, tests: list[dict[str, Any]], labels: np.ndarray,
@@ -152,6 +184,9 @@ def _method(store: Store, study: Study, tests: list[dict[str, Any]], labels: np.
     mine = [t for t in tests if t["arch"] == arch]
     protocols = [p for p in PROTOCOL_ORDER if any(t["protocol"] == p for t in mine)]
     protocols += sorted({t["protocol"] for t in mine} - set(protocols))
+    # a panel per protocol, and per factor where the tests have several
+    columns_of = [(p, f) for p in protocols
+                  for f in dict.fromkeys(t.get("factor") for t in mine if t["protocol"] == p)]
     images: list[Image] = []
     notes: list[str] = []
     drawings: list[Drawing] = []
@@ -169,11 +204,12 @@ def _method(store: Store, study: Study, tests: list[dict[str, Any]], labels: np.
     else:
         notes.append("no features of this method in the store")
     notes += list(dict.fromkeys(sampled))  # layers of one method share their models
-    tested = {(t["layer"], t["protocol"]): _null_panel(t) for t in mine if t["method"] == method}
+    tested = {(t["layer"], t["protocol"], t.get("factor")): _null_panel(t) for t in mine
+              if t["method"] == method}
     shown = [layer for layer in layers if any(k[0] == layer for k in tested)]
     if shown:
         name = f"fig-{arch}-{method}-null.png"
-        columns = [[tested.get((layer, p)) for layer in shown] for p in protocols]
+        columns = [[tested.get((layer, p, f)) for layer in shown] for p, f in columns_of]
         drawings.append((name, figures.null_figure, (
             shown, columns, f"{arch} / {method}: permutation nulls (grey), observed (red), "
                             "chance (dashed)")))
@@ -211,7 +247,9 @@ def _draw_one(folder: Path, drawing: Drawing) -> None:
 
 
 def _null_panel(t: dict[str, Any]) -> NullPanel:
-    return NullPanel(t["protocol"], str(t.get("statistic") or ""), float(t["observed"]),
+    factor = t.get("factor")
+    protocol = t["protocol"] if factor is None else f"{t['protocol']} of {factor}"
+    return NullPanel(protocol, str(t.get("statistic") or ""), float(t["observed"]),
                      float("nan") if t["chance"] is None else float(t["chance"]),
                      float(t["p_value"]), t["null"])
 
@@ -219,8 +257,9 @@ def _null_panel(t: dict[str, Any]) -> NullPanel:
 def _matrix_panel(store: Store, study: Study, arch: str, method: str, layer: str,
                   max_heatmap: int, max_points: int) -> tuple[MatrixPanel | None, str]:
     """One layer's heatmap and PCA (None with fewer than 2 models) and the sampling note
-    ("" when every model is shown)."""
-    sample = read_sample(store, arch, method, layer, max(max_heatmap, max_points), study.seed)
+    ("" when every model is shown); with [train] save_epochs, of the last epoch's models."""
+    sample = read_sample(store, arch, method, layer, max(max_heatmap, max_points), study.seed,
+                         study.saved_epochs(arch)[-1])
     fm = sample.features
     finite = np.isfinite(fm.X).all(axis=1)
     X, tasks = fm.X[finite], fm.tasks[finite]

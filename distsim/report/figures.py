@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 import numpy as np
@@ -24,6 +25,8 @@ from matplotlib.colors import Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullLocator
+
+from distsim.report.effects import along_training
 
 DPI = 100
 _TRAIN, _TEST, _OBSERVED = "#1f77b4", "#ff7f0e", "#d62728"
@@ -290,3 +293,61 @@ def _curve(ax: Axes, df: pl.DataFrame, column: str, colour: str, label: str) -> 
                     alpha=0.2, linewidth=0)
     ax.plot(epochs, per["mean"].to_numpy(), color=colour, linewidth=1.3, label=label,
             marker="o" if len(epochs) <= 20 else None, markersize=2.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# per arch: the tests' effect sizes along training (checkpoints of [train] save_epochs)
+
+_STYLES: tuple[Literal["-", "--", ":", "-."], ...] = ("-", "--", ":", "-.")  # one per factor
+
+
+def epoch_figure(tests: pl.DataFrame, arch: str, layers: Sequence[str] = (),
+                 methods: Sequence[str] = ()) -> Figure | None:
+    """The effect size of `arch`'s tests against the epoch of the checkpoints they tested
+    (rows of the tests table; distsim.report.effects): a panel per layer (row) x protocol
+    (column), a line per method (colour; in `methods` order, then the others) and factor
+    (line style), y = accuracy or mAP - chance (HTT) or R^2 (PERMANOVA, PERMDISP). Layers in
+    `layers` order, then the others; None when no row of `arch` has an epoch."""
+    rows = along_training(tests).filter(pl.col("arch") == arch,
+                                        pl.col("effect").is_not_null())
+    if rows.height == 0:
+        return None
+    here = rows["layer"].unique(maintain_order=True).to_list()
+    shown = [x for x in layers if x in here] + [x for x in here if x not in layers]
+    protocols = rows["protocol"].unique(maintain_order=True).to_list()
+    found = rows["method"].unique(maintain_order=True).to_list()
+    order = list(methods) + [m for m in found if m not in methods]  # colours fixed by methods
+    factors = rows["factor"].unique(maintain_order=True).to_list()
+    colours = matplotlib.colormaps["tab10"]
+    fig = Figure(figsize=(1.0 + 2.7 * len(protocols), 0.9 + 2.0 * len(shown)),
+                 layout="constrained")
+    axes = fig.subplots(len(shown), len(protocols), squeeze=False, sharex=True)
+    for r, layer in enumerate(shown):
+        for c, protocol in enumerate(protocols):
+            ax, mine = axes[r][c], rows.filter(pl.col("layer") == layer,
+                                               pl.col("protocol") == protocol)
+            if mine.height == 0:
+                ax.set_axis_off()
+                continue
+            for (method, factor), line in mine.group_by("method", "factor", maintain_order=True):
+                ax.plot(line["epoch"].to_numpy(), line["effect"].to_numpy(),
+                        color=colours(order.index(method) % 10),
+                        linestyle=_STYLES[factors.index(factor) % len(_STYLES)],
+                        marker="o", markersize=2.5, linewidth=1.2)
+            if mine["effect_name"][0] != "R^2":
+                ax.axhline(0, color="grey", linewidth=0.6, linestyle=":")  # chance
+            ax.set_title(f"{layer}: {protocol}")
+            ax.set_ylabel(str(mine["effect_name"][0]))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(4))
+            if r == len(shown) - 1:
+                ax.set_xlabel("epoch")
+    handles = [Line2D([], [], color=colours(i % 10), marker="o", markersize=3, label=m)
+               for i, m in enumerate(order) if m in found]
+    if len(factors) > 1:
+        handles += [Line2D([], [], color="black", linestyle=_STYLES[i % len(_STYLES)],
+                           label=f"factor {f}" if f else "the study's grouping")
+                    for i, f in enumerate(factors)]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    fig.suptitle(f"{arch}: effect size along training", fontsize=10, fontweight="bold")
+    return fig

@@ -29,9 +29,10 @@ table{border-collapse:collapse}td,th{padding:3px 8px;text-align:left;vertical-al
 .wide{overflow-x:auto}.grid{margin:6px 0 4px}.grid>tbody>tr>th,.grid>thead>tr>th{background:#eef1f4;
  border:1px solid #d0d5db}.grid>tbody>tr>td{border:1px solid #d0d5db;padding:2px}
 .t{font-size:11.5px;font-variant-numeric:tabular-nums;width:100%}
-.t td{padding:1px 2px;text-align:right;white-space:nowrap}.t td:first-child{text-align:left}
+.t td{padding:1px 2px;text-align:right;white-space:nowrap}.t td:first-of-type{text-align:left}
 .t th{font-weight:normal;color:#5b6670;font-size:11px;text-align:right;padding:0 3px}
-.t tr.sig td{background:#dff3e3}
+.t tr.sig td,.t tr.sig th{background:#dff3e3}
+.t th.e{font-weight:bold;color:#1d2329;text-align:right;padding:1px 2px}
 .legend,.note{color:#4a545e;font-size:13px;margin:4px 0}.note{font-style:italic}
 .figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 .figs img{max-width:100%;height:auto;border:1px solid #e3e6ea}
@@ -41,7 +42,11 @@ pre{background:#f6f8fa;border:1px solid #e3e6ea;padding:10px;font-size:12px;over
 """
 
 _LEGEND = (
-    "Each cell: the tests of one layer x method. <b>obs.</b>: the statistic on the true task "
+    "Each cell: the tests of one layer x method. <b>effect</b>: the effect size to compare "
+    "across methods, layers and factors: closed-set accuracy - chance, open-set mAP - chance, "
+    "permanova and permdisp R^2 (the share of the spread the groups explain; a multi-factor "
+    "permanova adds its partial R^2 after the slash, SS_term / (SS_term + SS_residual)). "
+    "<b>obs.</b>: the statistic on the true task "
     "labels (closed-set: accuracy of held-out models; open-set: retrieval of held-out tasks, "
     "mAP or CMC; permanova: pseudo-F, do the task centroids differ; permdisp: F, do the "
     "task spreads differ; the null figures name each statistic); <b>chance</b>: its exact "
@@ -70,14 +75,17 @@ class MethodSection:
 
 @dataclass(frozen=True)
 class ArchSection:
-    """One architecture: its layers and methods (grid order), its tests (rows of
-    distsim.summary.summary_table as dicts) and a section per method."""
+    """One architecture: its layers and methods (grid order), its tests (rows of the tests
+    table with q_value and distsim.report.effects' columns, as dicts; of a study with epochs the
+    last epoch's), a section per method and its along-training figure (or why there is none;
+    nothing for a study without epochs)."""
 
     arch: str
     layers: list[str]
     methods: list[str]
     tests: list[dict[str, Any]]
     sections: list[MethodSection]
+    training: list[Image | str] = field(default_factory=list)  # the along-training figure
 
 
 @dataclass(frozen=True)
@@ -156,9 +164,23 @@ def _arch(a: ArchSection, n_tests: int) -> str:
     out = [f'<h2 id="arch-{escape(a.arch)}">Architecture {escape(a.arch)}</h2>']
     if a.tests:
         out.append(f'<p class="legend">{_LEGEND.format(n=n_tests, level=Q_LEVEL)}</p>')
-        out.append(_grid(a))
+        epochs = [r["epoch"] for r in a.tests if r.get("epoch") is not None]
+        if epochs:
+            out.append(f'<p class="legend">The grid tests the checkpoints of epoch {max(epochs)}'
+                       ", the last saved; every saved epoch: the figure along training below."
+                       "</p>")
+        factors = list(dict.fromkeys(r.get("factor") for r in a.tests))
+        for factor in factors:
+            if factors != [None]:
+                name = f"factor {factor}" if factor is not None else "the study's grouping"
+                out.append(f"<h3>{escape(a.arch)}: {escape(name)}</h3>")
+            out.append(_grid(a, [r for r in a.tests if r.get("factor") == factor]))
     else:
         out.append('<p class="empty">no tests of this architecture in the store yet</p>')
+    if a.training:
+        out.append(f"<h3>{escape(a.arch)} along training</h3>")
+        out += [_image(z) if isinstance(z, Image) else f'<p class="empty">{escape(z)}</p>'
+                for z in a.training]
     for s in a.sections:
         out.append(f"<h3>{escape(a.arch)} / {escape(s.method)}</h3>")
         out += [f'<p class="note">{escape(n)}</p>' for n in s.notes]
@@ -166,9 +188,9 @@ def _arch(a: ArchSection, n_tests: int) -> str:
     return "\n".join(out)
 
 
-def _grid(a: ArchSection) -> str:
+def _grid(a: ArchSection, tests: Sequence[dict[str, Any]]) -> str:
     cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in a.tests:
+    for r in tests:
         cell.setdefault((r["layer"], r["method"]), []).append(r)
     head = "<tr><th>layer \\ method</th>" + "".join(
         f"<th>{escape(m)}</th>" for m in a.methods) + "</tr>"
@@ -190,7 +212,8 @@ def _observed(value: Any) -> str:
 def _cell(tests: Sequence[dict[str, Any]]) -> str:
     if not tests:
         return '<span class="empty">no tests</span>'
-    head = "<tr><th></th><th>obs.</th><th>chance</th><th>p</th><th>q</th></tr>"
+    head = ("<tr><th>effect</th><th></th><th>obs.</th><th>chance</th><th>p</th><th>q</th>"
+            "</tr>")
     rows = []
     for r in tests:
         q = r.get("q_value")
@@ -198,14 +221,23 @@ def _cell(tests: Sequence[dict[str, Any]]) -> str:
         data = " ".join(
             f'data-{k}="{escape(str(r.get(col)))}"' for k, col in (
                 ("arch", "arch"), ("layer", "layer"), ("method", "method"),
-                ("protocol", "protocol"), ("observed", "observed"), ("chance", "chance"),
-                ("p", "p_value"), ("q", "q_value")))
+                ("protocol", "protocol"), ("factor", "factor"), ("epoch", "epoch"),
+                ("effect", "effect"), ("partial-r2", "partial_r2"), ("observed", "observed"),
+                ("chance", "chance"), ("p", "p_value"), ("q", "q_value")))
         rows.append(
-            f'<tr{sig} {data}><td title="{escape(str(r.get("statistic") or ""))}">'
-            f'{escape(r["protocol"])}</td>'
+            f'<tr{sig} {data}>{_effect(r)}'
+            f'<td title="{escape(str(r.get("statistic") or ""))}">{escape(r["protocol"])}</td>'
             f'<td>{_observed(r.get("observed"))}</td><td>{number(r.get("chance"))}</td>'
             f'<td>{number(r.get("p_value"), 4)}</td><td>{number(q, 4)}</td></tr>')
     return f'<table class="t">{head}{"".join(rows)}</table>'
+
+
+def _effect(r: Mapping[str, Any]) -> str:
+    """The cell's leading number: the row's effect size (and partial R^2 where it has one)."""
+    text, name, partial = number(r.get("effect")), r.get("effect_name"), r.get("partial_r2")
+    if partial is not None:
+        text, name = f"{text} / {number(partial)}", f"{name} / partial R^2"
+    return f'<th class="e" title="{escape(str(name or "no effect size"))}">{text}</th>'
 
 
 def _stages(stages: Mapping[str, Mapping[str, Any]]) -> str:

@@ -95,15 +95,18 @@ class MatrixSample:
 
 
 def read_sample(store: Store, arch: str, method: str, layer: str, limit: int,
-                seed: int = 0) -> MatrixSample:
+                seed: int = 0, epoch: int | None = None) -> MatrixSample:
     """At most `limit` rows of the features of (arch, method, layer), stratified by task; only
-    the sampled rows' vectors are read (model ids and tasks come from the id columns alone)."""
+    the sampled rows' vectors are read (model ids and tasks come from the id columns alone).
+    epoch: only the checkpoints of that epoch ([train] save_epochs), as feature_matrix."""
     files = store.shard_files("features", {"arch": arch, "method": method, "layer": layer})
     what = f"{arch}/{method}/{layer}"
     if not files:
         return MatrixSample(feature_matrix(pl.DataFrame(), what), 0, {})
     schema = polars_schema(TABLES["features"].file_schema)
     lf = pl.scan_parquet(files, schema=schema, missing_columns="insert")
+    if epoch is not None:
+        lf = lf.filter(pl.col("model_id").str.ends_with(f"-e{int(epoch)}"))
     ids = lf.select("model_id", "task", "seed").collect().sort("task", "seed", "model_id")
     tasks = ids["task"].to_numpy()
     labels, counts = np.unique(tasks, return_counts=True)
