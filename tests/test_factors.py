@@ -15,8 +15,8 @@ from distsim.pipeline.groups import cells, study_strata, study_tests
 
 
 def _study(tests: dict, **sections):
-    return parse_study(study_toml(train={"seeds_per_task": 4}, sweep={"lr": [0.01, 0.1]},
-                                  tests=tests, **sections))
+    return parse_study(study_toml(data={"num_tasks": 4}, train={"seeds_per_task": 4},
+                                  sweep={"lr": [0.01, 0.1]}, tests=tests, **sections))
 
 
 def _models(tasks: int = 4, lrs: int = 2, seeds: int = 4) -> pl.DataFrame:
@@ -33,6 +33,8 @@ def test_each_factor_gets_the_protocols_it_has_groups_for() -> None:
         ("closed-set", "lr"),
         ("permanova", "task"), ("permanova", "lr"),  # one model, a row per term
         ("permdisp", "task"), ("permdisp", "lr")]
+    # a trained study's groups are known from its config before any model exists
+    assert study_tests(study, _models().clear()) == study_tests(study, _models())
 
 
 def test_interaction_terms_and_strata() -> None:

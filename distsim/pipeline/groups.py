@@ -47,7 +47,8 @@ def study_protocols(study: Study) -> tuple[str, ...]:
 def study_tests(study: Study, models: pl.DataFrame | None) -> list[tuple[str, str | None]]:
     """The (protocol, factor) tests of every feature matrix: (protocol, None) for each of
     ``study_protocols`` without tests.factors. With factors: each HTT protocol for each factor
-    that has enough groups among the ok models (open-set needs 4), one PERMANOVA row per term
+    that has enough groups (open-set needs 4; a trained study's tasks and [sweep] values,
+    other columns' among the ok models), one PERMANOVA row per term
     (tests.permanova_terms or the factors; multi-term PERMANOVA needs metric euclidean), and
     PERMDISP per factor (metric euclidean, no strata)."""
     from distsim.stats.htt_split import MIN_TASKS
@@ -58,6 +59,9 @@ def study_tests(study: Study, models: pl.DataFrame | None) -> list[tuple[str, st
     assert models is not None  # labelled_models read it
     ok = models.filter(models["status"] == "ok")
     counts = {f: ok[f].n_unique() if f in ok.columns else 0 for f in spec.factors}
+    if study.train is not None and study.data is not None:  # known before the zoo runs
+        counts.update({k: len(v) for k, v in study.sweep if k in counts})
+        counts.update({"task": study.data.num_tasks} if "task" in counts else {})
     out: list[tuple[str, str | None]] = [(p, f) for f in spec.factors for p in spec.protocols
                                          if counts[f] >= MIN_TASKS.get(p, 2)]
     if spec.permanova_permutations and not study.shared_init:
