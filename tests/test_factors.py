@@ -111,12 +111,12 @@ def test_an_unknown_factor_is_refused_before_training() -> None:
         check_offline(_study({"factors": ["task", "lrr"]}), data=False)
 
 
-def test_factors_on_another_metric_need_permanova_off() -> None:
-    with pytest.raises(ConfigError, match="tests.factors: the multi-term PERMANOVA"):
-        _study({"factors": ["task", "lr"]}, pairs={"metric": "cosine"})
-    study = _study({"factors": ["task", "lr"], "permanova_permutations": 0,
-                    "protocols": ["closed-set"]}, pairs={"metric": "cosine"})
-    assert study_tests(study, _models()) == [("closed-set", "task"), ("closed-set", "lr")]
+def test_factors_on_another_metric_use_the_tiles_route() -> None:
+    study = _study({"factors": ["task", "lr"], "protocols": ["closed-set"]},
+                   pairs={"metric": "cosine"})
+    # PERMANOVA's terms by tiles; PERMDISP needs the Euclidean features route
+    assert study_tests(study, _models()) == [("closed-set", "task"), ("closed-set", "lr"),
+                                             ("permanova", "task"), ("permanova", "lr")]
 
 
 def test_the_new_keys_enter_the_hash_only_when_set() -> None:
@@ -187,3 +187,44 @@ def test_a_sweep_with_factors_and_epochs_runs_end_to_end(ray_session, tmp_path) 
 
     page = write_report(Store(tmp_path / "store"))
     assert "along training" in page.read_text()
+
+
+def test_factors_on_a_cosine_metric_run_permanova_by_tiles(ray_session, tmp_path) -> None:
+    """metric cosine: the tests stage adds each term's quadratic forms tile by tile
+    (TermsTilesJob); its rows equal permanova_terms on the matrix of the stored features."""
+    import io
+    import json
+
+    import distsim
+    from distsim.config import load_study
+    from distsim.pipeline.launch import run_study
+    from distsim.stats import pairwise_distances, permanova_terms
+
+    (tmp_path / "s.toml").write_text(study_toml(
+        study={"store": str(tmp_path / "store")},
+        data={"dataset": "synthetic", "num_tasks": 3, "synthetic_samples": 40},
+        arch=[{"kind": "mlp", "widths": [6]}],
+        train={"seeds_per_task": 4, "seeds_per_trial": 4, "epochs": 2},
+        sweep={"lr": [0.02, 0.2]},
+        features={"methods": ["chain-gram"], "layers": "last"},
+        tests={"factors": ["task", "lr"], "protocols": [], "permanova_permutations": 29,
+               "chunk_size": 10},
+        pairs={"metric": "cosine", "block": 7}))
+    run_study(load_study(tmp_path / "s.toml"), stream=io.StringIO())
+    res = distsim.open(tmp_path / "store")
+    tests = res.tests().filter(pl.col("protocol") == "permanova").sort("factor")
+    ids, _, X = res.features("mlp", "out", "chain-gram")
+    models = res.models().join(pl.DataFrame({"model_id": ids}), on="model_id", how="semi")
+    by_id = {r["model_id"]: r for r in models.iter_rows(named=True)}
+    table = {"task": [by_id[i]["task"] for i in ids], "lr": [by_id[i]["lr"] for i in ids]}
+    D = pairwise_distances(X, metric="cosine", block=7).astype(np.float64)
+    want = permanova_terms(D, table, ["task", "lr"], permutations=29, seed=0)
+    rows = {r.term: r for r in want.rows}
+    assert sorted(tests["factor"]) == ["lr", "task"]
+    for factor, observed, p, extra in tests.select("factor", "observed", "p_value",
+                                                    "extra").iter_rows():
+        assert observed == pytest.approx(rows[factor].F, rel=1e-8)
+        assert p == rows[factor].p_value
+        info = json.loads(extra)
+        assert info["route"] == "tiles" and info["tiles"] == 10  # 24 models, blocks of 7
+        assert info["r2"] == pytest.approx(rows[factor].r2, rel=1e-8)

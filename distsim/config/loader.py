@@ -122,12 +122,6 @@ def study_from_dict(raw: dict[str, Any], base_dir: str | Path = ".",
     if tests.strata is not None and tests.strata == tests.group_by:
         raise ConfigError.at("tests.strata", f"{tests.strata!r} is also tests.group_by: within "
                              "one stratum there would be a single group")
-    if tests.factors is not None and tests.permanova_permutations and pairs.metric != (
-            "euclidean"):
-        raise ConfigError.at("tests.factors", "the multi-term PERMANOVA of several factors "
-                             "runs on the Euclidean features route; with pairs.metric = "
-                             f"{pairs.metric!r} set tests.permanova_permutations = 0, or test "
-                             "one factor with tests.group_by (its tiles route)")
     if "cka" in features.methods and data is None:
         raise ConfigError.at("features.methods", "'cka' needs inputs for its probe: give an "
                              "import study a [data] section whose samples fit its [[arch]]")

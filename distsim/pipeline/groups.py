@@ -49,8 +49,8 @@ def study_tests(study: Study, models: pl.DataFrame | None) -> list[tuple[str, st
     ``study_protocols`` without tests.factors. With factors: each HTT protocol for each factor
     that has enough groups (open-set needs 4; a trained study's tasks and [sweep] values,
     other columns' among the ok models), one PERMANOVA row per term
-    (tests.permanova_terms or the factors; multi-term PERMANOVA needs metric euclidean), and
-    PERMDISP per factor (metric euclidean, no strata)."""
+    (tests.permanova_terms or the factors; the features route, or tiles for another metric),
+    and PERMDISP per factor (metric euclidean, no strata)."""
     from distsim.stats.htt_split import MIN_TASKS
 
     spec = study.tests
@@ -66,7 +66,7 @@ def study_tests(study: Study, models: pl.DataFrame | None) -> list[tuple[str, st
                                          if counts[f] >= MIN_TASKS.get(p, 2)]
     if spec.permanova_permutations and not study.shared_init:
         out += [(PERMANOVA, t) for t in spec.terms]
-        if spec.strata is None:
+        if spec.strata is None and study.pairs.metric == "euclidean":
             out += [(PERMDISP, f) for f in spec.factors if counts[f] >= 2]
     return out
 

@@ -91,6 +91,7 @@ from distsim.pipeline.test_units import (
     permanova_terms_test,
     permanova_within,
     permdisp_test,
+    terms_heads,
     tiles_head,
 )
 from distsim.pipeline.units import Units, run_refs
@@ -99,7 +100,7 @@ from distsim.store import Store, lineage
 if TYPE_CHECKING:  # types only: the statistics load when a unit runs, not for `status`
     import polars as pl
 
-    from distsim.stats import HTTOptions, TileSums
+    from distsim.stats import HTTOptions, TermsDesign, TileSums
 
 def chunk_sizes(permutations: int, chunk: int) -> list[int]:
     """Sizes of the permutation chunks: full chunks of `chunk`, then the remainder."""
@@ -303,7 +304,8 @@ class FeaturesJob(ChunkedJob):
 
 @dataclass(eq=False)
 class TermsJob(Job):
-    """tests.factors' PERMANOVA: one model of every term, one unit; a tests shard per term."""
+    """tests.factors' PERMANOVA on the features' Euclidean basis: one model of every term, one
+    unit; a tests shard per term."""
 
     value: dict[str, dict[str, Any]] = field(init=False, default_factory=dict)
 
@@ -318,15 +320,64 @@ class TermsJob(Job):
     def take(self, i: int, value: Any) -> None:
         self.value = value
 
+    def heads(self) -> dict[str, dict[str, Any]]:
+        """{term: its head} once every unit is in."""
+        return self.value
+
     def shards(self, seed: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         m, out = self.matrix, []
-        for term, head in self.value.items():
+        for term, head in self.heads().items():
             row = combine(head, [], self.permutations)
             row.update({"n_models": m.n_models, "n_tasks": head["extra"]["n_groups"],
                         "seed": seed, "upstream": m.upstream, "learner": None,
                         "seconds": self.seconds})
             out.append(({**m.key.key, "protocol": PERMANOVA, "factor": term}, row))
         return out
+
+
+@dataclass(eq=False)
+class TermsTilesJob(TermsJob):
+    """tests.factors' PERMANOVA on any metric: one ``permanova_terms_tile`` unit per upper
+    tile of the distance matrix (every design column's quadratic form under every row order),
+    the shares added as they arrive."""
+
+    design: TermsDesign = field(kw_only=True)
+    terms: tuple[str, ...] = field(kw_only=True)
+    table: dict[str, np.ndarray] = field(kw_only=True)
+    strata: np.ndarray | None = field(kw_only=True)
+    sums: np.ndarray = field(init=False)
+    kind: ClassVar[str] = "tile"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sums = np.zeros((self.permutations + 1, self.design.columns.shape[1] + 1))
+
+    @classmethod
+    def plan_tiles(cls, m: MatrixRefs, spec: StatsSpec, pairs: PairSpec,
+                   table: dict[str, np.ndarray], strata: np.ndarray | None,
+                   frame_task: Any, orders_task: Any) -> TermsTilesJob:
+        import ray
+
+        B, n = spec.permanova_permutations, m.n_models
+        design = stats.terms_design(table, spec.terms, spec.permanova_by, n)
+        frame = frame_task.remote(m.X, pairs.metric)
+        orders = orders_task.remote(strata, n, B, spec.seed)
+        columns = ray.put(design.columns)
+        units = [m.unit(PERMANOVA, f"tile{t[0]}-{t[2]}", stats.permanova_terms_tile, m.X, frame,
+                        t, pairs.metric, columns, orders)
+                 for t in stats.upper_tiles(n, pairs.block)]
+        return cls(m, PERMANOVA, B, units, design=design, terms=spec.terms, table=table,
+                   strata=strata)
+
+    def take(self, i: int, value: Any) -> None:
+        self.sums += value
+
+    def heads(self) -> dict[str, dict[str, Any]]:
+        r = stats.permanova_terms_finish(self.design, self.sums, self.matrix.n_models)
+        heads = terms_heads(r, self.table, self.terms, self.strata, "tiles")
+        for head in heads.values():
+            head["extra"]["tiles"] = len(self.units)
+        return heads
 
 
 @dataclass(eq=False)
@@ -420,7 +471,11 @@ def _plan(study: Study, store: Store, tests: list[tuple[str, str | None]], have:
                     table[factor] = factor_codes(models, fm.model_ids, fm.tasks, factor)
             m = MatrixRefs(matrix, X, None, len(fm.model_ids), 0, fm.upstream,
                            remotes["basis"], None, shared)
-            yield TermsJob.plan(m, spec, table, within)
+            if euclidean:  # the features route
+                yield TermsJob.plan(m, spec, table, within)
+            else:  # any metric: tiles of the distance matrix
+                yield TermsTilesJob.plan_tiles(m, spec, study.pairs, table, within,
+                                               remotes["frame"], remotes["orders"])
 
 
 def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
@@ -434,7 +489,7 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     root, fault_plan = str(store.root), plan()
     remotes = {name: ray.remote(num_cpus=1)(fn) for name, fn in (
         ("basis", stats.euclidean_basis), ("fit", htt_fit), ("frame", stats.distance_frame),
-        ("labels", chunk_labels))}
+        ("labels", chunk_labels), ("orders", stats.permanova_terms_orders))}
 
     def submit(part: tuple[Job, int]) -> Any:
         unit = part[0].units[part[1]]

@@ -13,7 +13,7 @@ from distsim import stats  # lazy: names load their module on first use
 from distsim.pipeline.groups import cells
 
 if TYPE_CHECKING:  # types only: the statistics load when a unit runs
-    from distsim.stats import HTTOptions, TileSums
+    from distsim.stats import HTTOptions, TermsResult, TileSums
     from distsim.stats.linear_embedding import Fit
 
 
@@ -107,17 +107,23 @@ def permanova_terms_test(Y: np.ndarray, table: dict[str, np.ndarray], terms: tup
                          by: str, strata: np.ndarray | None, permutations: int,
                          seed: int) -> dict[str, dict[str, Any]]:
     """Multi-term PERMANOVA (tests.factors) on the features' Euclidean basis Y, all B
-    permutations in one task: {term: its head (pseudo-F, null, extra with R^2, partial R^2,
-    df, SS and the residual's)}."""
+    permutations in one task: {term: its head} (``terms_heads``)."""
     r = stats.permanova_terms_features(Y, table, list(terms), by=by, strata=strata,
                                        permutations=permutations, seed=seed)
+    return terms_heads(r, table, terms, strata, "features")
+
+
+def terms_heads(r: TermsResult, table: dict[str, np.ndarray], terms: tuple[str, ...],
+                strata: np.ndarray | None, route: str) -> dict[str, dict[str, Any]]:
+    """{term: its head (pseudo-F, null, extra with R^2, partial R^2, df, SS and the
+    residual's)} of a multi-term PERMANOVA result by `route` ("features" or "tiles")."""
     res = r.residual
     return {row.term: {
         "observed": row.F, "statistic": "pseudo-F", "chance": float("nan"),
         "null": r.null[row.term],
-        "extra": {"route": "features", "r2": row.r2, "partial_r2": row.ss / (row.ss + res.ss),
+        "extra": {"route": route, "r2": row.r2, "partial_r2": row.ss / (row.ss + res.ss),
                   "df": row.df, "ss": row.ss, "residual_df": res.df, "residual_ss": res.ss,
-                  "by": by, "terms": "+".join(terms),
+                  "by": r.by, "terms": "+".join(terms),
                   "n_groups": _levels(table, row.term),
                   **({} if strata is None else {"strata": int(len(np.unique(strata)))})}}
         for row in r.rows}

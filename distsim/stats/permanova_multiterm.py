@@ -24,7 +24,7 @@ A permutation P costs O(N k r): ||Q_k' P Y||^2 = ||(P'Q_k)' Y||^2 permutes the k
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,57 +121,100 @@ def _gower(D: np.ndarray) -> np.ndarray:
     return A - A.mean(axis=0) - A.mean(axis=1)[:, None] + A.mean()
 
 
+@dataclass(frozen=True)
+class TermsDesign:
+    """A model of terms as orthonormal columns (N, k), each orthogonal to the intercept: under
+    a row order, a column's SS is q' G q (q's rows reordered), and the SS of a tested term is
+    the sum over its block of columns, the model's over ``model`` (every column for "terms";
+    the whole model's basis after the tested terms' for "margin")."""
+
+    tested: tuple[str, ...]
+    columns: np.ndarray  # (N, k) float64
+    ends: np.ndarray  # (tested + 1,) bounds of the tested terms' column blocks
+    model: tuple[int, int]  # the model's column block
+    dfs: tuple[int, ...]
+    df_res: int
+    by: str
+
+    def block_sums(self, per: np.ndarray) -> np.ndarray:
+        """(B, k) per-column SS -> (B, tested + 1): each tested term's SS, then the model's."""
+        cum = np.concatenate([np.zeros((len(per), 1)), np.cumsum(per, axis=1)], axis=1)
+        lo, hi = self.model
+        return np.concatenate([cum[:, self.ends[1:]] - cum[:, self.ends[:-1]],
+                               (cum[:, hi] - cum[:, lo])[:, None]], axis=1)
+
+
+def terms_design(table: Mapping[str, Any], terms: Sequence[str], by: str,
+                 n: int) -> TermsDesign:
+    """The TermsDesign of `terms` over `table`'s N labels per column (see permanova_terms)."""
+    if by not in BY:
+        raise ValueError(f"by must be one of {', '.join(BY)}, got {by!r}")
+    tested, bases, full = _bases(_design(table, terms, n), by)
+    dfs = tuple(Q.shape[1] for Q in bases)
+    ends = np.cumsum([0, *dfs])
+    if by == "terms":  # the model's basis is the terms' bases side by side
+        columns, model = np.hstack(bases), (0, int(ends[-1]))
+    else:
+        columns, model = np.hstack([*bases, full]), (int(ends[-1]), int(ends[-1]) + full.shape[1])
+    return TermsDesign(tuple(tested), columns, ends, model, dfs, n - 1 - full.shape[1], by)
+
+
+def terms_orders(strata: Any, n: int, permutations: int, seed: SeedLike) -> Iterator[np.ndarray]:
+    """The row orders of the null, (b, N) int64 batches of at most 64, uniform within strata:
+    the permutations every route of permanova_terms draws for `seed`."""
+    rng = np.random.default_rng(seed)
+    codes = _strata(strata, n)
+    for start in range(0, permutations, _BATCH):
+        yield _permutations(rng, codes, min(_BATCH, permutations - start))
+
+
+def terms_result(design: TermsDesign, total: float, observed: np.ndarray, null_sums: np.ndarray,
+                 n: int) -> TermsResult:
+    """The TermsResult from SS_total, the observed block sums (tested + 1,) and the null's
+    (B, tested + 1) (``TermsDesign.block_sums``)."""
+    dfs, df_res = np.array(design.dfs, float), design.df_res
+
+    def f_of(ss: np.ndarray, res: np.ndarray | float) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (ss / dfs) / (np.asarray(res)[..., None] / df_res) \
+                if df_res > 0 else np.full_like(ss, np.nan)
+
+    res_ss = total - observed[-1]
+    F = np.where(dfs > 0, f_of(observed[:-1], res_ss), np.nan)
+    null = f_of(null_sums[:, :-1], total - null_sums[:, -1])
+    permutations = len(null_sums)
+    rows = tuple(
+        TermRow(t, design.dfs[i], float(observed[i]), float(observed[i] / total), float(F[i]),
+                p_value(F[i], null[:, i]) if permutations and np.isfinite(F[i]) else float("nan"))
+        for i, t in enumerate(design.tested))
+    residual = TermRow("Residual", df_res, float(res_ss), float(res_ss / total), float("nan"),
+                       float("nan"))
+    return TermsResult(rows, residual, total, n, permutations, design.by,
+                       {t: null[:, i].copy() for i, t in enumerate(design.tested)})
+
+
 def _terms(pos: np.ndarray, neg: np.ndarray | None, table: Mapping[str, Any],
            terms: Sequence[str], by: str, strata: Any, permutations: int,
            seed: SeedLike) -> TermsResult:
     n = len(pos)
-    if by not in BY:
-        raise ValueError(f"by must be one of {', '.join(BY)}, got {by!r}")
     permutations = _check_permutations(permutations)
-    blocks = _design(table, terms, n)
-    tested, bases, full = _bases(blocks, by)
-    df_res = n - 1 - full.shape[1]
-    dfs = [Q.shape[1] for Q in bases]
-    ends = np.cumsum([0, *dfs, full.shape[1]])  # column ranges of the blocks in `stacked`
-    stacked = np.hstack([*bases, full])  # (N, k): each tested term's basis, then the model's
+    design = terms_design(table, terms, by, n)
 
     def sums(rows: np.ndarray) -> np.ndarray:
-        """(B, N) row orders -> (B, terms + 1): each tested term's SS, then the model's."""
-        out = np.empty((len(rows), len(bases) + 1))
+        """(B, N) row orders -> (B, tested + 1): each tested term's SS, then the model's."""
+        per = np.empty((len(rows), design.columns.shape[1]))
         for b, order in enumerate(rows):
-            Q = stacked[order]  # the basis rows reordered: the response's rows permuted
-            per = ((Q.T @ pos) ** 2).sum(axis=1)  # (k,) squared norms of the projections
+            Q = design.columns[order]  # the basis rows reordered: the response's rows permuted
+            per[b] = ((Q.T @ pos) ** 2).sum(axis=1)  # (k,) squared norms of the projections
             if neg is not None:
-                per -= ((Q.T @ neg) ** 2).sum(axis=1)
-            cum = np.concatenate([[0.0], np.cumsum(per)])
-            out[b] = cum[ends[1:]] - cum[ends[:-1]]
-        return out
+                per[b] -= ((Q.T @ neg) ** 2).sum(axis=1)
+        return design.block_sums(per)
 
     total = float((pos ** 2).sum() - (0.0 if neg is None else (neg ** 2).sum()))
     observed = sums(np.arange(n)[None])[0]
-    res_ss = total - observed[-1]
-
-    def f_of(ss: np.ndarray, res: np.ndarray | float) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return (ss / np.array(dfs, float)) / (np.asarray(res)[..., None] / df_res) \
-                if df_res > 0 else np.full_like(ss, np.nan)
-
-    F = np.where(np.array(dfs) > 0, f_of(observed[:-1], res_ss), np.nan)
-    null = np.empty((permutations, len(bases)))
-    rng = np.random.default_rng(seed)
-    codes = _strata(strata, n)
-    for start in range(0, permutations, _BATCH):
-        rows = _permutations(rng, codes, min(_BATCH, permutations - start))
-        s = sums(rows)
-        null[start:start + len(rows)] = f_of(s[:, :-1], total - s[:, -1])
-    rows_out = tuple(
-        TermRow(t, dfs[i], float(observed[i]), float(observed[i] / total), float(F[i]),
-                p_value(F[i], null[:, i]) if permutations and np.isfinite(F[i]) else float("nan"))
-        for i, t in enumerate(tested))
-    residual = TermRow("Residual", df_res, float(res_ss), float(res_ss / total), float("nan"),
-                       float("nan"))
-    return TermsResult(rows_out, residual, total, n, permutations, by,
-                       {t: null[:, i].copy() for i, t in enumerate(tested)})
+    batches = [sums(rows) for rows in terms_orders(strata, n, permutations, seed)]
+    null = np.concatenate(batches) if batches else np.empty((0, len(design.tested) + 1))
+    return terms_result(design, total, observed, null, n)
 
 
 def _design(table: Mapping[str, Any], terms: Sequence[str], n: int
