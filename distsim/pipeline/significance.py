@@ -10,10 +10,11 @@ the single-process ``htt`` / ``permanova`` call exactly. An HTT's learner basis 
 the training rows' basis, (n + m) x r with r <= min(n, D), from the D x D Gram when n > D so
 that no n x n array exists) is computed once per test by one task and shared by its chunks
 through the object store; every HTT of a study gets the options of its ``[tests]`` section
-(``StatsSpec.htt_options()``). One ``tests`` shard per (arch, method, layer, protocol); tests
-already in the store are skipped. A row's ``seconds`` is the compute time of its chunks (or
-tiles), summed: all tests are queued at the stage's start, so their wall times would measure
-the queue.
+(``StatsSpec.htt_options()``). One ``tests`` shard per (arch, method, layer, protocol), and
+per factor (tests.factors: ``distsim.pipeline.groups``) and saved epoch ([train] save_epochs)
+where the study has them; tests already in the store are skipped. A row's ``seconds`` is the
+compute time of its chunks (or tiles), summed: all tests are queued at the stage's start, so
+their wall times would measure the queue.
 
 PERMANOVA's R^2 (SS_between / SS_total) is in the row's extra. PERMDISP (metric euclidean only)
 runs beside it: the distances of the models to their task's centroid, compared across tasks by an
