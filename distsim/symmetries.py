@@ -1,0 +1,91 @@
+"""Random elements of an architecture's weight-space symmetry group: ``random_transform``.
+
+A symmetry maps one set of weights to another that computes the same function. What each
+architecture's group is, is stated in :func:`distsim.weights.normalize.symmetries` (per hidden
+layer of a sequential net) and :mod:`distsim.weights.recurrent` (GRU); ``random_transform`` draws
+one element of the whole group at once, every hidden layer transformed together:
+
+- every hidden layer's units (a linear layer's outputs, a convolution's output channels)
+  permuted uniformly, and the slice of the next layer that reads each unit (a column, an input
+  channel, a block of flattened columns) moved with it;
+- with ReLU / LeakyReLU, each unit rescaled by a > 0 (log-uniform in [1/4, 4]): its incoming
+  weights and bias times a, its reading slice times 1/a;
+- with tanh, each linear unit's sign flipped with probability 1/2 (incoming and reading
+  negated); with sigmoid, the flip plus the reading slice added to the next layer's bias
+  (sigma(-x) = 1 - sigma(x)); convolution channels are not flipped (max pooling does not
+  commute with a negation);
+- a GRU's hidden units permuted and sign-flipped per layer (``random_gru_symmetry``).
+
+The output layer's units are the classes, in order: never moved. tests/test_symmetries.py checks
+that the logits do not change (float64, 1e-5) for every kind and activation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from distsim.config.arch import ArchConfig
+from distsim.weights.normalize import plan_for, symmetries
+from distsim.weights.recurrent import random_gru_symmetry
+
+SCALE = 4.0  # rescaling factors are log-uniform in [1 / SCALE, SCALE]
+
+
+def random_transform(arch_config: ArchConfig, state_dict: Mapping[str, torch.Tensor],
+                     seed: int) -> dict[str, torch.Tensor]:
+    """A random element of the symmetry group of `arch_config`'s networks applied to one
+    model's `state_dict` (not a pack: no leading K dimension): other weights, the same function.
+    `arch_config` must have its input_shape and num_classes set (``with_task_shape``).
+
+    >>> from distsim.zoo.models import build
+    >>> cfg = ArchConfig(kind="mlp", widths=(5,), input_shape=(1, 2, 2), num_classes=3)
+    >>> _ = torch.manual_seed(0)
+    >>> net = build(cfg).double()
+    >>> moved = random_transform(cfg, net.state_dict(), seed=1)
+    >>> twin = build(cfg).double()
+    >>> _ = twin.load_state_dict(moved)
+    >>> x = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    >>> bool(torch.allclose(net(x), twin(x), atol=1e-10))
+    True
+    >>> bool(torch.equal(moved["1.weight"], net.state_dict()["1.weight"]))
+    False
+    """
+    plan = plan_for(arch_config)
+    if plan.kind == "rnn":
+        stacked = {k: v[None] for k, v in state_dict.items()}
+        return {k: v[0] for k, v in random_gru_symmetry(stacked, plan, seed).items()}
+    p = {k: v.clone() for k, v in state_dict.items()}
+    gen = torch.Generator().manual_seed(int(seed))
+    steps = plan.parametric
+    for cur, nxt in zip(steps[:-1], steps[1:], strict=True):
+        allowed = symmetries(arch_config, cur.name)
+        w = p[cur.weight]
+        units = w.shape[0]
+        perm = torch.randperm(units, generator=gen)
+        scale = torch.ones(units, dtype=w.dtype)
+        shift = torch.zeros(units, dtype=torch.bool)  # sigmoid flips: next bias += old slice
+        if "rescaling" in allowed:
+            u = torch.rand(units, generator=gen, dtype=torch.float64)
+            scale = torch.exp((2 * u - 1) * math.log(SCALE)).to(w.dtype)
+        elif "sign flip" in allowed or "sign flip + bias shift" in allowed:
+            flip = torch.rand(units, generator=gen) < 0.5
+            scale = torch.where(flip, -1.0, 1.0).to(w.dtype)
+            shift = flip & ("sign flip + bias shift" in allowed)
+        # this layer: unit i of the new weights is unit perm[i] of the old, times scale[i]
+        view = (-1, *[1] * (w.dim() - 1))
+        p[cur.weight] = w[perm] * scale.view(view)
+        if cur.bias:
+            p[cur.bias] = p[cur.bias][perm] * scale
+        # the next layer reads unit i through a slice (a column, an input channel, a block of
+        # flattened columns): (out, units, rest) moves with it, times 1 / scale
+        wn = p[nxt.weight]
+        read = wn.reshape(wn.shape[0], units, -1)  # (out_next, units, rest)
+        if shift.any():  # sigma(-z) = 1 - sigma(z): the flipped units' old slices into the bias
+            if not nxt.bias:
+                raise ValueError(f"a sigmoid flip of {cur.name} needs a bias in {nxt.name}")
+            p[nxt.bias] = p[nxt.bias] + read[:, perm][:, shift].sum(dim=(1, 2))
+        p[nxt.weight] = (read[:, perm] / scale.view(1, -1, 1)).reshape(wn.shape)
+    return p

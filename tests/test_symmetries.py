@@ -1,0 +1,80 @@
+"""distsim.symmetries.random_transform: a random element of each architecture's declared
+symmetry group keeps the logits (float64, 1e-5) and moves the weights, for every kind and
+activation; a different element (a seed) gives other weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distsim.config.arch import ArchConfig
+from distsim.symmetries import random_transform
+from distsim.zoo.models import build
+
+ARCHS = {
+    "mlp": dict(kind="mlp", widths=(7, 5)),
+    "cnn": dict(kind="cnn", channels=(3, 4)),
+    "cnn-head": dict(kind="cnn", channels=(3,), head_widths=(6,)),
+    "cnn1d": dict(kind="cnn", channels=(3, 4)),
+    "rnn": dict(kind="rnn", hidden=5, num_layers=2),
+}
+SHAPES = {"cnn1d": (1, 12)}
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
+
+
+def _config(name: str, activation: str) -> ArchConfig:
+    shape = SHAPES.get(name, (1, 6, 6))
+    extra = {} if name == "rnn" else {"activation": activation}
+    return ArchConfig(name=name, **ARCHS[name], **extra, input_shape=shape, num_classes=3)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("name", sorted(ARCHS))
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_a_random_element_keeps_the_logits(name: str, activation: str, seed: int) -> None:
+    cfg = _config(name, activation)
+    torch.manual_seed(seed % 1000)
+    net = build(cfg).double().eval()
+    state = net.state_dict()
+    moved = random_transform(cfg, state, seed)
+    twin = build(cfg).double().eval()
+    twin.load_state_dict(moved)
+    x = torch.randn(16, *cfg.input_shape, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-5, atol=1e-5)
+    changed = [k for k in state if not torch.equal(state[k], moved[k])]
+    assert changed, "the transform left every weight as it was"
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_seeds_draw_different_elements_and_the_input_is_untouched(name: str) -> None:
+    cfg = _config(name, "relu")
+    torch.manual_seed(0)
+    state = build(cfg).double().state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    a, b = random_transform(cfg, state, 1), random_transform(cfg, state, 2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(before[k], state[k]) for k in state)
+    again = random_transform(cfg, state, 1)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+
+
+def test_a_weight_change_outside_the_group_moves_the_logits() -> None:
+    """The check can fail: scaling a tanh unit (not a tanh symmetry) changes the function."""
+    cfg = _config("mlp", "tanh")
+    torch.manual_seed(3)
+    net = build(cfg).double().eval()
+    state = dict(net.state_dict())
+    w = state["1.weight"].clone()
+    w[0] *= 3.0
+    state["1.weight"] = w
+    state["3.weight"] = state["3.weight"].clone()
+    state["3.weight"][:, 0] /= 3.0
+    twin = build(cfg).double().eval()
+    twin.load_state_dict(state)
+    x = torch.randn(16, *cfg.input_shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert (twin(x) - net(x)).abs().max() > 1e-3
