@@ -167,7 +167,9 @@ def _training(folder: Path, tests: pl.DataFrame, study: Study, arch: str) -> lis
     if tests.filter(pl.col("epoch").is_not_null()).height == 0:
         return []
     fig = figures.epoch_figure(tests, arch, list(study.feature_layers(arch)),
-                               list(study.features.methods))
+                               list(study.features.methods),
+                               list(dict.fromkeys([*(study.tests.factors or ()),
+                                                   *study.tests.terms])))
     if fig is None:
         return [f"no test of {arch} has an epoch's checkpoints yet"]
     name = f"fig-{arch}-training.png"

@@ -302,12 +302,13 @@ _STYLES: tuple[Literal["-", "--", ":", "-."], ...] = ("-", "--", ":", "-.")  # o
 
 
 def epoch_figure(tests: pl.DataFrame, arch: str, layers: Sequence[str] = (),
-                 methods: Sequence[str] = ()) -> Figure | None:
+                 methods: Sequence[str] = (), factors: Sequence[str] = ()) -> Figure | None:
     """The effect size of `arch`'s tests against the epoch of the checkpoints they tested
     (rows of the tests table; distsim.report.effects): a panel per layer (row) x protocol
     (column), a line per method (colour; in `methods` order, then the others) and factor
-    (line style), y = accuracy or mAP - chance (HTT) or R^2 (PERMANOVA, PERMDISP). Layers in
-    `layers` order, then the others; None when no row of `arch` has an epoch."""
+    (line style, in `factors` order, then the others), y = accuracy or mAP - chance (HTT) or
+    R^2 (PERMANOVA, PERMDISP). Layers in `layers` order, then the others; None when no row of
+    `arch` has an epoch."""
     rows = along_training(tests).filter(pl.col("arch") == arch,
                                         pl.col("effect").is_not_null())
     if rows.height == 0:
@@ -317,7 +318,8 @@ def epoch_figure(tests: pl.DataFrame, arch: str, layers: Sequence[str] = (),
     protocols = rows["protocol"].unique(maintain_order=True).to_list()
     found = rows["method"].unique(maintain_order=True).to_list()
     order = list(methods) + [m for m in found if m not in methods]  # colours fixed by methods
-    factors = rows["factor"].unique(maintain_order=True).to_list()
+    present = rows["factor"].unique(maintain_order=True).to_list()
+    factors = [f for f in factors if f in present] + [f for f in present if f not in factors]
     colours = matplotlib.colormaps["tab10"]
     fig = Figure(figsize=(1.0 + 2.7 * len(protocols), 0.9 + 2.0 * len(shown)),
                  layout="constrained")
