@@ -30,6 +30,7 @@ import torch
 from distsim.config.arch import ArchConfig
 from distsim.weights.normalize import plan_for, symmetries
 from distsim.weights.recurrent import random_gru_symmetry
+from distsim.zoo.resnet import ResNetConfig, stream_layout
 
 SCALE = 4.0  # rescaling factors are log-uniform in [1 / SCALE, SCALE]
 
@@ -89,3 +90,72 @@ def random_transform(arch_config: ArchConfig, state_dict: Mapping[str, torch.Ten
             p[nxt.bias] = p[nxt.bias] + read[:, perm][:, shift].sum(dim=(1, 2))
         p[nxt.weight] = (read[:, perm] / scale.view(1, -1, 1)).reshape(wn.shape)
     return p
+
+
+def random_resnet_transform(cfg: ResNetConfig, state_dict: Mapping[str, torch.Tensor],
+                            seed: int) -> dict[str, torch.Tensor]:
+    """A random element of the symmetry group of a ResNet (distsim.zoo.resnet) applied to one
+    model's state dict, exact in eval and in training mode:
+
+    - per stage, a permutation and a positive per-channel scale a (log-uniform in
+      [1/SCALE, SCALE]) of the residual stream, shared by every layer that writes it (the
+      output channels of its conv; its BatchNorm's gamma and beta times a, running statistics
+      moved) and reads it (input channels of convs and the head, times 1 / a): the stream is
+      followed by a ReLU after every add (and the stem), which commutes with a > 0, and the
+      identity shortcuts carry it as it is;
+    - per block, a permutation and a positive scale of its inner channels (conv1's outputs,
+      bn1, conv2's inputs).
+
+    The weights of a conv that feeds a BatchNorm are not rescaled: in eval mode
+    gamma (a x - a mean) / sqrt(a^2 var + eps) differs from the unscaled map by the eps term,
+    so only the BatchNorm's affine part carries the scale exactly.
+
+    >>> from distsim.zoo.resnet import ResNet
+    >>> cfg = ResNetConfig(channels=(3, 4), blocks=1, input_shape=(1, 8), num_classes=2)
+    >>> _ = torch.manual_seed(0)
+    >>> net = ResNet(cfg).double().eval()
+    >>> twin = ResNet(cfg).double().eval()
+    >>> _ = twin.load_state_dict(random_resnet_transform(cfg, net.state_dict(), seed=3))
+    >>> x = torch.randn(5, 1, 8, dtype=torch.float64)
+    >>> bool(torch.allclose(net(x), twin(x), atol=1e-10))
+    True
+    """
+    p = {k: v.clone() for k, v in state_dict.items()}
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def draw(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        perm = torch.randperm(width, generator=gen)
+        u = torch.rand(width, generator=gen, dtype=torch.float64)
+        return perm, torch.exp((2 * u - 1) * math.log(SCALE))
+
+    def write(bn: str, conv: str, perm: torch.Tensor, a: torch.Tensor) -> None:
+        p[f"{conv}.weight"] = p[f"{conv}.weight"][perm]
+        for stat in ("running_mean", "running_var"):
+            p[f"{bn}.{stat}"] = p[f"{bn}.{stat}"][perm]
+        for affine in ("weight", "bias"):
+            v = p[f"{bn}.{affine}"]
+            p[f"{bn}.{affine}"] = v[perm] * a.to(v.dtype)
+
+    def read(key: str, perm: torch.Tensor, a: torch.Tensor) -> None:
+        w = p[key]
+        p[key] = w[:, perm] / a.to(w.dtype).reshape(1, -1, *[1] * (w.dim() - 2))
+
+    for stream in stream_layout(cfg):
+        perm, a = draw(stream.width)
+        for bn in stream.writers:
+            write(bn, _conv_of(bn), perm, a)
+        for key in stream.readers:
+            read(key, perm, a)
+    for i in range(cfg.blocks * len(cfg.channels)):
+        block = f"blocks.{i}"
+        perm, a = draw(p[f"{block}.conv1.weight"].shape[0])
+        write(f"{block}.bn1", f"{block}.conv1", perm, a)
+        read(f"{block}.conv2.weight", perm, a)
+    return p
+
+
+def _conv_of(bn: str) -> str:
+    """The conv before a BatchNorm prefix: stem.1 -> stem.0, blocks.i.bn2 -> blocks.i.conv2,
+    blocks.i.shortcut.1 -> blocks.i.shortcut.0."""
+    head, _, last = bn.rpartition(".")
+    return f"{head}.0" if last == "1" else f"{head}.conv{last[-1]}"

@@ -1,0 +1,180 @@
+"""A small residual CNN with BatchNorm (issue 23's ``kind = "resnet"``, not yet an arch kind of
+a study): the network, its BatchNorm folded into the convolutions, and its layout.
+
+    stem:   conv3 (C_0) -> BN -> ReLU
+    stage s (width C_s, `blocks` basic blocks; the first of stage s > 0 halves the resolution):
+        block: h = ReLU(BN(conv3(x)));  y = ReLU(BN(conv3(h)) + shortcut(x))
+        shortcut: x itself, or BN(conv1x1, stride 2)(x) where the width or resolution changes
+    head:   global average pooling -> linear (C_last -> classes)
+
+Convolutions have no bias (BatchNorm follows each); 1-D inputs (C, L) use Conv1d/BatchNorm1d,
+2-D inputs (C, H, W) Conv2d/BatchNorm2d. In eval mode a BatchNorm is the per-channel affine map
+x -> gamma (x - mean) / sqrt(var + eps) + beta of its running statistics, so it folds into the
+convolution before it (``fold_batchnorm``): a conv with a bias, the same function.
+
+The residual stream of a stage (its C_s channels) is written by the stem (stage 0) or the first
+block's projection shortcut, and by every block's second BatchNorm; it is read by every block's
+first convolution and identity or projection shortcut, and by the head. ``stream_layout`` lists
+those parameters: what a symmetry of the stream must move together
+(``distsim.symmetries.random_resnet_transform``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """channels: C_s of each stage; blocks: basic blocks per stage; input_shape (C, H, W) or
+    (C, L); num_classes: outputs of the head."""
+
+    channels: tuple[int, ...] = (8, 16)
+    blocks: int = 1
+    input_shape: tuple[int, ...] = (1, 8, 8)
+    num_classes: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.channels or min(self.channels) < 1 or self.blocks < 1:
+            raise ValueError(f"a ResNet needs stages of >= 1 channel and >= 1 block, got "
+                             f"channels={self.channels}, blocks={self.blocks}")
+        if len(self.input_shape) not in (2, 3):
+            raise ValueError(f"input_shape must be (C, L) or (C, H, W), got {self.input_shape}")
+
+    @property
+    def dims(self) -> int:
+        return len(self.input_shape) - 1
+
+
+class BasicBlock(nn.Module):
+    """conv3 -> BN -> ReLU -> conv3 -> BN, plus the identity or a projection, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(c_out)
+        self.conv2 = conv(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = norm(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride=stride, bias=False),
+                                          norm(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The residual CNN of a ResNetConfig (module docstring)."""
+
+    def __init__(self, cfg: ResNetConfig) -> None:
+        super().__init__()
+        conv = nn.Conv1d if cfg.dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if cfg.dims == 1 else nn.BatchNorm2d
+        c0 = cfg.channels[0]
+        self.stem = nn.Sequential(conv(cfg.input_shape[0], c0, 3, padding=1, bias=False),
+                                  norm(c0))
+        blocks, c_in = [], c0
+        for s, c in enumerate(cfg.channels):
+            for b in range(cfg.blocks):
+                blocks.append(BasicBlock(c_in, c, 2 if s > 0 and b == 0 else 1, cfg.dims))
+                c_in = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cfg.channels[-1], cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(torch.relu(self.stem(x)))  # (B, C_last, *spatial)
+        return self.head(h.flatten(2).mean(dim=2))  # global average pooling, then linear
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One stage's residual stream: the conv (or BN) prefixes that write it (their output
+    channels) and the convs and linear layers that read it (their input channels)."""
+
+    width: int
+    writers: tuple[str, ...]  # BatchNorm prefixes whose channels are stream channels
+    readers: tuple[str, ...]  # conv / linear weight keys whose input channels read the stream
+
+
+def stream_layout(cfg: ResNetConfig) -> list[Stream]:
+    """The residual streams of a ResNet's state dict, stage by stage (module docstring).
+
+    >>> [s.writers for s in stream_layout(ResNetConfig(channels=(4, 8), blocks=1))]
+    [('stem.1', 'blocks.0.bn2'), ('blocks.1.shortcut.1', 'blocks.1.bn2')]
+    """
+    out, i = [], 0
+    for s, c in enumerate(cfg.channels):
+        writers = ["stem.1"] if s == 0 else []
+        readers: list[str] = []
+        for b in range(cfg.blocks):
+            block = f"blocks.{i}"
+            if s > 0 and b == 0:
+                writers.append(f"{block}.shortcut.1")
+            writers.append(f"{block}.bn2")
+            i += 1
+        # readers: every block of this stage but the first of a stage > 0 (it reads the stage
+        # before; stage 0's first block keeps the stem's width and resolution: an identity
+        # shortcut), the next stage's first block (conv1 and its projection), or the head
+        first = i - cfg.blocks
+        for j in range(first + (1 if s > 0 else 0), i):
+            readers.append(f"blocks.{j}.conv1.weight")
+        if s + 1 < len(cfg.channels):
+            readers += [f"blocks.{i}.conv1.weight", f"blocks.{i}.shortcut.0.weight"]
+        else:
+            readers.append("head.weight")
+        out.append(Stream(c, tuple(writers), tuple(readers)))
+    return out
+
+
+def fold_batchnorm(state_dict: Mapping[str, torch.Tensor], cfg: ResNetConfig,
+                   eps: float = 1e-5) -> dict[str, torch.Tensor]:
+    """Every (conv, BN) pair of an eval-mode ResNet as one conv with a bias: W' = W gamma /
+    sqrt(var + eps) per output channel, b' = beta - mean gamma / sqrt(var + eps). Keys:
+    ``<conv>.weight`` and ``<conv>.bias`` of each conv (the BN's keys dropped); the head as is."""
+    p = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    pairs = [("stem.0", "stem.1")]
+    for i in range(cfg.blocks * len(cfg.channels)):
+        pairs += [(f"blocks.{i}.conv1", f"blocks.{i}.bn1"),
+                  (f"blocks.{i}.conv2", f"blocks.{i}.bn2")]
+        if f"blocks.{i}.shortcut.0.weight" in p:
+            pairs.append((f"blocks.{i}.shortcut.0", f"blocks.{i}.shortcut.1"))
+    for conv, bn in pairs:
+        scale = p[f"{bn}.weight"] / torch.sqrt(p[f"{bn}.running_var"] + eps)  # (C,)
+        w = p[f"{conv}.weight"]
+        out[f"{conv}.weight"] = w * scale.reshape(-1, *[1] * (w.dim() - 1))
+        out[f"{conv}.bias"] = p[f"{bn}.bias"] - p[f"{bn}.running_mean"] * scale
+    out["head.weight"], out["head.bias"] = p["head.weight"], p["head.bias"]
+    return out
+
+
+def folded_forward(params: Mapping[str, torch.Tensor], cfg: ResNetConfig,
+                   x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode ResNet's logits from its folded weights (``fold_batchnorm``): the same
+    function, every BatchNorm inside a conv's weight and bias. x (B, C, *spatial)."""
+    conv = F.conv1d if cfg.dims == 1 else F.conv2d
+
+    def layer(name: str, h: torch.Tensor, stride: int = 1, padding: int = 1) -> torch.Tensor:
+        return conv(h, params[f"{name}.weight"], params[f"{name}.bias"], stride=stride,
+                    padding=padding)
+
+    h = torch.relu(layer("stem.0", x))
+    i = 0
+    for s in range(len(cfg.channels)):
+        for b in range(cfg.blocks):
+            stride = 2 if s > 0 and b == 0 else 1
+            inner = torch.relu(layer(f"blocks.{i}.conv1", h, stride))
+            short = (layer(f"blocks.{i}.shortcut.0", h, stride, padding=0)
+                     if f"blocks.{i}.shortcut.0.weight" in params else h)
+            h = torch.relu(layer(f"blocks.{i}.conv2", inner) + short)
+            i += 1
+    return F.linear(h.flatten(2).mean(dim=2), params["head.weight"], params["head.bias"])
