@@ -31,6 +31,7 @@ from distsim.config.arch import ArchConfig
 from distsim.weights.normalize import plan_for, symmetries
 from distsim.weights.recurrent import random_gru_symmetry
 from distsim.zoo.resnet import ResNetConfig, stream_layout
+from distsim.zoo.transformer import TransformerConfig
 
 SCALE = 4.0  # rescaling factors are log-uniform in [1 / SCALE, SCALE]
 
@@ -159,3 +160,90 @@ def _conv_of(bn: str) -> str:
     blocks.i.shortcut.1 -> blocks.i.shortcut.0."""
     head, _, last = bn.rpartition(".")
     return f"{head}.0" if last == "1" else f"{head}.conv{last[-1]}"
+
+
+def random_transformer_transform(cfg: TransformerConfig, state_dict: Mapping[str, torch.Tensor],
+                                 seed: int) -> dict[str, torch.Tensor]:
+    """A random element of the symmetry group of a transformer (distsim.zoo.transformer)
+    applied to one model's state dict:
+
+    - the residual stream's coordinates permuted (one permutation for the whole network): the
+      embedding's rows, the positions, the class token, every LayerNorm's weight and bias (a
+      LayerNorm's mean and variance over the coordinates do not depend on their order), the
+      columns of W_O, b_O and fc2 that write the stream, and the rows of W_Q, W_K, W_V, fc1 and
+      the head that read it. LayerNorm's elementwise affine rules out any stream map beyond a
+      permutation (and a global scale, which LayerNorm's eps makes inexact: not drawn);
+    - in every block, the heads permuted; per head an invertible A (d_k x d_k) with
+      W_Q -> W_Q A, W_K -> W_K A^-T (biases too: q k^T is what the softmax sees) and an
+      invertible B with W_V -> W_V B, W_O -> B^-1 W_O;
+    - in every block, the MLP's hidden units permuted, and with ReLU each rescaled by a > 0
+      (fc1's row and bias times a, fc2's column times 1 / a).
+
+    >>> from distsim.zoo.transformer import Transformer
+    >>> cfg = TransformerConfig(d_model=8, heads=2, input_shape=(1, 12), patch=3)
+    >>> _ = torch.manual_seed(0)
+    >>> net = Transformer(cfg).double()
+    >>> twin = Transformer(cfg).double()
+    >>> _ = twin.load_state_dict(random_transformer_transform(cfg, net.state_dict(), seed=2))
+    >>> x = torch.randn(4, 1, 12, dtype=torch.float64)
+    >>> bool(torch.allclose(net(x), twin(x), atol=1e-9))
+    True
+    """
+    p = {k: v.clone() for k, v in state_dict.items()}
+    gen = torch.Generator().manual_seed(int(seed))
+    d, dk = cfg.d_model, cfg.d_k
+    P = torch.randperm(d, generator=gen)  # the residual stream
+    for key in ("embed.weight", "embed.bias", "cls", "ln.weight", "ln.bias"):
+        if key in p:
+            p[key] = p[key][P]
+    p["pos"] = p["pos"][:, P]
+    p["head.weight"] = p["head.weight"][:, P]
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        for ln in ("ln1", "ln2"):
+            for part in ("weight", "bias"):
+                p[f"{b}.{ln}.{part}"] = p[f"{b}.{ln}.{part}"][P]
+        for w in ("w_q", "w_k", "w_v"):
+            p[f"{b}.{w}"] = p[f"{b}.{w}"][:, P]  # (heads, d, d_k): rows read the stream
+        p[f"{b}.w_o"] = p[f"{b}.w_o"][:, :, P]  # (heads, d_k, d): columns write it
+        p[f"{b}.b_o"] = p[f"{b}.b_o"][P]
+        p[f"{b}.fc1.weight"] = p[f"{b}.fc1.weight"][:, P]
+        p[f"{b}.fc2.weight"] = p[f"{b}.fc2.weight"][P]
+        p[f"{b}.fc2.bias"] = p[f"{b}.fc2.bias"][P]
+        # heads: a permutation, then per head the Q/K map A and the V/O map B
+        order = torch.randperm(cfg.heads, generator=gen)
+        for w in ("w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o"):
+            p[f"{b}.{w}"] = p[f"{b}.{w}"][order]
+        dtype = p[f"{b}.w_q"].dtype
+        A = torch.stack([_invertible(dk, gen) for _ in range(cfg.heads)]).to(dtype)
+        B = torch.stack([_invertible(dk, gen) for _ in range(cfg.heads)]).to(dtype)
+        a_inv_t = torch.linalg.inv(A).transpose(1, 2)
+        p[f"{b}.w_q"], p[f"{b}.b_q"] = p[f"{b}.w_q"] @ A, _rowvec(p[f"{b}.b_q"], A)
+        p[f"{b}.w_k"], p[f"{b}.b_k"] = p[f"{b}.w_k"] @ a_inv_t, _rowvec(p[f"{b}.b_k"], a_inv_t)
+        p[f"{b}.w_v"], p[f"{b}.b_v"] = p[f"{b}.w_v"] @ B, _rowvec(p[f"{b}.b_v"], B)
+        p[f"{b}.w_o"] = torch.linalg.inv(B) @ p[f"{b}.w_o"]
+        # the MLP's hidden units
+        perm = torch.randperm(cfg.hidden, generator=gen)
+        a = torch.ones(cfg.hidden, dtype=torch.float64)
+        if cfg.activation == "relu":
+            u = torch.rand(cfg.hidden, generator=gen, dtype=torch.float64)
+            a = torch.exp((2 * u - 1) * math.log(SCALE))
+        a = a.to(p[f"{b}.fc1.weight"].dtype)
+        p[f"{b}.fc1.weight"] = p[f"{b}.fc1.weight"][perm] * a[:, None]
+        p[f"{b}.fc1.bias"] = p[f"{b}.fc1.bias"][perm] * a
+        p[f"{b}.fc2.weight"] = p[f"{b}.fc2.weight"][:, perm] / a[None]
+    return p
+
+
+def _invertible(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random well-conditioned (n, n) float64 matrix: U diag(s) V, U and V orthogonal, s
+    log-uniform in [1/2, 2]."""
+    u = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    s = torch.exp((2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * math.log(2.0))
+    return u @ torch.diag(s) @ v
+
+
+def _rowvec(b: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """(heads, d_k) rows times (heads, d_k, d_k) maps: b[h] @ M[h]."""
+    return torch.einsum("hk,hkl->hl", b, M)
