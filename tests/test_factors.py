@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distsim.config import ConfigError, parse_study
-from distsim.pipeline.groups import cells, study_strata, study_tests
+from distsim.pipeline.groups import cells, matrix_codes, study_strata, study_tests
 
 
 def _study(tests: dict, **sections):
@@ -72,8 +72,9 @@ def test_a_factors_htt_strata_are_the_cells_of_the_other_factors() -> None:
     ids, tasks = models["model_id"].to_list(), models["task"].to_numpy()
     lr_codes = (models["lr"] > 0.05).cast(pl.Int64).to_numpy()
     for factor, groups, other in (("task", tasks, lr_codes), ("lr", lr_codes, tasks)):
-        strata = study_strata(study, models, ids, models["seed"].to_numpy(), tasks, groups,
-                              ["closed-set"], factor)
+        codes = matrix_codes(study, models, ids, tasks)
+        strata = study_strata(study, codes, models["seed"].to_numpy(), groups, ["closed-set"],
+                              factor)
         assert strata is not None
         for s in np.unique(strata):  # a stratum holds one value of the other factor
             assert len(np.unique(other[strata == s])) == 1

@@ -11,6 +11,7 @@ terms of one model (``permanova_terms_features``) and permutes within ``tests.st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,13 +139,25 @@ def study_groups(study: Study, models: pl.DataFrame | None, model_ids: list[str]
     return codes
 
 
-def study_strata(study: Study, models: pl.DataFrame | None, model_ids: list[str],
-                 seeds: np.ndarray, tasks: np.ndarray, groups: np.ndarray,
-                 protocols: list[str], factor: str | None = None) -> np.ndarray | None:
+def matrix_codes(study: Study, models: pl.DataFrame | None, model_ids: list[str],
+                 tasks: np.ndarray) -> dict[str, np.ndarray]:
+    """The (N,) int64 codes of tests.strata and of every tests.factors column for the rows
+    `model_ids` of one feature matrix, read once for all its tests (factor_codes)."""
+    spec = study.tests
+    keys = {f: "tests.factors" for f in spec.factors or ()}
+    if spec.strata is not None:
+        keys[spec.strata] = "tests.strata"
+    return {c: factor_codes(models, model_ids, tasks, c, key) for c, key in keys.items()}
+
+
+def study_strata(study: Study, codes: Mapping[str, np.ndarray], seeds: np.ndarray,
+                 groups: np.ndarray, protocols: list[str],
+                 factor: str | None = None) -> np.ndarray | None:
     """The strata (N,) int64 of the HTT tests of `factor` (None: the study's one grouping):
     the cells of the init-seed index (train.shared_init), the codes of the models column
-    tests.strata and, with tests.factors, the other factors; None when there are none.
-    LaunchError (one line) when an HTT split cannot be drawn within them."""
+    tests.strata and, with tests.factors, the other factors (`codes`: matrix_codes); None
+    when there are none. LaunchError (one line) when an HTT split cannot be drawn within
+    them."""
     from distsim.stats.htt_split import make_split
 
     spec = study.tests
@@ -153,9 +166,7 @@ def study_strata(study: Study, models: pl.DataFrame | None, model_ids: list[str]
         return init
     named = [] if spec.strata is None else [spec.strata]
     named += [f for f in spec.factors or () if f != factor]
-    strata = cells(init, *[factor_codes(models, model_ids, tasks, c,
-                                        "tests.strata" if c == spec.strata else "tests.factors")
-                           for c in named])
+    strata = cells(init, *[codes[c] for c in named])
     for protocol in [p for p in protocols if p in ("closed-set", "open-set")]:
         try:
             make_split(groups, np.unique(groups), protocol, spec.seed, strata=strata,

@@ -75,8 +75,8 @@ from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.groups import (
     PERMANOVA,
     PERMDISP,
-    factor_codes,
     labelled_models,
+    matrix_codes,
     study_groups,
     study_strata,
     study_tests,
@@ -437,27 +437,21 @@ def _plan(study: Study, store: Store, tests: list[tuple[str, str | None]], have:
                 "and features stages first"
             )
         X, shared = ray.put(fm.X), dict[str, Any]()
-        # tests.strata's codes: PERMANOVA permutes within them
-        within = (None if spec.strata is None else
-                  factor_codes(models, fm.model_ids, fm.tasks, spec.strata, "tests.strata"))
-        table: dict[str, np.ndarray] = {}  # tests.factors: each factor's codes
+        codes = matrix_codes(study, models, fm.model_ids, fm.tasks)  # strata and factors
+        within = None if spec.strata is None else codes[spec.strata]  # PERMANOVA's strata
         for factor in dict.fromkeys(f for _, f in todo if f is None or ":" not in f):
             protocols = [p for p, f in todo if f == factor and (factor is None or
                                                                   p != PERMANOVA)]
-            if factor is None:
-                groups = study_groups(study, models, fm.model_ids, fm.tasks, protocols)
-            else:
-                groups = factor_codes(models, fm.model_ids, fm.tasks, factor)
-                table[factor] = groups
             if not protocols:  # a factor only PERMANOVA still tests
                 continue
+            groups = (study_groups(study, models, fm.model_ids, fm.tasks, protocols)
+                      if factor is None else codes[factor])
             m = MatrixRefs(matrix, X, ray.put(groups), len(fm.model_ids),
                            int(len(np.unique(groups))), fm.upstream, remotes["basis"],
                            factor, shared)
             # train.shared_init: split and permute within init-seed strata (htt_split); the
             # strata of tests.strata, a models column; and the cells of the other factors
-            strata = study_strata(study, models, fm.model_ids, fm.seeds, fm.tasks, groups,
-                                  protocols, factor)
+            strata = study_strata(study, codes, fm.seeds, groups, protocols, factor)
             for protocol in protocols:
                 if protocol == PERMDISP or (protocol == PERMANOVA and euclidean):
                     yield FeaturesJob.plan(m, protocol, spec, within)  # features route
@@ -467,9 +461,7 @@ def _plan(study: Study, store: Store, tests: list[tuple[str, str | None]], have:
                 else:
                     yield HTTJob.plan(m, protocol, spec, options, strata, remotes["fit"])
         if spec.factors is not None and any(p == PERMANOVA for p, _ in todo):
-            for factor in spec.factors:  # every term's factors, also those tested already
-                if factor not in table:
-                    table[factor] = factor_codes(models, fm.model_ids, fm.tasks, factor)
+            table = {f: codes[f] for f in spec.factors}  # every term's factors
             m = MatrixRefs(matrix, X, None, len(fm.model_ids), 0, fm.upstream,
                            remotes["basis"], None, shared)
             if euclidean:  # the features route
