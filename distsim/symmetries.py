@@ -70,8 +70,7 @@ def random_transform(arch_config: ArchConfig, state_dict: Mapping[str, torch.Ten
         scale = torch.ones(units, dtype=w.dtype)
         shift = torch.zeros(units, dtype=torch.bool)  # sigmoid flips: next bias += old slice
         if "rescaling" in allowed:
-            u = torch.rand(units, generator=gen, dtype=torch.float64)
-            scale = torch.exp((2 * u - 1) * math.log(SCALE)).to(w.dtype)
+            scale = _log_uniform(units, gen).to(w.dtype)
         elif "sign flip" in allowed or "sign flip + bias shift" in allowed:
             flip = torch.rand(units, generator=gen) < 0.5
             scale = torch.where(flip, -1.0, 1.0).to(w.dtype)
@@ -126,8 +125,7 @@ def random_resnet_transform(cfg: ResNetConfig, state_dict: Mapping[str, torch.Te
 
     def draw(width: int) -> tuple[torch.Tensor, torch.Tensor]:
         perm = torch.randperm(width, generator=gen)
-        u = torch.rand(width, generator=gen, dtype=torch.float64)
-        return perm, torch.exp((2 * u - 1) * math.log(SCALE))
+        return perm, _log_uniform(width, gen)
 
     def write(bn: str, conv: str, perm: torch.Tensor, a: torch.Tensor) -> None:
         p[f"{conv}.weight"] = p[f"{conv}.weight"][perm]
@@ -226,8 +224,7 @@ def random_transformer_transform(cfg: TransformerConfig, state_dict: Mapping[str
         perm = torch.randperm(cfg.hidden, generator=gen)
         a = torch.ones(cfg.hidden, dtype=torch.float64)
         if cfg.activation == "relu":
-            u = torch.rand(cfg.hidden, generator=gen, dtype=torch.float64)
-            a = torch.exp((2 * u - 1) * math.log(SCALE))
+            a = _log_uniform(cfg.hidden, gen)
         a = a.to(p[f"{b}.fc1.weight"].dtype)
         p[f"{b}.fc1.weight"] = p[f"{b}.fc1.weight"][perm] * a[:, None]
         p[f"{b}.fc1.bias"] = p[f"{b}.fc1.bias"][perm] * a
@@ -240,10 +237,15 @@ def _invertible(n: int, gen: torch.Generator) -> torch.Tensor:
     log-uniform in [1/2, 2]."""
     u = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
     v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
-    s = torch.exp((2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * math.log(2.0))
-    return u @ torch.diag(s) @ v
+    return u @ torch.diag(_log_uniform(n, gen, 2.0)) @ v
 
 
 def _rowvec(b: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """(heads, d_k) rows times (heads, d_k, d_k) maps: b[h] @ M[h]."""
     return torch.einsum("hk,hkl->hl", b, M)
+
+
+def _log_uniform(n: int, gen: torch.Generator, bound: float = SCALE) -> torch.Tensor:
+    """(n,) float64 positive factors, log-uniform in [1 / bound, bound]."""
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    return torch.exp((2 * u - 1) * math.log(bound))
