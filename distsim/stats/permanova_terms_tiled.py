@@ -24,7 +24,6 @@ import numpy as np
 
 from distsim.stats.distances import (
     DEFAULT_BLOCK,
-    METRICS,
     Frame,
     distance_block,
     distance_frame,
@@ -37,6 +36,7 @@ from distsim.stats.permanova_multiterm import (
     terms_orders,
     terms_result,
 )
+from distsim.stats.permanova_tiled import tile_args
 from distsim.stats.permutation import SeedLike
 from distsim.stats.permutational_anova import _check_permutations
 
@@ -119,13 +119,7 @@ def permanova_terms_tiles(X: np.ndarray, table: Mapping[str, Sequence[Any] | np.
     >>> [(r.term, r.df, round(r.r2, 4)) for r in res.rows]
     [('g', 1, 0.9259), ('h', 1, 0.037)]
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
-        raise ValueError(f"tile must be a positive integer, got {tile!r}")
-    arr = np.asarray(X)
-    if arr.ndim != 2:
-        raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape}")
+    arr = tile_args(X, metric, tile)
     n = len(arr)
     design = terms_design(table, terms, by, n)
     orders = permanova_terms_orders(strata, n, permutations, seed)

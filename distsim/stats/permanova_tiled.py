@@ -303,14 +303,8 @@ def permanova_tiles(X: np.ndarray, labels: Sequence | np.ndarray, metric: str = 
     >>> res.null.shape, round(res.r2, 3), res.p_value  # any metric: here 1 - cos
     ((99,), 0.916, 0.08)
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
-        raise ValueError(f"tile must be a positive integer, got {tile!r}")
+    arr = tile_args(X, metric, tile)
     permutations = _check_permutations(permutations)
-    arr = np.asarray(X)
-    if arr.ndim != 2:
-        raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape}")
     groups, codes64 = _grouping(labels, len(arr), "X")
     codes = codes64.astype(np.int32)
     sizes = np.bincount(codes, minlength=len(groups)).astype(np.int64)
@@ -325,3 +319,16 @@ def permanova_tiles(X: np.ndarray, labels: Sequence | np.ndarray, metric: str = 
     return PermanovaResult(statistic=statistic, p_value=p, permutations=permutations, null=null,
                            n_samples=len(arr), n_groups=len(sizes),
                            r2=r_squared(statistic, len(arr), len(sizes)), groups=tuple(groups))
+
+
+def tile_args(X: np.ndarray, metric: str, tile: int) -> np.ndarray:
+    """X as an (N, D) array, after checking the metric and the tile size of a tiles route
+    (ValueError naming the bad value)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise ValueError(f"tile must be a positive integer, got {tile!r}")
+    arr = np.asarray(X)
+    if arr.ndim != 2:
+        raise ValueError(f"X must be a real (N, D) feature matrix, got shape {arr.shape}")
+    return arr
