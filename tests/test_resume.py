@@ -4,19 +4,15 @@ of the finished study runs nothing and changes nothing."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from _procs import kill_session
+from _procs import DISTSIM, kill_when, launch_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
-DISTSIM = str(Path(sys.executable).with_name("distsim"))
 TASKS, SEEDS = 4, 6
 
 # The study's sections, for the `study_toml` fixture; its store is "store" beside the study file.
@@ -28,12 +24,6 @@ SECTIONS = {
     "tests": {"permutations": 9, "permanova_permutations": 9, "chunk_size": 5},
     "pairs": {"top_k": 3, "block": 8},
 }
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
-    return env
 
 
 def _files(store: Path) -> dict[str, tuple[int, int]]:
@@ -48,23 +38,9 @@ def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path, study_toml) -> No
     (tmp_path / "study.toml").write_text(study_toml(**SECTIONS))
     store = tmp_path / "store"
     models_dir = store / "models" / "arch=mlp"
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if models_dir.is_dir() and len(list(models_dir.glob("*.parquet"))) >= 6:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, (
-            "the launch ended before it could be killed: "
-            + (tmp_path / "first.log").read_text()[-2000:])
-    finally:
-        kill_session(proc.pid)
-        proc.wait(timeout=30)
-        log.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when([DISTSIM, "launch", "study.toml"], tmp_path, tmp_path / "first.log",
+              lambda: models_dir.is_dir() and len(list(models_dir.glob("*.parquet"))) >= 6,
+              poll=0.05)
     finished = sorted(p.name for p in models_dir.glob("*.parquet"))
     assert 6 <= len(finished) < TASKS * SEEDS, f"killed too late: {len(finished)} packs done"
     before = _files(store)
@@ -72,7 +48,7 @@ def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path, study_toml) -> No
             if k.startswith(("models/", "weights/")) and k.split("/")[-1] in finished}
     assert len(kept) == 2 * len(finished)
 
-    second = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=_env(),
+    second = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=launch_env(),
                             capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"({len(finished)} already in store)" in second.stderr
@@ -96,7 +72,7 @@ def test_sigkill_mid_zoo_then_resume_then_noop(tmp_path: Path, study_toml) -> No
     assert tests.height > 0 and tests.filter(pl.col("p_value").is_null()).height == 0
 
     t0 = time.monotonic()
-    third = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=_env(),
+    third = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=tmp_path, env=launch_env(),
                            capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "nothing to run" in third.stderr

@@ -5,17 +5,13 @@ and its tests equal an uninterrupted run's."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-from _procs import kill_session
+from _procs import DISTSIM, kill_when, launch_env
 from _study import study_toml
 
 from distsim.store import Store
@@ -23,7 +19,6 @@ from distsim.store.verify import verify_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
-DISTSIM = str(Path(sys.executable).with_name("distsim"))
 STUDY = study_toml(
     data={"dataset": "synthetic", "num_tasks": 4, "synthetic_samples": 60},
     arch=[{"kind": "mlp", "widths": [8]}],
@@ -39,12 +34,6 @@ STAGES = (("zoo", "models"), ("features", "features"), ("pairs", "pairs"), ("tes
 TESTS_KEY = ["method", "layer", "protocol", "factor", "epoch"]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DISTSIM_FAULTS")}
-    env.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", **extra)
-    return env
-
-
 def _shards(store: Path, table: str) -> int:
     folder = store / table
     return len([p for p in folder.rglob("*.parquet") if not p.name.startswith(".tmp")]
@@ -53,27 +42,13 @@ def _shards(store: Path, table: str) -> int:
 
 def _kill_in(folder: Path, table: str) -> None:
     """Launch (every unit slowed by 0.3 s), SIGKILL its session once `table` has a shard."""
-    log = open(folder / f"{table}.log", "w")
-    proc = subprocess.Popen([DISTSIM, "launch", "study.toml"], cwd=folder,
-                            env=_env(DISTSIM_FAULTS="slow=0.3"), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 200
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _shards(folder / "store", table) >= 1:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, ("the launch ended before it could be killed: "
-                                     + (folder / f"{table}.log").read_text()[-2000:])
-    finally:
-        kill_session(proc.pid)
-        proc.wait(timeout=30)
-        log.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when([DISTSIM, "launch", "study.toml"], folder, folder / f"{table}.log",
+              lambda: _shards(folder / "store", table) >= 1,
+              env=launch_env(DISTSIM_FAULTS="slow=0.3"), timeout=200)
 
 
 def _launch(folder: Path) -> None:
-    done = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=folder, env=_env(),
+    done = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=folder, env=launch_env(),
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
 

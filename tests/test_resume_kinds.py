@@ -4,16 +4,12 @@ checks for a plain study)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
-from _procs import kill_session
+from _procs import DISTSIM, kill_when, launch_env
 from _study import study_toml
 
 from distsim.config.arch import ArchConfig
@@ -22,38 +18,17 @@ from distsim.zoo import fixtures
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
-DISTSIM = str(Path(sys.executable).with_name("distsim"))
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
-    return env
 
 
 def _kill_mid_zoo_then_resume(folder: Path, expected: int) -> tuple[pl.DataFrame, str]:
     """Launch, SIGKILL once 4 models shards exist, launch again; (models, second stderr)."""
     models_dir = folder / "store" / "models"
-    log = open(folder / "first.log", "w")
-    proc = subprocess.Popen([DISTSIM, "launch", "study.toml"], cwd=folder, env=_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if models_dir.is_dir() and len(list(models_dir.rglob("*.parquet"))) >= 4:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, ("the launch ended before it could be killed: "
-                                     + (folder / "first.log").read_text()[-2000:])
-    finally:
-        kill_session(proc.pid)
-        proc.wait(timeout=30)
-        log.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when([DISTSIM, "launch", "study.toml"], folder, folder / "first.log",
+              lambda: models_dir.is_dir() and len(list(models_dir.rglob("*.parquet"))) >= 4)
     done = {p: p.stat().st_mtime_ns for p in models_dir.rglob("*.parquet")
             if not p.name.startswith(".tmp")}
     assert 4 <= len(done), f"killed too early: {len(done)} shards"
-    second = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=folder, env=_env(),
+    second = subprocess.run([DISTSIM, "launch", "study.toml"], cwd=folder, env=launch_env(),
                             capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in done} == done, "a finished pack was redone"
