@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,21 +52,46 @@ class ResNetConfig:
         return len(self.input_shape) - 1
 
 
+class _Countless:
+    """A BatchNorm without the num_batches_tracked counter (an integer buffer the momentum
+    update does not use): its state dict holds float tensors only, and loading one does not
+    ask for the counter (torch adds it to a state dict without version metadata)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)  # type: ignore[call-arg]
+        self._buffers["num_batches_tracked"] = None  # type: ignore[attr-defined]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        nn.Module._load_from_state_dict(self, *args, **kwargs)  # type: ignore[arg-type]
+
+
+class BatchNorm1d(_Countless, nn.BatchNorm1d):
+    """nn.BatchNorm1d without num_batches_tracked (_Countless)."""
+
+
+class BatchNorm2d(_Countless, nn.BatchNorm2d):
+    """nn.BatchNorm2d without num_batches_tracked (_Countless)."""
+
+
+def batch_norm(channels: int, dims: int) -> nn.Module:
+    """The BatchNorm of `channels` for 1-D or 2-D inputs, without num_batches_tracked."""
+    return BatchNorm1d(channels) if dims == 1 else BatchNorm2d(channels)
+
+
 class BasicBlock(nn.Module):
     """conv3 -> BN -> ReLU -> conv3 -> BN, plus the identity or a projection, then ReLU."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, dims: int) -> None:
         super().__init__()
         conv = nn.Conv1d if dims == 1 else nn.Conv2d
-        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
         self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = norm(c_out)
+        self.bn1 = batch_norm(c_out, dims)
         self.conv2 = conv(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = norm(c_out)
+        self.bn2 = batch_norm(c_out, dims)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride=stride, bias=False),
-                                          norm(c_out))
+                                          batch_norm(c_out, dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -78,10 +104,9 @@ class ResNet(nn.Module):
     def __init__(self, cfg: ResNetConfig) -> None:
         super().__init__()
         conv = nn.Conv1d if cfg.dims == 1 else nn.Conv2d
-        norm = nn.BatchNorm1d if cfg.dims == 1 else nn.BatchNorm2d
         c0 = cfg.channels[0]
         self.stem = nn.Sequential(conv(cfg.input_shape[0], c0, 3, padding=1, bias=False),
-                                  norm(c0))
+                                  batch_norm(c0, cfg.dims))
         blocks, c_in = [], c0
         for s, c in enumerate(cfg.channels):
             for b in range(cfg.blocks):
