@@ -87,10 +87,50 @@ def test_rnn_reads_image_rows_as_steps():
     torch.testing.assert_close(model(x), model.head(h[-1]))
 
 
+@pytest.mark.parametrize("input_shape", [(1, 40), (2, 8, 8)])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        ArchConfig(kind="resnet", channels=(3, 5)),
+        ArchConfig(kind="resnet", channels=(4, 4), blocks=2),
+        ArchConfig(kind="transformer", d_model=8, heads=2, depth=2),
+        ArchConfig(kind="transformer", d_model=6, heads=3, activation="gelu", pooling="mean"),
+    ],
+)
+def test_resnet_and_transformer_packed_forward_equals_each_model(arch, input_shape):
+    """forward_packed of K = 3 ResNets (BatchNorm in training mode without running statistics
+    in params, in eval mode with them) and transformers equals each module's forward."""
+    arch = arch.with_task_shape(input_shape, 3)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(build(arch).double())
+    with torch.no_grad():  # running statistics other than the defaults (0, 1)
+        for m in models:
+            for name, buf in m.named_buffers():
+                buf.copy_(torch.rand_like(buf) + 0.5 if "var" in name else torch.randn_like(buf))
+    x = torch.randn(3, 7, *input_shape, dtype=torch.float64)
+    for train in (True, False) if arch.kind == "resnet" else (True,):
+        params, buffers = stack_module_state(models)  # (a training-mode forward moves buffers)
+        for m in models:
+            m.train(train)
+        expected = torch.stack([m(xb) for m, xb in zip(models, x, strict=True)])
+        packed = forward_packed(models[0], params if train else {**params, **buffers}, x)
+        torch.testing.assert_close(packed, expected, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"kind": "transformer"}, "arch.kind"),
+        ({"kind": "vit"}, "arch.kind"),
+        ({"kind": "resnet", "activation": "tanh"}, "arch.activation"),
+        ({"kind": "resnet", "channels": ()}, "arch.channels"),
+        ({"kind": "resnet", "channels": (2, 2, 2, 2, 2), "input_shape": (1, 8, 8)}, "halve"),
+        ({"kind": "resnet", "blocks": 0}, "arch.blocks"),
+        ({"kind": "transformer", "d_model": 10, "heads": 3}, "arch.heads"),
+        ({"kind": "transformer", "activation": "tanh"}, "arch.activation"),
+        ({"kind": "transformer", "input_shape": (1, 40), "patch": 3}, "arch.patch"),
+        ({"kind": "transformer", "pooling": "max"}, "arch.pooling"),
         ({"activation": "silu"}, "arch.activation"),
         ({"input_shape": (8,)}, "arch.input_shape"),
         ({"input_shape": (1, 0, 8)}, "arch.input_shape"),

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from distsim.config.arch import ArchConfig
+from distsim.config.arch import ADDED_DEFAULTS, ArchConfig
 from distsim.config.data import DataConfig
 from distsim.config.sections import FeatureSpec, PairSpec, Resources, StatsSpec
 from distsim.config.training import TrainConfig
@@ -249,8 +249,9 @@ class Study:
             d = _plain(dataclasses.asdict(a))
             if not self.imports:  # set from the tasks; an import study declares them
                 d.pop("input_shape"), d.pop("num_classes")
-            if d["step_width"] == 1:  # added later: the default keeps older studies' hashes
-                d.pop("step_width")
+            for key, default in ADDED_DEFAULTS.items():  # added later: keep older hashes
+                if d[key] == default:
+                    d.pop(key)
             archs.append(d)
         tests = _plain(dataclasses.asdict(self.tests))
         if tests["group_by"] == "task" and tests["group_bins"] is None:  # added later: keep

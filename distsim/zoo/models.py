@@ -1,4 +1,6 @@
-"""Architectures of a zoo: MLP, CNN (no BatchNorm) and GRU classifiers.
+"""Architectures of a zoo: MLP, CNN (no BatchNorm) and GRU classifiers, and the residual CNN
+with BatchNorm (distsim.zoo.resnet) and transformer (distsim.zoo.transformer) built from an
+ArchConfig of kind ``resnet`` / ``transformer``.
 
 Every model of a zoo is built from one :class:`ArchConfig`, so all models share the same
 parameter names and shapes. The layouts are kept plain (``nn.Sequential`` of Linear and
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distsim.config.arch import ArchConfig
+from distsim.zoo.resnet import ResNet, ResNetConfig, forward_packed_resnet
+from distsim.zoo.resnet import running_statistics as resnet_statistics
+from distsim.zoo.transformer import Transformer, TransformerConfig
 
 
 def _activation(cfg: ArchConfig) -> nn.Module:
@@ -113,14 +118,37 @@ def _steps(x: torch.Tensor, width: int) -> torch.Tensor:
     return steps.reshape(*lead, length // width, c * width)
 
 
+def resnet_config(cfg: ArchConfig) -> ResNetConfig:
+    """The ResNetConfig of a ``kind = "resnet"`` ArchConfig (its channels are the stages)."""
+    return ResNetConfig(channels=tuple(cfg.channels), blocks=cfg.blocks,
+                        input_shape=tuple(cfg.input_shape), num_classes=cfg.num_classes)
+
+
+def transformer_config(cfg: ArchConfig) -> TransformerConfig:
+    """The TransformerConfig of a ``kind = "transformer"`` ArchConfig (its MLP width is
+    ``hidden``; a 2-D input is read a row per token, whatever ``patch``)."""
+    patch = cfg.patch if len(cfg.input_shape) == 2 else 1
+    return TransformerConfig(d_model=cfg.d_model, heads=cfg.heads, depth=cfg.depth,
+                             hidden=cfg.hidden, activation=cfg.activation, patch=patch,
+                             pooling=cfg.pooling, input_shape=tuple(cfg.input_shape),
+                             num_classes=cfg.num_classes)
+
+
 def build(cfg: ArchConfig) -> nn.Module:
     """A freshly initialized model for ``cfg`` (default init; seed it with torch.manual_seed).
 
     Input (B, C, H, W) or (B, C, L) -> logits (B, num_classes). MLP and CNN are
     ``nn.Sequential``; the CNN of a (C, L) input uses Conv1d / MaxPool1d.
+
+    >>> build(ArchConfig(kind="resnet", channels=(4, 8), input_shape=(1, 40))).cfg.channels
+    (4, 8)
     """
     if not isinstance(cfg, ArchConfig):
         raise TypeError(f"build() takes an ArchConfig, got {type(cfg).__name__}")
+    if cfg.kind == "resnet":
+        return ResNet(resnet_config(cfg))
+    if cfg.kind == "transformer":
+        return Transformer(transformer_config(cfg))
     c, sizes = cfg.input_shape[0], cfg.input_shape[1:]
     if cfg.kind == "mlp":
         layers: list[nn.Module] = [nn.Flatten()]
@@ -155,8 +183,15 @@ def forward_packed(
     params[name]: (K, *shape) for every parameter name of ``model`` (its own weights are unused).
     x: (K, B, C, H, W) or (K, B, C, L), one batch per copy -> logits (K, B, num_classes). Linear
     layers become batched matmuls, Conv2d / Conv1d a grouped convolution (groups=K), the GRU
-    batched matmuls per step.
+    batched matmuls per step. A ResNet: distsim.zoo.resnet.forward_packed_resnet (its
+    BatchNorms in eval mode where params hold their running statistics, else in training
+    mode); a transformer: ``torch.func.vmap`` of the module over the stacked weights.
     """
+    if isinstance(model, ResNet):
+        return forward_packed_resnet(model.cfg, params, x)
+    if isinstance(model, Transformer):
+        return torch.func.vmap(
+            lambda p, xb: torch.func.functional_call(model, p, (xb,)))(dict(params), x)
     if isinstance(model, RNNClassifier):
         if model.one_d:  # (K, B, C, L): T steps of C * step_width features
             seq = _steps(x, model.step_width)
@@ -202,6 +237,16 @@ def forward_packed(
         else:
             raise TypeError(f"forward_packed(): unsupported layer {name}: {type(layer).__name__}")
     return out
+
+
+def running_statistics(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                       batch_size: int) -> dict[str, torch.Tensor]:
+    """The BatchNorm running statistics of K trained copies of ``model`` (params (K, *shape)) on
+    the training inputs x (N, ...): distsim.zoo.resnet.running_statistics for a ResNet, {} for
+    the architectures without BatchNorm."""
+    if isinstance(model, ResNet):
+        return resnet_statistics(model.cfg, params, x, batch_size)
+    return {}
 
 
 def _linear(params: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:

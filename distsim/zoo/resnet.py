@@ -103,6 +103,7 @@ class ResNet(nn.Module):
 
     def __init__(self, cfg: ResNetConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         conv = nn.Conv1d if cfg.dims == 1 else nn.Conv2d
         c0 = cfg.channels[0]
         self.stem = nn.Sequential(conv(cfg.input_shape[0], c0, 3, padding=1, bias=False),
@@ -203,3 +204,83 @@ def folded_forward(params: Mapping[str, torch.Tensor], cfg: ResNetConfig,
             h = torch.relu(layer(f"blocks.{i}.conv2", inner) + short)
             i += 1
     return F.linear(h.flatten(2).mean(dim=2), params["head.weight"], params["head.bias"])
+
+
+BN_EPS = 1e-5  # torch's BatchNorm default, the eps of every BatchNorm here
+
+
+def forward_packed_resnet(cfg: ResNetConfig, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                          collect: dict[str, list[tuple[torch.Tensor, ...]]] | None = None
+                          ) -> torch.Tensor:
+    """K ResNets with stacked weights as one call: x (K, B, C, *spatial) -> logits (K, B, classes).
+
+    params: (K, *shape) per parameter name of ``ResNet(cfg)``. A BatchNorm whose running
+    statistics are in params (``<bn>.running_mean`` / ``running_var``, (K, C)) normalizes with
+    them (eval mode); one without normalizes with the batch's statistics (training mode), per
+    model and channel, and appends (mean, unbiased var, samples) of each channel to
+    ``collect[<bn>]`` when given (``running_statistics``). The K models' channels sit side by
+    side, (B, K*C, *spatial): convolutions are grouped (groups=K) and a BatchNorm over K*C
+    channels is each model's own.
+    """
+    k, b = int(x.shape[0]), int(x.shape[1])
+    conv = F.conv1d if cfg.dims == 1 else F.conv2d
+    h = x.transpose(0, 1).reshape(b, -1, *x.shape[3:])  # (B, K*C, *spatial)
+
+    def conv_bn(c: str, bn: str, h: torch.Tensor, stride: int = 1, padding: int = 1
+                ) -> torch.Tensor:
+        w = params[f"{c}.weight"]  # (K, out, in, *kernel)
+        h = conv(h, w.reshape(-1, *w.shape[2:]), None, stride=stride, padding=padding, groups=k)
+        gamma, beta = params[f"{bn}.weight"].reshape(-1), params[f"{bn}.bias"].reshape(-1)
+        if f"{bn}.running_mean" in params:
+            return F.batch_norm(h, params[f"{bn}.running_mean"].reshape(-1),
+                                params[f"{bn}.running_var"].reshape(-1), gamma, beta,
+                                training=False, eps=BN_EPS)
+        if collect is not None:
+            dims = [0, *range(2, h.dim())]  # a channel's samples: batch and positions
+            with torch.no_grad():
+                collect.setdefault(bn, []).append(
+                    (h.mean(dims), h.var(dims), torch.tensor(h.numel() // h.shape[1])))
+        return F.batch_norm(h, None, None, gamma, beta, training=True, eps=BN_EPS)
+
+    h = torch.relu(conv_bn("stem.0", "stem.1", h))
+    i = 0
+    for s in range(len(cfg.channels)):
+        for j in range(cfg.blocks):
+            stride, block = (2 if s > 0 and j == 0 else 1), f"blocks.{i}"
+            inner = torch.relu(conv_bn(f"{block}.conv1", f"{block}.bn1", h, stride))
+            short = h
+            if f"{block}.shortcut.0.weight" in params:
+                short = conv_bn(f"{block}.shortcut.0", f"{block}.shortcut.1", h, stride, 0)
+            h = torch.relu(conv_bn(f"{block}.conv2", f"{block}.bn2", inner) + short)
+            i += 1
+    pooled = h.flatten(2).mean(dim=2).reshape(b, k, -1).transpose(0, 1)  # (K, B, C_last)
+    return torch.baddbmm(params["head.bias"].unsqueeze(1), pooled,
+                         params["head.weight"].transpose(1, 2))
+
+
+def running_statistics(cfg: ResNetConfig, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                       batch_size: int) -> dict[str, torch.Tensor]:
+    """Every BatchNorm's running statistics of K trained ResNets (params: (K, *shape) per
+    parameter) on the training inputs x (N, C, *spatial): one pass over x in its order, in
+    batches of ``batch_size``, in training mode; each channel's batch means and unbiased batch
+    variances averaged, weighted by the batch's samples (the "precise BN" estimate of Wu and
+    Johnson, Rethinking "Batch" in BatchNorm, 2021). Returns ``<bn>.running_mean`` and
+    ``<bn>.running_var``, (K, C) each.
+
+    The statistics are those of the final weights on the whole training set, not torch's
+    exponential moving average over the last steps' weights, and they do not depend on the
+    update path or the pack (each model's channels are its own).
+    """
+    k = next(iter(params.values())).shape[0]
+    seen: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+    with torch.no_grad():
+        for lo in range(0, len(x), batch_size):
+            xb = x[lo : lo + batch_size]
+            forward_packed_resnet(cfg, params, xb.expand(k, *xb.shape), collect=seen)
+    out = {}
+    for bn, parts in seen.items():
+        n = torch.stack([p[2] for p in parts]).to(parts[0][0].dtype)  # (batches,)
+        mean = (torch.stack([p[0] for p in parts]) * n[:, None]).sum(0) / n.sum()  # (K*C,)
+        var = (torch.stack([p[1] for p in parts]) * n[:, None]).sum(0) / n.sum()
+        out[f"{bn}.running_mean"], out[f"{bn}.running_var"] = mean.view(k, -1), var.view(k, -1)
+    return out

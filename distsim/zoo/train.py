@@ -35,7 +35,7 @@ from torch import nn
 
 from distsim.config.arch import ArchConfig
 from distsim.config.training import DEVICES, TrainConfig
-from distsim.zoo.models import build, forward_packed
+from distsim.zoo.models import build, forward_packed, running_statistics
 from distsim.zoo.tasks import Task
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # TrainConfig.dtype
@@ -194,8 +194,9 @@ def train_pack(
             history[epoch, active, :2] = (scores.total() / n)[active]
             if cfg.test_history and epoch + 1 < cfg.epochs:  # the last epoch's: the final ones
                 with torch.no_grad():
+                    weights = _with_statistics(template, params, x_train, cfg.batch_size)
                     history[epoch, active, 2:] = torch.stack(
-                        _evaluate(template, params, x_test, y_test, cfg.eval_batch), dim=1)
+                        _evaluate(template, weights, x_test, y_test, cfg.eval_batch), dim=1)
         if epoch + 1 in cfg.milestones:
             lr *= cfg.gamma
         if epoch + 1 in cfg.save_epochs and epoch + 1 < cfg.epochs:
@@ -204,11 +205,13 @@ def train_pack(
 
     with torch.no_grad():  # the whole pack again (K, *shape), evaluated at once
         params = _reassemble(params, active, frozen, k)
+        params = _with_statistics(template, params, x_train, cfg.batch_size)
         metrics = _metrics(template, params, x_train, y_train, x_test, y_test, cfg.eval_batch)
         history[-1, :, 2:] = torch.as_tensor(np.stack(metrics[2:], axis=1), device=device)
         checkpoints = []  # (epoch, (K, *shape) weights, rows diverged by then, metrics)
         for e in (e for e in cfg.save_epochs if e < cfg.epochs):
             weights, gone = saved.get(e, (params, set(frozen)))  # not reached: all diverged
+            weights = _with_statistics(template, weights, x_train, cfg.batch_size)
             checkpoints.append((e, weights, gone, _metrics(template, weights, x_train, y_train,
                                                            x_test, y_test, cfg.eval_batch)))
     hist = history.cpu().numpy() if record_history else None
@@ -221,6 +224,16 @@ def train_pack(
                    tuple(float(m[i]) for m in ms),  # type: ignore[arg-type]
                    "diverged" if i in gone else "ok")
         for e, w, gone, ms in checkpoints)) for i, r in enumerate(results)]
+
+
+def _with_statistics(template: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                     batch_size: int) -> dict[str, torch.Tensor]:
+    """The pack's parameters (K, *shape) and, for a model with BatchNorm, every BatchNorm's
+    running statistics of those weights on the training inputs x (zoo.models.running_statistics:
+    one pass in training-size batches; BatchNorm trains on batch statistics, and the running
+    ones, which evaluation and the saved state dict use, are computed from the weights)."""
+    weights = {name: params[name] for name, _ in template.named_parameters()}
+    return {**weights, **running_statistics(template, weights, x, batch_size)}
 
 
 def _metrics(template: nn.Module, params: dict[str, torch.Tensor], x_train: torch.Tensor,
