@@ -14,7 +14,10 @@ one element of the whole group at once, every hidden layer transformed together:
   negated); with sigmoid, the flip plus the reading slice added to the next layer's bias
   (sigma(-x) = 1 - sigma(x)); convolution channels are not flipped (max pooling does not
   commute with a negation);
-- a GRU's hidden units permuted and sign-flipped per layer (``random_gru_symmetry``).
+- a GRU's hidden units permuted and sign-flipped per layer (``random_gru_symmetry``);
+- a ResNet (``kind = "resnet"``): ``random_resnet_transform``; a transformer:
+  ``random_transformer_transform`` (their groups: docs/explanation/resnet-symmetries.md and
+  transformer-symmetries.md).
 
 The output layer's units are the classes, in order: never moved. tests/test_symmetries.py checks
 that the logits do not change (float64, 1e-5) for every kind and activation.
@@ -30,6 +33,7 @@ import torch
 from distsim.config.arch import ArchConfig
 from distsim.weights.normalize import plan_for, symmetries
 from distsim.weights.recurrent import random_gru_symmetry
+from distsim.zoo.models import resnet_config, transformer_config
 from distsim.zoo.resnet import ResNetConfig, stream_layout
 from distsim.zoo.transformer import TransformerConfig
 
@@ -55,6 +59,10 @@ def random_transform(arch_config: ArchConfig, state_dict: Mapping[str, torch.Ten
     >>> bool(torch.equal(moved["1.weight"], net.state_dict()["1.weight"]))
     False
     """
+    if arch_config.kind == "resnet":
+        return random_resnet_transform(resnet_config(arch_config), state_dict, seed)
+    if arch_config.kind == "transformer":
+        return random_transformer_transform(transformer_config(arch_config), state_dict, seed)
     plan = plan_for(arch_config)
     if plan.kind == "rnn":
         stacked = {k: v[None] for k, v in state_dict.items()}
