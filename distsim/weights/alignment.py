@@ -40,6 +40,7 @@ from scipy.optimize import linear_sum_assignment
 
 from distsim.config.arch import ArchConfig
 from distsim.weights import recurrent
+from distsim.weights.attention import make_transformer_template
 from distsim.weights.normalize import (
     Plan,
     StateDict,
@@ -47,6 +48,9 @@ from distsim.weights.normalize import (
     plan_for,
     stack_state_dicts,
 )
+from distsim.weights.residual import make_resnet_template
+from distsim.zoo.resnet import ResNetConfig
+from distsim.zoo.transformer import TransformerConfig
 
 __all__ = ["align_stacked", "make_template", "match_permutations"]
 
@@ -180,6 +184,11 @@ def make_template(
     plan = plan_for(arch_config)
     if plan.kind == "rnn":  # units match by permutation and sign: distsim.weights.recurrent
         return recurrent.make_template(state_dicts, plan, iterations=iterations)
+    if isinstance(plan.config, ResNetConfig):  # shared stream permutations: weights.residual
+        return make_resnet_template(plan.config, stack_state_dicts(state_dicts), iterations, seed)
+    if isinstance(plan.config, TransformerConfig):  # heads and stream: weights.attention
+        return make_transformer_template(plan.config, stack_state_dicts(state_dicts), iterations,
+                                         seed)
     _check_plan(plan)
     stacked = stack_state_dicts(state_dicts)
     p = normalize_stacked(plan, {k: v.to(torch.float64) for k, v in stacked.items()})

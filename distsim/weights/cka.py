@@ -64,7 +64,9 @@ def cka_vector(a: torch.Tensor) -> torch.Tensor:
     g = g / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None, None]
     n = g.shape[-1]
     i, j = torch.triu_indices(n, n)
-    w = torch.where(i == j, 1.0, math.sqrt(2.0)).to(torch.float64)
+    w = torch.full(i.shape, math.sqrt(2.0), dtype=torch.float64)  # sqrt(2) in float64,
+    w[i == j] = 1.0  # not a float32 constant widened
+
     return g[:, i, j] * w
 
 

@@ -141,7 +141,8 @@ features of the batch.
 and cka: ValueError): a seeded
 Gaussian input-side sketch S ((P+1) x m, entries N(0, 1/m), from ``seed`` only, see
 sketch_matrix) replaces every chain map M by M S before the Gram, with m = sketch_width(dim) the
-largest m such that m(m+1)/2 <= dim (GRU: sketch_width(dim // 3), for its three gate Grams), so
+largest m such that m(m+1)/2 <= dim (GRU: sketch_width(dim // 3), for its three gate Grams; a
+transformer: m(m+1)/2 + m^2 <= dim, for an attention layer's Gram and query-key form), so
 that a hidden-layer feature, the upper triangle(s) of S^T G S, has at most dim values; 'out':
 (M_L S) flattened (classes x m; GRU: per gate, then the head bias). Rows of M S permute with the
 units of M, so the invariances are those of the full feature. M S is computed by pushing the m
@@ -168,6 +169,7 @@ from torch import nn
 from distsim.config.arch import ArchConfig
 from distsim.config.choices import METHODS, PROJECTIONS, SKETCHES
 from distsim.weights.alignment import align_stacked
+from distsim.weights.attention import transformer_features
 from distsim.weights.chain import (
     CHAIN_DIRECTIONS,
     chain_map,
@@ -196,7 +198,10 @@ from distsim.weights.projection import (
     sketch_width,
 )
 from distsim.weights.recurrent import gru_features, gru_sketch_width
+from distsim.weights.residual import resnet_features
 from distsim.zoo.models import build
+from distsim.zoo.resnet import ResNetConfig
+from distsim.zoo.transformer import TransformerConfig
 
 __all__ = [
     "CHAIN_BYTES",
@@ -232,6 +237,10 @@ def feature_layers(arch_config: ArchConfig) -> list[str]:
     ['conv1', 'conv2', 'fc1', 'out']
     >>> feature_layers(ArchConfig(kind="rnn", hidden=4, num_layers=2))
     ['gru_ih', 'gru_ih_l1', 'out']
+    >>> feature_layers(ArchConfig(kind="resnet", channels=(4, 8)))
+    ['stem', 'block1.conv1', 'block1', 'block2.conv1', 'block2', 'out']
+    >>> feature_layers(ArchConfig(kind="transformer", depth=2))
+    ['embed', 'attn1', 'mlp1', 'attn2', 'mlp2', 'out']
     """
     return list(plan_for(arch_config).layers)
 
@@ -280,6 +289,12 @@ def _features(
 ) -> torch.Tensor:
     """(K, D) float64 features of a stack of K models; ``s``: input-side sketch or None;
     ``template``: for aligned; ``model`` (the architecture) and ``probe``: for cka."""
+    if plan.kind == "resnet":  # a ResNet's and a transformer's own features
+        assert isinstance(plan.config, ResNetConfig)
+        return resnet_features(plan.config, stacked, method, upto, s, template, probe)
+    if plan.kind == "transformer":
+        assert isinstance(plan.config, TransformerConfig)
+        return transformer_features(plan.config, stacked, method, upto, s, template, probe)
     if method == "cka":
         assert model is not None and probe is not None
         return cka_vector(activations(model, plan, stacked, probe, upto))
@@ -325,7 +340,12 @@ def _input_sketch(
 ) -> torch.Tensor:
     """(P+1, m) float64 sketch S for this architecture's input (GRU: its per-step input, and m
     such that its hidden-layer feature at layer ``upto`` holds at most dim values)."""
-    if plan.kind == "sequential":
+    if plan.kind == "transformer":  # an attention layer adds an m x m query-key form
+        n_in = math.prod(input_shape)
+        m = 1
+        while (m + 1) * (m + 2) // 2 + (m + 1) ** 2 <= dim:
+            m += 1
+    elif plan.kind != "rnn":
         n_in, m = math.prod(input_shape), sketch_width(dim)
     else:
         n_in = stacked[f"{plan.gru_prefix}weight_ih_l0"].shape[-1]
@@ -476,6 +496,8 @@ def weight_features(
     stacked = {k: v.detach()[None] for k, v in model.state_dict().items()}
     if input_shape is not None:
         shape = tuple(input_shape)
+    elif plan.config is not None:  # a ResNet or transformer knows its input
+        shape = tuple(plan.config.input_shape)
     else:
         shape = infer_input_shape(model, plan) if plan.kind == "sequential" else ()
     return _compute(
@@ -513,7 +535,7 @@ def weight_features_batch(
     """
     plan = plan_for(arch_config)
     stacked = stack_state_dicts(state_dicts)
-    input_shape = tuple(arch_config.input_shape) if plan.kind == "sequential" else ()
+    input_shape = tuple(arch_config.input_shape) if plan.kind != "rnn" else ()
     model = build(arch_config) if method == "cka" else None
     return _compute(
         plan, stacked, input_shape, method, layer, dim, seed, sketch, projection, template, probe,

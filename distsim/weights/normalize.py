@@ -39,12 +39,15 @@ from torch import nn
 
 from distsim.config.arch import ArchConfig
 from distsim.zoo.models import GRU, RNNClassifier, build
+from distsim.zoo.resnet import ResNet, ResNetConfig
+from distsim.zoo.transformer import Transformer, TransformerConfig
 
 SUPPORTED = (
     "nn.Sequential of Linear, Conv1d/Conv2d (groups=1, zero padding), ReLU, LeakyReLU, Tanh, "
     "GELU, Sigmoid, "
     "MaxPool1d/MaxPool2d, AvgPool1d/AvgPool2d, Flatten, Identity, Dropout; "
-    "distsim.zoo.models.RNNClassifier; distsim.zoo.models.GRU; "
+    "distsim.zoo.models.RNNClassifier; distsim.zoo.models.GRU; distsim.zoo.resnet.ResNet; "
+    "distsim.zoo.transformer.Transformer; "
     "nn.GRU (unidirectional, no projection)"
 )
 
@@ -92,6 +95,9 @@ class Plan:
 
     kind "sequential": ``steps`` in forward order. kind "rnn": GRU parameters under ``gru_prefix``
     (weight_ih_l{k} ...), ``num_layers``, ``hidden``, optional linear head under ``head_prefix``.
+    kind "resnet" / "transformer": the network's ``config`` (a distsim.zoo.resnet.ResNetConfig or
+    distsim.zoo.transformer.TransformerConfig); their features: distsim.weights.residual and
+    distsim.weights.attention.
     ``layers``: feature-layer names in order (see distsim.weights.features.feature_layers).
     """
 
@@ -102,6 +108,7 @@ class Plan:
     head_prefix: str | None = None
     num_layers: int = 0
     hidden: int = 0
+    config: ResNetConfig | TransformerConfig | None = None
 
     @property
     def parametric(self) -> tuple[Step, ...]:
@@ -215,6 +222,13 @@ def _gru_plan(gru: GRU | nn.GRU, prefix: str, head_prefix: str | None) -> Plan:
 
 def layer_plan(model: nn.Module) -> Plan:
     """The layer walk of ``model``; raises ValueError naming the first unsupported module."""
+    if isinstance(model, (ResNet, Transformer)):  # their own modules name the layers (these
+        from distsim.weights.attention import transformer_layers  # import distsim.weights.cka,
+        from distsim.weights.residual import resnet_layers  # which imports this module)
+
+        if isinstance(model, ResNet):
+            return Plan("resnet", resnet_layers(model.cfg), config=model.cfg)
+        return Plan("transformer", transformer_layers(model.cfg), config=model.cfg)
     if isinstance(model, RNNClassifier):
         if not isinstance(model.gru, (GRU, nn.GRU)) or not isinstance(model.head, nn.Linear):
             raise ValueError(
@@ -345,7 +359,11 @@ def symmetries(arch: ArchConfig, layer: str | None = None) -> tuple[str, ...]:
     The two flips hold for linear units only: a conv channel is followed by max pooling, which
     does not commute with a negation (nor, for the shift, does zero padding). GELU has
     permutations only. GRU (``kind="rnn"``, whose gates do not follow ``activation``): the
-    symmetries of distsim.weights.recurrent, tested in tests/test_recurrent.py.
+    symmetries of distsim.weights.recurrent, tested in tests/test_recurrent.py. ResNet: a
+    layer's channels (a stage's residual stream, shared by its writers and readers, or a
+    block's inner channels) permute and rescale; transformer: a layer's units are residual
+    stream coordinates, which only permute (its heads' maps act inside a block; the groups are
+    drawn whole by distsim.symmetries.random_transform, tested in tests/test_symmetries.py).
 
     >>> symmetries(ArchConfig(kind="mlp", activation="relu"))
     ('permutation', 'rescaling')
@@ -355,6 +373,8 @@ def symmetries(arch: ArchConfig, layer: str | None = None) -> tuple[str, ...]:
     ('permutation',)
     >>> symmetries(ArchConfig(kind="mlp", activation="sigmoid"))
     ('permutation', 'sign flip + bias shift')
+    >>> symmetries(ArchConfig(kind="resnet")), symmetries(ArchConfig(kind="transformer"))
+    (('permutation', 'rescaling'), ('permutation',))
     >>> cnn = ArchConfig(kind="cnn", channels=(4,), head_widths=(6,), activation="tanh")
     >>> symmetries(cnn), symmetries(cnn, "conv1"), symmetries(cnn, "fc1"), symmetries(cnn, "out")
     (('permutation',), ('permutation',), ('permutation', 'sign flip'), ())
@@ -366,6 +386,10 @@ def symmetries(arch: ArchConfig, layer: str | None = None) -> tuple[str, ...]:
         raise ValueError(f"layer {layer!r} is not one of {list(layers)}")
     if layer == "out":
         return ()
+    if arch.kind == "resnet":  # stream and inner channels alike (docs: resnet-symmetries.md)
+        return ("permutation", "rescaling")
+    if arch.kind == "transformer":  # a stream coordinate (docs: transformer-symmetries.md)
+        return ("permutation",)
     if arch.kind == "rnn":
         return ("permutation", "sign flip", "r/z bias shift")
     flip = {"tanh": "sign flip", "sigmoid": "sign flip + bias shift"}.get(arch.activation)
