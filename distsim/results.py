@@ -313,7 +313,8 @@ class Results:
         LeakyReLU MLPs and CNNs that is the same function (same logits up to rounding), for
         tanh, GELU and sigmoid nets another function (their units have no rescaling symmetry:
         ``chain_normalize(...).function_preserving`` is False), for the GRU the weights are
-        unchanged (a GRU has no rescaling symmetry). Its predictions
+        unchanged (a GRU has no rescaling symmetry), for a ResNet or transformer a ValueError.
+        Its predictions
         on ``task(row["task"]).x_test`` give the stored test_acc (for a study trained on the
         CPU in float32, the defaults; other devices and dtypes round differently). StoreError
         for an unknown id or a model whose training failed.
@@ -360,6 +361,10 @@ class Results:
 
             for mid, row in rows.items():
                 cfg = self.arch_config(row["arch"], row["task"])
+                if cfg.kind in ("resnet", "transformer"):
+                    raise ValueError(f"normalized=True: {cfg.kind} {row['arch']!r} has no "
+                                     "chain-normalized state dict (its features normalize the "
+                                     "BatchNorm-folded or MLP weights inside distsim.weights)")
                 states[mid] = {k: v[0] for k, v in chain_normalize_state([states[mid]],
                                                                           cfg).items()}
         return states

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import tomllib
 
-from distsim.config.arch import ArchConfig
+from distsim.config.arch import KINDS, ArchConfig
 from distsim.config.data import MNIST1D_SHAPE, DataConfig
 from distsim.config.sections import (
     PLAN_PARAMS,
@@ -189,7 +189,8 @@ def _archs(raw: Any, data: DataConfig) -> tuple[ArchConfig, ...]:
             raise ConfigError.at(path, f"must be a table [[arch]], got {type_name(table)}")
         check_keys(table, allowed, path)
         if "kind" not in table:
-            raise ConfigError.at(f"{path}.kind", "missing required key (mlp, cnn or rnn)")
+            raise ConfigError.at(f"{path}.kind", "missing required key (one of "
+                                 f"{', '.join(KINDS)})")
         try:
             cfg = ArchConfig(**table, input_shape=shape or _NPZ_PLACEHOLDER_SHAPE)
         except ConfigError as exc:

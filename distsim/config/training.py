@@ -98,4 +98,6 @@ DEFAULT_TRAIN: dict[str, TrainConfig] = {
     "mlp": TrainConfig(epochs=10, batch_size=32, lr=0.05, momentum=0.9),
     "cnn": TrainConfig(epochs=10, batch_size=32, lr=0.05, momentum=0.9),
     "rnn": TrainConfig(epochs=10, batch_size=32, lr=0.1, momentum=0.9),
+    "resnet": TrainConfig(epochs=10, batch_size=32, lr=0.05, momentum=0.9),
+    "transformer": TrainConfig(epochs=10, batch_size=32, lr=0.003, optimizer="adam"),
 }
