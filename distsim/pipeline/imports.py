@@ -38,6 +38,7 @@ from distsim.pipeline.stage import Outputs, RunContext
 from distsim.pipeline.units import Units, run_refs
 from distsim.store import Store
 from distsim.store.codecs import json_safe
+from distsim.store.tables import model_epoch
 from distsim.zoo.sources import Entry, SourceError  # no torch: read_entry loads it for a .pt
 
 # models columns an import fills from the source's metadata, and the names a source may use
@@ -105,10 +106,12 @@ def plan(study: Study, entries: Iterable[Entry]) -> list[ImportPack]:
 
 def _model_id(arch: str, entry: Entry, index: int) -> str:
     """``<arch>-t<task>-s<seed>`` for a distsim export's model (its own id when the arch name
-    is the same), ``<arch>-t<task>-m<index>`` for a foreign zoo's (index: its place in the
-    task's entries, epochs included)."""
+    is the same; ``-e<epoch>`` kept for a checkpoint of a study with [train] save_epochs),
+    ``<arch>-t<task>-m<index>`` for a foreign zoo's (index: its place in the task's entries,
+    epochs included)."""
     if entry.seed is not None:
-        return f"{arch}-t{entry.task}-s{entry.seed}"
+        epoch = model_epoch(entry.model_id or "")
+        return f"{arch}-t{entry.task}-s{entry.seed}" + ("" if epoch is None else f"-e{epoch}")
     return f"{arch}-t{entry.task}-m{index}"
 
 
