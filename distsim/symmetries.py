@@ -171,29 +171,56 @@ def _conv_of(bn: str) -> str:
 def random_transformer_transform(cfg: TransformerConfig, state_dict: Mapping[str, torch.Tensor],
                                  seed: int) -> dict[str, torch.Tensor]:
     """A random element of the symmetry group of a transformer (distsim.zoo.transformer)
-    applied to one model's state dict:
+    applied to one model's state dict. Drawn first, in this order:
 
     - the residual stream's coordinates permuted (one permutation for the whole network): the
       embedding's rows, the positions, the class token, every LayerNorm's weight and bias (a
       LayerNorm's mean and variance over the coordinates do not depend on their order), the
       columns of W_O, b_O and fc2 that write the stream, and the rows of W_Q, W_K, W_V, fc1 and
-      the head that read it. LayerNorm's elementwise affine rules out any stream map beyond a
-      permutation (and a global scale, which LayerNorm's eps makes inexact: not drawn);
+      the head that read it. The stream itself admits no map beyond a permutation and the
+      all-ones direction below (a per-coordinate scale or a rotation does not commute with the
+      normalization; a global scale of everything written is inexact by LayerNorm's eps: not
+      drawn);
     - in every block, the heads permuted; per head an invertible A (d_k x d_k) with
       W_Q -> W_Q A, W_K -> W_K A^-T (biases too: q k^T is what the softmax sees) and an
       invertible B with W_V -> W_V B, W_O -> B^-1 W_O;
     - in every block, the MLP's hidden units permuted, and with ReLU each rescaled by a > 0
       (fc1's row and bias times a, fc2's column times 1 / a).
 
+    Then, on the moved weights, changes that the LayerNorms' affine parts and the softmax allow
+    (each exact on the weights it is applied to, so their composition is too):
+
+    - LayerNorm folding: per LayerNorm (ln1, ln2 of every block, ln) and coordinate, gamma and
+      beta times c (|c| log-uniform in [1/2, 2], sign random), the readers' rows (W_Q, W_K,
+      W_V of every head for ln1, fc1 for ln2, the head for ln) divided by c: z -> c z, z W kept;
+    - reader shift: per LayerNorm and reader, W -> W + u v^T with u = 1 / gamma and v random,
+      the reader's bias minus (u . beta) v: u . LN(x) = u . beta, since the normalized
+      coordinates sum to 0 (skipped for a LayerNorm with a zero gamma);
+    - b_K replaced by random values: it adds q_t . b_K to every score of query t alike, which the
+      softmax ignores;
+    - b_V[h] -> b_V[h] + e_h, e random, and b_O -> b_O - sum_h e_h W_O[h]: the attention weights
+      sum to 1, so only b_O + sum_h b_V[h] W_O[h] enters;
+    - stream mean: every writer of the stream gains random multiples of the all-ones vector (the
+      embedding's weight 1 w^T and its bias, a constant per token of the positions, the class
+      token, per head and row of W_O, b_O, fc2's weight 1 w^T and its bias): every reader of the
+      stream is a LayerNorm, which removes a token's mean.
+
+    The random amounts are normal: b_K, e and the multiples of the all-ones vector scaled to the
+    root mean square of the tensor they change (1 where that is zero), v so that u v^T is of the
+    size of the reader's weight; so float64 keeps the logits to rounding.
+
     >>> from distsim.zoo.transformer import Transformer
     >>> cfg = TransformerConfig(d_model=8, heads=2, input_shape=(1, 12), patch=3)
     >>> _ = torch.manual_seed(0)
     >>> net = Transformer(cfg).double()
+    >>> moved = random_transformer_transform(cfg, net.state_dict(), seed=2)
     >>> twin = Transformer(cfg).double()
-    >>> _ = twin.load_state_dict(random_transformer_transform(cfg, net.state_dict(), seed=2))
+    >>> _ = twin.load_state_dict(moved)
     >>> x = torch.randn(4, 1, 12, dtype=torch.float64)
     >>> bool(torch.allclose(net(x), twin(x), atol=1e-9))
     True
+    >>> bool(torch.equal(moved["blocks.0.b_k"], net.state_dict()["blocks.0.b_k"]))
+    False
     """
     p = {k: v.clone() for k, v in state_dict.items()}
     gen = torch.Generator().manual_seed(int(seed))
@@ -237,7 +264,114 @@ def random_transformer_transform(cfg: TransformerConfig, state_dict: Mapping[str
         p[f"{b}.fc1.weight"] = p[f"{b}.fc1.weight"][perm] * a[:, None]
         p[f"{b}.fc1.bias"] = p[f"{b}.fc1.bias"][perm] * a
         p[f"{b}.fc2.weight"] = p[f"{b}.fc2.weight"][:, perm] / a[None]
+    # what the LayerNorms' affine parts, the softmax and the mean removal allow
+    _fold_layernorms(cfg, p, gen)
+    _shift_readers(cfg, p, gen)
+    _redraw_key_bias(cfg, p, gen)
+    _trade_value_bias(cfg, p, gen)
+    _add_stream_mean(cfg, p, gen)
     return p
+
+
+# (weight, bias, per head): a per-head weight is (heads, d, d_k) read as z W, else (out, d) as W z
+_Reader = tuple[str, str, bool]
+
+
+def _layernorm_readers(cfg: TransformerConfig) -> list[tuple[str, list[_Reader]]]:
+    """Each LayerNorm's prefix and the layers that read its output."""
+    out: list[tuple[str, list[_Reader]]] = []
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        out.append((f"{b}.ln1", [(f"{b}.w_{x}", f"{b}.b_{x}", True) for x in "qkv"]))
+        out.append((f"{b}.ln2", [(f"{b}.fc1.weight", f"{b}.fc1.bias", False)]))
+    out.append(("ln", [("head.weight", "head.bias", False)]))
+    return out
+
+
+def _rows(c: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """(d,) per stream coordinate -> broadcastable over a reader's input coordinates."""
+    return c[None, :, None] if per_head else c[None, :]
+
+
+def _normal(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """A standard normal draw of `shape` times the root mean square of `like` (1 where that is
+    zero), in like's dtype and device."""
+    rms = float(like.detach().double().pow(2).mean().sqrt()) if like.numel() else 0.0
+    z = torch.randn(shape, generator=gen, dtype=torch.float64) * (rms if rms > 0 else 1.0)
+    return z.to(like)
+
+
+def _fold_layernorms(cfg: TransformerConfig, p: dict[str, torch.Tensor],
+                     gen: torch.Generator) -> None:
+    """Per LayerNorm and coordinate, gamma and beta times c (|c| log-uniform in [1/2, 2], sign
+    random), its readers' rows divided by c: the output z becomes c z, and z W is kept."""
+    for ln, readers in _layernorm_readers(cfg):
+        sign = torch.where(torch.rand(cfg.d_model, generator=gen) < 0.5, -1.0, 1.0)
+        c = (_log_uniform(cfg.d_model, gen, 2.0) * sign.double()).to(p[f"{ln}.weight"])
+        for part in ("weight", "bias"):
+            p[f"{ln}.{part}"] = p[f"{ln}.{part}"] * c
+        for w, _, per_head in readers:
+            p[w] = p[w] / _rows(c.to(p[w]), per_head)
+
+
+def _shift_readers(cfg: TransformerConfig, p: dict[str, torch.Tensor],
+                   gen: torch.Generator) -> None:
+    """Per LayerNorm z = gamma n + beta (sum(n) = 0, so u . z = u . beta for u = 1 / gamma) and
+    reader, W gains u v^T (v random, like the reader's bias in shape) and the bias -(u . beta) v.
+    v is scaled so that u v^T is of the size of W. A LayerNorm with a zero gamma is left alone."""
+    for ln, readers in _layernorm_readers(cfg):
+        gamma, beta = p[f"{ln}.weight"], p[f"{ln}.bias"]
+        if not bool((gamma != 0).all()):
+            continue
+        u = 1.0 / gamma
+        u_rms = float(u.double().pow(2).mean().sqrt())
+        for w, bias, per_head in readers:
+            v = _normal(tuple(p[bias].shape), gen, p[w]) / u_rms
+            if per_head:  # (heads, d, d_k) + u (d,) x v (heads, d_k)
+                p[w] = p[w] + u[None, :, None] * v[:, None, :]
+            else:  # (out, d) + v (out,) x u (d,)
+                p[w] = p[w] + v[:, None] * u[None, :]
+            p[bias] = p[bias] - (u @ beta) * v
+
+
+def _redraw_key_bias(cfg: TransformerConfig, p: dict[str, torch.Tensor],
+                     gen: torch.Generator) -> None:
+    """Every block's b_K replaced by random values (of its size): the softmax ignores it."""
+    for i in range(cfg.depth):
+        key = f"blocks.{i}.b_k"
+        p[key] = _normal(tuple(p[key].shape), gen, p[key])
+
+
+def _trade_value_bias(cfg: TransformerConfig, p: dict[str, torch.Tensor],
+                      gen: torch.Generator) -> None:
+    """Every block's b_V[h] + e_h (e random) and b_O - sum_h e_h W_O[h]: only
+    b_O + sum_h b_V[h] W_O[h] enters, the attention weights summing to 1."""
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        e = _normal(tuple(p[f"{b}.b_v"].shape), gen, p[f"{b}.b_v"])
+        p[f"{b}.b_v"] = p[f"{b}.b_v"] + e
+        p[f"{b}.b_o"] = p[f"{b}.b_o"] - torch.einsum("hk,hkd->d", e, p[f"{b}.w_o"])
+
+
+def _add_stream_mean(cfg: TransformerConfig, p: dict[str, torch.Tensor],
+                     gen: torch.Generator) -> None:
+    """Every writer of the residual stream gains random multiples of the all-ones vector, per
+    token and per input: every reader of the stream is a LayerNorm, which removes the mean."""
+    def add(key: str, shape: tuple[int, ...]) -> None:
+        # shape: the multiples, broadcast over the stream axis (the weight's last or first)
+        p[key] = p[key] + _normal(shape, gen, p[key])
+
+    add("embed.weight", (1, cfg.token_width))  # (d, token_width): 1 w^T
+    add("embed.bias", (1,))
+    add("pos", (cfg.tokens, 1))  # (T, d): a constant per token
+    if "cls" in p:
+        add("cls", (1,))
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        add(f"{b}.w_o", (cfg.heads, cfg.d_k, 1))  # (heads, d_k, d): per head and row
+        add(f"{b}.b_o", (1,))
+        add(f"{b}.fc2.weight", (1, cfg.hidden))  # (d, hidden): 1 w^T
+        add(f"{b}.fc2.bias", (1,))
 
 
 def _invertible(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -116,8 +116,8 @@ def _check(cfg: TransformerConfig, a: StateDict, b: StateDict, method: str, upto
 @given(seed=st.integers(0, 2**31 - 1))
 def test_the_group_moves_raw_only(cfg: TransformerConfig, seed: int) -> None:
     """random_transformer_transform (stream and head permutations, the per-head A and B, the
-    MLP's permutation and ReLU rescaling) keeps chain-gram, gram, aligned and cka at every layer;
-    raw moves at every layer."""
+    MLP's permutation and ReLU rescaling, the LayerNorm and bias parts) keeps chain-gram, gram,
+    aligned and cka at every layer; raw moves at every layer."""
     sd = _state(cfg, seed % 997)
     moved = random_transformer_transform(cfg, sd, seed)
     assert _function_change(cfg, sd, moved) < 1e-8
@@ -206,20 +206,22 @@ def _stream_mean(cfg: TransformerConfig, p: StateDict, gen: torch.Generator) -> 
         p[b + "fc2.bias"] = p[b + "fc2.bias"] + rnd(d)[:1]
 
 
-# symmetries outside random_transformer_transform's group: (transform, first layer it touches)
-HIDDEN = {"layernorm fold": (_fold, 1), "reader shift": (_reader_shift, 1),
+# the five LayerNorm and bias parts of the group (random_transformer_transform draws them
+# with the rest), each applied alone here: (transform, first layer it touches)
+PARTS = {"layernorm fold": (_fold, 1), "reader shift": (_reader_shift, 1),
           "key bias": (_key_bias, 1), "value bias": (_value_bias, 1),
           "stream mean": (_stream_mean, 0)}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
-@pytest.mark.parametrize("name", list(HIDDEN))
-def test_symmetries_outside_the_group_move_raw_only(cfg: TransformerConfig, name: str) -> None:
-    """Five function-preserving changes the drawn group lacks (HIDDEN): chain-gram, gram,
-    aligned and cka stay at every layer, raw moves from the first layer they touch."""
+@pytest.mark.parametrize("name", list(PARTS))
+def test_each_layernorm_and_bias_part_alone_moves_raw_only(cfg: TransformerConfig,
+                                                          name: str) -> None:
+    """Each of the group's five LayerNorm and bias parts alone (PARTS): chain-gram, gram,
+    aligned and cka stay at every layer, raw moves from the first layer it touches."""
     sd = _state(cfg, 3)
     moved = dict(sd)
-    transform, first = HIDDEN[name]
+    transform, first = PARTS[name]
     transform(cfg, moved, torch.Generator().manual_seed(5))
     assert _function_change(cfg, sd, moved) < 1e-8
     for upto in range(first, len(transformer_layers(cfg))):

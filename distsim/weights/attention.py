@@ -5,7 +5,8 @@ positions and class token; ``attnI`` after block I's attention add; ``mlpI`` aft
 ``out`` the logits. A stream layer's units are tokens x d, token-major. The drawn group
 (distsim.symmetries.random_transformer_transform): a stream permutation, per block a head
 permutation, per head A (W_Q A, W_K A^-T) and B (W_V B, B^-1 W_O), MLP unit permutations and ReLU
-rescalings. Five more function-preserving changes (tests/test_transformer_features.py, HIDDEN):
+rescalings, and five more function-preserving changes, each also tested alone
+(tests/test_transformer_features.py, PARTS; docs/explanation/transformer-symmetries.md):
 (1) a LayerNorm's gamma times c per coordinate and beta moved, its readers' rows / c and biases
 moved (only diag(gamma) W and beta W + b enter); (2) a reader of z = gamma n + beta gaining u v^T,
 u = 1 / gamma, its bias -(u . beta) v (sum(n) = 0); (3) any b_K (it adds q_t . b_K to every score
