@@ -1,5 +1,6 @@
-"""A small residual CNN with BatchNorm (issue 23's ``kind = "resnet"``, not yet an arch kind of
-a study): the network, its BatchNorm folded into the convolutions, and its layout.
+"""A small residual CNN with BatchNorm (``kind = "resnet"`` of an ``[[arch]]``): the network,
+its BatchNorm folded into the convolutions, its layout, its packed forward and its BatchNorm
+statistics computed from trained weights.
 
     stem:   conv3 (C_0) -> BN -> ReLU
     stage s (width C_s, `blocks` basic blocks; the first of stage s > 0 halves the resolution):

@@ -1,5 +1,5 @@
-"""A small pre-LayerNorm transformer encoder classifier (issue 23's ``kind = "transformer"``,
-not yet an arch kind of a study), its attention written out per head so that its weight-space
+"""A small pre-LayerNorm transformer encoder classifier (``kind = "transformer"`` of an
+``[[arch]]``), its attention written out per head so that its weight-space
 symmetries are visible.
 
     tokens: x (B, C, L) cut into L / patch patches of C * patch values -> linear embedding (d)
