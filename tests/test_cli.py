@@ -115,7 +115,7 @@ def test_validate_every_job(job):
         (study_toml(CLI, train={"epochs": None, "epoch": 1}),
          "error: train.epoch: unknown key; allowed:"),
         (study_toml(CLI, arch=[MLP, {**CNN, "kind": 3}]),
-         "error: arch[1].kind: must be one of mlp, cnn, rnn, got integer 3"),
+         "error: arch[1].kind: must be one of mlp, cnn, rnn, resnet, transformer, got integer 3"),
         (study_toml(CLI, train=None, trian=CLI["train"]), "error: trian: unknown key"),
         (STUDY.replace("[data]", "[data"), "error: invalid TOML"),
         (study_toml(CLI, data={"num_tasks": -2}),
