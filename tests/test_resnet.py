@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _nets import random_batchnorms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,15 +25,7 @@ def _net(cfg: ResNetConfig, seed: int) -> ResNet:
     """A float64 ResNet whose BatchNorms have random affine maps and running statistics (the
     defaults, gamma 1, beta 0, mean 0, var 1, would hide a mistake in moving them)."""
     torch.manual_seed(seed)
-    net = ResNet(cfg).double()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.weight.uniform_(0.5, 2.0)
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.2, 3.0)
-    return net
+    return random_batchnorms(ResNet(cfg).double())
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.channels}x{c.blocks}-{c.dims}d")

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from _nets import random_batchnorms
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -62,16 +63,7 @@ def _net(cfg: ResNetConfig, seed: int) -> ResNet:
     (beta >= 0 and small means, so that few channels are dead on the probe: a scale of a layer
     with one live channel would be a global scale, which cka cannot see)."""
     torch.manual_seed(seed)
-    net = ResNet(cfg).double()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.weight.uniform_(0.5, 2.0)
-                m.bias.uniform_(0.0, 1.0)
-                assert m.running_mean is not None and m.running_var is not None
-                m.running_mean.normal_(0.0, 0.3)
-                m.running_var.uniform_(0.2, 3.0)
-    return net.eval()
+    return random_batchnorms(ResNet(cfg).double(), beta=(0.0, 1.0), mean_std=0.3).eval()
 
 
 def _sd(cfg: ResNetConfig, seed: int) -> dict[str, torch.Tensor]:
