@@ -46,13 +46,20 @@ def test_a_checkpoint_is_the_model_a_shorter_run_trains(arch: ArchConfig) -> Non
         assert _equal(saved.checkpoints[0].state_dict, init)
 
 
-def test_init_scale_scales_weight_matrices_and_kernels_not_biases() -> None:
-    arch = ARCHS[1].with_task_shape(TASK.input_shape, TASK.num_classes)
+@pytest.mark.parametrize("arch", [ARCHS[1], ArchConfig(kind="transformer", d_model=4, hidden=6),
+                                  ArchConfig(kind="resnet", channels=(2, 3))],
+                         ids=["cnn", "transformer", "resnet"])
+def test_init_scale_scales_weight_matrices_and_kernels_not_biases(arch: ArchConfig) -> None:
+    """(A ResNet's BatchNorm statistics are computed from the scaled weights: parameters
+    only. A transformer's per-head biases b_Q, b_K, b_V are (heads, d_k) but biases; they start
+    at zero, so here only its matrices, positions and class token are told apart.)"""
+    arch = arch.with_task_shape(TASK.input_shape, TASK.num_classes)
     r = train_pack(TASK, arch, [7], TrainConfig(epochs=1, init_scale=2.5, save_epochs=(0,)))
-    init = init_model(arch, 7).state_dict()
+    init = init_model(arch, 7)
     got = r[0].checkpoints[0].state_dict
-    for name, value in init.items():
-        want = value * 2.5 if value.dim() >= 2 else value
+    for name, value in init.named_parameters():
+        bias = value.dim() < 2 or name.rpartition(".")[2].startswith("b_")
+        want = value.detach() * (1.0 if bias else 2.5)
         torch.testing.assert_close(got[name], want, rtol=0, atol=0)
 
 

@@ -31,8 +31,8 @@ class TrainConfig:
         columns; without it only the last epoch has them, from the final evaluation). It costs
         a forward pass over the test split per epoch (benchmarks/bench_history.py).
     init_scale: every weight matrix and kernel (a parameter of 2 or more dimensions; biases
-        are left) of the freshly initialized network is multiplied by it: the initialization's
-        scale, a factor a [sweep] can vary.
+        are left, a transformer's per-head b_Q, b_K, b_V included) of the freshly initialized
+        network is multiplied by it: the initialization's scale, a factor a [sweep] can vary.
     save_epochs: the epochs whose checkpoints are kept besides the last (0 = the
         initialization): each is a model of its own (``<arch>-t<task>-s<seed>-e<epoch>``,
         models.epoch), and the features, pairs and tests are computed per epoch.

@@ -146,8 +146,8 @@ def train_pack(
     models = [init_model(arch, s) for s in (seeds if init_seeds is None else init_seeds)]
     template, k = models[0], len(seeds)
     params = _stack(models, device, dtype)  # (K, *shape) per parameter, row i = seed i
-    for p in params.values():  # TrainConfig.init_scale: weight matrices and kernels, not biases
-        if p.dim() > 2:  # (K, out, in, ...): a matrix or kernel of every seed
+    for name, p in params.items():  # TrainConfig.init_scale: matrices and kernels, not biases
+        if p.dim() > 2 and not name.rpartition(".")[2].startswith("b_"):  # (K, out, in, ...)
             p.mul_(cfg.init_scale)
     saved: dict[int, tuple[dict[str, torch.Tensor], set[int]]] = {}  # epoch -> (K,...), diverged
     if 0 in cfg.save_epochs:
