@@ -108,10 +108,10 @@ def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k
     D = stats.distance_block(X[si], None if diagonal else X[sj], metric)
     summary = tile_summary(D, tasks[si], tasks[sj], diagonal)
     rows_i = np.arange(si.start, si.stop)
-    idx, dist = stats.block_topk(D, k, si.start, sj.start)
     if diagonal:
+        idx, dist = stats.block_topk(D, k, si.start, sj.start)
         return summary, rows_i, idx, dist
-    idx_j, dist_j = stats.block_topk(D.T, k, sj.start, si.start)
+    (idx, dist), (idx_j, dist_j) = stats.tile_topk(D, k, si.start, sj.start)  # one pass
     rows = np.concatenate([rows_i, np.arange(sj.start, sj.stop)])
     return summary, rows, np.concatenate([idx, idx_j]), np.concatenate([dist, dist_j])
 

@@ -15,10 +15,8 @@ if TYPE_CHECKING:
     from distsim.config.choices import LEARNERS, METRICS, PROTOCOLS
     from distsim.stats.dispersion import geometric_median, permdisp, permdisp_features
     from distsim.stats.distances import (
-        block_topk,
         distance_block,
         distance_frame,
-        merge_topk,
         pairwise_distances,
         topk_neighbors,
         upper_tiles,
@@ -31,6 +29,7 @@ if TYPE_CHECKING:
         htt_prepare,
     )
     from distsim.stats.multiple_testing import q_values
+    from distsim.stats.neighbors import block_topk, merge_topk, tile_topk
     from distsim.stats.permanova_multiterm import (
         TermRow,
         TermsDesign,
@@ -67,7 +66,7 @@ if TYPE_CHECKING:
     from distsim.stats.scoring import expected_ap, expected_cmc
 
 _MODULES = {  # name -> the module that defines it (a test keeps it equal to __all__)
-    "block_topk": "distsim.stats.distances",
+    "block_topk": "distsim.stats.neighbors",
     "distance_block": "distsim.stats.distances",
     "distance_frame": "distsim.stats.distances",
     "euclidean_basis": "distsim.stats.permutational_anova",
@@ -81,7 +80,7 @@ _MODULES = {  # name -> the module that defines it (a test keeps it equal to __a
     "HTTOptions": "distsim.stats.hypothesis_training",
     "HTTResult": "distsim.stats.hypothesis_training",
     "LEARNERS": "distsim.config.choices",
-    "merge_topk": "distsim.stats.distances",
+    "merge_topk": "distsim.stats.neighbors",
     "METRICS": "distsim.config.choices",
     "p_value": "distsim.stats.permutation",
     "pairwise_distances": "distsim.stats.distances",
@@ -111,6 +110,7 @@ _MODULES = {  # name -> the module that defines it (a test keeps it equal to __a
     "tile_pseudo_f": "distsim.stats.permanova_tiled",
     "tile_within_sums": "distsim.stats.permanova_tiled",
     "TileSums": "distsim.stats.permanova_tiled",
+    "tile_topk": "distsim.stats.neighbors",
     "topk_neighbors": "distsim.stats.distances",
     "upper_tiles": "distsim.stats.distances",
 }
@@ -159,6 +159,7 @@ __all__ = [
     "terms_design",
     "tile_pseudo_f",
     "tile_within_sums",
+    "tile_topk",
     "topk_neighbors",
     "upper_tiles",
 ]

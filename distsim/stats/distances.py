@@ -14,20 +14,20 @@ measured errors are ~1e-7 (benchmarks/bench_core.py prints one).
 
 Cosine distance is 1 - cos(x, y) = |x/|x| - y/|y||^2 / 2: the same computation on unit vectors.
 
-Top-k neighbours stream over blocks: each block gives per-row partial top-k lists
-(`block_topk`) that `merge_topk` combines, so no N x N matrix is held. Ties are broken by the
+Top-k neighbours (`topk_neighbors`) stream over blocks: each block gives per-row partial top-k
+lists that merge (distsim.stats.neighbors), so no N x N matrix is held. Ties are broken by the
 smaller index, so results are deterministic and equal to a stable sort of each full row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
 from distsim.config.choices import METRICS
+from distsim.stats.neighbors import block_topk, merge_topk, tile_topk
 
 DEFAULT_BLOCK = 1280  # rows per block: large GEMMs; diagonal blocks are split further
 _MIN_TILE = 256
@@ -40,8 +40,6 @@ TAU32 = _GEMM_ERROR * _U32 / _RTOL_D2  # ~0.095: float32 d2 below this fraction 
 TAU64 = _GEMM_ERROR * _U64 / _RTOL_D2  # ~1.8e-10: float64 d2 below this fraction -> direct
 
 _DIRECT_COST = 4.0  # one direct pair ~ 4 float64-GEMM pairs (numba kernel vs dgemm, D=2048)
-
-_PAD_KEY = np.iinfo(np.int64).max  # top-k padding: index -1, distance inf
 
 
 @dataclass(frozen=True)
@@ -419,84 +417,6 @@ def pairwise_distances(
 # top-k neighbours
 
 
-def _keys(indices: np.ndarray, distances: np.ndarray) -> np.ndarray:
-    """int64 sort keys (distance bits, index): order = by distance, then by smaller index.
-
-    Non-negative float32 values keep their order when read as int32 bits; padding (-1) sorts last.
-    """
-    d = np.asarray(distances, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0
-    idx = np.asarray(indices, dtype=np.int64)
-    keys = (d.view(np.int32).astype(np.int64) << 32) | idx
-    keys[idx < 0] = _PAD_KEY
-    return keys
-
-
-def _select(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k smallest keys of each row, sorted -> (indices (n, k) int64, distances (n, k) f32)."""
-    if keys.shape[1] > k:
-        keys = np.partition(keys, k - 1, axis=1)[:, :k]
-    keys = np.sort(keys, axis=1)
-    if keys.shape[1] < k:
-        pad = np.full((keys.shape[0], k - keys.shape[1]), _PAD_KEY, dtype=np.int64)
-        keys = np.concatenate([keys, pad], axis=1)
-    pad = keys == _PAD_KEY
-    indices = keys & 0xFFFFFFFF
-    distances = (keys >> 32).astype(np.int32).view(np.float32)
-    indices[pad] = -1
-    distances[pad] = np.inf
-    return indices, distances
-
-
-def block_topk(
-    block: np.ndarray, k: int, row_start: int, col_start: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Partial top-k of a distance block (n_I, n_J) whose rows/columns start at global indices
-    row_start/col_start -> (indices (n_I, k) int64 global, distances (n_I, k) float32).
-
-    A row's own index is excluded; rows with fewer than k candidates are padded (-1, inf).
-
-    >>> D = pairwise_distances(np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]))
-    >>> idx, dist = block_topk(D[:, 2:], 1, row_start=0, col_start=2)  # the block of column 2
-    >>> idx.tolist(), dist.tolist()  # row 2 has no candidate but itself: padded
-    ([[2], [2], [-1]], [[10.0], [5.0], [inf]])
-    """
-    block = np.asarray(block, dtype=np.float32)
-    if block.ndim != 2:
-        raise ValueError(f"block must be 2-D, got shape {block.shape}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not (block >= 0).all():
-        raise ValueError("block must hold non-negative distances (no NaN)")
-    n_i, n_j = block.shape
-    cols = np.arange(col_start, col_start + n_j, dtype=np.int64)
-    keys = _keys(np.broadcast_to(cols, block.shape), block)
-    rows = np.arange(row_start, row_start + n_i, dtype=np.int64)
-    self_r, self_c = np.nonzero(rows[:, None] == cols[None, :])
-    keys[self_r, self_c] = _PAD_KEY
-    return _select(keys, k)
-
-
-def merge_topk(
-    indices: Sequence[np.ndarray], distances: Sequence[np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Combine partial top-k lists of the same rows (each (n, k_p) from `block_topk` or an
-    earlier merge) -> (indices (n, k) int64, distances (n, k) float32), nearest first.
-
-    >>> D = pairwise_distances(np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]))
-    >>> left = block_topk(D[:, :2], 1, 0, 0)  # columns 0-1
-    >>> right = block_topk(D[:, 2:], 1, 0, 2)  # column 2
-    >>> idx, dist = merge_topk([left[0], right[0]], [left[1], right[1]], 1)
-    >>> idx.tolist(), dist.tolist()  # row 1: rows 0 and 2 tie at 5, the smaller index wins
-    ([[1], [0], [1]], [[5.0], [5.0], [5.0]])
-    """
-    if len(indices) != len(distances) or not indices:
-        raise ValueError("merge_topk needs the same positive number of index and distance arrays")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    keys = np.concatenate([_keys(i, d) for i, d in zip(indices, distances, strict=True)], axis=1)
-    return _select(keys, k)
-
-
 def topk_neighbors(
     X: np.ndarray, k: int, metric: str = "euclidean", block: int = DEFAULT_BLOCK
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -519,9 +439,10 @@ def topk_neighbors(
     for i0, i1, j0, j1 in upper_tiles(n, block):
         bi, bj = slice(i0, i1), slice(j0, j1)
         d = _finish(_sq_block(_rows(a, bi), _rows(a, bj), diagonal=(i0 == j0)), metric, unit)
-        pi, pd = block_topk(d, k, i0, j0)
+        if i0 == j0:
+            pi, pd = block_topk(d, k, i0, j0)
+        else:  # the rows' and the columns' lists in one pass
+            (pi, pd), (qi, qd) = tile_topk(d, k, i0, j0)
+            best_i[bj], best_d[bj] = merge_topk([best_i[bj], qi], [best_d[bj], qd], k)
         best_i[bi], best_d[bi] = merge_topk([best_i[bi], pi], [best_d[bi], pd], k)
-        if i0 != j0:
-            pi, pd = block_topk(d.T, k, j0, i0)
-            best_i[bj], best_d[bj] = merge_topk([best_i[bj], pi], [best_d[bj], pd], k)
     return best_i, best_d
