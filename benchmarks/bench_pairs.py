@@ -1,0 +1,219 @@
+"""Where the pairs stage's time goes, against the GEMM bound measured in the same run.
+
+Two parts, one run, printed as tables:
+
+* ``tile``: one off-diagonal tile (block x block rows of synthetic float32 features of width
+  D) in-process, one thread: the float32 GEMM X_I X_J^T (the bound), ``distance_block``,
+  ``tile_summary`` (the intra/inter sums), the top-k lists of the rows and of the columns by
+  the NumPy route the pairs stage used before (int64 keys of the block, ``argpartition`` of it
+  and of its transpose) and by ``tile_topk`` (one numba pass), and ``compute_tile`` whole.
+* ``stage``: the paper's MLP study on digits (45 pair-tasks x 100 seeds = 4,500 models,
+  chain-gram and raw at fc1, fc2, out: feature widths 2,145 / 4,160 / 2,145 / 8,320 / 130 /
+  8,450; block 1024, top_k 10), trained and featurized once into ``--work``; then the pairs
+  stage alone (``distsim launch --stages pairs`` on a copy of that store without its pairs
+  and neighbours) for this checkout and, with ``--base REV``, for a git worktree of REV, side
+  by side. Its rate is N^2 x sum(D) flops (the distance GEMMs of all pairs) over the stage's
+  seconds, beside the float32 GEMM rate of this machine with every thread, measured in the
+  same run.
+
+    .venv/bin/python benchmarks/bench_pairs.py [--parts tile stage] [--base a50c9e3]
+        [--work /tmp/bench_pairs] [--block 2048] [--dim 2145]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = """
+[study]
+name = "bench-pairs"
+seed = 0
+store = "{store}"
+
+[data]
+dataset = "digits"
+num_tasks = 45
+pairing = "random"
+test_fraction = 0.25
+
+[[arch]]
+name = "mlp"
+kind = "mlp"
+widths = [64, 64]
+
+[train]
+seeds_per_task = 100
+seeds_per_trial = 25
+epochs = 10
+batch_size = 32
+lr = 0.05
+momentum = 0.9
+
+[features]
+methods = ["chain-gram", "raw"]
+layers = "all"
+
+[tests]
+protocols = ["closed-set"]
+permutations = 9
+permanova_permutations = 9
+
+[pairs]
+top_k = 10
+block = 1024
+metric = "euclidean"
+"""
+
+
+def best_of(f, repeat: int = 3) -> float:
+    """The fastest of `repeat` calls of f(), in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_rate(n: int = 2048, d: int = 2145) -> float:
+    """float32 GFLOP/s of one (n x d) (d x n) product with numpy's BLAS, as threaded as it is."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, d), dtype=np.float32)
+    b = rng.standard_normal((n, d), dtype=np.float32)
+    return 2 * n * n * d / best_of(lambda: a @ b.T, 5) / 1e9
+
+
+def old_topk(block: np.ndarray, k: int, r0: int, c0: int) -> None:
+    """The NumPy route the stage used before stats.neighbors: keys of the block and of its
+    transpose, each partitioned."""
+    from distsim.stats.neighbors import _keys, _select
+
+    for blk, a, b in ((block, r0, c0), (block.T, c0, r0)):
+        rows, cols = np.arange(a, a + blk.shape[0]), np.arange(b, b + blk.shape[1])
+        keys = _keys(np.broadcast_to(cols, blk.shape), blk)
+        keys[rows[:, None] == cols[None, :]] = np.iinfo(np.int64).max
+        _select(keys, k)
+
+
+def tile(block: int, dim: int, k: int = 10) -> list[list[str]]:
+    from threadpoolctl import threadpool_limits
+
+    from distsim import stats
+    from distsim.pipeline.pairs import compute_tile, tile_summary
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2 * block, dim), dtype=np.float32)
+    tasks = rng.integers(0, 45, 2 * block)
+    a, b = x[:block], x[block:]
+    with threadpool_limits(1):
+        stats.tile_topk(np.ones((4, 4), np.float32), 2, 0, 4)  # compile (or load) the kernel
+        d = stats.distance_block(a, b)
+        times = {
+            "GEMM X_I X_J^T (the bound)": best_of(lambda: a @ b.T),
+            "distance_block": best_of(lambda: stats.distance_block(a, b)),
+            "tile_summary": best_of(lambda: tile_summary(d, tasks[:block], tasks[block:], False)),
+            "top-k, NumPy route (before)": best_of(lambda: old_topk(d, k, 0, block)),
+            "top-k, tile_topk (now)": best_of(lambda: stats.tile_topk(d, k, 0, block)),
+            "compute_tile (now)": best_of(lambda: compute_tile(x, tasks, 0, 1, block, k,
+                                                               "euclidean")),
+        }
+    bound = times["GEMM X_I X_J^T (the bound)"]
+    return [[name, f"{t:.4f}", f"{t / bound:.2f}"] for name, t in times.items()]
+
+
+def prepare(work: Path) -> Path:
+    """The study's store with zoo and features done (made once, kept in `work`)."""
+    study = work / "study.toml"
+    work.mkdir(parents=True, exist_ok=True)
+    study.write_text(STUDY.format(store=work / "store"))
+    subprocess.run([str(ROOT / ".venv/bin/distsim"), "launch", str(study),  # idempotent
+                    "--stages", "zoo,features"], check=True)
+    return study
+
+
+def pairs_seconds(work: Path, study: Path, repo: Path, label: str) -> float:
+    """The pairs stage's seconds with the code of `repo`, on a copy of the prepared store
+    without pairs and neighbours."""
+    store = work / f"store-{label}"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(work / "store", store, ignore=shutil.ignore_patterns("pairs", "neighbors"))
+    copy = work / f"study-{label}.toml"
+    copy.write_text(study.read_text().replace(str(work / "store"), str(store)))
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "distsim.cli", "launch", str(copy), "--stages",
+                    "pairs"], check=True, env=env, cwd=repo)
+    wall = time.perf_counter() - start
+    sys.path.insert(0, str(ROOT))
+    import distsim
+
+    recorded = distsim.open(store).store.stages()["pairs"]["seconds"]
+    print(f"  {label}: pairs stage {recorded:.1f} s (launch wall {wall:.1f} s)", flush=True)
+    return float(recorded)
+
+
+def stage(work: Path, base: str | None) -> list[list[str]]:
+    study = prepare(work)
+    import distsim
+
+    res = distsim.open(work / "store")
+    n = res.models().height
+    widths = [res.features("mlp", layer, method)[2].shape[1]
+              for layer in res.study.feature_layers("mlp") for method in ("chain-gram", "raw")]
+    flops = float(n) ** 2 * sum(widths)
+    rate = gemm_rate()
+    runs = [("now", ROOT)]
+    if base:
+        tree = work / f"base-{base}"
+        if not tree.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
+                            base], check=True)
+        runs.insert(0, (f"base {base}", tree))
+    rows = []
+    for label, repo in runs:
+        seconds = pairs_seconds(work, study, repo, label.replace(" ", "-"))
+        achieved = flops / seconds / 1e9
+        rows.append([label, f"{n}", f"{sum(widths)}", f"{seconds:.1f}", f"{achieved:.1f}",
+                     f"{rate:.0f}", f"{100 * achieved / rate:.1f}%"])
+    return rows
+
+
+def show(head: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["tile", "stage"],
+                        choices=["tile", "stage"])
+    parser.add_argument("--base", default=None, help="a git revision to time beside this one")
+    parser.add_argument("--work", default="/tmp/bench_pairs")
+    parser.add_argument("--block", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=2145)
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f}; cores {os.cpu_count()}", flush=True)
+    if "tile" in args.parts:
+        print(f"\n## one tile: {args.block} x {args.block} rows, D = {args.dim}, one thread\n")
+        show(["step", "seconds", "x GEMM"], tile(args.block, args.dim))
+    if "stage" in args.parts:
+        print("\n## the pairs stage, the paper's MLP study (digits)\n")
+        rows = stage(Path(args.work), args.base)
+        show(["code", "N", "sum D", "pairs s", "GFLOP/s", "GEMM GFLOP/s", "of GEMM"], rows)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
