@@ -178,13 +178,30 @@ def stage(work: Path, base: str | None) -> list[list[str]]:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
                             base], check=True)
         runs.insert(0, (f"base {base}", tree))
-    rows = []
+    rows, stores = [], []
     for label, repo in runs:
+        stores.append(work / f"store-{label.replace(' ', '-')}")
         seconds = pairs_seconds(work, study, repo, label.replace(" ", "-"))
         achieved = flops / seconds / 1e9
         rows.append([label, f"{n}", f"{sum(widths)}", f"{seconds:.1f}", f"{achieved:.1f}",
                      f"{rate:.0f}", f"{100 * achieved / rate:.1f}%"])
+    if len(stores) == 2:
+        print(f"  pairs and neighbours tables equal, every column: {same_tables(*stores)}")
     return rows
+
+
+def same_tables(a: Path, b: Path) -> bool:
+    """Whether two stores' pairs and neighbors tables hold the same rows (sorted by their
+    keys; every value compared exactly)."""
+
+    from distsim.store import Store
+
+    for table, keys in (("pairs", ["arch", "layer", "method", "block_i", "block_j"]),
+                        ("neighbors", ["arch", "layer", "method", "model_id", "rank"])):
+        x, y = (Store(p).scan(table).collect().sort(keys) for p in (a, b))
+        if x.height == 0 or not x.equals(y):
+            return False
+    return True
 
 
 def show(head: list[str], rows: list[list[str]]) -> None:

@@ -232,8 +232,8 @@ def outputs(study: Study, store: Store) -> Outputs:
 
 
 def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
-    """Compute the pending tiles of every feature matrix with Ray Data jobs (a pool of half
-    the cluster's CPUs); write pairs and neighbors.
+    """Compute the pending tiles of every feature matrix with Ray Data jobs (a pool of a tile
+    actor per CPU of the cluster); write pairs and neighbors.
 
     A tile that fails is computed again in the next round, up to ``resources.max_failures``
     times; a tile that still fails is left pending (with the neighbour blocks it touches) and
@@ -291,7 +291,7 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 # 2.60, still honoured): a tile actor that dies fails the job. With restarts
                 # on, Ray logs an error line about the constructor's args.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                ds = _tile_dataset(round_tiles, max(1, ctx.cpus // 2), refs, keys, store, block,
+                ds = _tile_dataset(round_tiles, max(1, ctx.cpus), refs, keys, store, block,
                                    k, metric)
             errors: dict[int, str] = {}
             try:
@@ -331,12 +331,17 @@ def quiet_ray_data() -> None:
 
 def _tile_dataset(todo: list[tuple[int, int, int]], pool_size: int, refs: list[Any],
                   keys: list[MatrixKey], store: Store, block: int, k: int, metric: str) -> Any:
-    """The Ray Data pipeline: tile ids -> _TileWorker actors (pool of pool_size, 1 CPU each)."""
+    """The Ray Data pipeline: tile ids -> _TileWorker actors (pool of pool_size, 1 CPU each).
+
+    The ids are a materialized dataset (from_items), not a read (range): a read's tasks need
+    a CPU of their own, so a pool of every CPU waited for them forever (measured: a 2-CPU
+    launch hung), and the pool had to be half the CPUs."""
     import ray.data
 
     tiles = np.asarray(todo, dtype=np.int64)
     blocks = min(len(todo), 8 * pool_size)
-    return ray.data.range(len(todo), override_num_blocks=blocks).map_batches(
+    ids = ray.data.from_items([{"id": t} for t in range(len(todo))], override_num_blocks=blocks)
+    return ids.map_batches(
         _TileWorker,
         fn_constructor_kwargs={"refs": refs, "matrices": keys, "tiles": tiles,
                                "store_root": str(store.root), "block": block, "k": k,
