@@ -173,3 +173,14 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         chain_normalize_state([], cfg)
     assert layer_plan(build(cfg)).layers == ("fc1", "out")
+
+
+@pytest.mark.parametrize("kind", ["resnet", "transformer"])
+def test_a_resnet_or_transformer_state_dict_is_refused_not_returned_unchanged(kind: str) -> None:
+    """Their normalizations act on the folded convolutions / MLP units inside their feature
+    modules; chain_normalize of the module would otherwise hand the weights back as they are."""
+    cfg = ArchConfig(kind=kind, input_shape=(1, 8), channels=(2, 3), patch=2)
+    with pytest.raises(ValueError, match=f"chain normalization of a {kind}"):
+        chain_normalize(build(cfg))
+    with pytest.raises(ValueError, match=f"chain normalization of a {kind}"):
+        chain_normalize_state([build(cfg).state_dict()], cfg)

@@ -413,8 +413,15 @@ def _normalize_gru(plan: Plan, p: dict[str, torch.Tensor]) -> None:
 def normalize_stacked(plan: Plan, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Chain-normalize a dict of (K, ...) tensors laid out as ``plan``; same keys and dtypes out.
 
-    The arithmetic runs in float64 (the norms of long rows), results are cast back.
+    The arithmetic runs in float64 (the norms of long rows), results are cast back. A ResNet's
+    or transformer's plan is refused: their normalizations act on other weights (the ResNet's
+    BatchNorm-folded convolutions, distsim.weights.residual.resnet_chain_normalize; the
+    transformer's MLP units, inside distsim.weights.attention).
     """
+    if plan.kind in ("resnet", "transformer"):
+        raise ValueError(f"chain normalization of a {plan.kind}'s state dict is not defined: "
+                         "its features normalize inside distsim.weights."
+                         f"{'residual' if plan.kind == 'resnet' else 'attention'}")
     _check_keys(plan, stacked)
     p = {
         k: v.detach().to(torch.float64) if v.is_floating_point() else v
