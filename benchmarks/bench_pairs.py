@@ -12,9 +12,10 @@ Two parts, one run, printed as tables:
   8,450; block 1024, top_k 10), trained and featurized once into ``--work``; then the pairs
   stage alone (``distsim launch --stages pairs`` on a copy of that store without its pairs
   and neighbours) for this checkout and, with ``--base REV``, for a git worktree of REV, side
-  by side. Its rate is N^2 x sum(D) flops (the distance GEMMs of all pairs) over the stage's
-  seconds, beside the float32 GEMM rate of this machine with every thread, measured in the
-  same run.
+  by side (the worktree is removed at the end). Its rate is N^2 x sum(D) flops (the distance
+  GEMMs of all pairs) over the stage's seconds, beside the float32 GEMM rate of this machine
+  with every thread, measured in the same run; the two stores' pairs and neighbours tables
+  are compared value for value.
 
     .venv/bin/python benchmarks/bench_pairs.py [--parts tile stage] [--base a50c9e3]
         [--work /tmp/bench_pairs] [--block 2048] [--dim 2145]
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +76,7 @@ metric = "euclidean"
 """
 
 
-def best_of(f, repeat: int = 3) -> float:
+def best_of(f: Callable[[], object], repeat: int = 3) -> float:
     """The fastest of `repeat` calls of f(), in seconds."""
     best = float("inf")
     for _ in range(repeat):
@@ -179,15 +181,25 @@ def stage(work: Path, base: str | None) -> list[list[str]]:
                             base], check=True)
         runs.insert(0, (f"base {base}", tree))
     rows, stores = [], []
-    for label, repo in runs:
-        stores.append(work / f"store-{label.replace(' ', '-')}")
-        seconds = pairs_seconds(work, study, repo, label.replace(" ", "-"))
-        achieved = flops / seconds / 1e9
-        rows.append([label, f"{n}", f"{sum(widths)}", f"{seconds:.1f}", f"{achieved:.1f}",
-                     f"{rate:.0f}", f"{100 * achieved / rate:.1f}%"])
+    try:
+        for label, repo in runs:
+            stores.append(work / f"store-{label.replace(' ', '-')}")
+            seconds = pairs_seconds(work, study, repo, label.replace(" ", "-"))
+            rows.append(_rate_row(label, n, sum(widths), seconds, flops, rate))
+    finally:
+        if base:  # the worktree goes, and git forgets it
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(work / f"base-{base}")], check=False)
     if len(stores) == 2:
         print(f"  pairs and neighbours tables equal, every column: {same_tables(*stores)}")
     return rows
+
+
+def _rate_row(label: str, n: int, width: int, seconds: float, flops: float,
+              rate: float) -> list[str]:
+    achieved = flops / seconds / 1e9
+    return [label, f"{n}", f"{width}", f"{seconds:.1f}", f"{achieved:.1f}", f"{rate:.0f}",
+            f"{100 * achieved / rate:.1f}%"]
 
 
 def same_tables(a: Path, b: Path) -> bool:
