@@ -34,7 +34,7 @@ from distsim.config.arch import ArchConfig
 from distsim.weights.normalize import plan_for, symmetries
 from distsim.weights.recurrent import random_gru_symmetry
 from distsim.zoo.models import resnet_config, transformer_config
-from distsim.zoo.resnet import ResNetConfig, stream_layout
+from distsim.zoo.resnet import ResNetConfig, conv_of, stream_layout
 from distsim.zoo.transformer import TransformerConfig
 
 SCALE = 4.0  # rescaling factors are log-uniform in [1 / SCALE, SCALE]
@@ -150,7 +150,7 @@ def random_resnet_transform(cfg: ResNetConfig, state_dict: Mapping[str, torch.Te
     for stream in stream_layout(cfg):
         perm, a = draw(stream.width)
         for bn in stream.writers:
-            write(bn, _conv_of(bn), perm, a)
+            write(bn, conv_of(bn), perm, a)
         for key in stream.readers:
             read(key, perm, a)
     for i in range(cfg.blocks * len(cfg.channels)):
@@ -159,13 +159,6 @@ def random_resnet_transform(cfg: ResNetConfig, state_dict: Mapping[str, torch.Te
         write(f"{block}.bn1", f"{block}.conv1", perm, a)
         read(f"{block}.conv2.weight", perm, a)
     return p
-
-
-def _conv_of(bn: str) -> str:
-    """The conv before a BatchNorm prefix: stem.1 -> stem.0, blocks.i.bn2 -> blocks.i.conv2,
-    blocks.i.shortcut.1 -> blocks.i.shortcut.0."""
-    head, _, last = bn.rpartition(".")
-    return f"{head}.0" if last == "1" else f"{head}.conv{last[-1]}"
 
 
 def random_transformer_transform(cfg: TransformerConfig, state_dict: Mapping[str, torch.Tensor],

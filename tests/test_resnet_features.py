@@ -24,7 +24,15 @@ from distsim.weights.residual import (
     resnet_features,
     resnet_layers,
 )
-from distsim.zoo.resnet import ResNet, ResNetConfig, fold_batchnorm, folded_forward, stream_layout
+from distsim.zoo.resnet import (
+    ResNet,
+    ResNetConfig,
+    conv_of,
+    fold_batchnorm,
+    folded_forward,
+    folded_layers,
+    stream_layout,
+)
 
 torch.set_num_threads(1)
 
@@ -89,7 +97,7 @@ def _element(cfg: ResNetConfig, sd: dict[str, torch.Tensor], seed: int, perm: bo
         return q, a
 
     def write(bn: str, q: torch.Tensor, a: torch.Tensor) -> None:
-        conv = residual._conv_of(bn)
+        conv = conv_of(bn)
         p[f"{conv}.weight"] = p[f"{conv}.weight"][q]
         for stat in ("running_mean", "running_var"):
             p[f"{bn}.{stat}"] = p[f"{bn}.{stat}"][q]
@@ -118,7 +126,7 @@ def _live(cfg: ResNetConfig, sd: dict[str, torch.Tensor]) -> int:
     sum of squares >= 5% of the layer's largest channel's). A layer with one such channel sees a
     per-channel scale nearly as a global one, which cka cannot see: the tables assume >= 2."""
     x, p = _probe(cfg).double(), fold_batchnorm(sd, cfg)
-    acts = residual._walk(cfg, p, x, torch.relu, len(resnet_layers(cfg)) - 2)  # hidden layers
+    acts = folded_layers(p, cfg, x, torch.relu, len(resnet_layers(cfg)) - 2)  # hidden layers
     live = []
     for a, layer in zip(acts, resnet_layers(cfg), strict=False):
         a = a.reshape(x.shape[0], _width(cfg, layer), -1)  # (n, C, positions)
@@ -267,7 +275,7 @@ def test_chain_normalization_keeps_the_function(cfg: ResNetConfig) -> None:
     torch.testing.assert_close(folded_forward(q, cfg, x), folded_forward(p, cfg, x),
                                rtol=1e-10, atol=1e-10)
     for stream in stream_layout(cfg):  # the first writer's rows and every conv1's: unit norm
-        first = residual._conv_of(stream.writers[0])
+        first = conv_of(stream.writers[0])
         torch.testing.assert_close(residual._rows(q, first).norm(dim=1),
                                    torch.ones(stream.width, dtype=torch.float64))
     for i in range(cfg.blocks * len(cfg.channels)):
@@ -312,7 +320,7 @@ def test_gram_out_is_the_linearized_map(cfg: ResNetConfig) -> None:
     n = int(np.prod(cfg.input_shape))
     m = resnet_features(cfg, _stack(sd), "gram", out)[0].reshape(cfg.num_classes, n + 1)
     x = torch.randn(4, *cfg.input_shape, dtype=torch.float64)
-    linear = residual._walk(cfg, p, x, residual._identity, out)[-1]  # (4, classes)
+    linear = folded_layers(p, cfg, x, residual._identity, out)[-1]  # (4, classes)
     torch.testing.assert_close(x.reshape(4, n) @ m[:, :n].T + m[:, n], linear)
 
 

@@ -9,11 +9,12 @@ layer are (channel, position) pairs, channel-major.
 ``gram``: drop every ReLU; the network is then affine in its input. M_l (units x (P+1),
 P = prod(input_shape)) is layer l's map in homogeneous coordinates: column j < P is
 f_l(e_j) - f_l(0), column P the offset f_l(0), computed by pushing 0 and e_1..e_P through the
-linearized folded net (``_walk`` with the identity; global average pooling and the head at
-``out``). Hidden layer: upper triangle (diagonal included, row-major) of G_l = M_l^T M_l;
-``out``: M_L flattened output-major (classes x (P+1)). With an input sketch S ((P+1) x m) M is
-replaced by M S: the m columns S[:P, a] are pushed through and the offset is added with weight
-S[P, a] (as distsim.weights.chain.sketched_chain), then the same Gram / flattening (classes x m).
+linearized folded net (``distsim.zoo.resnet.folded_layers`` with the identity; global average
+pooling and the head at ``out``). Hidden layer: upper triangle (diagonal included, row-major)
+of G_l = M_l^T M_l; ``out``: M_L flattened output-major (classes x (P+1)). With an input
+sketch S ((P+1) x m) M is replaced by M S: the m columns S[:P, a] are pushed through and the
+offset is added with weight S[P, a] (as distsim.weights.chain.sketched_chain), then the same
+Gram / flattening (classes x m).
 
 ``chain-gram``: gram of the chain-normalized folded weights (``resnet_chain_normalize``), stage
 by stage in forward order: the stream of stage s is scaled per channel by the norm of its FIRST
@@ -77,16 +78,22 @@ earlier layer's aligned feature through a changed permutation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from distsim.weights.chain import upper_triangle
 from distsim.weights.cka import cka_vector
-from distsim.zoo.resnet import ResNetConfig, fold_batchnorm, stream_layout
+from distsim.zoo.resnet import (
+    BN_EPS,
+    ResNetConfig,
+    conv_of,
+    fold_batchnorm,
+    folded_layers,
+    stream_layout,
+)
 
 __all__ = [
     "RESNET_METHODS",
@@ -97,7 +104,6 @@ __all__ = [
 ]
 
 RESNET_METHODS = ("chain-gram", "gram", "raw", "aligned", "cka")
-EPS = 1e-5  # BatchNorm eps of the folding (torch's default)
 
 Params = dict[str, torch.Tensor]  # one model's folded parameters: <conv>.weight, <conv>.bias
 
@@ -133,52 +139,15 @@ def _layer_convs(cfg: ResNetConfig) -> list[list[str]]:
     return [*out, ["head"]]
 
 
-def _conv_of(bn: str) -> str:
-    """The conv a BatchNorm prefix folds into: stem.1 -> stem.0, blocks.i.bn2 -> blocks.i.conv2,
-    blocks.i.shortcut.1 -> blocks.i.shortcut.0."""
-    head, _, last = bn.rpartition(".")
-    return f"{head}.0" if last == "1" else f"{head}.conv{last[-1]}"
-
-
 def _fold(cfg: ResNetConfig, stacked: Mapping[str, torch.Tensor]) -> list[Params]:
     """K stacked state dicts -> K folded float64 parameter dicts."""
     sd = {k: v.to(torch.float64) for k, v in stacked.items()
           if not k.endswith("num_batches_tracked")}
     k = sd["head.weight"].shape[0]
-    return [fold_batchnorm({n: v[i] for n, v in sd.items()}, cfg, EPS) for i in range(k)]
+    return [fold_batchnorm({n: v[i] for n, v in sd.items()}, cfg, BN_EPS) for i in range(k)]
 
 
-# ---------------------------------------------------------------- the walk
-
-
-def _walk(cfg: ResNetConfig, p: Mapping[str, torch.Tensor], x: torch.Tensor,
-          act: Callable[[torch.Tensor], torch.Tensor], upto: int) -> list[torch.Tensor]:
-    """Outputs (B, units) of feature layers 0..upto of the folded net ``p`` on x (B, C, *spatial),
-    with ``act`` in place of every ReLU (torch.relu: the network; the identity: linearized)."""
-    conv = F.conv1d if cfg.dims == 1 else F.conv2d
-    outs: list[torch.Tensor] = []
-
-    def layer(name: str, h: torch.Tensor, stride: int = 1, padding: int = 1) -> torch.Tensor:
-        return conv(h, p[f"{name}.weight"], p[f"{name}.bias"], stride=stride, padding=padding)
-
-    def done(h: torch.Tensor) -> bool:
-        outs.append(h.flatten(1))  # (B, C * positions), channel-major
-        return len(outs) > upto
-
-    h = act(layer("stem.0", x))  # (B, C_0, *spatial)
-    if done(h):
-        return outs
-    for i in range(_num_blocks(cfg)):
-        stride = _stride(cfg, i)
-        inner = act(layer(f"blocks.{i}.conv1", h, stride))  # (B, C_s, *spatial / stride)
-        if done(inner):
-            return outs
-        short = layer(f"blocks.{i}.shortcut.0", h, stride, padding=0) if stride > 1 else h
-        h = act(layer(f"blocks.{i}.conv2", inner) + short)
-        if done(h):
-            return outs
-    done(F.linear(h.flatten(2).mean(dim=2), p["head.weight"], p["head.bias"]))  # (B, classes)
-    return outs
+# ---------------------------------------------------------------- the linearized chain
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +159,7 @@ def _chain_map(cfg: ResNetConfig, p: Params, upto: int, s: torch.Tensor | None) 
     n = int(np.prod(cfg.input_shape))
     cols = torch.eye(n, dtype=torch.float64) if s is None else s[:n].T.to(torch.float64)
     x = torch.cat([cols, cols.new_zeros(1, n)]).reshape(-1, *cfg.input_shape)  # (J+1, *input)
-    y = _walk(cfg, p, x, _identity, upto)[-1]  # (J+1, units)
+    y = folded_layers(p, cfg, x, _identity, upto)[-1]  # (J+1, units)
     offset = y[-1:]  # (1, units): the response to a zero input
     linear = y[:-1] - offset  # (J, units)
     if s is None:
@@ -251,9 +220,9 @@ def resnet_chain_normalize(cfg: ResNetConfig, params: Mapping[str, torch.Tensor]
     """
     p = dict(params)
     for stage, stream in enumerate(stream_layout(cfg)):
-        n = _norm(p, _conv_of(stream.writers[0]))  # (C_s,) from the first writer
+        n = _norm(p, conv_of(stream.writers[0]))  # (C_s,) from the first writer
         for bn in stream.writers:
-            _scale_out(p, _conv_of(bn), n)
+            _scale_out(p, conv_of(bn), n)
         for key in stream.readers:
             _scale_in(p, key, n)
         for i in _stage_blocks(cfg, stage):
@@ -283,13 +252,13 @@ def _align(cfg: ResNetConfig, p: Params, t: Mapping[str, torch.Tensor]) -> Param
     p = dict(p)
     streams = stream_layout(cfg)
     for stage, stream in enumerate(streams):
-        first = _conv_of(stream.writers[0])
+        first = conv_of(stream.writers[0])
         sim = _rows(t, first) @ _rows(p, first).T  # (C_s template, C_s model)
         if stage == len(streams) - 1:
             sim = sim + t["head.weight"].T @ p["head.weight"]  # (C, classes) @ (classes, C)
         perm = _assign(sim)
         for bn in stream.writers:
-            _permute_out(p, _conv_of(bn), perm)
+            _permute_out(p, conv_of(bn), perm)
         for key in stream.readers:
             p[key] = p[key][:, perm]
         for i in _stage_blocks(cfg, stage):
@@ -394,7 +363,7 @@ def resnet_features(cfg: ResNetConfig, stacked: Mapping[str, torch.Tensor], meth
         assert probe is not None
         x = probe.to(torch.float64)  # (n, *input_shape)
         with torch.no_grad():
-            acts = torch.stack([_walk(cfg, p, x, torch.relu, upto)[-1] for p in models])
+            acts = torch.stack([folded_layers(p, cfg, x, torch.relu, upto)[-1] for p in models])
         return cka_vector(acts)  # (K, n(n+1)/2)
     if method != "gram":
         models = [resnet_chain_normalize(cfg, p) for p in models]

@@ -22,13 +22,15 @@ those parameters: what a symmetry of the stream must move together
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+BN_EPS = 1e-5  # torch's BatchNorm default, the eps of every BatchNorm here
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,19 @@ def stream_layout(cfg: ResNetConfig) -> list[Stream]:
     return out
 
 
+def conv_of(bn: str) -> str:
+    """The conv before a BatchNorm prefix of stream_layout's writers: stem.1 -> stem.0,
+    blocks.i.bn2 -> blocks.i.conv2, blocks.i.shortcut.1 -> blocks.i.shortcut.0.
+
+    >>> [conv_of(bn) for bn in ("stem.1", "blocks.0.bn2", "blocks.1.shortcut.1")]
+    ['stem.0', 'blocks.0.conv2', 'blocks.1.shortcut.0']
+    """
+    head, _, last = bn.rpartition(".")
+    return f"{head}.0" if last == "1" else f"{head}.conv{last[-1]}"
+
+
 def fold_batchnorm(state_dict: Mapping[str, torch.Tensor], cfg: ResNetConfig,
-                   eps: float = 1e-5) -> dict[str, torch.Tensor]:
+                   eps: float = BN_EPS) -> dict[str, torch.Tensor]:
     """Every (conv, BN) pair of an eval-mode ResNet as one conv with a bias: W' = W gamma /
     sqrt(var + eps) per output channel, b' = beta - mean gamma / sqrt(var + eps). Keys:
     ``<conv>.weight`` and ``<conv>.bias`` of each conv (the BN's keys dropped); the head as is."""
@@ -184,30 +197,49 @@ def fold_batchnorm(state_dict: Mapping[str, torch.Tensor], cfg: ResNetConfig,
     return out
 
 
-def folded_forward(params: Mapping[str, torch.Tensor], cfg: ResNetConfig,
-                   x: torch.Tensor) -> torch.Tensor:
-    """The eval-mode ResNet's logits from its folded weights (``fold_batchnorm``): the same
-    function, every BatchNorm inside a conv's weight and bias. x (B, C, *spatial)."""
+def folded_layers(params: Mapping[str, torch.Tensor], cfg: ResNetConfig, x: torch.Tensor,
+                  act: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
+                  upto: int | None = None) -> list[torch.Tensor]:
+    """The outputs (B, units), channel-major, of the folded eval-mode net's layers in order, up
+    to layer number ``upto`` (None: every one): the stem, then per block its inner channels and
+    the stream after its add, then the logits; ``act`` in place of every ReLU (the identity: the
+    linearized net). x (B, C, *spatial)."""
     conv = F.conv1d if cfg.dims == 1 else F.conv2d
+    outs: list[torch.Tensor] = []
 
     def layer(name: str, h: torch.Tensor, stride: int = 1, padding: int = 1) -> torch.Tensor:
         return conv(h, params[f"{name}.weight"], params[f"{name}.bias"], stride=stride,
                     padding=padding)
 
-    h = torch.relu(layer("stem.0", x))
+    def done(h: torch.Tensor) -> bool:
+        outs.append(h.flatten(1))
+        return upto is not None and len(outs) > upto
+
+    h = act(layer("stem.0", x))  # (B, C_0, *spatial)
+    if done(h):
+        return outs
     i = 0
     for s in range(len(cfg.channels)):
         for b in range(cfg.blocks):
             stride = 2 if s > 0 and b == 0 else 1
-            inner = torch.relu(layer(f"blocks.{i}.conv1", h, stride))
+            inner = act(layer(f"blocks.{i}.conv1", h, stride))  # (B, C_s, *spatial / stride)
+            if done(inner):
+                return outs
             short = (layer(f"blocks.{i}.shortcut.0", h, stride, padding=0)
                      if f"blocks.{i}.shortcut.0.weight" in params else h)
-            h = torch.relu(layer(f"blocks.{i}.conv2", inner) + short)
+            h = act(layer(f"blocks.{i}.conv2", inner) + short)
+            if done(h):
+                return outs
             i += 1
-    return F.linear(h.flatten(2).mean(dim=2), params["head.weight"], params["head.bias"])
+    done(F.linear(h.flatten(2).mean(dim=2), params["head.weight"], params["head.bias"]))
+    return outs
 
 
-BN_EPS = 1e-5  # torch's BatchNorm default, the eps of every BatchNorm here
+def folded_forward(params: Mapping[str, torch.Tensor], cfg: ResNetConfig,
+                   x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode ResNet's logits from its folded weights (``fold_batchnorm``): the same
+    function, every BatchNorm inside a conv's weight and bias. x (B, C, *spatial)."""
+    return folded_layers(params, cfg, x)[-1]
 
 
 def forward_packed_resnet(cfg: ResNetConfig, params: Mapping[str, torch.Tensor], x: torch.Tensor,
