@@ -85,7 +85,7 @@ from scipy.optimize import linear_sum_assignment
 
 from distsim.weights.chain import upper_triangle
 from distsim.weights.cka import cka_vector
-from distsim.zoo.transformer import Transformer, TransformerConfig
+from distsim.zoo.transformer import Transformer, TransformerConfig, tokens
 
 __all__ = ["METHODS", "make_transformer_template", "transformer_features", "transformer_layers"]
 
@@ -125,16 +125,6 @@ def _models(stacked: Mapping[str, torch.Tensor]) -> list[Params]:
 # ---------------------------------------------------------------- the linearized network
 
 
-def _tokens(cfg: TransformerConfig, x: torch.Tensor) -> torch.Tensor:
-    """(J, *input_shape) -> (J, N, token_width), as Transformer.forward cuts its input."""
-    j = x.shape[0]
-    if x.dim() == 3:  # (J, C, L): a token per patch
-        c, length = x.shape[1], x.shape[2]
-        x = x.reshape(j, c, length // cfg.patch, cfg.patch).permute(0, 2, 1, 3)
-        return x.reshape(j, length // cfg.patch, -1)
-    return x.permute(0, 2, 1, 3).reshape(j, x.shape[2], -1)  # (J, C, H, W): a token per row
-
-
 def _ln(h: torch.Tensor, p: Params, name: str, t: torch.Tensor) -> torch.Tensor:
     """Linearized LayerNorm of h (J, T, d): centred, times gamma, plus beta times t (J, 1, 1)."""
     return (h - h.mean(dim=-1, keepdim=True)) * p[f"{name}.weight"] + t * p[f"{name}.bias"]
@@ -147,7 +137,7 @@ def _walk(cfg: TransformerConfig, p: Params, x: torch.Tensor, t: torch.Tensor,
     an attn layer the token mean of LN1's output (J, d), else None."""
     kind, block = _layer(cfg, upto)
     t3 = t[:, None, None]
-    h = _tokens(cfg, x) @ p["embed.weight"].T + t3 * p["embed.bias"]  # (J, N, d)
+    h = tokens(cfg, x) @ p["embed.weight"].T + t3 * p["embed.bias"]  # (J, N, d)
     if cfg.pooling == "cls":
         h = torch.cat([t3 * p["cls"], h], dim=1)  # (J, T, d)
     h = h + t3 * p["pos"]

@@ -64,6 +64,17 @@ class TransformerConfig:
         return c * self.patch if len(self.input_shape) == 2 else c * self.input_shape[2]
 
 
+def tokens(cfg: TransformerConfig, x: torch.Tensor) -> torch.Tensor:
+    """Inputs (B, C, L) -> (B, L / patch, C * patch), a token per patch; (B, C, H, W) ->
+    (B, H, C * W), a token per row."""
+    b = x.shape[0]
+    if x.dim() == 3:
+        c, length = x.shape[1], x.shape[2]
+        x = x.reshape(b, c, length // cfg.patch, cfg.patch).permute(0, 2, 1, 3)
+        return x.reshape(b, length // cfg.patch, -1)
+    return x.permute(0, 2, 1, 3).reshape(b, x.shape[2], -1)
+
+
 class Block(nn.Module):
     """Pre-LN block: h + Attn(LN1(h)), then h + MLP(LN2(h)); per-head Q, K, V weights."""
 
@@ -110,13 +121,7 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        if x.dim() == 3:  # (B, C, L) -> (B, L / patch, C * patch): a token per patch
-            c, length = x.shape[1], x.shape[2]
-            x = x.reshape(b, c, length // self.cfg.patch, self.cfg.patch)
-            x = x.permute(0, 2, 1, 3).reshape(b, length // self.cfg.patch, -1)
-        else:  # (B, C, H, W) -> (B, H, C * W): a token per row
-            x = x.permute(0, 2, 1, 3).reshape(b, x.shape[2], -1)
-        h = self.embed(x)  # (B, N, d)
+        h = self.embed(tokens(self.cfg, x))  # (B, N, d)
         if self.cls is not None:
             h = torch.cat([self.cls.expand(b, 1, -1), h], dim=1)
         h = self.blocks(h + self.pos)
