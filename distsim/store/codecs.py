@@ -64,13 +64,18 @@ def state_dicts(df: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def feature_matrix(df: pl.DataFrame, what: str) -> FeatureMatrix:
+def feature_matrix(df: pl.DataFrame, what: str, writable: bool = True) -> FeatureMatrix:
     """The FeatureMatrix of features rows (model_id, task, seed, vector, trial_id), sorted by
-    (task, seed, model_id); `what` names the matrix in errors (vectors of different lengths)."""
+    (task, seed, model_id); `what` names the matrix in errors (vectors of different lengths).
+    ``writable=False`` may return X as a read-only view of the Arrow buffer (no copy when the
+    rows come in order)."""
     if df.height == 0:
         return FeatureMatrix([], np.zeros(0, np.int64), np.zeros(0, np.int64),
                              np.zeros((0, 0), np.float32), fingerprint([]))
-    df = df.sort("task", "seed", "model_id")
+    # sort the small columns and gather the vectors once in that order, or not at all when
+    # they are in order (sorting the frame would move every vector)
+    order = df.select(pl.arg_sort_by("task", "seed", "model_id")).to_series().to_numpy()
+    in_order = bool((order == np.arange(df.height)).all())
     vec = df.get_column("vector").to_arrow()
     if isinstance(vec, pa.ChunkedArray):
         vec = vec.combine_chunks()
@@ -78,12 +83,18 @@ def feature_matrix(df: pl.DataFrame, what: str) -> FeatureMatrix:
     if (lengths != lengths[0]).any():
         raise StoreError(f"features {what}: vectors of different lengths "
                          f"{sorted(set(lengths.tolist()))}")
-    X = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    flat = vec.flatten().to_numpy(zero_copy_only=False)
+    X = flat.reshape(df.height, int(lengths[0]))
+    if not in_order:
+        X = X[order]
+    X = X.astype(np.float32, copy=writable and not X.flags.writeable)
+    df = df.select("model_id", "task", "seed", "trial_id")
+    df = df if in_order else df[order]
     return FeatureMatrix(
         df["model_id"].to_list(),
         df["task"].to_numpy().astype(np.int64),
         df["seed"].to_numpy().astype(np.int64),
-        X.reshape(df.height, int(lengths[0])),
+        X,
         fingerprint(token(m, t) for m, t in zip(df["model_id"], df["trial_id"], strict=True)),
     )
 
