@@ -15,7 +15,7 @@ Layout (one folder per study; ``<k>=<v>`` folders are hive partitions)::
     <root>/weights/arch=mlp/task=3-pack=0.parquet
     <root>/features/arch=mlp/method=raw/layer=fc1/task=3-pack=0.parquet
     <root>/neighbors/arch=mlp/method=raw/layer=fc1/block=0.parquet
-    <root>/pairs/arch=mlp/method=raw/layer=fc1/block_i=0-block_j=1.parquet
+    <root>/pairs/arch=mlp/method=raw/layer=fc1/block_i=0.parquet  one shard per block row
     <root>/tests/arch=mlp/method=raw/layer=fc1/protocol=closed-set.parquet
 
 A multi-node Ray cluster needs a store path that every node can reach (NFS, EFS, a shared
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -240,12 +241,15 @@ class Store(ShardStore):
                       if p.name.startswith(f"task={t}-")]
         return files
 
-    def feature_matrix(self, arch: str, method: str, layer: str,
-                       epoch: int | None = None) -> FeatureMatrix:
+    def feature_matrix(self, arch: str, method: str, layer: str, epoch: int | None = None,
+                       writable: bool = True) -> FeatureMatrix:
         """The features of one (arch, method, layer) as a dense (N, D) float32 matrix: of the
         checkpoints of one `epoch` ([train] save_epochs; ids ending ``-e<epoch>``), or with
-        epoch None of every model."""
+        epoch None of every model. ``writable=False``: X may be a read-only view of what was
+        read, saving a copy (the pairs stage's load, which hands X to Ray)."""
         files = self.shard_files("features", {"arch": arch, "method": method, "layer": layer})
+        # by (task, pack) as numbers: the rows come in matrix order, and need no reordering
+        files.sort(key=lambda p: [int(v) for v in re.findall(r"=(\d+)", p.name)])
         columns = ["model_id", "task", "seed", "vector", "trial_id"]
         schema = polars_schema(TABLES["features"].file_schema)
         what = f"{arch}/{method}/{layer}"
@@ -255,7 +259,7 @@ class Store(ShardStore):
         if epoch is not None:
             lf = lf.filter(pl.col("model_id").str.ends_with(f"-e{int(epoch)}"))
             what += f"@e{epoch}"
-        return codecs.feature_matrix(lf.collect(), what)
+        return codecs.feature_matrix(lf.collect(), what, writable)
 
     # ------------------------------------------------------------------ stages and status
     def mark_stage(self, stage: str, **info: Any) -> None:
