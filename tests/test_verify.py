@@ -211,9 +211,34 @@ def test_rows_repeated_in_one_shard(store):
     _rewrite(store, WEIGHTS0, lambda t: pa.concat_tables([t, t.slice(0, 1)]))
     _rewrite(store, PAIRS, lambda t: pa.concat_tables([t, t]))
     assert verify_store(store) == [
-        f"{PAIRS}: holds 2 rows, a pairs shard holds exactly one",
+        f"{PAIRS}: duplicate arch/method/layer/epoch/block_i/block_j mlp/raw/fc1/null/0/0 "
+        "(repeated in this shard)",
+        f"{PAIRS}: holds 2 rows, a pairs shard named with block_j holds exactly one",
         f"{WEIGHTS0}: duplicate model_id/tensor mlp-t0-s0/fc1.weight (repeated in this shard)",
     ]
+
+
+def test_pairs_shards_of_a_block_row_and_of_the_old_tile_layout(store):
+    """A block row's shard (distsim >= 0.7) holds its tiles; an old one-tile shard still reads;
+    a tile held by both, or a row shard with no rows, is a problem."""
+    row = f"pairs/{RAW}/block_i=0.parquet"
+    _rewrite(store, PAIRS, lambda t: t)  # the old layout's shard of tile (0, 0) is sound
+    assert verify_store(store) == []
+    two = pq.read_table(store.root / PAIRS)
+    two = pa.concat_tables([two, two.set_column(two.schema.get_field_index("block_j"),
+                                                "block_j", pa.array([1], pa.int32()))])
+    pq.write_table(two, store.root / row)
+    (store.root / PAIRS).unlink()
+    assert verify_store(store) == []  # tiles (0, 0) and (0, 1) in the row's shard
+    keys = store.shard_keys("pairs", {"method": "raw", "layer": "fc1"})
+    assert [(k["block_i"], k["block_j"]) for k in keys] == [(0, None)]
+    pq.write_table(two.slice(0, 1), store.root / PAIRS)
+    assert verify_store(store) == [
+        f"{p}: duplicate arch/method/layer/epoch/block_i/block_j mlp/raw/fc1/null/0/0 "
+        f"(also in {q})" for p, q in ((PAIRS, row), (row, PAIRS))]
+    (store.root / PAIRS).unlink()
+    pq.write_table(two.slice(0, 0), store.root / row)
+    assert verify_store(store) == [f"{row}: holds no rows (relaunch recomputes)"]
 
 
 def test_wrong_missing_and_extra_columns(store):

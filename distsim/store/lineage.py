@@ -113,15 +113,23 @@ def matrix_rows(store: ShardStore) -> dict[MatrixId, frozenset[str]]:
 
 
 def recorded(store: ShardStore, table: str) -> dict[tuple[object, ...], set[str | None]]:
-    """{shard key (in the table's key order): the ``upstream`` values its rows record} of a
-    pairs, neighbors or tests table (None where a row records none: written before lineage)."""
-    key = list(store.spec(table).key)
+    """{row key (the table's key, then its legacy columns: a pairs tile (.., block_i,
+    block_j)): the ``upstream`` values its rows record} of a pairs, neighbors or tests table
+    (None where a row records none: written before lineage; an empty shard records None
+    under its name's key)."""
+    key = list(store.spec(table).name_columns)
     df = store.scan(table).select(*key, "upstream").unique().collect()
     out: dict[tuple[object, ...], set[str | None]] = {}
     for row in df.iter_rows():
         out.setdefault(tuple(row[:-1]), set()).add(row[-1])
-    for k in store.shard_keys(table):  # an empty shard records nothing: never fresh
-        out.setdefault(tuple(k[c] for c in key), {None})
+    legacy = store.spec(table).legacy
+    for path, k in zip(store.shard_files(table), store.shard_keys(table), strict=True):
+        name = tuple(k[c] for c in key)
+        if name in out:
+            continue
+        if any(k[c] is None for c in legacy) and pq.read_metadata(path).num_rows:
+            continue  # named without its legacy column: its rows gave their keys above
+        out[name] = {None}  # an empty shard records nothing: never fresh
     return out
 
 

@@ -113,13 +113,14 @@ class ShardStore:
 
     def shard_path(self, table: str, key: Mapping[str, Any]) -> Path:
         """Where the shard of `key` lives (deterministic; the key must name exactly spec.key,
-        where an optional key column may be left out or None: it is then not in the name)."""
+        where an optional key column may be left out or None: it is then not in the name; a
+        legacy column given a value names an old-layout shard)."""
         spec = self.spec(table)
-        if not set(spec.key) - set(spec.optional) <= set(key) <= set(spec.key):
+        if not set(spec.key) - set(spec.optional) <= set(key) <= set(spec.name_columns):
             raise StoreError(f"{table}: a shard key has exactly {list(spec.key)}, "
                              f"got {sorted(key)}")
-        parts = [_key_part(table, col, key[col]) for col in spec.key
-                 if key.get(col) is not None or col not in spec.optional]
+        parts = [_key_part(table, col, key[col]) for col in spec.name_columns
+                 if key.get(col) is not None or col not in (*spec.optional, *spec.legacy)]
         folders, leaf = parts[: len(spec.partition)], parts[len(spec.partition):]
         return self.root.joinpath(table, *folders, "-".join(leaf) + ".parquet")
 
@@ -145,15 +146,15 @@ class ShardStore:
     def shard_keys(self, table: str,
                    where: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Keys of the shards present (those of the partition values `where`, if given),
-        parsed back from their paths (ints as int; an optional key column not in the name is
-        None)."""
+        parsed back from their paths (ints as int; an optional or legacy key column not in the
+        name is None)."""
         spec = self.spec(table)
-        leaf_cols = "|".join(re.escape(c) for c in spec.key[len(spec.partition):])
+        leaf_cols = "|".join(re.escape(c) for c in spec.name_columns[len(spec.partition):])
         keys = []
         for path in self.shard_files(table, where):
             rel = path.relative_to(self.root / table)
             leaf = re.split(rf"-(?=(?:{leaf_cols})=)", rel.name[: -len(".parquet")])
-            key: dict[str, Any] = dict.fromkeys(spec.optional)
+            key: dict[str, Any] = dict.fromkeys((*spec.optional, *spec.legacy))
             for item in [*rel.parts[:-1], *leaf]:
                 col, _, value = item.partition("=")
                 integer = pa.types.is_integer(spec.schema.field(col).type)
@@ -247,12 +248,13 @@ def _to_table(spec: TableSpec, key: Mapping[str, Any], data: Any) -> pa.Table:
     n = t.num_rows
     columns = []
     for field in spec.schema:
-        if field.name in spec.optional and key.get(field.name) is None:
+        named = key.get(field.name) is not None  # a legacy column left out: a data column
+        if field.name in spec.optional and not named:
             if field.name in t.column_names and t.column(field.name).null_count < n:
                 raise StoreError(f"{spec.name}: column {field.name} holds values but the shard "
                                  "key leaves it out")
             columns.append(pa.nulls(n, field.type))
-        elif field.name in key:
+        elif field.name in key and (named or field.name not in spec.legacy):
             value = key[field.name]
             if field.name in t.column_names:
                 got = set(t.column(field.name).to_pylist())

@@ -33,7 +33,10 @@ class TableSpec:
     part (hive partitions: the partition columns live in folder names, not in the files).
     ``optional`` key columns may be null: a null one is left out of the shard's file name, so
     the shards of a study (or a store written before the column) that never sets it keep
-    their names."""
+    their names. ``legacy`` columns were part of the key in an older layout and may still
+    end a shard's name (pairs: ``block_j``, one shard per tile before distsim 0.7, one per
+    block row since): such names are read, and written when a key gives the column; a shard
+    whose name leaves it out holds rows with any value of it."""
 
     name: str
     row: str
@@ -41,6 +44,12 @@ class TableSpec:
     partition: tuple[str, ...]
     columns: tuple[Column, ...]
     optional: tuple[str, ...] = ()
+    legacy: tuple[str, ...] = ()
+
+    @property
+    def name_columns(self) -> tuple[str, ...]:
+        """The columns a shard's name may give: the key, then the legacy ones."""
+        return (*self.key, *self.legacy)
 
     @property
     def schema(self) -> pa.Schema:
@@ -98,12 +107,14 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         ("rank", _I32, "1 = nearest"), ("neighbor_id", _S),
         ("neighbor_task", _I32), ("distance", _F32), ("same_task", pa.bool_(), "same group"),
         ("upstream", _S, _UPSTREAM), _EPOCH), optional=("epoch",)),
-    TableSpec("pairs", "block (I, J) of the distance matrix",
-              (*_MATRIX, "epoch", "block_i", "block_j"), _MATRIX, _cols(
-        ("arch", _S), ("method", _S), ("layer", _S), ("block_i", _I32), ("block_j", _I32),
+    TableSpec("pairs", "tile (I, J) of the distance matrix (a shard: block row I)",
+              (*_MATRIX, "epoch", "block_i"), _MATRIX, _cols(
+        ("arch", _S), ("method", _S), ("layer", _S), ("block_i", _I32),
+        ("block_j", _I32, "J >= I; a shard holds the tiles of its block row (before distsim "
+                          "0.7 one tile, named with block_j, still read)"),
         ("metric", _S), ("intra_count", _I64), ("intra_sum", _F64), ("intra_sumsq", _F64),
         ("inter_count", _I64), ("inter_sum", _F64), ("inter_sumsq", _F64),
-        ("upstream", _S, _UPSTREAM), _EPOCH), optional=("epoch",)),
+        ("upstream", _S, _UPSTREAM), _EPOCH), optional=("epoch",), legacy=("block_j",)),
     TableSpec("tests", "arch x layer x method x protocol (x factor x epoch)",
               (*_MATRIX, "protocol", "factor", "epoch"), _MATRIX, _cols(
         ("arch", _S), ("method", _S), ("layer", _S), ("protocol", _S), ("statistic", _S),

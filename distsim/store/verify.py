@@ -19,8 +19,10 @@ A store is sound when:
    the file equal the key in its name, and whose ``models.status`` values are known;
 3. no key is held twice (a model id in the models table; (model_id, tensor) of weights;
    (model_id, method, layer) of features; (model_id, method, layer, rank) of neighbors; a
-   pairs or tests shard holds exactly one row), and no weights or features row belongs to a
-   model the models table lacks (weights: no models row; features: no ``ok`` models row);
+   tile (block_i, block_j) of a pairs matrix; a tests shard, and an old-layout pairs shard
+   named with its block_j, hold exactly one row; no pairs or neighbors shard is empty), and
+   no weights or features row belongs to a model the models table lacks (weights: no models
+   row; features: no ``ok`` models row);
 4. lineage is fresh (:mod:`distsim.store.lineage`): every features shard holds the ``ok``
    models of its pack as they are now (``model_id@trial_id``), and every pairs, neighbors and
    tests shard records the fingerprint of its matrix's feature rows now;
@@ -68,8 +70,8 @@ _NEEDED = {"models": ("model_id", "trial_id", "status"), "weights": ("model_id",
 # Keys unique over a whole table (partition columns come from the folder names).
 _UNIQUE = {"models": ("model_id",), "weights": ("model_id", "tensor"),
            "templates": ("arch", "tensor"), "features": ("model_id", "method", "layer"),
-           "neighbors": ("model_id", "method", "layer", "rank"), "history": ("model_id", "epoch")}
-_ONE_ROW = ("pairs", "tests")  # tables of one row per shard
+           "neighbors": ("model_id", "method", "layer", "rank"), "history": ("model_id", "epoch"),
+           "pairs": ("arch", "method", "layer", "epoch", "block_i", "block_j")}
 _MATRIX = ("arch", "method", "layer")
 
 TEMP_IN_TABLE = ("leftover temporary file (a writer crashed; a relaunch removes it, at once when "
@@ -85,8 +87,8 @@ _SHOWN = 5  # keys named in one line before "and N more"
 _SYMLINK = "symlink (a store holds plain files and folders; not followed)"
 # splits a shard file name into its key items, as ShardStore.shard_keys does
 _LEAF_SPLIT = {t.name: re.compile("-(?=(?:{})=)".format(
-    "|".join(re.escape(c) for c in t.key[len(t.partition):]))) for t in TABLES.values()}
-_INT_KEYS = {t.name: {c for c in t.key if pa.types.is_integer(t.schema.field(c).type)}
+    "|".join(re.escape(c) for c in t.name_columns[len(t.partition):]))) for t in TABLES.values()}
+_INT_KEYS = {t.name: {c for c in t.name_columns if pa.types.is_integer(t.schema.field(c).type)}
              for t in TABLES.values()}  # key columns read back as int
 
 
@@ -207,19 +209,19 @@ def _shard_key(spec: TableSpec, parts: list[str], name: str) -> dict[str, Any] |
         return None
     stem = name[: -len(".parquet")]
     leaf = _LEAF_SPLIT[spec.name].split(stem)
-    key = _key(spec.key, [*parts, *leaf], spec)
+    key = _key(spec.name_columns, [*parts, *leaf], spec)
     return key if key is not None and "-".join(leaf) == stem else None
 
 
 def _key(cols: Iterable[str], items: list[str], spec: TableSpec) -> dict[str, Any] | None:
-    """{col: value} of the ``col=value`` items, one per column in order (an optional key
-    column may be absent: None), each value as ``shard_path`` writes it (matching KEY_VALUE;
+    """{col: value} of the ``col=value`` items, one per column in order (an optional or legacy
+    key column may be absent: None), each value as ``shard_path`` writes it (matching KEY_VALUE;
     ints in canonical form), else None."""
     key: dict[str, Any] = {}
     rest = list(items)
     for col in cols:
         name, eq, value = rest[0].partition("=") if rest else ("", "", "")
-        if name != col and col in spec.optional:
+        if name != col and col in (*spec.optional, *spec.legacy):
             key[col] = None
             continue
         if name != col or not eq or not KEY_VALUE.match(value):
@@ -275,7 +277,7 @@ def _needed(table: str) -> list[str]:
     """Columns the checks read from the files of `table`: the key columns stored in them, then
     those of _NEEDED."""
     spec = TABLES[table]
-    cols = [c for c in spec.key if c not in spec.partition]
+    cols = [c for c in spec.name_columns if c not in spec.partition]
     return cols + [c for c in _NEEDED[table] if c not in cols]
 
 
@@ -364,9 +366,11 @@ def _check_rows(table: str, shards: list[_Shard], df: pl.DataFrame, out: _Proble
     """Key columns stored in the files equal the names' keys; statuses; rows per shard."""
     spec = TABLES[table]
     by_rel = {s.rel: s for s in shards}
-    for col in (c for c in spec.key if c not in spec.partition):
-        named = pl.DataFrame({"_rel": [s.rel for s in shards if s.usable],
-                              "_named": [s.key[col] for s in shards if s.usable]},
+    for col in (c for c in spec.name_columns if c not in spec.partition):
+        given = [s for s in shards if s.usable and (col not in spec.legacy
+                                                    or s.key[col] is not None)]
+        named = pl.DataFrame({"_rel": [s.rel for s in given],
+                              "_named": [s.key[col] for s in given]},
                              schema={"_rel": pl.String, "_named": df.schema[col]})
         bad = (df.select("_rel", col).join(named, on="_rel")
                .filter(pl.col(col).ne_missing(pl.col("_named")))
@@ -383,9 +387,11 @@ def _check_rows(table: str, shards: list[_Shard], df: pl.DataFrame, out: _Proble
     for s in shards:
         if s.rows < 0:
             continue
-        if table in _ONE_ROW and s.rows != 1:
-            out.add(s.rel, f"holds {s.rows} rows, a {table} shard holds exactly one")
-        elif table == "neighbors" and s.rows == 0:
+        one_row = table == "tests" or (table == "pairs" and s.key["block_j"] is not None)
+        if one_row and s.rows != 1:
+            what = "a tests shard" if table == "tests" else "a pairs shard named with block_j"
+            out.add(s.rel, f"holds {s.rows} rows, {what} holds exactly one")
+        elif table in ("pairs", "neighbors") and s.rows == 0:
             out.add(s.rel, "holds no rows (relaunch recomputes)")
 
 
