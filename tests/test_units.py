@@ -31,17 +31,6 @@ def test_a_failed_unit_goes_to_the_back_until_its_retries_are_spent() -> None:
     assert units.outcome() == {"failed": 1, "error": "E: again"}
 
 
-def test_rounds_are_the_units_that_failed_in_the_round_before() -> None:
-    units, _ = _units(["a", "b", "c"])
-    rounds = []
-    for batch in units.rounds():
-        rounds.append(batch)
-        units.done(*batch[1:])
-        units.failed(batch[0], "E")
-    assert rounds == [["a", "b", "c"], ["a"]]  # max_failures = 1
-    assert units.outcome()["failed"] == 1 and units.progress.done == 3
-
-
 def test_giving_up_a_unit_gives_up_its_group_and_drops_its_later_results() -> None:
     units, out = _units(["t1-0", "t1-1", "t1-2", "t2-0"], group=lambda u: u[:2])
     units.done("t1-0")
@@ -68,3 +57,15 @@ def test_error_text_is_the_cause_on_one_line() -> None:
         cause = ValueError("bad\n  value \x1b[31mred\x1b[0m")
 
     assert error_text(Wrapped()) == "ValueError: bad value red"
+
+
+def test_progress_counts_each_unit_by_its_size_given_up_ones_included() -> None:
+    units, out = _units(["ab", "cde", "f"], size=len, group=lambda u: u in ("ab", "f"))
+    with units:
+        assert units.progress.total == 6
+        units.done("cde")
+        assert (units.progress.done, units.succeeded) == (3, 1)
+        units.failed("ab", "E: boom")
+        assert units.failed("ab", "E: again") is False  # gives up "ab" and "f", one group
+        assert (units.progress.done, units.succeeded) == (6, 1)
+    assert "6/6 tile" in out.getvalue()

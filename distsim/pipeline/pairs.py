@@ -1,26 +1,31 @@
-"""The pairs stage: all-pairs distances of each feature matrix, a Ray Data job over tiles (I, J).
+"""The pairs stage: all-pairs distances of each feature matrix, Ray tasks over runs of tiles.
 
-For every feature matrix (arch, method, layer) the (N, D) feature matrix is cut into row blocks of
+Each (N, D) feature matrix (arch, method, layer, epoch) is cut into row blocks of
 ``pairs.block`` rows; tile (I, J), I <= J, computes the distance block with
-``distsim.stats.distances.distance_block``, writes its intra-task / inter-task distance sums
-as one ``pairs`` shard, and returns the partial top-k neighbours of the rows of I (and of J,
-from the transposed block). The driver merges the partials into each row block's running
-top-k as tiles arrive (:class:`BlockMerges`, O(N k) numbers held, never every partial list) and
-writes a block's ``neighbors`` shard once all its tiles are in. Ray Data has no cross join, so the
-dataset is the list of tile ids (``ray.data.range``); each matrix is ``ray.put`` once and a
-callable class fetches it. Tiles whose outputs are in the store are skipped.
+``distsim.stats.distances.distance_block``, its intra-group / inter-group distance sums
+(:func:`tile_summary`) and the partial top-k neighbours of the rows of I and of J, in one pass
+(:func:`distsim.stats.tile_topk`). A unit of work is a segment: a run of tiles of one block
+row (:func:`row_segments`), so a task reads block I once for all its tiles and merges their
+lists of I itself; there are a few per CPU. One load task per matrix reads it from the store
+into the object store (the next matrix loads while this one's segments run) and the segment
+tasks map it without a copy: no Ray Data, whose start-up and per-tile batches cost more than
+a 4,500-model stage's tiles (benchmarks/bench_pairs.py).
+
+The driver merges the partial lists into each row block's running top-k as segments arrive
+(:class:`BlockMerges`, O(N k) numbers held) and writes a block's ``neighbors`` shard once all
+its tiles are in, and a block row's ``pairs`` shard (one row per tile) once all of its tiles
+are: 2 N / block files per matrix. Tiles whose outputs are in the store are skipped.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-import warnings
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from distsim import stats  # lazy: numba loads when a tile is computed, not for `status`
 from distsim.config import MatrixKey, Study
@@ -28,8 +33,8 @@ from distsim.errors import IncompleteError, LaunchError
 from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.groups import labelled_models, study_groups
 from distsim.pipeline.stage import Outputs, RunContext, Stage
-from distsim.pipeline.units import Units, error_text
-from distsim.store import FeatureMatrix, Store, lineage
+from distsim.pipeline.units import Units, error_text, run_refs
+from distsim.store import Store, lineage
 
 
 def tile_plan(n: int, block: int) -> list[tuple[int, int]]:
@@ -45,18 +50,21 @@ class MatrixWork:
     """What the pairs stage owes one feature matrix of n rows (fingerprint `upstream`)."""
 
     tiles: list[tuple[int, int]]  # tiles to compute
+    rows: set[int]  # block rows whose pairs shard to write
     blocks: set[int]  # row blocks whose neighbors shard to write
     stale: bool  # some stored shard was computed from other feature rows: all are redone
 
 
 def matrix_work(study: Study, matrix: MatrixKey, n: int, upstream: str,
                 recorded: dict[str, dict[tuple[Any, ...], set[str | None]]]) -> MatrixWork:
-    """The tiles and neighbour blocks of one feature matrix still to compute.
+    """The tiles, pairs rows and neighbour blocks of one feature matrix still to compute.
 
-    A tile is needed when its pairs shard is missing or when it touches a row block whose
-    neighbors shard is missing (a block's top-k needs every tile of its row and column); all
-    of them when any stored shard of the matrix records another upstream than `upstream`.
-    `recorded`: {"pairs": ..., "neighbors": ...} of :func:`distsim.store.lineage.recorded`.
+    A block row's pairs shard is missing when any of its tiles (i, j >= i) is not recorded
+    (an old-layout store records one per tile); a tile is needed when its row is missing or
+    when it touches a row block whose neighbors shard is missing (a block's top-k needs every
+    tile of its row and column); all of them when any stored shard of the matrix records
+    another upstream than `upstream`. `recorded`: {"pairs": ..., "neighbors": ...} of
+    :func:`distsim.store.lineage.recorded`.
     """
     block = study.pairs.block
     tiles = tile_plan(n, block)
@@ -65,11 +73,12 @@ def matrix_work(study: Study, matrix: MatrixKey, n: int, upstream: str,
     mine = {t: {k[4:]: v for k, v in rec.items() if k[:4] == this} for t, rec in recorded.items()}
     stale = any(not lineage.fresh(v, upstream) for rec in mine.values() for v in rec.values())
     if stale:
-        return MatrixWork(tiles, set(range(nb)), True)
-    have_pairs = set(mine["pairs"])
+        return MatrixWork(tiles, set(range(nb)), set(range(nb)), True)
+    have = set(mine["pairs"])
+    rows = {i for i, j in tiles if (i, j) not in have}
     missing = set(range(nb)) - {b for (b,) in mine["neighbors"]}
-    todo = [t for t in tiles if t not in have_pairs or t[0] in missing or t[1] in missing]
-    return MatrixWork(todo, missing, False)
+    todo = [t for t in tiles if t[0] in rows or t[0] in missing or t[1] in missing]
+    return MatrixWork(todo, rows, missing, False)
 
 
 def _recorded(store: Store) -> dict[str, dict[tuple[Any, ...], set[str | None]]]:
@@ -83,9 +92,12 @@ def tile_summary(D: np.ndarray, tasks_i: np.ndarray, tasks_j: np.ndarray,
     D (n_I, n_J); a diagonal block counts each unordered pair once (strict upper triangle).
     """
     same = tasks_i[:, None] == tasks_j[None, :]
-    keep = np.triu(np.ones(D.shape, dtype=bool), k=1) if diagonal else np.ones(D.shape, dtype=bool)
-    d = D.astype(np.float64)
-    intra, inter = d[same & keep], d[~same & keep]
+    other = ~same
+    if diagonal:
+        upper = np.triu(np.ones(D.shape, dtype=bool), k=1)
+        same &= upper
+        other &= upper
+    intra, inter = D[same].astype(np.float64), D[other].astype(np.float64)  # row-major order
     return {
         "intra_count": int(intra.size), "intra_sum": float(intra.sum()),
         "intra_sumsq": float((intra**2).sum()),
@@ -98,85 +110,127 @@ TilePart = tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]
 
 
 def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k: int,
-                 metric: str) -> TilePart:
+                 metric: str, seconds: dict[str, float] | None = None) -> TilePart:
     """One tile (I=i, J=j) of X (N, D): its summary dict and partial top-k
-    (rows (r,), neighbour indices (r, k), distances (r, k))."""
+    (rows (r,), neighbour indices (r, k), distances (r, k)). `seconds`, when given, gains
+    the time of each step ("distances", "sums", "topk")."""
     n = len(X)
     si = slice(i * block, min((i + 1) * block, n))
     sj = slice(j * block, min((j + 1) * block, n))
     diagonal = i == j
+    t0 = time.perf_counter()
     D = stats.distance_block(X[si], None if diagonal else X[sj], metric)
+    t1 = time.perf_counter()
     summary = tile_summary(D, tasks[si], tasks[sj], diagonal)
-    rows_i = np.arange(si.start, si.stop)
+    t2 = time.perf_counter()
+    rows = np.arange(si.start, si.stop)
     if diagonal:
         idx, dist = stats.block_topk(D, k, si.start, sj.start)
-        return summary, rows_i, idx, dist
-    (idx, dist), (idx_j, dist_j) = stats.tile_topk(D, k, si.start, sj.start)  # one pass
-    rows = np.concatenate([rows_i, np.arange(sj.start, sj.stop)])
-    return summary, rows, np.concatenate([idx, idx_j]), np.concatenate([dist, dist_j])
+    else:
+        (idx, dist), (idx_j, dist_j) = stats.tile_topk(D, k, si.start, sj.start)  # one pass
+        rows = np.concatenate([rows, np.arange(sj.start, sj.stop)])
+        idx, dist = np.concatenate([idx, idx_j]), np.concatenate([dist, dist_j])
+    if seconds is not None:
+        for step, t in (("distances", t1 - t0), ("sums", t2 - t1),
+                        ("topk", time.perf_counter() - t2)):
+            seconds[step] = seconds.get(step, 0.0) + t
+    return summary, rows, idx, dist
 
 
-class _TileWorker:
-    """Ray Data callable class: fetches the feature matrices lazily (one ray.get per matrix)."""
-
-    def __init__(self, refs: list[Any], matrices: list[MatrixKey], tiles: np.ndarray,
-                 store_root: str, block: int, k: int, metric: str,
-                 faults: dict[str, float]) -> None:
-        self.refs, self.matrices, self.tiles, self.faults = refs, matrices, tiles, faults
-        self.store = Store(store_root)
-        self.block, self.k, self.metric = block, k, metric
-        self._cached: tuple[int, FeatureMatrix] | None = None
-
-    def _matrix(self, g: int) -> FeatureMatrix:
-        import ray
-
-        if self._cached is None or self._cached[0] != g:
-            self._cached = (g, ray.get(self.refs[g]))
-        return self._cached[1]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Compute and store each tile of the batch; a tile that fails returns one row with
-        row -1 and its error (the driver retries it), the others one row per partial top-k."""
-        out: dict[str, list[np.ndarray]] = {c: [] for c in ("tile", "matrix", "row", "nbr",
-                                                            "dist", "error")}
-        for t in batch["id"]:
-            g, i, j = (int(v) for v in self.tiles[int(t)])
-            try:
-                fm = self._matrix(g)
-                maybe_fail("tile", f"{self.matrices[g]}-{i}-{j}".replace("/", "-"),
-                           self.store.root, self.faults)
-                summary, rows, idx, dist = compute_tile(fm.X, fm.tasks, i, j, self.block,
-                                                        self.k, self.metric)
-                key = {**self.matrices[g].key, "block_i": i, "block_j": j}
-                self.store.write_shard("pairs", key, [{"metric": self.metric, **summary,
-                                                       "upstream": fm.upstream}])
-                error = ""
-            except Exception as exc:  # reported to the driver, which retries the tile
-                rows, idx = np.array([-1]), np.full((1, self.k), -1, np.int64)
-                dist, error = np.full((1, self.k), np.inf, np.float32), error_text(exc)
-            out["tile"].append(np.full(len(rows), int(t)))
-            out["matrix"].append(np.full(len(rows), g))
-            out["row"].append(rows)
-            out["nbr"].append(idx)
-            out["dist"].append(dist)
-            out["error"].append(np.full(len(rows), error, dtype=object))
-        return {c: np.concatenate(v) for c, v in out.items()}
+Segment = tuple[int, int, tuple[int, ...]]  # (matrix, block row i, its blocks j >= i)
 
 
-def neighbor_rows(fm: FeatureMatrix, block: int, rows: np.ndarray, idx: np.ndarray,
-                  dist: np.ndarray) -> list[dict[str, Any]]:
-    """Rows of one neighbors shard: for each model, its neighbours by rank (padding dropped)."""
-    out = []
-    for r, nbrs, ds in zip(rows, idx, dist, strict=True):
-        for rank, (n, d) in enumerate(zip(nbrs, ds, strict=True), start=1):
-            if n < 0:
-                break
-            out.append({
-                "model_id": fm.model_ids[r], "block": block, "task": int(fm.tasks[r]),
-                "rank": rank, "neighbor_id": fm.model_ids[n], "neighbor_task": int(fm.tasks[n]),
-                "distance": float(d), "same_task": bool(fm.tasks[r] == fm.tasks[n]),
-            })
+def row_segments(todo: dict[int, list[tuple[int, int]]], cpus: int,
+                 per_cpu: int = 4) -> list[Segment]:
+    """The units of work: runs of tiles (i, j) of one block row, at most L tiles each, where
+    L = ceil(tiles / (per_cpu * cpus)), so there are about per_cpu units per CPU or more (a
+    unit reads block I once for all its tiles). `todo`: {matrix: its tiles}. Ordered by
+    matrix, then longest first (so the short ones fill the end)."""
+    total = sum(len(t) for t in todo.values())
+    size = max(1, math.ceil(total / (per_cpu * max(1, cpus))))
+    out: list[Segment] = []
+    for g in sorted(todo):
+        rows: dict[int, list[int]] = {}
+        for i, j in sorted(todo[g]):
+            rows.setdefault(i, []).append(j)
+        mine = [(g, i, tuple(js[a:a + size])) for i, js in rows.items()
+                for a in range(0, len(js), size)]
+        out += sorted(mine, key=lambda s: (-len(s[2]), s[1], s[2][0]))
     return out
+
+
+@dataclass(frozen=True)
+class SegmentParts:
+    """What one segment (block row i, blocks js) gives the driver: each tile's summary, the
+    top-k lists of the rows of I over all its tiles (merged), and those of the rows of each
+    J != I (rows (r,), neighbour indices (r, k), distances (r, k))."""
+
+    summaries: list[dict[str, Any]]  # one per j, in order, with its block_j
+    rows_i: tuple[np.ndarray, np.ndarray, np.ndarray]
+    columns: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]  # (j, rows, idx, dist)
+    seconds: dict[str, float]  # compute_tile's steps, summed; "merge": the lists of I
+
+
+def segment_parts(X: np.ndarray, groups: np.ndarray, i: int, js: tuple[int, ...], block: int,
+                  k: int, metric: str, before_tile: Any = None) -> SegmentParts:
+    """The tiles (i, j) of X (N, D) for j in js, each as :func:`compute_tile`; the rows of I
+    keep their lists merged across them. ``before_tile(j)``: called before each tile (the
+    fault hook)."""
+    summaries, idx_i, dist_i, columns = [], [], [], []
+    seconds: dict[str, float] = {}
+    rows_i = np.arange(i * block, min((i + 1) * block, len(X)))
+    for j in js:
+        if before_tile is not None:
+            before_tile(j)
+        summary, rows, idx, dist = compute_tile(X, groups, i, j, block, k, metric, seconds)
+        summaries.append({"block_j": j, **summary})
+        m = len(rows_i)  # compute_tile's rows: those of I, then those of J (off-diagonal)
+        idx_i.append(idx[:m])
+        dist_i.append(dist[:m])
+        if j != i:
+            columns.append((j, rows[m:], idx[m:], dist[m:]))
+    t0 = time.perf_counter()
+    best_i, best_d = stats.merge_topk(idx_i, dist_i, k) if len(js) > 1 else (idx_i[0], dist_i[0])
+    seconds["merge"] = time.perf_counter() - t0
+    return SegmentParts(summaries, (rows_i, best_i, best_d), columns, seconds)
+
+
+def _segment_task(X: np.ndarray, groups: np.ndarray, label: str, i: int, js: tuple[int, ...],
+                  block: int, k: int, metric: str, store_root: str,
+                  faults: dict[str, float]) -> SegmentParts:
+    """A Ray task: one segment (X and groups arrive from the object store without a copy)."""
+    return segment_parts(X, groups, i, js, block, k, metric, lambda j: maybe_fail(
+        "tile", f"{label}-{i}-{j}", store_root, faults))
+
+
+def _load_task(store_root: str, key: MatrixKey, study: Study, models: Any
+               ) -> tuple[tuple[list[str], str, np.ndarray, float], np.ndarray, np.ndarray]:
+    """A Ray task: one feature matrix read from the store, returned as three objects: (model
+    ids, upstream, groups, seconds) for the driver, X (N, D) and the groups (N,) for the
+    segments (the groups: intra/inter and same_task by those the tests compare,
+    tests.group_by)."""
+    start = time.perf_counter()
+    fm = Store(store_root).feature_matrix(key.arch, key.method, key.layer, key.epoch,
+                                          writable=False)
+    groups = study_groups(study, models, fm.model_ids, fm.tasks, [])
+    return (fm.model_ids, fm.upstream, groups, time.perf_counter() - start), fm.X, groups
+
+
+def neighbor_rows(model_ids: list[str], groups: np.ndarray, upstream: str, rows: np.ndarray,
+                  idx: np.ndarray, dist: np.ndarray) -> dict[str, Any]:
+    """The columns of one neighbors shard: each model's neighbours by rank, nearest first
+    (padding, index -1, dropped). rows (m,), idx (m, k), dist (m, k)."""
+    m, k = idx.shape
+    keep = (idx >= 0).ravel()
+    r = np.repeat(rows, k)[keep]
+    n = idx.ravel()[keep]
+    ids = np.asarray(model_ids, dtype=object)
+    return {
+        "model_id": pa.array(ids[r], pa.string()), "task": groups[r],
+        "rank": np.tile(np.arange(1, k + 1), m)[keep], "neighbor_id": pa.array(ids[n], pa.string()),
+        "neighbor_task": groups[n], "distance": dist.ravel()[keep],
+        "same_task": groups[r] == groups[n], "upstream": pa.array([upstream] * len(r), pa.string()),
+    }
 
 
 class BlockMerges:
@@ -194,10 +248,11 @@ class BlockMerges:
         self.best: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.seen: dict[int, int] = {}
 
-    def add(self, rows: np.ndarray, idx: np.ndarray, dist: np.ndarray
+    def add(self, rows: np.ndarray, idx: np.ndarray, dist: np.ndarray, tiles: int = 1
             ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """Merge one tile's partial lists (rows (r,), idx (r, k), dist (r, k)); returns the
-        blocks it completed as (block, rows (m,), idx (m, k), dist (m, k))."""
+        """Merge partial lists of `tiles` tiles (rows (r,), idx (r, k), dist (r, k); the rows
+        of one block when tiles > 1); returns the blocks it completed as (block, rows (m,),
+        idx (m, k), dist (m, k))."""
         done = []
         of = rows // self.block
         for b in (int(v) for v in np.unique(of)):
@@ -212,7 +267,7 @@ class BlockMerges:
             local = rows[sel] - lo
             best_i[local], best_d[local] = stats.merge_topk([best_i[local], idx[sel]],
                                                       [best_d[local], dist[sel]], self.k)
-            self.seen[b] = self.seen.get(b, 0) + 1
+            self.seen[b] = self.seen.get(b, 0) + tiles
             if self.seen[b] == self.parts:
                 done.append((b, np.arange(lo, hi), *self.best.pop(b)))
         return done
@@ -231,25 +286,40 @@ def outputs(study: Study, store: Store) -> Outputs:
     return Outputs("matrices", len(study.matrices()), done, stale=stale)
 
 
-def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
-    """Compute the pending tiles of every feature matrix with Ray Data jobs (a pool of a tile
-    actor per CPU of the cluster); write pairs and neighbors.
+@dataclass
+class _Matrix:
+    """The driver's state of one feature matrix with work in this run."""
 
-    A tile that fails is computed again in the next round, up to ``resources.max_failures``
-    times; a tile that still fails is left pending (with the neighbour blocks it touches) and
-    counted as failed, with the first cause. The shards of a stale matrix are deleted first.
+    key: MatrixKey
+    work: MatrixWork
+    merges: BlockMerges
+    left: int = 0  # its segments not yet done
+    summaries: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # row: {j: ..}
+    refs: Any = None  # the load task's (meta, X, groups) refs; None until loaded, and after
+    meta: tuple[list[str], str, np.ndarray, float] | None = None  # _load_task's first
+
+
+def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
+    """Compute the pending tiles of every feature matrix as Ray tasks, one per segment (a run
+    of tiles of one block row, :func:`row_segments`); write pairs (one shard per block row)
+    and neighbors (one per row block) from the driver as rows and blocks complete.
+
+    Each matrix is read by one load task into the object store, the next matrix while this
+    one's segments run (at most two are held); a segment task maps X without a copy and holds
+    one block row's tiles at a time. A segment that fails is computed again, up to
+    ``resources.max_failures`` times; one that still fails is left pending (with the rows and
+    blocks it touches) and counted as failed, with the first cause. The shards of a stale
+    matrix are deleted first. Returns counts and ``cpu_seconds``: the tasks' seconds by step
+    (load, distances, sums, topk, merge: a segment's lists of I), summed, and the driver's
+    (merges and shard writes).
     """
     import ray
 
-    keys: list[MatrixKey] = []
-    matrices: list[FeatureMatrix] = []
-    missing: list[set[int]] = []
-    todo: list[tuple[int, int, int]] = []
-    total_tiles = 0
-    block, metric = study.pairs.block, study.pairs.metric
+    block, metric, k = study.pairs.block, study.pairs.metric, study.pairs.top_k
     recorded = _recorded(store)
     rows = lineage.matrix_rows(store)  # decide from the lineage; load only matrices with work
-    models = labelled_models(study, store)  # tests.group_by's column, read once
+    mats: list[_Matrix] = []
+    total_tiles = 0
     for key in study.matrices():
         tokens = rows.get(key.id, frozenset())
         if len(tokens) < 2:
@@ -264,94 +334,115 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 for held in store.shard_keys(table, key.partition):
                     if held["epoch"] == key.epoch:
                         store.shard_path(table, held).unlink(missing_ok=True)
-        if not work.tiles:
-            continue
-        fm = store.feature_matrix(key.arch, key.method, key.layer, key.epoch)
-        # intra/inter and same_task by the groups the tests compare (tests.group_by)
-        fm = dataclasses.replace(fm, tasks=study_groups(study, models, fm.model_ids, fm.tasks,
-                                                         []))
-        g = len(keys)
-        keys.append(key)
-        matrices.append(fm)
-        missing.append(work.blocks)
-        todo += [(g, i, j) for i, j in work.tiles]
-    k = study.pairs.top_k
-    merges = [BlockMerges(len(fm.X), block, k, blocks)
-              for fm, blocks in zip(matrices, missing, strict=True)]
-    with Units("pairs", todo, label=lambda t: f"tile {keys[t[0]]} ({t[1]}, {t[2]})",
-               max_failures=study.resources.max_failures, stream=ctx.stream, noun="tile",
-               skipped=total_tiles - len(todo)) as units:
-        if not todo:
-            return {"tiles": 0, "skipped": total_tiles, "groups": 0, "failed": 0}
-        quiet_ray_data()
-        refs = [ray.put(fm) for fm in matrices]
-        for round_tiles in units.rounds():  # the tiles that failed in a round make the next
-            with warnings.catch_warnings():
-                # max_restarts=0 goes through map_batches' **ray_remote_args (deprecated in
-                # 2.60, still honoured): a tile actor that dies fails the job. With restarts
-                # on, Ray logs an error line about the constructor's args.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                ds = _tile_dataset(round_tiles, max(1, ctx.cpus), refs, keys, store, block,
-                                   k, metric)
-            errors: dict[int, str] = {}
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    ok = batch["error"] == ""
-                    done = np.unique(batch["tile"][ok])
-                    for t in done:
-                        sel = batch["tile"] == t
-                        g = int(batch["matrix"][sel][0])
-                        for b, r, best_i, best_d in merges[g].add(
-                                batch["row"][sel], batch["nbr"][sel], batch["dist"][sel]):
-                            store.write_shard("neighbors", {**keys[g].key, "block": b}, [
-                                {**row, "upstream": matrices[g].upstream}
-                                for row in neighbor_rows(matrices[g], b, r, best_i, best_d)])
-                    bad = batch["tile"][~ok].tolist()
-                    errors.update(zip(bad, batch["error"][~ok], strict=True))
-                    units.done(*(round_tiles[int(t)] for t in done))
-            except ray.exceptions.RayError as exc:
-                raise IncompleteError(
-                    f"pairs: the Ray Data job failed ({error_text(exc)[:300]}); the tiles it "
-                    "finished are stored and a relaunch computes the rest") from None
-            # a tile given up never completes its blocks: their neighbors stay pending
-            for t, error in errors.items():
-                units.failed(round_tiles[t], error)
-    return {"tiles": len(todo), "skipped": total_tiles - len(todo), "groups": len(keys),
-            **units.outcome()}
+        if work.tiles:
+            mats.append(_Matrix(key, work, BlockMerges(len(tokens), block, k, work.blocks)))
+    # smallest first: the first segments start as soon as the first (quick) load is done
+    mats.sort(key=lambda m: len(m.work.tiles) * _width(store, m.key))
+    segments = row_segments({g: m.work.tiles for g, m in enumerate(mats)}, ctx.cpus)
+    for g, _, _ in segments:
+        mats[g].left += 1
+    tiles = sum(len(m.work.tiles) for m in mats)
+    outcome = {"tiles": tiles, "skipped": total_tiles - tiles, "groups": len(mats),
+               "segments": len(segments)}
+    with Units("pairs", segments, label=lambda s: f"tiles {mats[s[0]].key} ({s[1]}, "
+               f"{s[2][0]}..{s[2][-1]})", max_failures=study.resources.max_failures,
+               stream=ctx.stream, noun="tile", skipped=total_tiles - tiles,
+               size=lambda s: len(s[2])) as units:
+        if not segments:
+            return {**outcome, "failed": 0}
+        load = ray.remote(num_cpus=1, max_retries=0)(_load_task).options(num_returns=3)
+        task = ray.remote(num_cpus=1, max_retries=0)(_segment_task)
+        models, faults, root = ray.put(labelled_models(study, store)), plan(), str(store.root)
+        spent = {"load": 0.0, "driver": 0.0}  # task seconds by step, and the driver's
+
+        def loaded(g: int) -> Any:
+            """Matrix g's refs, its load task submitted once (and again after it failed)."""
+            if mats[g].refs is None:
+                mats[g].refs = load.remote(root, mats[g].key, study, models)
+            return mats[g].refs
+
+        def submit(seg: Segment) -> Any:
+            g, i, js = seg
+            _, X, groups = loaded(g)
+            if g + 1 < len(mats):
+                loaded(g + 1)  # the next matrix loads while this one's segments run
+            label = str(mats[g].key).replace("/", "-")
+            return task.remote(X, groups, label, i, js, block, k, metric, root, faults)
+
+        def settle(seg: Segment, error: BaseException | None) -> None:
+            m = mats[seg[0]]
+            if error is not None and m.refs is not None and _failed(m.refs[0]):
+                m.refs = None  # its load failed: the segment's next attempt loads it again
+
+        def on_done(seg: Segment, parts: SegmentParts) -> None:
+            m = mats[seg[0]]
+            if m.meta is None:
+                m.meta = ray.get(m.refs[0])
+                spent["load"] += m.meta[3]
+            start = time.perf_counter()
+            _collect(store, m, seg, parts, metric)
+            spent["driver"] += time.perf_counter() - start
+            for step, t in parts.seconds.items():
+                spent[step] = spent.get(step, 0.0) + t
+            m.left -= 1
+            if m.left == 0:
+                m.refs = m.meta = None  # its objects leave the object store
+
+        try:
+            run_refs(units, submit, on_done, slots=max(1, ctx.cpus), settle=settle)
+        except ray.exceptions.RayError as exc:
+            raise IncompleteError(
+                f"pairs: the Ray job failed ({error_text(exc)[:300]}); the block rows and "
+                "blocks it finished are stored and a relaunch computes the rest") from None
+    steps = ("load", "distances", "sums", "topk", "merge", "driver")
+    return {**outcome, **units.outcome(),
+            "cpu_seconds": {s: round(spent.get(s, 0.0), 2) for s in steps}}
 
 
-def quiet_ray_data() -> None:
-    """No Ray Data progress bars or INFO lines: the stage prints its own progress."""
-    import ray.data
+def _width(store: Store, key: MatrixKey) -> int:
+    """The feature width D of a matrix, from one row of its first features shard."""
+    import pyarrow.parquet as pq
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    files = store.shard_files("features", key.partition)
+    return int(pq.read_table(files[0], columns=["dim"])["dim"][0].as_py()) if files else 0
 
 
-def _tile_dataset(todo: list[tuple[int, int, int]], pool_size: int, refs: list[Any],
-                  keys: list[MatrixKey], store: Store, block: int, k: int, metric: str) -> Any:
-    """The Ray Data pipeline: tile ids -> _TileWorker actors (pool of pool_size, 1 CPU each).
+def _failed(ref: Any) -> bool:
+    """Whether the task of `ref` finished with an error (False while it runs)."""
+    import ray
 
-    The ids are a materialized dataset (from_items), not a read (range): a read's tasks need
-    a CPU of their own, so a pool of every CPU waited for them forever (measured: a 2-CPU
-    launch hung), and the pool had to be half the CPUs."""
-    import ray.data
+    if not ray.wait([ref], timeout=0)[0]:
+        return False
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError:
+        return True
+    return False
 
-    tiles = np.asarray(todo, dtype=np.int64)
-    blocks = min(len(todo), 8 * pool_size)
-    ids = ray.data.from_items([{"id": t} for t in range(len(todo))], override_num_blocks=blocks)
-    return ids.map_batches(
-        _TileWorker,
-        fn_constructor_kwargs={"refs": refs, "matrices": keys, "tiles": tiles,
-                               "store_root": str(store.root), "block": block, "k": k,
-                               "metric": metric, "faults": plan()},
-        batch_size=1,
-        num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=pool_size),
-        batch_format="numpy",
-        max_restarts=0,
-    )
+
+def _collect(store: Store, m: _Matrix, seg: Segment, parts: SegmentParts, metric: str) -> None:
+    """Take a segment's parts into its matrix's state; write the pairs shard of a block row
+    and the neighbors shard of a block once all their tiles are in."""
+    assert m.meta is not None
+    ids, upstream, groups, _ = m.meta
+    _, i, js = seg
+    key = m.key
+    if i in m.work.rows:
+        row = m.summaries.setdefault(i, {})
+        row.update({s["block_j"]: s for s in parts.summaries})
+        if len(row) == m.merges.parts - i:  # every tile (i, j >= i)
+            for held in store.shard_keys("pairs", key.partition):  # an old layout's tiles
+                if held["epoch"] == key.epoch and held["block_i"] == i:
+                    store.shard_path("pairs", held).unlink(missing_ok=True)
+            store.write_shard("pairs", {**key.key, "block_i": i}, [
+                {"metric": metric, **row[j], "upstream": upstream} for j in sorted(row)])
+            del m.summaries[i]
+    done = m.merges.add(*parts.rows_i, tiles=len(js))
+    for _, r, idx, dist in parts.columns:
+        done += m.merges.add(r, idx, dist)
+    for b, r, best_i, best_d in done:
+        store.write_shard("neighbors", {**key.key, "block": b},
+                          neighbor_rows(ids, groups, upstream, r, best_i, best_d))
 
 
 STAGE = Stage(name="pairs", outputs=outputs, run=run_pairs)

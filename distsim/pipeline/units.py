@@ -1,8 +1,8 @@
 """Units of a stage's work, each run until it succeeds or its retries are spent: the bookkeeping.
 
-A stage cuts its work into units (a pack, a tile, a permutation chunk) and runs them on its own
-Ray mechanism: Tune trials (zoo), an actor pool (features), Ray Data rounds (pairs), tasks
-(tests). The mechanism stays with the stage; what every stage shares is kept here:
+A stage cuts its work into units (a pack, a run of distance tiles, a permutation chunk) and runs
+them on its own Ray mechanism: Tune trials (zoo), an actor pool (features), tasks (pairs,
+tests). The mechanism stays with the stage; what every stage shares is kept here:
 
 - :class:`Units` holds the units still to run, in order (a failed attempt goes to the back),
   counts each unit's failed attempts against ``resources.max_failures`` with one line each
@@ -16,9 +16,8 @@ Ray mechanism: Tune trials (zoo), an actor pool (features), Ray Data rounds (pai
   methods): submit pending units (at most ``slots`` at a time), wait for the next to finish,
   get it, pass its value on or note its error (resubmitted, or given up).
 
-A round-based mechanism (a Ray Data job per round) takes ``Units.rounds()`` and reports each
-unit with ``done`` / ``failed``; one that retries by itself (Tune) passes ``again`` to
-``failed`` and only has its lines, progress and counts kept here.
+A mechanism that retries by itself (Tune) passes ``again`` to ``failed`` and only has its
+lines, progress and counts kept here.
 """
 
 from __future__ import annotations
@@ -46,8 +45,10 @@ class Units(Generic[U]):
     ``units``: every unit to run, in order (hashable and distinct: a pack, a tile id, a
     (test, chunk) pair); ``label(unit)`` names one in its failure lines ("pack mlp-t0-p1");
     ``noun`` and ``skipped`` go to the progress line (units of work, units the store already
-    held); ``group(unit)``: units given up together (default: each unit alone). Use it as a
-    context manager: the progress line is drawn at once and closed at the end.
+    held); ``group(unit)``: units given up together (default: each unit alone); ``size(unit)``:
+    what a unit counts for in the progress line (default 1: the pairs stage counts a run of
+    tiles as its tiles). Use it as a context manager: the progress line is drawn at once and
+    closed at the end.
     """
 
     def __init__(
@@ -61,17 +62,19 @@ class Units(Generic[U]):
         noun: str = "it",
         skipped: int = 0,
         group: Callable[[U], Hashable] | None = None,
+        size: Callable[[U], int] | None = None,
     ) -> None:
         self.pending: deque[U] = deque(units)
         self.label, self.group = label, group or (lambda unit: unit)
+        self.size = size or (lambda unit: 1)
         self.retries = Retries(stage, max_failures, stream)
         self.succeeded = 0  # units done
-        self._left: dict[Hashable, int] = {}  # group -> its units neither done nor given up
-        for unit in self.pending:
+        self._left: dict[Hashable, int] = {}  # group -> size of its units neither done nor
+        for unit in self.pending:  # given up
             g = self.group(unit)
-            self._left[g] = self._left.get(g, 0) + 1
+            self._left[g] = self._left.get(g, 0) + self.size(unit)
         self._dropped: set[Hashable] = set()  # groups given up
-        self.progress = Progress(stage, len(self.pending), unit=noun, skipped=skipped,
+        self.progress = Progress(stage, sum(self._left.values()), unit=noun, skipped=skipped,
                                  stream=stream)
 
     @property
@@ -84,12 +87,6 @@ class Units(Generic[U]):
         count = len(self.pending) if n is None else max(0, min(n, len(self.pending)))
         return [self.pending.popleft() for _ in range(count)]
 
-    def rounds(self) -> Iterator[list[U]]:
-        """Rounds of a round-based mechanism: all pending units, while any is pending (the
-        units that failed in one round and may run again make the next)."""
-        while self.pending:
-            yield self.take()
-
     def dropped(self, unit: U) -> bool:
         """Whether `unit`'s group was given up (its results are not wanted any more)."""
         return self.group(unit) in self._dropped
@@ -98,9 +95,9 @@ class Units(Generic[U]):
         """`units` succeeded: the progress counts them (those of a given-up group aside)."""
         live = [u for u in units if not self.dropped(u)]
         for unit in live:
-            self._left[self.group(unit)] -= 1
+            self._left[self.group(unit)] -= self.size(unit)
         self.succeeded += len(live)
-        self.progress.update(len(live))
+        self.progress.update(sum(self.size(u) for u in live))
 
     def failed(self, unit: U, error: str, *, again: bool | None = None) -> bool:
         """An attempt of `unit` failed with `error`: one line, and True while it may run again.
