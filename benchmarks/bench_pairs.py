@@ -1,6 +1,6 @@
 """Where the pairs stage's time goes, against the GEMM bound measured in the same run.
 
-Two parts, one run, printed as tables:
+Three parts, one run, printed as tables:
 
 * ``tile``: one off-diagonal tile (block x block rows of synthetic float32 features of width
   D) in-process, one thread: the float32 GEMM X_I X_J^T (the bound), ``distance_block``,
@@ -9,30 +9,40 @@ Two parts, one run, printed as tables:
   and of its transpose) and by ``tile_topk`` (one numba pass), and ``compute_tile`` whole.
 * ``stage``: the paper's MLP study on digits (45 pair-tasks x 100 seeds = 4,500 models,
   chain-gram and raw at fc1, fc2, out: feature widths 2,145 / 4,160 / 2,145 / 8,320 / 130 /
-  8,450; block 1024, top_k 10), trained and featurized once into ``--work``; then the pairs
-  stage alone (``distsim launch --stages pairs`` on a copy of that store without its pairs
-  and neighbours) for this checkout and, with ``--base REV``, for a git worktree of REV, side
-  by side (the worktree is removed at the end). Its rate is N^2 x sum(D) flops (the distance
-  GEMMs of all pairs) over the stage's seconds, beside the float32 GEMM rate of this machine
-  with every thread, measured in the same run; the two stores' pairs and neighbours tables
-  are compared value for value.
+  8,450; block 1024, top_k 10), trained and featurized once into ``--work``.
+* ``synthetic``: stores of ``--sizes`` models (45 tasks; default 20,000 and 100,000) with the
+  zoo and features stages done and one synthetic chain-gram fc1 matrix of width ``--dim``
+  (a task mean plus noise; block 2048, top_k 10), written once into ``--work``.
 
-    .venv/bin/python benchmarks/bench_pairs.py [--parts tile stage] [--base a50c9e3]
-        [--work /tmp/bench_pairs] [--block 2048] [--dim 2145]
+For each study the pairs stage runs alone (``distsim launch --stages pairs`` on a copy of the
+store without its pairs and neighbours, the other files hard-linked) for this checkout and,
+with ``--base REV``, for a git worktree of REV, side by side (the worktree is removed at the
+end); the two stores' pairs and neighbours tables are compared value for value. The stage's
+rate is N^2 x sum(D) flops (the distance GEMMs of all pairs) over its recorded seconds,
+beside the float32 GEMM rate of this machine with every thread, measured in the same run; a
+checkout that records them also gives its tasks' seconds by step (``cpu_seconds``).
+
+    .venv/bin/python benchmarks/bench_pairs.py [--parts tile stage synthetic] [--base a50c9e3]
+        [--sizes 20000 100000] [--base-sizes 20000] [--work /tmp/bench_pairs] [--block 2048]
+        [--dim 2145]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = """
@@ -142,36 +152,37 @@ def prepare(work: Path) -> Path:
     return study
 
 
-def pairs_seconds(work: Path, study: Path, repo: Path, label: str) -> float:
-    """The pairs stage's seconds with the code of `repo`, on a copy of the prepared store
-    without pairs and neighbours."""
-    store = work / f"store-{label}"
+def pairs_run(study: Path, repo: Path, label: str) -> dict[str, Any]:
+    """The pairs stage's record (`_stages/pairs.json`: seconds, and cpu_seconds where the code
+    records them) with the code of `repo`, on a copy of the study's store without pairs and
+    neighbours (the other files hard-linked) beside it."""
+    text = study.read_text()
+    found = re.search(r'store = "(.*)"', text)
+    assert found, f"{study} names no store"
+    source = Path(found.group(1))
+    store = source.parent / f"store-{label}"
     shutil.rmtree(store, ignore_errors=True)
-    shutil.copytree(work / "store", store, ignore=shutil.ignore_patterns("pairs", "neighbors"))
-    copy = work / f"study-{label}.toml"
-    copy.write_text(study.read_text().replace(str(work / "store"), str(store)))
+    shutil.copytree(source, store, ignore=shutil.ignore_patterns("pairs", "neighbors"),
+                    copy_function=os.link)
+    copy = study.parent / f"study-{label}.toml"
+    copy.write_text(text.replace(str(source), str(store)))
     env = {**os.environ, "PYTHONPATH": str(repo)}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "distsim.cli", "launch", str(copy), "--stages",
                     "pairs"], check=True, env=env, cwd=repo)
     wall = time.perf_counter() - start
-    sys.path.insert(0, str(ROOT))
-    import distsim
-
-    recorded = distsim.open(store).store.stages()["pairs"]["seconds"]
-    print(f"  {label}: pairs stage {recorded:.1f} s (launch wall {wall:.1f} s)", flush=True)
-    return float(recorded)
+    record = json.loads((store / "_stages" / "pairs.json").read_text())
+    print(f"  {label}: pairs stage {record['seconds']:.1f} s (launch wall {wall:.1f} s); "
+          f"cpu seconds {record.get('cpu_seconds', '(not recorded)')}", flush=True)
+    return {**record, "store": store}
 
 
-def stage(work: Path, base: str | None) -> list[list[str]]:
-    study = prepare(work)
-    import distsim
-
-    res = distsim.open(work / "store")
-    n = res.models().height
-    widths = [res.features("mlp", layer, method)[2].shape[1]
-              for layer in res.study.feature_layers("mlp") for method in ("chain-gram", "raw")]
-    flops = float(n) ** 2 * sum(widths)
+def compare(study: Path, n: int, width: int, base: str | None,
+            work: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """The pairs stage of `study` (n models, feature widths summing to `width`) for `base`
+    (a git worktree of it, removed at the end) and this checkout, side by side: rate rows,
+    breakdown rows; the two stores' tables compared."""
+    flops = float(n) ** 2 * width
     rate = gemm_rate()
     runs = [("now", ROOT)]
     if base:
@@ -180,19 +191,86 @@ def stage(work: Path, base: str | None) -> list[list[str]]:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
                             base], check=True)
         runs.insert(0, (f"base {base}", tree))
-    rows, stores = [], []
+    rows, parts, records = [], [], []
     try:
         for label, repo in runs:
-            stores.append(work / f"store-{label.replace(' ', '-')}")
-            seconds = pairs_seconds(work, study, repo, label.replace(" ", "-"))
-            rows.append(_rate_row(label, n, sum(widths), seconds, flops, rate))
+            record = pairs_run(study, repo, label.replace(" ", "-"))
+            records.append(record)
+            rows.append(_rate_row(label, n, width, record["seconds"], flops, rate))
+            cpu = record.get("cpu_seconds")
+            if cpu:
+                parts.append([label, f"{n}", *(f"{cpu.get(s, 0):.2f}" for s in STEPS),
+                              f"{record['seconds']:.1f}"])
     finally:
         if base:  # the worktree goes, and git forgets it
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(work / f"base-{base}")], check=False)
-    if len(stores) == 2:
-        print(f"  pairs and neighbours tables equal, every column: {same_tables(*stores)}")
-    return rows
+    if len(records) == 2:
+        same = same_tables(records[0]["store"], records[1]["store"])
+        print(f"  pairs and neighbours tables equal, every column: {same}", flush=True)
+    for record in records:
+        shutil.rmtree(record["store"], ignore_errors=True)
+    return rows, parts
+
+
+def stage(work: Path, base: str | None) -> tuple[list[list[str]], list[list[str]]]:
+    """The paper MLP study (4,500 models, six matrices)."""
+    study = prepare(work)
+    import distsim
+
+    res = distsim.open(work / "store")
+    n = res.models().height
+    widths = [res.features("mlp", layer, method)[2].shape[1]
+              for layer in res.study.feature_layers("mlp") for method in ("chain-gram", "raw")]
+    return compare(study, n, sum(widths), base, work)
+
+
+def synthetic(work: Path, n: int, dim: int) -> Path:
+    """A store whose zoo and features stages are done, with synthetic chain-gram fc1 features
+    (n models in 45 tasks, width `dim`: a task mean plus noise, float32), and its study file
+    (block 2048, top_k 10); made once per (n, dim) and kept in `work`."""
+    from distsim.config import load_study
+    from distsim.store import Store, model_id
+
+    seeds = -(-n // 45)
+    folder = work / f"synthetic-{n}-{dim}"
+    study_file = folder / "study.toml"
+    text = (STUDY.format(store=folder / "store")
+            .replace("seeds_per_task = 100", f"seeds_per_task = {seeds}")
+            .replace('methods = ["chain-gram", "raw"]\nlayers = "all"',
+                     'methods = ["chain-gram"]\nlayers = ["fc1"]')
+            .replace("block = 1024", "block = 2048"))
+    if (folder / "done").exists():
+        return study_file
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    study_file.write_text(text)
+    study = load_study(study_file)
+    store = Store(study.store)
+    store.bind(study, store.binding(study))
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((45, dim), dtype=np.float32)
+    start = time.perf_counter()
+    for p in study.packs():
+        ids = [model_id(p.arch, p.task, s) for s in p.seeds]
+        trial = f"synthetic-{p.task}-{p.pack}"
+        store.write_shard("models", {"arch": p.arch, "task": p.task, "pack": p.pack}, [
+            {"model_id": i, "seed": s, "status": "ok", "trial_id": trial}
+            for i, s in zip(ids, p.seeds, strict=True)])
+        X = 0.3 * means[p.task] + rng.standard_normal((len(ids), dim), dtype=np.float32)
+        store.write_shard("features", {"arch": p.arch, "method": "chain-gram", "layer": "fc1",
+                                       "task": p.task, "pack": p.pack}, {
+            "model_id": ids, "seed": list(p.seeds), "dim": [dim] * len(ids),
+            "vector": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, X.size + 1, dim, dtype=np.int32)), pa.array(X.ravel())),
+            "trial_id": [trial] * len(ids)})
+    print(f"  wrote a synthetic store of {45 * seeds} models, D = {dim}, in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    (folder / "done").touch()
+    return study_file
+
+
+STEPS = ("load", "distances", "sums", "topk", "merge", "driver")
 
 
 def _rate_row(label: str, n: int, width: int, seconds: float, flops: float,
@@ -226,21 +304,46 @@ def show(head: list[str], rows: list[list[str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["tile", "stage"],
-                        choices=["tile", "stage"])
+    parser.add_argument("--parts", nargs="+", default=["tile", "stage", "synthetic"],
+                        choices=["tile", "stage", "synthetic"])
     parser.add_argument("--base", default=None, help="a git revision to time beside this one")
     parser.add_argument("--work", default="/tmp/bench_pairs")
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--dim", type=int, default=2145)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[20000, 100000],
+                        help="models of the synthetic studies")
+    parser.add_argument("--base-sizes", nargs="+", type=int, default=None,
+                        help="the synthetic sizes to time --base at too (default: all)")
     args = parser.parse_args()
+    work = Path(args.work)
     print(f"load average {os.getloadavg()[0]:.2f}; cores {os.cpu_count()}", flush=True)
+    rate_head = ["code", "N", "sum D", "pairs s", "GFLOP/s", "GEMM GFLOP/s", "of GEMM"]
+    part_head = ["code", "N", *(f"{s} s" for s in STEPS), "stage s"]
+    rates: list[list[str]] = []
+    parts: list[list[str]] = []
     if "tile" in args.parts:
         print(f"\n## one tile: {args.block} x {args.block} rows, D = {args.dim}, one thread\n")
         show(["step", "seconds", "x GEMM"], tile(args.block, args.dim))
     if "stage" in args.parts:
-        print("\n## the pairs stage, the paper's MLP study (digits)\n")
-        rows = stage(Path(args.work), args.base)
-        show(["code", "N", "sum D", "pairs s", "GFLOP/s", "GEMM GFLOP/s", "of GEMM"], rows)
+        print("\n## the pairs stage, the paper's MLP study (digits)\n", flush=True)
+        r, p = stage(work, args.base)
+        rates, parts = rates + r, parts + p
+    if "synthetic" in args.parts:
+        for n in args.sizes:
+            print(f"\n## the pairs stage, synthetic features, N = {n}, D = {args.dim}\n",
+                  flush=True)
+            study = synthetic(work, n, args.dim)
+            models = 45 * -(-n // 45)
+            base = args.base if args.base_sizes is None or n in args.base_sizes else None
+            r, p = compare(study, models, args.dim, base, work)
+            rates, parts = rates + r, parts + p
+    if rates:
+        print("\n## the stage's rate (flops: N^2 x sum D, the distance GEMMs of all pairs)\n")
+        show(rate_head, rates)
+    if parts:
+        print("## where its time went: the tasks' seconds by step (summed over tasks) and the "
+              "driver's\n")
+        show(part_head, parts)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
