@@ -76,15 +76,7 @@ def feature_matrix(df: pl.DataFrame, what: str, writable: bool = True) -> Featur
     # they are in order (sorting the frame would move every vector)
     order = df.select(pl.arg_sort_by("task", "seed", "model_id")).to_series().to_numpy()
     in_order = bool((order == np.arange(df.height)).all())
-    vec = df.get_column("vector").to_arrow()
-    if isinstance(vec, pa.ChunkedArray):
-        vec = vec.combine_chunks()
-    lengths = vec.value_lengths().to_numpy(zero_copy_only=False)
-    if (lengths != lengths[0]).any():
-        raise StoreError(f"features {what}: vectors of different lengths "
-                         f"{sorted(set(lengths.tolist()))}")
-    flat = vec.flatten().to_numpy(zero_copy_only=False)
-    X = flat.reshape(df.height, int(lengths[0]))
+    X = dense(df, what)
     if not in_order:
         X = X[order]
     X = X.astype(np.float32, copy=writable and not X.flags.writeable)
@@ -97,6 +89,20 @@ def feature_matrix(df: pl.DataFrame, what: str, writable: bool = True) -> Featur
         X,
         fingerprint(token(m, t) for m, t in zip(df["model_id"], df["trial_id"], strict=True)),
     )
+
+
+def dense(df: pl.DataFrame, what: str) -> np.ndarray:
+    """The ``vector`` column of features rows as an (n, D) array, in the rows' order (a view
+    of the Arrow buffer where it can be: read-only); StoreError naming `what` when the
+    vectors differ in length."""
+    vec = df.get_column("vector").to_arrow()
+    if isinstance(vec, pa.ChunkedArray):
+        vec = vec.combine_chunks()
+    lengths = vec.value_lengths().to_numpy(zero_copy_only=False)
+    if (lengths != lengths[0]).any():
+        raise StoreError(f"features {what}: vectors of different lengths "
+                         f"{sorted(set(lengths.tolist()))}")
+    return vec.flatten().to_numpy(zero_copy_only=False).reshape(df.height, int(lengths[0]))
 
 
 def json_safe(v: Any) -> Any:

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
 
 from distsim.errors import StoreError
@@ -247,19 +248,47 @@ class Store(ShardStore):
         checkpoints of one `epoch` ([train] save_epochs; ids ending ``-e<epoch>``), or with
         epoch None of every model. ``writable=False``: X may be a read-only view of what was
         read, saving a copy (the pairs stage's load, which hands X to Ray)."""
-        files = self.shard_files("features", {"arch": arch, "method": method, "layer": layer})
-        # by (task, pack) as numbers: the rows come in matrix order, and need no reordering
-        files.sort(key=lambda p: [int(v) for v in re.findall(r"=(\d+)", p.name)])
-        columns = ["model_id", "task", "seed", "vector", "trial_id"]
-        schema = polars_schema(TABLES["features"].file_schema)
-        what = f"{arch}/{method}/{layer}"
+        files = self._feature_files(arch, method, layer)
+        what = f"{arch}/{method}/{layer}" + ("" if epoch is None else f"@e{epoch}")
         if not files:
             return codecs.feature_matrix(pl.DataFrame(), what)
-        lf = pl.scan_parquet(files, schema=schema, missing_columns="insert").select(columns)
-        if epoch is not None:
-            lf = lf.filter(pl.col("model_id").str.ends_with(f"-e{int(epoch)}"))
-            what += f"@e{epoch}"
-        return codecs.feature_matrix(lf.collect(), what, writable)
+        lf = _scan_features(files).select("model_id", "task", "seed", "vector", "trial_id")
+        return codecs.feature_matrix(_of_epoch(lf, epoch).collect(), what, writable)
+
+    def feature_index(self, arch: str, method: str, layer: str,
+                      epoch: int | None = None) -> pl.DataFrame:
+        """The rows of :meth:`feature_matrix` without their vectors, in its order (task, seed,
+        model_id): model_id, task, seed, trial_id and ``file``, the shard holding the row,
+        so that any rows can be read alone (:meth:`feature_rows`)."""
+        files = self._feature_files(arch, method, layer)
+        columns = ["model_id", "task", "seed", "trial_id", "file"]
+        if not files:
+            return pl.DataFrame(schema={"model_id": pl.String, "task": pl.Int32,
+                                        "seed": pl.Int64, "trial_id": pl.String,
+                                        "file": pl.String})
+        lf = _scan_features(files, include_file_paths="file").select(columns)
+        return _of_epoch(lf, epoch).collect().sort("task", "seed", "model_id")
+
+    def feature_rows(self, files: list[str], model_ids: list[str]) -> np.ndarray:
+        """The feature vectors of `model_ids`, in that order, as an (n, D) float32 array,
+        read from the shards `files` that hold them (:meth:`feature_index`'s ``file``): the
+        rows of :meth:`feature_matrix` bit for bit. StoreError when some are not there."""
+        lf = _scan_features(sorted(set(files))).select("model_id", "vector")
+        df = lf.filter(pl.col("model_id").is_in(model_ids)).collect()
+        where = {m: i for i, m in enumerate(model_ids)}
+        found = [where[m] for m in df["model_id"]]
+        if len(found) != len(model_ids) or len(set(found)) != len(found):
+            missing = sorted(set(model_ids) - set(df["model_id"].to_list()))
+            raise StoreError(f"features: {len(model_ids)} rows asked for, {df.height} read "
+                             f"from {len(set(files))} shards (missing: {missing[:3]})")
+        X = codecs.dense(df, f"rows of {len(set(files))} shards")
+        return X[np.argsort(found)].astype(np.float32, copy=False)
+
+    def _feature_files(self, arch: str, method: str, layer: str) -> list[Path]:
+        """The features shards of a matrix by (task, pack) as numbers: the order of its rows
+        (so feature_matrix needs no reordering)."""
+        files = self.shard_files("features", {"arch": arch, "method": method, "layer": layer})
+        return sorted(files, key=lambda p: [int(v) for v in re.findall(r"=(\d+)", p.name)])
 
     # ------------------------------------------------------------------ stages and status
     def mark_stage(self, stage: str, **info: Any) -> None:
@@ -363,3 +392,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix] = d
     return out
+
+
+def _scan_features(files: list[Any], **options: Any) -> pl.LazyFrame:
+    """A lazy scan of features shards (older ones without trial_id get it as nulls)."""
+    schema = polars_schema(TABLES["features"].file_schema)
+    return pl.scan_parquet(files, schema=schema, missing_columns="insert", **options)
+
+
+def _of_epoch(lf: pl.LazyFrame, epoch: int | None) -> pl.LazyFrame:
+    """The rows of one saved epoch's checkpoints (ids ending ``-e<epoch>``), or all (None)."""
+    return lf if epoch is None else lf.filter(pl.col("model_id").str.ends_with(f"-e{int(epoch)}"))
