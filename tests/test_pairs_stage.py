@@ -61,7 +61,8 @@ def test_segments_give_the_tiles_sums_and_the_exact_neighbours(n: int, block: in
     merges = BlockMerges(n, block, k, set(range(math.ceil(n / block))))
     sums, done = {}, []
     for _, i, js in row_segments({0: tiles}, cpus):
-        parts = segment_parts(X, groups, i, js, block, k, "euclidean")
+        blocks = {b: X[b * block:(b + 1) * block] for b in {i, *js}}  # only those it needs
+        parts = segment_parts(blocks, groups, i, js, block, k, "euclidean")
         assert set(parts.seconds) == {"distances", "sums", "topk", "merge"}
         for s in parts.summaries:
             sums[(i, s.pop("block_j"))] = s
@@ -164,3 +165,20 @@ def test_a_store_of_one_shard_per_tile_is_read_resumed_and_rewritten_by_row(
     got = _tables(store)
     for table in want:
         assert got[table].equals(want[table]), table
+
+
+def test_feature_rows_read_alone_are_the_matrix_rows_bit_for_bit(finished_study: Path) -> None:
+    from distsim.errors import StoreError
+
+    store = Store(finished_study.parent / "store")
+    for arch, method in (("mlp", "raw"), ("cnn", "chain-gram")):
+        fm = store.feature_matrix(arch, method, "out")
+        index = store.feature_index(arch, method, "out")
+        assert index["model_id"].to_list() == fm.model_ids
+        assert index["task"].to_list() == fm.tasks.tolist()
+        rows = np.random.default_rng(0).permutation(len(fm.model_ids))[:7]  # any rows, any order
+        part = index[rows.tolist()]
+        got = store.feature_rows(part["file"].to_list(), part["model_id"].to_list())
+        assert got.dtype == np.float32 and np.array_equal(got, fm.X[rows])
+        with pytest.raises(StoreError, match="2 rows asked for, 1 read"):
+            store.feature_rows(part["file"].to_list()[:1], [part["model_id"][0], "nope"])

@@ -6,10 +6,12 @@ Each (N, D) feature matrix (arch, method, layer, epoch) is cut into row blocks o
 (:func:`tile_summary`) and the partial top-k neighbours of the rows of I and of J, in one pass
 (:func:`distsim.stats.tile_topk`). A unit of work is a segment: a run of tiles of one block
 row (:func:`row_segments`), so a task reads block I once for all its tiles and merges their
-lists of I itself; there are a few per CPU. One load task per matrix reads it from the store
-into the object store (the next matrix loads while this one's segments run) and the segment
-tasks map it without a copy: no Ray Data, whose start-up and per-tile batches cost more than
-a 4,500-model stage's tiles (benchmarks/bench_pairs.py).
+lists of I itself; there are a few per CPU. One task per row block reads its rows from the
+store into the object store (``Store.feature_rows``; the driver holds the matrix's index, its
+ids and shards, not its vectors), and a segment task gets the blocks it needs without a copy:
+no process holds a whole matrix, and a node fetches only the blocks its segments use. No Ray
+Data: its start-up and per-tile batches cost more than a 4,500-model stage's tiles
+(benchmarks/bench_pairs.py).
 
 The driver merges the partial lists into each row block's running top-k as segments arrive
 (:class:`BlockMerges`, O(N k) numbers held) and writes a block's ``neighbors`` shard once all
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,18 +120,26 @@ def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k
     n = len(X)
     si = slice(i * block, min((i + 1) * block, n))
     sj = slice(j * block, min((j + 1) * block, n))
-    diagonal = i == j
+    return block_tile(X[si], None if i == j else X[sj], tasks[si], tasks[sj], si.start,
+                      sj.start, k, metric, seconds)
+
+
+def block_tile(X_i: np.ndarray, X_j: np.ndarray | None, groups_i: np.ndarray,
+               groups_j: np.ndarray, start_i: int, start_j: int, k: int, metric: str,
+               seconds: dict[str, float] | None = None) -> TilePart:
+    """:func:`compute_tile` of the row blocks themselves: X_i (n_I, D) and X_j (n_J, D), or
+    None for a diagonal tile, whose rows start at the global indices start_i / start_j."""
     t0 = time.perf_counter()
-    D = stats.distance_block(X[si], None if diagonal else X[sj], metric)
+    D = stats.distance_block(X_i, X_j, metric)
     t1 = time.perf_counter()
-    summary = tile_summary(D, tasks[si], tasks[sj], diagonal)
+    summary = tile_summary(D, groups_i, groups_j, X_j is None)
     t2 = time.perf_counter()
-    rows = np.arange(si.start, si.stop)
-    if diagonal:
-        idx, dist = stats.block_topk(D, k, si.start, sj.start)
+    rows = np.arange(start_i, start_i + len(X_i))
+    if X_j is None:
+        idx, dist = stats.block_topk(D, k, start_i, start_j)
     else:
-        (idx, dist), (idx_j, dist_j) = stats.tile_topk(D, k, si.start, sj.start)  # one pass
-        rows = np.concatenate([rows, np.arange(sj.start, sj.stop)])
+        (idx, dist), (idx_j, dist_j) = stats.tile_topk(D, k, start_i, start_j)  # one pass
+        rows = np.concatenate([rows, np.arange(start_j, start_j + len(X_j))])
         idx, dist = np.concatenate([idx, idx_j]), np.concatenate([dist, dist_j])
     if seconds is not None:
         for step, t in (("distances", t1 - t0), ("sums", t2 - t1),
@@ -171,23 +182,30 @@ class SegmentParts:
     seconds: dict[str, float]  # compute_tile's steps, summed; "merge": the lists of I
 
 
-def segment_parts(X: np.ndarray, groups: np.ndarray, i: int, js: tuple[int, ...], block: int,
-                  k: int, metric: str, before_tile: Any = None) -> SegmentParts:
-    """The tiles (i, j) of X (N, D) for j in js, each as :func:`compute_tile`; the rows of I
-    keep their lists merged across them. ``before_tile(j)``: called before each tile (the
-    fault hook)."""
+def segment_parts(blocks: Mapping[int, np.ndarray], groups: np.ndarray, i: int,
+                  js: tuple[int, ...], block: int, k: int, metric: str,
+                  before_tile: Any = None) -> SegmentParts:
+    """The tiles (i, j) for j in js, each as :func:`compute_tile`, from the row blocks they
+    need (``blocks[b]``: rows b * block... of the matrix, (n_b, D)) and the groups (N,) of
+    every row; the rows of I keep their lists merged across them. ``before_tile(j)``: called
+    before each tile (the fault hook)."""
     summaries, idx_i, dist_i, columns = [], [], [], []
     seconds: dict[str, float] = {}
-    rows_i = np.arange(i * block, min((i + 1) * block, len(X)))
+    X_i = blocks[i]
+    m = len(X_i)
+    rows_i = np.arange(i * block, i * block + m)
     for j in js:
         if before_tile is not None:
             before_tile(j)
-        summary, rows, idx, dist = compute_tile(X, groups, i, j, block, k, metric, seconds)
+        X_j = None if j == i else blocks[j]
+        n_j = m if X_j is None else len(X_j)
+        summary, rows, idx, dist = block_tile(
+            X_i, X_j, groups[i * block:i * block + m], groups[j * block:j * block + n_j],
+            i * block, j * block, k, metric, seconds)
         summaries.append({"block_j": j, **summary})
-        m = len(rows_i)  # compute_tile's rows: those of I, then those of J (off-diagonal)
-        idx_i.append(idx[:m])
+        idx_i.append(idx[:m])  # block_tile's rows: those of I, then those of J (off-diagonal)
         dist_i.append(dist[:m])
-        if j != i:
+        if X_j is not None:
             columns.append((j, rows[m:], idx[m:], dist[m:]))
     t0 = time.perf_counter()
     best_i, best_d = stats.merge_topk(idx_i, dist_i, k) if len(js) > 1 else (idx_i[0], dist_i[0])
@@ -195,25 +213,24 @@ def segment_parts(X: np.ndarray, groups: np.ndarray, i: int, js: tuple[int, ...]
     return SegmentParts(summaries, (rows_i, best_i, best_d), columns, seconds)
 
 
-def _segment_task(X: np.ndarray, groups: np.ndarray, label: str, i: int, js: tuple[int, ...],
-                  block: int, k: int, metric: str, store_root: str,
-                  faults: dict[str, float]) -> SegmentParts:
-    """A Ray task: one segment (X and groups arrive from the object store without a copy)."""
-    return segment_parts(X, groups, i, js, block, k, metric, lambda j: maybe_fail(
+def _segment_task(groups: np.ndarray, label: str, i: int, js: tuple[int, ...], block: int,
+                  k: int, metric: str, store_root: str, faults: dict[str, float],
+                  X_i: np.ndarray, *X_js: np.ndarray) -> SegmentParts:
+    """A Ray task: one segment, from the row blocks I and each J != I of js, in order (they
+    and the groups arrive from the object store without a copy)."""
+    others = iter(X_js)
+    blocks = {i: X_i, **{j: next(others) for j in js if j != i}}
+    return segment_parts(blocks, groups, i, js, block, k, metric, lambda j: maybe_fail(
         "tile", f"{label}-{i}-{j}", store_root, faults))
 
 
-def _load_task(store_root: str, key: MatrixKey, study: Study, models: Any
-               ) -> tuple[tuple[list[str], str, np.ndarray, float], np.ndarray, np.ndarray]:
-    """A Ray task: one feature matrix read from the store, returned as three objects: (model
-    ids, upstream, groups, seconds) for the driver, X (N, D) and the groups (N,) for the
-    segments (the groups: intra/inter and same_task by those the tests compare,
-    tests.group_by)."""
+def _block_task(store_root: str, files: list[str], model_ids: list[str]
+                ) -> tuple[np.ndarray, float]:
+    """A Ray task: the rows of one row block (model_ids, in order) read from the features
+    shards `files` that hold them, and the seconds it took."""
     start = time.perf_counter()
-    fm = Store(store_root).feature_matrix(key.arch, key.method, key.layer, key.epoch,
-                                          writable=False)
-    groups = study_groups(study, models, fm.model_ids, fm.tasks, [])
-    return (fm.model_ids, fm.upstream, groups, time.perf_counter() - start), fm.X, groups
+    X = Store(store_root).feature_rows(files, model_ids)
+    return X, time.perf_counter() - start
 
 
 def neighbor_rows(model_ids: list[str], groups: np.ndarray, upstream: str, rows: np.ndarray,
@@ -294,9 +311,11 @@ class _Matrix:
     work: MatrixWork
     merges: BlockMerges
     left: int = 0  # its segments not yet done
+    unsent: int = 0  # its segments not yet submitted
     summaries: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # row: {j: ..}
-    refs: Any = None  # the load task's (meta, X, groups) refs; None until loaded, and after
-    meta: tuple[list[str], str, np.ndarray, float] | None = None  # _load_task's first
+    index: Any = None  # its feature_index (model ids, files), read when first needed
+    meta: tuple[list[str], str, np.ndarray, Any] | None = None  # ids, upstream, groups, ref
+    blocks: dict[int, Any] = field(default_factory=dict)  # row block -> (X ref, seconds ref)
 
 
 def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
@@ -304,20 +323,22 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     of tiles of one block row, :func:`row_segments`); write pairs (one shard per block row)
     and neighbors (one per row block) from the driver as rows and blocks complete.
 
-    Each matrix is read by one load task into the object store, the next matrix while this
-    one's segments run (at most two are held); a segment task maps X without a copy and holds
-    one block row's tiles at a time. A segment that fails is computed again, up to
-    ``resources.max_failures`` times; one that still fails is left pending (with the rows and
-    blocks it touches) and counted as failed, with the first cause. The shards of a stale
-    matrix are deleted first. Returns counts and ``cpu_seconds``: the tasks' seconds by step
-    (load, distances, sums, topk, merge: a segment's lists of I), summed, and the driver's
-    (merges and shard writes).
+    The driver reads a matrix's index (ids and shards, no vectors) when its first segment is
+    due; one task per row block reads its rows into the object store (the next matrix's when
+    this one's last segments are sent), and a segment task gets the blocks it needs without a
+    copy: no process holds the whole matrix. A segment that fails is computed again, up to
+    ``resources.max_failures`` times (a block whose read failed is read again); one that
+    still fails is left pending (with the rows and blocks it touches) and counted as failed,
+    with the first cause. The shards of a stale matrix are deleted first. Returns counts and
+    ``cpu_seconds``: the tasks' seconds by step (load: the blocks' reads; distances, sums,
+    topk; merge: a segment's lists of I), summed, and the driver's (index reads, merges and
+    shard writes).
     """
     import ray
 
     block, metric, k = study.pairs.block, study.pairs.metric, study.pairs.top_k
     recorded = _recorded(store)
-    rows = lineage.matrix_rows(store)  # decide from the lineage; load only matrices with work
+    rows = lineage.matrix_rows(store)  # decide from the lineage; read only matrices with work
     mats: list[_Matrix] = []
     total_tiles = 0
     for key in study.matrices():
@@ -336,11 +357,12 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                         store.shard_path(table, held).unlink(missing_ok=True)
         if work.tiles:
             mats.append(_Matrix(key, work, BlockMerges(len(tokens), block, k, work.blocks)))
-    # smallest first: the first segments start as soon as the first (quick) load is done
+    # smallest first: the first segments start as soon as the first (quick) reads are done
     mats.sort(key=lambda m: len(m.work.tiles) * _width(store, m.key))
     segments = row_segments({g: m.work.tiles for g, m in enumerate(mats)}, ctx.cpus)
     for g, _, _ in segments:
         mats[g].left += 1
+        mats[g].unsent += 1
     tiles = sum(len(m.work.tiles) for m in mats)
     outcome = {"tiles": tiles, "skipped": total_tiles - tiles, "groups": len(mats),
                "segments": len(segments)}
@@ -350,43 +372,72 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                size=lambda s: len(s[2])) as units:
         if not segments:
             return {**outcome, "failed": 0}
-        load = ray.remote(num_cpus=1, max_retries=0)(_load_task).options(num_returns=3)
+        read = ray.remote(num_cpus=1, max_retries=0)(_block_task).options(num_returns=2)
         task = ray.remote(num_cpus=1, max_retries=0)(_segment_task)
-        models, faults, root = ray.put(labelled_models(study, store)), plan(), str(store.root)
+        models, faults, root = labelled_models(study, store), plan(), str(store.root)
         spent = {"load": 0.0, "driver": 0.0}  # task seconds by step, and the driver's
 
-        def loaded(g: int) -> Any:
-            """Matrix g's refs, its load task submitted once (and again after it failed)."""
-            if mats[g].refs is None:
-                mats[g].refs = load.remote(root, mats[g].key, study, models)
-            return mats[g].refs
+        def prepared(g: int) -> _Matrix:
+            """Matrix g with its index, ids, groups and upstream (read once, on the driver)."""
+            m = mats[g]
+            if m.meta is None:
+                start = time.perf_counter()
+                key = m.key
+                m.index = store.feature_index(key.arch, key.method, key.layer, key.epoch)
+                ids = m.index["model_id"].to_list()
+                # intra/inter and same_task by the groups the tests compare (tests.group_by)
+                groups = study_groups(study, models, ids,
+                                      m.index["task"].to_numpy().astype(np.int64), [])
+                upstream = lineage.fingerprint(lineage.token(i, t) for i, t in zip(
+                    ids, m.index["trial_id"], strict=True))
+                m.meta = (ids, upstream, groups, ray.put(groups))
+                spent["driver"] += time.perf_counter() - start
+            return m
+
+        def block_ref(g: int, b: int) -> Any:
+            """The ref of matrix g's row block b, its read submitted once (again after it
+            failed)."""
+            m = prepared(g)
+            if b not in m.blocks:
+                part = m.index[b * block:(b + 1) * block]
+                m.blocks[b] = read.remote(root, part["file"].unique().to_list(),
+                                          part["model_id"].to_list())
+            return m.blocks[b][0]
 
         def submit(seg: Segment) -> Any:
             g, i, js = seg
-            _, X, groups = loaded(g)
-            if g + 1 < len(mats):
-                loaded(g + 1)  # the next matrix loads while this one's segments run
-            label = str(mats[g].key).replace("/", "-")
-            return task.remote(X, groups, label, i, js, block, k, metric, root, faults)
+            m = prepared(g)
+            for b in sorted({i, *js}):  # the blocks this and the other segments need
+                block_ref(g, b)
+            m.unsent -= 1
+            if m.unsent == 0 and g + 1 < len(mats):  # its last: the next matrix's reads
+                for b in range(mats[g + 1].merges.parts):
+                    block_ref(g + 1, b)
+            assert m.meta is not None
+            label = str(m.key).replace("/", "-")
+            return task.remote(m.meta[3], label, i, js, block, k, metric, root, faults,
+                               block_ref(g, i), *(block_ref(g, j) for j in js if j != i))
 
         def settle(seg: Segment, error: BaseException | None) -> None:
-            m = mats[seg[0]]
-            if error is not None and m.refs is not None and _failed(m.refs[0]):
-                m.refs = None  # its load failed: the segment's next attempt loads it again
+            g, i, js = seg
+            if error is None:
+                return
+            m = mats[g]
+            for b in {i, *js}:  # a block whose read failed is read again by the next attempt
+                if b in m.blocks and _failed(m.blocks[b][0]):
+                    del m.blocks[b]
 
         def on_done(seg: Segment, parts: SegmentParts) -> None:
             m = mats[seg[0]]
-            if m.meta is None:
-                m.meta = ray.get(m.refs[0])
-                spent["load"] += m.meta[3]
             start = time.perf_counter()
             _collect(store, m, seg, parts, metric)
             spent["driver"] += time.perf_counter() - start
             for step, t in parts.seconds.items():
                 spent[step] = spent.get(step, 0.0) + t
             m.left -= 1
-            if m.left == 0:
-                m.refs = m.meta = None  # its objects leave the object store
+            if m.left == 0:  # its blocks leave the object store
+                spent["load"] += sum(ray.get([s for _, s in m.blocks.values()]))
+                m.blocks, m.index, m.meta = {}, None, None
 
         try:
             run_refs(units, submit, on_done, slots=max(1, ctx.cpus), settle=settle)
