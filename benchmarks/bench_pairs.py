@@ -24,7 +24,7 @@ checkout that records them also gives its tasks' seconds by step (``cpu_seconds`
 
     .venv/bin/python benchmarks/bench_pairs.py [--parts tile stage synthetic] [--base a50c9e3]
         [--sizes 20000 100000] [--base-sizes 20000] [--work /tmp/bench_pairs] [--block 2048]
-        [--dim 2145]
+        [--dim 2145] [--memory]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,13 +169,57 @@ def pairs_run(study: Path, repo: Path, label: str) -> dict[str, Any]:
     copy.write_text(text.replace(str(source), str(store)))
     env = {**os.environ, "PYTHONPATH": str(repo)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "distsim.cli", "launch", str(copy), "--stages",
-                    "pairs"], check=True, env=env, cwd=repo)
+    proc = subprocess.Popen([sys.executable, "-m", "distsim.cli", "launch", str(copy),
+                             "--stages", "pairs"], env=env, cwd=repo)
+    sampler = HeapSampler(proc.pid)
+    if MEMORY:
+        sampler.start()
+    if proc.wait() != 0:
+        raise SystemExit(f"{label}: the launch failed ({proc.returncode})")
     wall = time.perf_counter() - start
+    sampler.stop.set()
+    if MEMORY:
+        sampler.join()
     record = json.loads((store / "_stages" / "pairs.json").read_text())
+    peaks = ", ".join(f"{role} {mb / 1024:.2f} GB" for role, mb in sorted(sampler.peaks.items()))
     print(f"  {label}: pairs stage {record['seconds']:.1f} s (launch wall {wall:.1f} s); "
-          f"cpu seconds {record.get('cpu_seconds', '(not recorded)')}", flush=True)
-    return {**record, "store": store}
+          f"cpu seconds {record.get('cpu_seconds', '(not recorded)')}"
+          + (f"; peak heap by role (RssAnon, sampled every 0.2 s): {peaks}" if MEMORY else ""),
+          flush=True)
+    return {**record, "store": store, "peaks": sampler.peaks}
+
+
+MEMORY = False  # --memory: sample the processes' heap (it slows the stage down a little)
+
+
+class HeapSampler(threading.Thread):
+    """The peak anonymous memory (RssAnon: the heap; not the object store's shared pages a
+    task maps, nor mapped files) of the launch's processes by role, every 0.2 s: the driver,
+    a Ray worker while it runs a segment or reads a row block, or a Ray Data tile actor."""
+
+    ROLES = {"_segment_task": "segment task", "_block_task": "block read",
+             "TileWorker": "tile actor", "MapWorker": "tile actor"}
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.stop = pid, threading.Event()
+        self.peaks: dict[str, int] = {}  # role -> MiB
+
+    def run(self) -> None:
+        from bench_scale import _descendants, _status_kb
+
+        while not self.stop.is_set():
+            for p in {self.pid} | _descendants(self.pid):
+                try:
+                    title = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                role = "driver" if p == self.pid else next(
+                    (r for key, r in self.ROLES.items() if key in title), None)
+                if role is not None:
+                    mib = _status_kb(p, "RssAnon") // 1024
+                    self.peaks[role] = max(self.peaks.get(role, 0), mib)
+            self.stop.wait(0.2)
 
 
 def compare(study: Path, n: int, width: int, base: str | None,
@@ -314,7 +359,11 @@ def main() -> None:
                         help="models of the synthetic studies")
     parser.add_argument("--base-sizes", nargs="+", type=int, default=None,
                         help="the synthetic sizes to time --base at too (default: all)")
+    parser.add_argument("--memory", action="store_true",
+                        help="sample each process's peak heap (slows the stage a little)")
     args = parser.parse_args()
+    global MEMORY
+    MEMORY = args.memory
     work = Path(args.work)
     print(f"load average {os.getloadavg()[0]:.2f}; cores {os.cpu_count()}", flush=True)
     rate_head = ["code", "N", "sum D", "pairs s", "GFLOP/s", "GEMM GFLOP/s", "of GEMM"]
