@@ -64,11 +64,9 @@ def state_dicts(df: pl.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def feature_matrix(df: pl.DataFrame, what: str, writable: bool = True) -> FeatureMatrix:
+def feature_matrix(df: pl.DataFrame, what: str) -> FeatureMatrix:
     """The FeatureMatrix of features rows (model_id, task, seed, vector, trial_id), sorted by
-    (task, seed, model_id); `what` names the matrix in errors (vectors of different lengths).
-    ``writable=False`` may return X as a read-only view of the Arrow buffer (no copy when the
-    rows come in order)."""
+    (task, seed, model_id); `what` names the matrix in errors (vectors of different lengths)."""
     if df.height == 0:
         return FeatureMatrix([], np.zeros(0, np.int64), np.zeros(0, np.int64),
                              np.zeros((0, 0), np.float32), fingerprint([]))
@@ -76,10 +74,8 @@ def feature_matrix(df: pl.DataFrame, what: str, writable: bool = True) -> Featur
     # they are in order (sorting the frame would move every vector)
     order = df.select(pl.arg_sort_by("task", "seed", "model_id")).to_series().to_numpy()
     in_order = bool((order == np.arange(df.height)).all())
-    X = dense(df, what)
-    if not in_order:
-        X = X[order]
-    X = X.astype(np.float32, copy=writable and not X.flags.writeable)
+    X = dense(df, what)  # a read-only view of the Arrow buffer
+    X = (X.copy() if in_order else X[order]).astype(np.float32, copy=False)
     df = df.select("model_id", "task", "seed", "trial_id")
     df = df if in_order else df[order]
     return FeatureMatrix(

@@ -242,18 +242,17 @@ class Store(ShardStore):
                       if p.name.startswith(f"task={t}-")]
         return files
 
-    def feature_matrix(self, arch: str, method: str, layer: str, epoch: int | None = None,
-                       writable: bool = True) -> FeatureMatrix:
+    def feature_matrix(self, arch: str, method: str, layer: str,
+                       epoch: int | None = None) -> FeatureMatrix:
         """The features of one (arch, method, layer) as a dense (N, D) float32 matrix: of the
         checkpoints of one `epoch` ([train] save_epochs; ids ending ``-e<epoch>``), or with
-        epoch None of every model. ``writable=False``: X may be a read-only view of what was
-        read, saving a copy (the pairs stage's load, which hands X to Ray)."""
+        epoch None of every model."""
         files = self._feature_files(arch, method, layer)
         what = f"{arch}/{method}/{layer}" + ("" if epoch is None else f"@e{epoch}")
         if not files:
             return codecs.feature_matrix(pl.DataFrame(), what)
         lf = _scan_features(files).select("model_id", "task", "seed", "vector", "trial_id")
-        return codecs.feature_matrix(_of_epoch(lf, epoch).collect(), what, writable)
+        return codecs.feature_matrix(_of_epoch(lf, epoch).collect(), what)
 
     def feature_index(self, arch: str, method: str, layer: str,
                       epoch: int | None = None) -> pl.DataFrame:
