@@ -59,12 +59,14 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120
 
 def _stop(proc: subprocess.Popen, sig: int, group: bool, twice: bool = False) -> tuple[int, float]:
     """Send `sig` (to the launch's whole process group, as a terminal does, when `group`;
-    again 0.05 s later when `twice`: a stop can end in well under 0.3 s, and a signal after
-    the launch ended tests nothing); wait for the launch to end: (exit code, seconds)."""
+    again 0.3 s later when `twice`: after the first is handled (the driver is back in Python
+    every units.WAIT_S = 0.1 s; two signals before that are one), before the stop ends (it
+    shuts Ray down: about 2 s here; a signal after the launch ended tests nothing)); wait for
+    the launch to end: (exit code, seconds)."""
     t0 = time.monotonic()
     (os.killpg if group else os.kill)(proc.pid, sig)
     if twice:
-        time.sleep(0.05)
+        time.sleep(0.3)
         (os.killpg if group else os.kill)(proc.pid, sig)
     try:
         rc = proc.wait(timeout=60)

@@ -30,6 +30,7 @@ from typing import Any, Generic, TextIO, TypeVar
 from distsim.pipeline.progress import Progress, Retries
 
 U = TypeVar("U", bound=Hashable)
+WAIT_S = 0.1  # run_refs waits on its refs in slices this long (Ray's wait holds off signals)
 
 
 def error_text(error: BaseException) -> str:
@@ -161,7 +162,9 @@ def run_refs(
     while units.pending or running:
         for unit in units.take(None if slots is None else slots - len(running)):
             running[submit(unit)] = unit
-        ready, _ = ray.wait(list(running), num_returns=1)
+        ready: list[Any] = []
+        while not ready:  # back in Python every WAIT_S: a Ctrl-C is handled then, not only
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_S)  # when one ends
         unit = running.pop(ready[0])
         try:
             value = ray.get(ready[0])
