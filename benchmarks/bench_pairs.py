@@ -20,7 +20,9 @@ with ``--base REV``, for a git worktree of REV, side by side (the worktree is re
 end); the two stores' pairs and neighbours tables are compared value for value. The stage's
 rate is N^2 x sum(D) flops (the distance GEMMs of all pairs) over its recorded seconds,
 beside the float32 GEMM rate of this machine with every thread, measured in the same run; a
-checkout that records them also gives its tasks' seconds by step (``cpu_seconds``).
+checkout that records them also gives its tasks' seconds by step (``cpu_seconds``). With
+``--memory`` a thread samples the peak heap (RssAnon) of the driver, the segment tasks and
+the block reads (it costs the stage a few per cent).
 
     .venv/bin/python benchmarks/bench_pairs.py [--parts tile stage synthetic] [--base a50c9e3]
         [--sizes 20000 100000] [--base-sizes 20000] [--work /tmp/bench_pairs] [--block 2048]
