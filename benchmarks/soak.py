@@ -267,12 +267,18 @@ def main() -> None:
     print("\n| table | reference rows | soak rows | lost | extra | duplicated | "
           "columns differing |")
     print("|---|---|---|---|---|---|---|")
-    for row in compare(work / "reference" / "store", work / "store"):
+    rows = compare(work / "reference" / "store", work / "store")
+    for row in rows:
         print("| " + " | ".join(row) + " |")
+    left = leftovers(work / "store")
     print(f"\nverify: {verify.stdout.strip() or verify.stderr.strip()}")
-    print(f"left behind: {leftovers(work / 'store') or 'nothing'}; processes surviving a kill: "
-          f"{out['survivors']}")
+    print(f"left behind: {left or 'nothing'}; processes surviving a kill: {out['survivors']}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    sound = (verify.returncode == 0 and not left and out["survivors"] == 0
+             and all(r[1] == r[2] and r[3:] == ["0"] * 4 for r in rows))
+    print("soak: " + ("nothing lost, duplicated or left behind" if sound else "PROBLEMS above"))
+    if not sound:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
