@@ -25,7 +25,6 @@ import argparse
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,9 @@ import numpy as np
 import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTSIM = str(Path(sys.executable).with_name("distsim"))
+sys.path.insert(0, str(ROOT / "tests"))
+from _procs import DISTSIM, kill_session, launch_env  # noqa: E402  (the tests' helpers)
+
 STAGES = ("zoo", "features", "pairs", "tests")
 STUDY = """
 [study]
@@ -88,42 +89,6 @@ COMPARE = {
 }
 
 
-def env(slow: float) -> dict[str, str]:
-    """A launch's environment: its own Ray (no RAY_ADDRESS), one BLAS thread, `slow` units."""
-    out = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DISTSIM_FAULTS")}
-    out.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
-    if slow:
-        out["DISTSIM_FAULTS"] = f"slow={slow}"
-    return out
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session `sid` (the launch and everything it started)."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def kill_session(sid: int) -> list[int]:
-    """SIGKILL every process of session `sid`; the survivors after 30 s (none expected)."""
-    for pid in session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 30
-    while session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return session_pids(sid)
-
-
 def stage_of(log: Path) -> str:
     """The stage a launch was in: its last progress line's, or "start" before the first."""
     lines = [ln for ln in log.read_text().splitlines() if ln.split(" ", 1)[0] in STAGES]
@@ -133,7 +98,9 @@ def stage_of(log: Path) -> str:
 def launch(study: Path, log: Path, slow: float) -> subprocess.Popen[bytes]:
     with open(log, "w") as out:
         return subprocess.Popen([DISTSIM, "launch", str(study)], cwd=study.parent,
-                                env=env(slow), stdout=out, stderr=subprocess.STDOUT,
+                                env=launch_env(**({"DISTSIM_FAULTS": f"slow={slow}"}
+                                                  if slow else {})),
+                                stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 

@@ -1,4 +1,5 @@
-"""Process-session helpers for tests that start Ray nodes or launches of their own.
+"""Process-session helpers for tests that start Ray nodes or launches of their own (and for
+benchmarks/soak.py, which kills launches the same way).
 
 Each such test starts its processes with ``start_new_session=True`` and stops exactly that
 session (never ``ray stop``, which would kill every Ray process on the machine).
