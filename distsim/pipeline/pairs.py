@@ -308,13 +308,14 @@ class _Matrix:
     """The driver's state of one feature matrix with work in this run."""
 
     key: MatrixKey
+    upstream: str  # the fingerprint of its feature rows (matrix_work judged the store by it)
     work: MatrixWork
     merges: BlockMerges
     left: int = 0  # its segments not yet done
     unsent: int = 0  # its segments not yet submitted
     summaries: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # row: {j: ..}
     index: Any = None  # its feature_index (model ids, files), read when first needed
-    meta: tuple[list[str], str, np.ndarray, Any] | None = None  # ids, upstream, groups, ref
+    meta: tuple[list[str], np.ndarray, Any] | None = None  # ids, groups, the groups' ref
     blocks: dict[int, Any] = field(default_factory=dict)  # row block -> (X ref, seconds ref)
 
 
@@ -348,7 +349,8 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 f"pairs: {key} has {len(tokens)} feature rows in the store; run the "
                 "features stage first (it needs at least 2 ok models)"
             )
-        work = matrix_work(study, key, len(tokens), lineage.fingerprint(tokens), recorded)
+        upstream = lineage.fingerprint(tokens)
+        work = matrix_work(study, key, len(tokens), upstream, recorded)
         total_tiles += len(tile_plan(len(tokens), block))
         if work.stale:  # computed from other feature rows: none of its shards can be reused
             for table in ("pairs", "neighbors"):
@@ -356,7 +358,8 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                     if held["epoch"] == key.epoch:
                         store.shard_path(table, held).unlink(missing_ok=True)
         if work.tiles:
-            mats.append(_Matrix(key, work, BlockMerges(len(tokens), block, k, work.blocks)))
+            mats.append(_Matrix(key, upstream, work,
+                                BlockMerges(len(tokens), block, k, work.blocks)))
     # smallest first: the first segments start as soon as the first (quick) reads are done
     mats.sort(key=lambda m: len(m.work.tiles) * _width(store, m.key))
     segments = row_segments({g: m.work.tiles for g, m in enumerate(mats)}, ctx.cpus)
@@ -378,7 +381,7 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         spent = {"load": 0.0, "driver": 0.0}  # task seconds by step, and the driver's
 
         def prepared(g: int) -> _Matrix:
-            """Matrix g with its index, ids, groups and upstream (read once, on the driver)."""
+            """Matrix g with its index, ids and groups (read once, on the driver)."""
             m = mats[g]
             if m.meta is None:
                 start = time.perf_counter()
@@ -388,9 +391,7 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                 # intra/inter and same_task by the groups the tests compare (tests.group_by)
                 groups = study_groups(study, models, ids,
                                       m.index["task"].to_numpy().astype(np.int64), [])
-                upstream = lineage.fingerprint(lineage.token(i, t) for i, t in zip(
-                    ids, m.index["trial_id"], strict=True))
-                m.meta = (ids, upstream, groups, ray.put(groups))
+                m.meta = (ids, groups, ray.put(groups))
                 spent["driver"] += time.perf_counter() - start
             return m
 
@@ -415,7 +416,7 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                     block_ref(g + 1, b)
             assert m.meta is not None
             label = str(m.key).replace("/", "-")
-            return task.remote(m.meta[3], label, i, js, block, k, metric, root, faults,
+            return task.remote(m.meta[2], label, i, js, block, k, metric, root, faults,
                                block_ref(g, i), *(block_ref(g, j) for j in js if j != i))
 
         def settle(seg: Segment, error: BaseException | None) -> None:
@@ -475,7 +476,8 @@ def _collect(store: Store, m: _Matrix, seg: Segment, parts: SegmentParts, metric
     """Take a segment's parts into its matrix's state; write the pairs shard of a block row
     and the neighbors shard of a block once all their tiles are in."""
     assert m.meta is not None
-    ids, upstream, groups, _ = m.meta
+    ids, groups, _ = m.meta
+    upstream = m.upstream
     _, i, js = seg
     key = m.key
     if i in m.work.rows:
