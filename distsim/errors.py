@@ -61,3 +61,11 @@ class IncompleteError(DistsimError):
     failed after their retries); what finished is stored and a relaunch resumes. Exit code 1."""
 
     exit_code = 1
+
+
+class StorageError(DistsimError):
+    """A launch stopped by the store's filesystem: full, read-only, closed to this user or
+    failing (distsim.pipeline.io_errors). Retrying would fail the same way, so nothing is
+    retried; what was stored is kept and the same launch resumes once it is fixed. Exit code 1."""
+
+    exit_code = 1

@@ -98,11 +98,16 @@ def launch(
         bool, typer.Option("--partial", help=("Run later stages even when an earlier one is "
                                               "incomplete (marked as partial)."))
     ] = False,
+    no_space_check: Annotated[
+        bool, typer.Option("--no-space-check", help=("Launch even when the store's filesystem "
+                                                     "seems too small for the study."))
+    ] = False,
 ) -> None:
     """Run a study on Ray: zoo -> features -> pairs -> tests, each stage skipping finished work.
 
-    Exit codes: 0 done; 1 units failed after their retries (stored work is kept, a relaunch
-    resumes); 2 a user error (one line); 130 / 143 stopped by Ctrl-C / SIGTERM.
+    Exit codes: 0 done; 1 units failed after their retries, or the store's disk is full,
+    read-only or failing (stored work is kept, a relaunch resumes); 2 a user error (one line);
+    130 / 143 stopped by Ctrl-C / SIGTERM.
     """
     from distsim.config import load_study
     from distsim.pipeline.launch import run_study
@@ -119,7 +124,7 @@ def launch(
     check_offline(study, stages=chosen)  # data, store path, splits: one line, before Ray starts
     ask = sys.stdin.isatty() and not yes
     run_study(study, address=address, stages=tuple(chosen),
-              fresh=fresh, partial=partial,
+              fresh=fresh, partial=partial, space_check=not no_space_check,
               confirm=(lambda q: typer.confirm(q, err=True)) if ask else None)
 
 

@@ -5,9 +5,10 @@ chunk) is chosen to fail with its kind's rate, from a seeded hash of its name (`
 default 0), so the same units fail in every run. A chosen unit fails on its first ``times``
 attempts (default 1; attempts are counted in ``<store>/_faults/``), so retries or a relaunch
 get past it: a trial, tile or chunk raises :class:`InjectedFault`; a feature pack kills its
-actor's process (``os._exit``), as an out-of-memory kill would. ``slow=S`` makes every unit
-sleep S seconds first (to stop a launch in a given stage). Unset or empty: no effect. Never
-set it for a real study.
+actor's process (``os._exit``), as an out-of-memory kill would. ``errno=N`` makes a chosen
+unit of any kind raise ``OSError(N)`` instead (28: a full disk, 5: an I/O error, 13: no
+permission; distsim.pipeline.io_errors). ``slow=S`` makes every unit sleep S seconds first (to
+stop a launch in a given stage). Unset or empty: no effect. Never set it for a real study.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ def plan(text: str | None = None) -> dict[str, float]:
         except ValueError:
             number = float("nan")
         ok = (name in KINDS and 0 <= number <= 1) or (name == "slow" and number >= 0) or (
-            name in ("seed", "times") and number >= 0 and number == int(number))
+            name in ("seed", "times", "errno") and number >= 0 and number == int(number))
         if not ok:
             raise ConfigError.at(ENV, f"{item!r} is not kind=rate (kinds {', '.join(KINDS)}; "
-                                 "rate in [0, 1]), slow=SECONDS, seed=N or times=N")
+                                 "rate in [0, 1]), slow=SECONDS, seed=N, times=N or errno=N")
         out[name] = number
     return out
 
@@ -70,6 +71,9 @@ def maybe_fail(kind: str, unit: str, store_root: str | os.PathLike[str],
         except FileExistsError:
             continue
         os.close(fd)
+        if faults.get("errno"):
+            number = int(faults["errno"])
+            raise OSError(number, f"{os.strerror(number)} (injected {kind} fault in {unit})")
         if kind == "feature":
             os._exit(17)  # the actor's process dies, as if killed for memory
         raise InjectedFault(f"injected {kind} fault in {unit} (attempt {attempt + 1})")

@@ -10,6 +10,7 @@ Ray connection (and only what it started is shut down):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -20,11 +21,13 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from distsim.config import Study
-from distsim.errors import IncompleteError, LaunchError
+from distsim.errors import IncompleteError, LaunchError, StorageError
 from distsim.pipeline import faults
+from distsim.pipeline.io_errors import IOFault, find, message
 from distsim.pipeline.preflight import check_cluster, check_offline
 from distsim.pipeline.registry import STAGE_NAMES, STAGES
 from distsim.pipeline.signals import Interrupted, StopOnSignals
+from distsim.pipeline.space import check_space, space_line
 from distsim.pipeline.stage import Outputs, RunContext
 from distsim.store import TABLES, Store, lineage
 from distsim.store.lock import StoreLock
@@ -131,6 +134,7 @@ def run_study(
     partial: bool = False,
     confirm: Callable[[str], bool] | None = None,
     stream: TextIO | None = None,
+    space_check: bool = True,
 ) -> dict[str, Any]:
     """Run the study's stages on Ray (each skipping what its store holds) and print the summary.
 
@@ -138,13 +142,16 @@ def run_study(
     then (``fresh``) ``confirm(question)`` when given and the wipe, then the stages. A stage
     runs only when every stage before it is complete, unless ``partial`` (then it says so and
     its marker records it). SIGINT/SIGTERM end the launch (:class:`Interrupted`) with one line
-    saying what is stored.
+    saying what is stored. Before Ray starts, a launch with work to do checks that the store's
+    filesystem can hold what the study still needs (distsim.pipeline.space; ``space_check``
+    False skips it); a full, read-only or failing store met later stops it at once.
 
     Returns {"store": path, "outcome": created|resumed|fresh, "stages": {stage: counts},
     "seconds": wall time, "nodes": Ray nodes, "summary": polars DataFrame of the tests}.
     Raises a DistsimError: StoreError (a changed study without ``fresh``, a locked store),
     LaunchError (a cluster that cannot run it), IncompleteError (units that failed after
-    their retries; a relaunch resumes).
+    their retries; a relaunch resumes), StorageError (a full, read-only or failing store: one
+    line naming the path, the error and, for a full disk, the space; nothing retried).
     """
     if not isinstance(study, Study):
         raise TypeError(f"run_study takes a distsim.config.Study, got {type(study).__name__}")
@@ -160,6 +167,8 @@ def run_study(
     faults.plan()  # a malformed DISTSIM_FAULTS fails here, before Ray starts
     store = Store(study.store)
     store.binding(study, fresh=fresh)  # a changed study fails here, before the lock
+    if space_check and (fresh or any(pending_work(study, store, names).values())):
+        check_space(study, fresh=fresh)  # a disk too small for the study: one line, now
     with StopOnSignals(out) as signals, StoreLock(store.root, out):
         outcome = store.binding(study, fresh=fresh)
         what = "store to wipe once the checks pass (--fresh)" if outcome == "fresh" else (
@@ -217,6 +226,15 @@ def run_study(
                   f"{time.perf_counter() - start:.1f} s; stored: {stored_line(study, store)}; "
                   "the same launch again resumes from there", file=out, flush=True)
             raise stop from None
+        except (IOFault, OSError) as exc:  # a full, read-only or failing store: stop now
+            fault = exc if isinstance(exc, IOFault) else find(exc, "the driver")
+            if fault is None:
+                raise
+            if started:
+                ray.shutdown()
+                started = False
+            raise StorageError(_fault_line(study, store, fault, current,
+                                           time.perf_counter() - (t0 or start))) from None
         finally:
             if started:
                 ray.shutdown()
@@ -254,6 +272,20 @@ def _gate(study: Study, store: Store, name: str, done: dict[str, Any], partial: 
     raise IncompleteError(f"{name}: not run, its upstream is incomplete ({why}); "
                           f"{_first_error(done)}a relaunch redoes the missing units, or pass "
                           "--partial to run the later stages on what is stored")
+
+
+def _fault_line(study: Study, store: Store, fault: IOFault, stage: str, seconds: float) -> str:
+    """The line of a launch stopped by a fatal I/O error: the error, the space (a full disk),
+    what to do, and what is stored."""
+    if stage in STAGE_NAMES:
+        try:
+            store.note_unfinished(stage, seconds)
+        except OSError:
+            pass  # the same disk: the marker is a courtesy
+    full = fault.errno in (errno.ENOSPC, errno.EDQUOT)
+    what = message(fault, store.root, space_line(study, store.root) if full else None)
+    return (f"{stage}: stopped after {seconds:.1f} s by {what}; stored: "
+            f"{stored_line(study, store)}; then the same launch resumes from there")
 
 
 def _first_error(done: dict[str, Any]) -> str:

@@ -199,6 +199,7 @@ def _probe_store(study: Study, root: Path) -> str:
             raise StoreError(f"study.store {str(root)!r} cannot be created: {str(parent)!r} is "
                              "a file; set study.store to a path under a folder")
         if not _writable(parent):
+            _refuse_read_only(root, parent)
             raise StoreError(
                 f"study.store {str(root)!r} cannot be created: {str(parent)!r} is not writable "
                 "by this user; create the folder with write access for you, or set "
@@ -206,6 +207,7 @@ def _probe_store(study: Study, root: Path) -> str:
             )
         return f"store: new folder {root} (created on launch)"
     if not _writable(root):
+        _refuse_read_only(root, root)
         raise StoreError(f"study.store {str(root)!r} is not writable by this user; fix the "
                          "folder's permissions or set study.store to a folder you can write")
     store = Store(root)
@@ -233,6 +235,14 @@ def _probe_store(study: Study, root: Path) -> str:
     if store.exists:
         return f"store: {root} holds tables but no study.json (launch binds it to this study)"
     return f"store: empty folder {root} (used on launch)"
+
+
+def _refuse_read_only(root: Path, folder: Path) -> None:
+    """StoreError when `folder` is on a read-only filesystem (EROFS), which no permission fixes."""
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise StoreError(f"study.store {str(root)!r} is on a read-only file system (EROFS, at "
+                         f"{str(folder)!r}); remount it read-write or set study.store to a "
+                         "writable folder")
 
 
 def _writable(folder: Path) -> bool:

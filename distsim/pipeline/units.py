@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Generic, TextIO, TypeVar
 
+from distsim.pipeline.io_errors import find
 from distsim.pipeline.progress import Progress, Retries
 
 U = TypeVar("U", bound=Hashable)
@@ -150,8 +151,10 @@ def run_refs(
     (error None when it succeeded; e.g. give its actor back to the pool), then for a success
     ``on_done(unit, value)`` and ``units.done(unit)``, for an error (``RayTaskError``: it
     raised; ``RayActorError``: its process died) ``units.failed(unit, error_text(error))``,
-    which queues the unit again or gives it up. Results of a given-up group are dropped; any
-    other exception propagates (the stage's ``finally`` cleans up).
+    which queues the unit again or gives it up, except a fatal I/O error (a full, read-only or
+    failing store: distsim.pipeline.io_errors), raised at once as an IOFault. Results of a
+    given-up group are dropped; any other exception propagates (the stage's ``finally`` cleans
+    up).
     """
     import ray
 
@@ -171,6 +174,9 @@ def run_refs(
         except errors as exc:
             if settle is not None:
                 settle(unit, exc)
+            fault = find(exc, units.label(unit))
+            if fault is not None:  # a full or read-only disk: every retry would fail too
+                raise fault from None
             units.failed(unit, error_text(exc))
             continue
         if settle is not None:

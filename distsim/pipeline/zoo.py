@@ -33,6 +33,7 @@ from distsim.config.data import DataConfig
 from distsim.errors import LaunchError
 from distsim.pipeline import faults
 from distsim.pipeline.faults import maybe_fail
+from distsim.pipeline.io_errors import IOFault, find
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.units import Units, error_text
 from distsim.store import Store, model_id
@@ -42,6 +43,8 @@ if TYPE_CHECKING:  # torch: imported where a pack is trained, so `distsim status
     from distsim.zoo.train import SeedResult
 
 SYSTEMATIC = 3  # this many failed attempts with one cause before any trial succeeds: stop
+# loggers of Tune's own writes to its storage_path (in the store): their failures are noted
+TUNE_STATE_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer")
 
 
 @functools.lru_cache(maxsize=4)
@@ -242,13 +245,15 @@ class _Watch:
     stage's units (progress line, one line per failed attempt; Tune's FailureConfig decides the
     retries), and stops the experiment when the first SYSTEMATIC failed attempts, of more than
     one trial, share one cause before any trial succeeded (a broken setup: retrying every trial
-    would only flood the terminal)."""
+    would only flood the terminal), or at once on a fatal I/O error (a full or read-only store,
+    distsim.pipeline.io_errors: ``fault``, which run_zoo raises)."""
 
     def __init__(self, units: Units[Pack]) -> None:
         self.units = units
         self.causes: list[str] = []
         self.trials: set[Pack] = set()  # trials with a failed attempt
         self.systematic: str | None = None
+        self.fault: IOFault | None = None  # the first fatal I/O error: stops the experiment
 
     def failed(self, trial: Any, again: bool) -> None:
         """Note one failed attempt of `trial` (`again`: Tune retries it)."""
@@ -263,6 +268,10 @@ class _Watch:
         self.causes.append(cause)
         pack = _pack(trial.config)
         self.trials.add(pack)
+        fault = find(cause, self.units.label(pack))
+        if fault is not None:  # a full or read-only store: no retry, no line; the launch's
+            self.fault = self.fault or fault  # one line says it
+            return
         self.units.failed(pack, cause, again=again)  # given up: counted in the progress
         first = self.causes[:SYSTEMATIC]
         if (not self.units.succeeded and len(first) == SYSTEMATIC and len(self.trials) > 1
@@ -299,16 +308,31 @@ class _Watch:
                 return False
 
             def stop_all(self) -> bool:
-                return watch.systematic is not None
+                return watch.systematic is not None or watch.fault is not None
 
         return _Stopper()
+
+    def handler(self) -> logging.Handler:
+        """A logging handler for Tune's experiment-state and syncer loggers: a fatal I/O error
+        in what they log (Tune's own writes to its storage_path in the store) stops the
+        experiment like a trial's; the records themselves (tracebacks) are not printed."""
+        watch = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                error = record.exc_info[1] if record.exc_info else None
+                fault = find(error or record.getMessage(), "Tune's experiment state")
+                watch.fault = watch.fault or fault
+
+        return _Handler()
 
 
 def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     """Train every pending pack as a Tune trial; returns counts for the launch summary.
 
     A trial that fails after its retries is recorded as failed (the next launch trains it
-    again); a failure that repeats for the first trials stops the stage (LaunchError).
+    again); a failure that repeats for the first trials stops the stage (LaunchError); a
+    fatal I/O error in a trial or in Tune's own writes stops it at once (IOFault).
     """
     if study.imports:
         from distsim.pipeline.imports import run_import
@@ -360,14 +384,28 @@ def run_zoo(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     )
     sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C stops the launch, not only Tune
+    handler, quiet = watch.handler(), [logging.getLogger(n) for n in TUNE_STATE_LOGGERS]
+    for log in quiet:  # Tune's failed writes to the store: noted, not printed
+        log.addHandler(handler)
+        log.propagate = False
     try:
         grid = tuner.fit()
+    except Exception as exc:  # e.g. reading a trial's error file that a full disk truncated
+        fault = watch.fault or find(exc, "Tune's experiment state")
+        if fault is None:
+            raise
+        raise fault from None
     finally:
         units.close()
+        for log in quiet:
+            log.removeHandler(handler)
+            log.propagate = True
         if sigint is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint
+    if watch.fault is not None:  # a full or read-only store: the launch says it in one line
+        raise watch.fault
     if watch.systematic is not None:
         shutil.rmtree(storage / name, ignore_errors=True)  # no trial stored anything
         raise LaunchError(
