@@ -22,6 +22,7 @@ outputs shown are that store's.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ import polars as pl
 from distsim.config import Study, load_study, study_from_dict
 from distsim.config.arch import ArchConfig
 from distsim.errors import DistsimError, StoreError
+from distsim.layout import Layout, from_study, from_tables
 from distsim.store import Store
 from distsim.store.tables import parse_model_id
 from distsim.zoo.tasks import Task, make_tasks
@@ -83,6 +85,13 @@ def open(path: str | os.PathLike[str] | Store) -> Results:  # distsim.open: shad
     if not store.exists:
         raise StoreError(f"no distsim store at {str(path)!r} (no study.json or tables); "
                          "run `distsim launch` first")
+    problem = store.study_problem()
+    if problem is not None:  # the tables are read all the same; what needs the config says so
+        warnings.warn(f"the study's config is unknown ({problem.split('; ')[0]}); the tables "
+                      "are read as stored", stacklevel=2)
+        if toml is not None:
+            raise StoreError(f"{problem}; open the store folder to read its tables")
+        return Results(store, None, problem)
     res = Results(store, held_study(store))
     if toml is not None and toml.hash != res.config_hash:
         raise StoreError(f"store {str(store.root)!r} holds study {res.study.name!r} with config "
@@ -112,20 +121,35 @@ class Results:
     order, then task and seed.
     """
 
-    def __init__(self, store: Store, study: Study) -> None:
+    def __init__(self, store: Store, study: Study | None, unknown: str = "") -> None:
         self.store = store
-        self.study = study
+        self._study, self._unknown = study, unknown
+
+    @property
+    def study(self) -> Study:
+        """The study that wrote the store (its study.json). StoreError when study.json is
+        unreadable: the tables are read all the same (models, tests, features, neighbors,
+        pairs, history), but tasks and models, which need the config, are not."""
+        if self._study is None:
+            raise StoreError(f"the study's config is unknown: {self._unknown}")
+        return self._study
+
+    @functools.cached_property
+    def layout(self) -> Layout:
+        """Archs, layers and methods: the study's, or the tables' when its config is unknown."""
+        return from_tables(self.store) if self._study is None else from_study(self._study)
 
     @property
     def config_hash(self) -> str:
         """The config hash study.json records, which a launch compares a study file with
         (``study.hash`` recomputed by this distsim may differ for an older store)."""
-        return str((self.store.read_study() or {}).get("hash") or self.study.hash)
+        return str((self.store.read_study(strict=False) or {}).get("hash") or self.study.hash)
 
     def __repr__(self) -> str:
         n = self.store.scan("models").select(pl.len()).collect().item()
-        return (f"Results({self.study.name!r}: {n} models, archs "
-                f"{', '.join(self.study.arch_names)}; store {str(self.store.root)!r})")
+        name = repr(self._study.name) if self._study is not None else "config unknown"
+        return (f"Results({name}: {n} models, archs {', '.join(self.layout.archs)}; store "
+                f"{str(self.store.root)!r})")
 
     # ------------------------------------------------------------------ tables
     def models(self, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
@@ -384,17 +408,17 @@ class Results:
     # ------------------------------------------------------------------ checks and order
     def _check_matrix(self, arch: str | None, layer: str | None, method: str | None) -> None:
         """StoreError naming what the study has when arch, layer or method is not in it."""
-        archs = self.study.arch_names
+        archs = self.layout.archs
         if arch is not None and arch not in archs:
             raise StoreError(f"arch {arch!r}: the study has archs {', '.join(archs)}")
         if layer is not None:
             mine = [arch] if arch is not None else list(archs)
-            layers = list(dict.fromkeys(x for a in mine for x in self.study.feature_layers(a)))
+            layers = list(dict.fromkeys(x for a in mine for x in self.layout.layers[a]))
             if layer not in layers:
                 where = f" of arch {arch}" if arch is not None else ""
                 raise StoreError(f"layer {layer!r}: the study's feature layers{where} are "
                                  f"{', '.join(layers)}")
-        methods = self.study.features.methods
+        methods = self.layout.methods
         if method is not None and method not in methods:
             raise StoreError(f"method {method!r}: the study's methods are {', '.join(methods)}")
 
@@ -406,7 +430,7 @@ class Results:
 
     def _in_order(self, lf: pl.LazyFrame, *then: str) -> pl.LazyFrame:
         """`lf` sorted by arch in study order, then by the columns `then`."""
-        archs = list(self.study.arch_names)
+        archs = list(self.layout.archs)
         rank = pl.col("arch").replace_strict(archs, list(range(len(archs))),
                                              default=len(archs), return_dtype=pl.Int64)
         return lf.sort([rank, pl.col("arch"), *then])

@@ -92,8 +92,10 @@ def user_errors(fn: F) -> F:
 
 
 
-def open_store(path: Path) -> Store:
-    """A store folder, or the store of a study TOML; StoreError when there is none."""
+def open_store(path: Path, reading: bool = False) -> Store:
+    """A store folder, or the store of a study TOML; StoreError when there is none. `reading`
+    (query, report): an unreadable study.json is said in one stderr line, and the tables are
+    read all the same."""
     if path.suffix == ".toml":
         from distsim.config import load_study
 
@@ -102,6 +104,10 @@ def open_store(path: Path) -> Store:
     if not store.exists:
         raise StoreError(f"no distsim store at {str(path)!r} (no study.json or tables); "
                          "run `distsim launch` first")
+    problem = store.study_problem() if reading else None
+    if problem is not None:
+        typer.echo(f"distsim: the study's config is unknown ({problem.split('; ')[0]}); the "
+                   "tables are read as stored", err=True)
     return store
 
 

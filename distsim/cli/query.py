@@ -63,7 +63,7 @@ FormatOpt = Annotated[
 
 
 def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: Format) -> None:
-    store = open_store(store_path)
+    store = open_store(store_path, reading=True)
     columns, order = _QUERIES[table]
     lf = (tests_with_q(store) if table == "tests"  # q over every test
           else models_with_meta(store) if table == "models" else store.scan(table))
@@ -87,7 +87,8 @@ def _query(table: str, store_path: Path, filters: dict, limit: int | None, fmt: 
         if col not in names:
             raise StoreError(f"--{col.replace('_', '-')} does not apply to {table}")
         lf = lf.filter(pl.col(col) == value)
-    archs = [a.get("name") for a in ((store.read_study() or {}).get("config", {}).get("arch", []))]
+    archs = [a.get("name") for a in ((store.read_study(strict=False) or {})
+                                     .get("config", {}).get("arch", []))]
     rank = pl.col("arch").replace_strict(archs, list(range(len(archs))), default=len(archs),
                                          return_dtype=pl.Int64)
     lf = lf.sort([rank, *order])  # archs in study order, then by name
@@ -195,7 +196,7 @@ def query_sql(
 ) -> None:
     """One SQL SELECT over the store's tables (polars SQL); anything else, and every table
     function that reads files (read_csv, read_parquet, ...), is refused."""
-    store = open_store(store_path)
+    store = open_store(store_path, reading=True)
     lf = read_only_sql(store, sql)
     if limit is None:
         limit = 50 if fmt is Format.table else 0

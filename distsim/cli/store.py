@@ -79,7 +79,7 @@ def report(
     distance heatmaps, embeddings, accuracy, training curves); reads only the store."""
     from distsim.report import write_report
 
-    page = write_report(open_store(store_path), out)
+    page = write_report(open_store(store_path, reading=True), out)
     typer.echo(f"report: {page}")
 
 

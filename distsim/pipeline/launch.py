@@ -26,6 +26,7 @@ from distsim.pipeline import faults
 from distsim.pipeline.io_errors import IOFault, find, message
 from distsim.pipeline.preflight import check_cluster, check_offline
 from distsim.pipeline.registry import STAGE_NAMES, STAGES
+from distsim.pipeline.restore import restore_study
 from distsim.pipeline.signals import Interrupted, StopOnSignals
 from distsim.pipeline.space import check_space, space_line
 from distsim.pipeline.stage import Outputs, RunContext
@@ -138,7 +139,9 @@ def run_study(
 ) -> dict[str, Any]:
     """Run the study's stages on Ray (each skipping what its store holds) and print the summary.
 
-    Order: offline checks, the store's binding and launch lock, Ray and the cluster checks,
+    Order: offline checks, the store's binding and launch lock (an unreadable study.json is
+    rewritten from `study` when the store's tables match it, distsim.pipeline.restore; else
+    StoreError), Ray and the cluster checks,
     then (``fresh``) ``confirm(question)`` when given and the wipe, then the stages. A stage
     runs only when every stage before it is complete, unless ``partial`` (then it says so and
     its marker records it). SIGINT/SIGTERM end the launch (:class:`Interrupted`) with one line
@@ -166,10 +169,14 @@ def run_study(
     check_offline(study, stages=names)
     faults.plan()  # a malformed DISTSIM_FAULTS fails here, before Ray starts
     store = Store(study.store)
-    store.binding(study, fresh=fresh)  # a changed study fails here, before the lock
+    broken = None if fresh else store.study_problem()  # an unreadable study.json
+    if broken is None:
+        store.binding(study, fresh=fresh)  # a changed study fails here, before the lock
     if space_check and (fresh or any(pending_work(study, store, names).values())):
         check_space(study, fresh=fresh)  # a disk too small for the study: one line, now
     with StopOnSignals(out) as signals, StoreLock(store.root, out):
+        if broken is not None:  # rewritten when the tables are this study's, else StoreError
+            restore_study(study, store, broken, out)
         outcome = store.binding(study, fresh=fresh)
         what = "store to wipe once the checks pass (--fresh)" if outcome == "fresh" else (
             f"{outcome} store")
@@ -308,7 +315,7 @@ def _incomplete_upstream(study: Study, store: Store, name: str) -> list[tuple[st
 
 def _confirm_fresh(store: Store, confirm: Callable[[str], bool] | None) -> None:
     """Ask before wiping a store that holds something (LaunchError when refused)."""
-    held = store.read_study()
+    held = store.read_study(strict=False)
     shards = sum(len(store.shard_files(t)) for t in TABLES)
     if confirm is None or (held is None and not shards):
         return

@@ -211,7 +211,10 @@ def _probe_store(study: Study, root: Path) -> str:
         raise StoreError(f"study.store {str(root)!r} is not writable by this user; fix the "
                          "folder's permissions or set study.store to a folder you can write")
     store = Store(root)
-    held = store.read_study()  # StoreError for an unreadable study.json
+    if store.study_problem() is not None:
+        return (f"store: {root} has an unreadable study.json; launch rewrites it from this "
+                "study if every stored shard matches it (distsim.pipeline.restore)")
+    held = store.read_study()
     if held is not None and held.get("hash") != study.hash:
         try:
             store.binding(study)

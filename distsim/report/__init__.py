@@ -22,8 +22,8 @@ import polars as pl
 from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
 from distsim import __version__
-from distsim.config import Study
 from distsim.errors import DistsimError, StoreError
+from distsim.layout import Layout, from_study, from_tables
 from distsim.report import figures
 from distsim.report.effects import effect_frame, last_epoch
 from distsim.report.figures import MatrixPanel, NullPanel
@@ -50,10 +50,16 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
     for name, value in (("max_heatmap", max_heatmap), ("max_points", max_points)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise DistsimError(f"{name}: must be an integer >= 2, got {value!r}")
-    doc = store.read_study()
-    if doc is None:
-        raise StoreError(f"{str(store.root)!r} has no study.json: not a distsim store")
-    study = held_study(store)
+    try:
+        doc = store.read_study()
+        if doc is None:
+            raise StoreError(f"{str(store.root)!r} has no study.json: not a distsim store")
+        study = from_study(held_study(store))
+        unknown = ""
+    except StoreError as exc:  # study.json unreadable: the tables are still read
+        if not store.exists:
+            raise
+        doc, study, unknown = {}, from_tables(store), str(exc)
     folder = _out_folder(store, out)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(_FIGURE_GLOB):
@@ -66,24 +72,23 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
         r["null"] = None if null is None else null.to_numpy().astype(np.float64)
     models = store.scan("models").collect()
     history = store.scan("history").collect()
-    n_tasks = study.data.num_tasks if study.data is not None and not study.imports else 0
-    labels = np.unique(np.concatenate([np.arange(n_tasks),
+    labels = np.unique(np.concatenate([np.arange(study.n_tasks),
                                        models["task"].drop_nulls().to_numpy()])).astype(np.int64)
     # One BLAS thread: the products here are small, and BLAS threads fighting a busy 2-core
     # machine made the quickstart's 40 PCAs 7 times slower (measured: 0.7 s against 0.1 s).
     sections: dict[tuple[str, str], MethodSection] = {}
     with _drawing(folder) as draw, threadpool_limits(limits=1, user_api="blas"):
-        for arch in study.arch_names:  # the data here, the figures drawn meanwhile in workers
-            for method in study.features.methods:
+        for arch in study.archs:  # the data here, the figures drawn meanwhile in workers
+            for method in study.methods:
                 sections[arch, method], drawings = _method(
                     store, study, tests, labels, arch, method, max_heatmap, max_points)
                 for drawing in drawings:
                     draw(drawing)
         with figures.style():
             zoo = _zoo(folder, models, history, study)
-            training = {a: _training(folder, every, study, a) for a in study.arch_names}
-    archs = [_arch(study, tests, a, [sections[a, m] for m in study.features.methods],
-                   training[a]) for a in study.arch_names]
+            training = {a: _training(folder, every, study, a) for a in study.archs}
+    archs = [_arch(study, tests, a, [sections[a, m] for m in study.methods],
+                   training[a]) for a in study.archs]
     names = models.filter(pl.col("task_name").is_not_null()).unique("task").sort("task")
     page = Page(
         title=f"distsim report: {study.name}",
@@ -92,7 +97,9 @@ def write_report(store: Store, out: Path | None = None, *, max_heatmap: int = 40
                ("config hash", str(doc.get("hash", "?"))[:12]),
                ("source", str(doc.get("source", "?"))),
                ("distsim", __version__),
-               ("report written", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))],
+               ("report written", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+               *([("config", f"unknown ({unknown}); archs, layers and methods as the tables "
+                             "hold them, sampling seed 0")] if unknown else [])],
         counts=store.summary().to_dicts(),
         tasks=list(zip(names["task"].to_list(), names["task_name"].to_list(), strict=True)),
         zoo=zoo, archs=archs, stages=store.stages(), config=doc.get("config", {}),
@@ -113,7 +120,7 @@ def _out_folder(store: Store, out: Path | None) -> Path:
     return folder
 
 
-def _tests(store: Store, study: Study) -> pl.DataFrame:
+def _tests(store: Store, study: Layout) -> pl.DataFrame:
     """The tests table with q_value (distsim.store.query.tests_with_q, as the summary) and the
     effect sizes (distsim.report.effects), in study order: arch, layer, method, protocol, then
     factor and epoch."""
@@ -123,27 +130,26 @@ def _tests(store: Store, study: Study) -> pl.DataFrame:
         return pl.col(col).replace_strict(names, list(range(len(names))), default=len(names),
                                           return_dtype=pl.Int64)
 
-    layers = list(dict.fromkeys(x for a in study.arch_names for x in study.feature_layers(a)))
-    factors = list(dict.fromkeys([*(study.tests.factors or ()), *study.tests.terms]))
+    layers = list(dict.fromkeys(x for a in study.archs for x in study.layers[a]))
+    factors = list(study.factors)
     factor = pl.col("factor").fill_null("").replace_strict(
         factors, list(range(len(factors))), default=len(factors), return_dtype=pl.Int64)
-    return df.sort(rank("arch", list(study.arch_names)), "arch", rank("layer", layers), "layer",
-                   rank("method", list(study.features.methods)), "method",
+    return df.sort(rank("arch", list(study.archs)), "arch", rank("layer", layers), "layer",
+                   rank("method", list(study.methods)), "method",
                    rank("protocol", list(PROTOCOL_ORDER)), "protocol", factor, "factor",
                    "epoch", nulls_last=False, maintain_order=True)
 
 
 def _zoo(folder: Path, models: pl.DataFrame, history: pl.DataFrame,
-         study: Study) -> list[Image | str]:
+         study: Layout) -> list[Image | str]:
     out: list[Image | str] = []
-    if not study.imports:  # [train] save_epochs: the accuracy of the trained (last) models
-        last = {a: study.saved_epochs(a)[-1] for a in study.arch_names}
+    if study.trained:  # [train] save_epochs: the accuracy of the trained (last) models
         models = models.filter(pl.col("epoch").eq_missing(
-            pl.col("arch").replace_strict(last, default=None, return_dtype=pl.Int32)))
+            pl.col("arch").replace_strict(study.epoch, default=None, return_dtype=pl.Int32)))
     for fig, name, caption, none in (
-        (figures.accuracy_figure(models, study.arch_names), "fig-accuracy.png",
+        (figures.accuracy_figure(models, study.archs), "fig-accuracy.png",
          "test accuracy per task, per architecture", "no ok models in this store"),
-        (figures.history_figure(history, study.arch_names), "fig-history.png",
+        (figures.history_figure(history, study.archs), "fig-history.png",
          "training curves per architecture", "no training history in this store"),
     ):
         if fig is None:
@@ -154,22 +160,20 @@ def _zoo(folder: Path, models: pl.DataFrame, history: pl.DataFrame,
     return out
 
 
-def _arch(study: Study, tests: list[dict[str, Any]], arch: str,
+def _arch(study: Layout, tests: list[dict[str, Any]], arch: str,
           sections: list[MethodSection], training: list[Image | str]) -> ArchSection:
-    layers, methods = list(study.feature_layers(arch)), list(study.features.methods)
+    layers, methods = list(study.layers[arch]), list(study.methods)
     mine = [t for t in tests if t["arch"] == arch]
     return ArchSection(arch, layers, methods, mine, sections, training)
 
 
-def _training(folder: Path, tests: pl.DataFrame, study: Study, arch: str) -> list[Image | str]:
+def _training(folder: Path, tests: pl.DataFrame, study: Layout, arch: str) -> list[Image | str]:
     """The along-training figure of `arch` (its Image, or why none); nothing for a study
     whose tests have no epoch."""
     if tests.filter(pl.col("epoch").is_not_null()).height == 0:
         return []
-    fig = figures.epoch_figure(tests, arch, list(study.feature_layers(arch)),
-                               list(study.features.methods),
-                               list(dict.fromkeys([*(study.tests.factors or ()),
-                                                   *study.tests.terms])))
+    fig = figures.epoch_figure(tests, arch, list(study.layers[arch]), list(study.methods),
+                               list(study.factors))
     if fig is None:
         return [f"no test of {arch} has an epoch's checkpoints yet"]
     name = f"fig-{arch}-training.png"
@@ -177,12 +181,12 @@ def _training(folder: Path, tests: pl.DataFrame, study: Study, arch: str) -> lis
     return [Image(name, f"{arch}: effect size of every test against the epoch, per method")]
 
 
-def _method(store: Store, study: Study, tests: list[dict[str, Any]], labels: np.ndarray,
+def _method(store: Store, study: Layout, tests: list[dict[str, Any]], labels: np.ndarray,
             arch: str, method: str, max_heatmap: int, max_points: int
             ) -> tuple[MethodSection, list[Drawing]]:
     """The section of one (arch, method) and the figures it shows, still to be drawn: its
     features figure (a row per layer) and its null figure (a panel per protocol)."""
-    layers = list(study.feature_layers(arch))
+    layers = list(study.layers[arch])
     mine = [t for t in tests if t["arch"] == arch]
     protocols = [p for p in PROTOCOL_ORDER if any(t["protocol"] == p for t in mine)]
     protocols += sorted({t["protocol"] for t in mine} - set(protocols))
@@ -201,7 +205,7 @@ def _method(store: Store, study: Study, tests: list[dict[str, Any]], labels: np.
     if panels:
         name = f"fig-{arch}-{method}-features.png"
         drawings.append((name, figures.matrix_figure, (
-            panels, labels, study.pairs.metric, f"{arch} / {method}: feature distances and PCA")))
+            panels, labels, study.metric, f"{arch} / {method}: feature distances and PCA")))
         images.append(Image(name, f"{arch} {method}: distance heatmaps and PCA per layer"))
     else:
         notes.append("no features of this method in the store")
@@ -256,12 +260,12 @@ def _null_panel(t: dict[str, Any]) -> NullPanel:
                      float(t["p_value"]), t["null"])
 
 
-def _matrix_panel(store: Store, study: Study, arch: str, method: str, layer: str,
+def _matrix_panel(store: Store, study: Layout, arch: str, method: str, layer: str,
                   max_heatmap: int, max_points: int) -> tuple[MatrixPanel | None, str]:
     """One layer's heatmap and PCA (None with fewer than 2 models) and the sampling note
     ("" when every model is shown); with [train] save_epochs, of the last epoch's models."""
     sample = read_sample(store, arch, method, layer, max(max_heatmap, max_points), study.seed,
-                         study.saved_epochs(arch)[-1])
+                         study.epoch[arch])
     fm = sample.features
     finite = np.isfinite(fm.X).all(axis=1)
     X, tasks = fm.X[finite], fm.tasks[finite]
@@ -272,7 +276,7 @@ def _matrix_panel(store: Store, study: Study, arch: str, method: str, layer: str
     coords, share = pca_2d(X[points], study.seed)
     from distsim.stats.distances import pairwise_distances  # numba: only when a layer is drawn
 
-    distances = pairwise_distances(X[heat], metric=study.pairs.metric)
+    distances = pairwise_distances(X[heat], metric=study.metric)
     panel = MatrixPanel(layer, distances, tasks[heat], coords, tasks[points], share)
     notes = []
     if len(heat) < sample.total:

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from distsim.config import Study
 
 
+RESTORE = ("`distsim launch STUDY.toml` rewrites it when every stored shard matches that "
+           "study (its tables can still be read: query, report, verify, distsim.open)")
 OWN_FOLDERS = ("_stages", "_tune", "_faults")  # what the pipeline keeps beside the tables
 
 
@@ -66,16 +68,30 @@ class Store(ShardStore):
         return (self.root / "study.json").is_file() or any((self.root / t).is_dir() for t in TABLES)
 
     # ------------------------------------------------------------------ study binding
-    def read_study(self) -> dict[str, Any] | None:
-        """The contents of study.json ({hash, name, source, created, config}), or None."""
+    def read_study(self, strict: bool = True) -> dict[str, Any] | None:
+        """The contents of study.json ({hash, name, source, created, config}), or None when
+        there is none. An unreadable one (not JSON, not an object with a "hash") raises
+        StoreError saying how to restore it, or gives None when not ``strict``."""
         path = self.root / "study.json"
         if not path.is_file():
             return None
         try:
-            doc: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{path}: unreadable study.json ({exc})") from None
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("hash"), str):
+                raise ValueError('not an object with a "hash"')
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+            if not strict:
+                return None
+            raise StoreError(f"{path}: unreadable study.json ({exc}); {RESTORE}") from None
         return doc
+
+    def study_problem(self) -> str | None:
+        """Why study.json is unreadable (read_study's error), or None (readable, or none)."""
+        try:
+            self.read_study()
+        except StoreError as exc:
+            return str(exc)
+        return None
 
     def check_study(self, study: Study, fresh: bool = False) -> str:
         """Bind this store to `study` (:meth:`binding`, then :meth:`bind`): "created",
@@ -92,7 +108,7 @@ class Store(ShardStore):
         changed keys) unless fresh. A non-empty folder that is not a distsim store is refused
         even with fresh: it is never wiped.
         """
-        held = self.read_study()
+        held = self.read_study(strict=not fresh)  # --fresh starts over from an unreadable one
         if held is None and self.root.is_dir() and not self.exists:
             foreign = [p.name for p in self.root.iterdir()
                        if p.name != LOCK_NAME and not p.name.startswith(TEMP_PREFIX)]
@@ -330,7 +346,7 @@ class Store(ShardStore):
         """Per arch: models expected (from study.json: tasks x [sweep] cells x seeds x saved
         epochs; an import study's: the checkpoints its last import listed), ok, diverged,
         failed, the mean train and test accuracy of the ok models, feature rows, tests."""
-        cfg = (self.read_study() or {}).get("config", {})
+        cfg = (self.read_study(strict=False) or {}).get("config", {})
         n_tasks = cfg.get("data", {}).get("num_tasks", 0)
         train = cfg.get("train", {})
         cells = math.prod(len(v) for v in cfg.get("sweep", {}).values())  # [sweep] cells

@@ -257,7 +257,8 @@ def _check_study(root: Path, out: _Problems, has_tables: bool) -> None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        out.add("study.json", f"not valid JSON ({_first_line(exc)})")
+        out.add("study.json", f"not valid JSON ({_first_line(exc)}); `distsim launch "
+                              "STUDY.toml` rewrites it when every stored shard matches that study")
         return
     if not isinstance(doc, dict) or not isinstance(doc.get("hash"), str) or not doc["hash"]:
         out.add("study.json", 'no "hash" (not written by distsim)')
