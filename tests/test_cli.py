@@ -156,9 +156,10 @@ def fake_pipeline(monkeypatch):
     calls = []
     module = types.ModuleType("distsim.pipeline.launch")
 
-    def run_study(study, *, address=None, stages=(), fresh=False, partial=False, confirm=None):
+    def run_study(study, *, address=None, stages=(), fresh=False, partial=False, confirm=None,
+                  space_check=True):
         calls.append({"study": study.name, "address": address, "stages": stages, "fresh": fresh,
-                      "partial": partial, "asks": confirm is not None})
+                      "partial": partial, "asks": confirm is not None, "space": space_check})
         if address == "bad":
             raise StoreError("study changed; launch with --fresh")
 
@@ -170,13 +171,14 @@ def fake_pipeline(monkeypatch):
 def test_launch_passes_study_address_stages_and_fresh(study_file, fake_pipeline):
     assert run("launch", study_file).exit_code == 0
     result = run("launch", study_file, "--address", "auto", "--stages", "tests,zoo", "--fresh",
-                 "--partial")
+                 "--partial", "--no-space-check")
     assert result.exit_code == 0, result.output
     assert fake_pipeline == [
         {"study": "cli", "address": None, "stages": ("zoo", "features", "pairs", "tests"),
-         "fresh": False, "partial": False, "asks": False},  # no terminal here: nobody to ask
+         "fresh": False, "partial": False, "asks": False,  # no terminal here: nobody to ask
+         "space": True},
         {"study": "cli", "address": "auto", "stages": ("zoo", "tests"), "fresh": True,
-         "partial": True, "asks": False},
+         "partial": True, "asks": False, "space": False},
     ]
 
 
