@@ -5,7 +5,8 @@ changed after: must be none).
 
     .venv/bin/python benchmarks/reliability_table.py [--out table.md]
 
-About 4 minutes on 2 cores. Uses only processes it starts (new sessions, killed by session).
+About 5 minutes on 2 cores. Uses only processes it starts (new sessions, killed by session);
+mounts a small tmpfs for the full-disk rows where it may (as root).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +122,49 @@ def interrupt(folder: Path, stage: str, sig: int, twice: bool) -> tuple[int, flo
     return rc, took, last, lost(before, files(folder / "store"))
 
 
+def disk_rows(base: Path, done: Path, add: Callable[[str, int, float, str, str], None]) -> None:
+    """The disk and study.json faults (issue 26): a full filesystem (a tmpfs, where this user
+    may mount one), an injected I/O error, and an unreadable study.json."""
+    small = base / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                      capture_output=True).returncode == 0:
+        try:
+            full = study_dir(small, "full")
+            rc, took, last = run(full, "launch", "study.toml")
+            add("launch on a 256 KB filesystem", rc, took, last, "nothing (store not created)"
+                if not (full / "store").exists() else "store written!")
+            rc, took, last = run(full, "launch", "study.toml", "--no-space-check")
+            add("the same with `--no-space-check`", rc, took, last, "nothing")
+            before = files(full / "store")
+            subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
+            rc, took, last = run(full, "launch", "study.toml")
+            add("relaunch after growing it to 64 MB", rc, took, last,
+                lost(before, files(full / "store")))
+            subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+            rc, took, last = run(full, "launch", "study.toml", "--fresh", "--yes")
+            add("`launch --fresh` on the same, remounted read-only", rc, took, last, "nothing")
+        finally:
+            subprocess.run(["umount", "-l", str(small)], check=False)
+    eio = study_dir(base, "eio")
+    rc, took, last = run(eio, "launch", "study.toml", DISTSIM_FAULTS="tile=0.2,errno=5")
+    add("EIO in a pairs tile (`DISTSIM_FAULTS=tile=0.2,errno=5`)", rc, took, last, "nothing")
+    before = files(eio / "store")
+    rc, took, last = run(eio, "launch", "study.toml")
+    add("relaunch without the fault", rc, took, last, lost(before, files(eio / "store")))
+    broken = base / "broken"
+    shutil.copytree(done.parent, broken)
+    (broken / "store" / "study.json").write_text('{"hash": "3f2a')
+    before = files(broken / "store")
+    for what, args in (("`query tests`", ("query", "tests", "store")),
+                       ("`report`", ("report", "store", "--out", str(base / "report"))),
+                       ("`status`", ("status", "store")),
+                       ("`launch` of the store's own study", ("launch", "study.toml"))):
+        rc, took, last = run(broken, *args)
+        add(f"{what} with study.json cut short", rc, took, last,
+            lost(before, files(broken / "store")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
@@ -219,6 +264,7 @@ def main() -> None:
         (damaged / "store" / "tests" / ".tmp-1-x-y.parquet.partial").write_text("x")
         rc, took, last = run(damaged, "verify", "store")
         add("verify a store with a truncated shard and a temp file", rc, took, last, "nothing")
+        disk_rows(base, done, add)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     load = os.getloadavg()
