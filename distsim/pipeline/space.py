@@ -5,7 +5,8 @@ the store's filesystem can hold it.
 shard rounded up to the filesystem's block: weights (4 bytes per parameter of every model and
 saved epoch; the parameters counted on one model of each arch, sized for task 0's samples),
 features (4 bytes per value; each matrix's width D measured on that freshly built model, or
-``features.dim``, or n(n+1)/2 for cka's probe of n inputs), templates, models and history
+``features.dim``, or n(n+1)/2 for cka's probe of n inputs, raw's width for aligned: at most 4%
+over, on the quickstart's and the ResNet and transformer jobs' archs), templates, models and history
 rows, neighbours (``pairs.top_k`` per model and matrix), pairs tiles and tests (their null
 distributions). A shard's footer and a row's ids are measured constants (below). An import
 study's size depends on its source and is not estimated.
@@ -21,12 +22,12 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from distsim.config import Study
 from distsim.errors import StoreError
 
 FOOTER = 3072  # bytes of a shard's parquet footer and schema, about
+WIDE = {"models": 2048, "tests": 2048}  # more for the tables of many columns
 ROW = {"weights": 40, "models": 200, "history": 32, "features": 64, "neighbors": 10,
        "pairs": 60, "tests": 600}  # bytes of a row's ids and scalars, about, after compression
 MB = 1e6
@@ -57,7 +58,8 @@ def estimate(study: Study) -> dict[str, int] | None:
         train = study.train_config(name)
         out["weights"] += sum(_shard(len(p.seeds) * epochs * (4 * n_params + ROW["weights"]))
                               for p in packs)
-        out["models"] += sum(_shard(len(p.seeds) * epochs * ROW["models"]) for p in packs)
+        out["models"] += sum(_shard(len(p.seeds) * epochs * ROW["models"], "models")
+                             for p in packs)
         out["history"] += sum(_shard(len(p.seeds) * train.epochs * ROW["history"])
                               for p in packs)
         if "aligned" in spec.methods:
@@ -72,7 +74,7 @@ def estimate(study: Study) -> dict[str, int] | None:
                 out["pairs"] += blocks * _shard(ROW["pairs"] * (blocks + 1) // 2)
                 out["tests"] += tests_per_matrix * _shard(
                     ROW["tests"] + 8 * max(study.tests.permutations,
-                                           study.tests.permanova_permutations))
+                                           study.tests.permanova_permutations), "tests")
     return out
 
 
@@ -175,18 +177,16 @@ def _arch_sizes(study: Study, name: str) -> tuple[int, dict[tuple[str, str], int
                 widths[method, layer] = spec.dim
             elif method == "cka":
                 widths[method, layer] = spec.probe_size * (spec.probe_size + 1) // 2
-            else:
-                extra: dict[str, Any] = {}
-                if method == "aligned":
-                    extra["template"] = {k: v.double() for k, v in sd.items()}
-                x = weight_features_batch([sd], arch, method, layer, spec.dim, spec.seed,
-                                          spec.sketch, spec.projection, **extra)
+            else:  # aligned: raw's width (the same weights permuted; 0-4% over, measured)
+                x = weight_features_batch([sd], arch, "raw" if method == "aligned" else method,
+                                          layer, spec.dim, spec.seed, spec.sketch,
+                                          spec.projection)
                 widths[method, layer] = int(np.shape(x)[1])
     return n_params, widths
 
 
-def _shard(payload: int) -> int:
-    return _up(payload + FOOTER)
+def _shard(payload: int, table: str = "") -> int:
+    return _up(payload + FOOTER + WIDE.get(table, 0))
 
 
 def _up(n: int, block: int = 4096) -> int:

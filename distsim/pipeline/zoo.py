@@ -315,13 +315,17 @@ class _Watch:
     def handler(self) -> logging.Handler:
         """A logging handler for Tune's experiment-state and syncer loggers: a fatal I/O error
         in what they log (Tune's own writes to its storage_path in the store) stops the
-        experiment like a trial's; the records themselves (tracebacks) are not printed."""
+        experiment like a trial's; any other record is printed as its first line (no
+        traceback)."""
         watch = self
 
         class _Handler(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 error = record.exc_info[1] if record.exc_info else None
                 fault = find(error or record.getMessage(), "Tune's experiment state")
+                if fault is None:
+                    first = (record.getMessage().strip().splitlines() or [""])[0]
+                    print(f"zoo       Tune: {first[:300]}", file=watch.units.stream, flush=True)
                 watch.fault = watch.fault or fault
 
         return _Handler()
