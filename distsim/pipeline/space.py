@@ -36,8 +36,8 @@ MB = 1e6
 def estimate(study: Study) -> dict[str, int] | None:
     """Bytes a trained study's finished store takes, per table (None for an import study).
 
-    >>> from distsim.config import parse_study
-    >>> s = parse_study({"study": {"name": "s", "store": "/tmp/s"},
+    >>> from distsim.config import study_from_dict
+    >>> s = study_from_dict({"study": {"name": "s", "store": "/tmp/s"},
     ...                  "data": {"dataset": "synthetic", "num_tasks": 4},
     ...                  "arch": [{"kind": "mlp", "widths": [8]}],
     ...                  "train": {"seeds_per_task": 4, "seeds_per_trial": 4}})
