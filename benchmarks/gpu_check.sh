@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the zoo (run on a lent CUDA machine from the repository root):
-#   GPU/driver info, the CUDA-marked tests of the zoo, then bench_zoo on cuda.
+# One-shot GPU check (run on a lent CUDA machine from the repository root): GPU/driver info,
+#   the CUDA-marked tests of the zoo, bench_zoo on cuda, then the torch backend's equality
+#   tests and bench_tests_backend (numpy on the CPU against torch on the GPU).
 # It uses the first python that imports torch with CUDA (PYTHON=..., .venv, python3, python)
 # and runs distsim from this checkout via PYTHONPATH (no install, no network needed); it
 # needs numpy, scikit-learn and pytest next to that torch and says which are missing.
@@ -37,4 +38,7 @@ echo "== CUDA tests"
 timeout 240 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_train.py tests/test_models.py || status=1
 echo "== bench_zoo on cuda"
 timeout 300 "$PY" benchmarks/bench_zoo.py --device cuda --packs 1,8,32,64,256 || status=1
+echo "== the torch backend of the pairs and tests stages on cuda: equality, then timings"
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_backend.py || status=1
+timeout 300 "$PY" benchmarks/bench_tests_backend.py --blocks 512 1024 2048 4096 || status=1
 exit $status

@@ -161,6 +161,7 @@ def test_hash_is_sha256_of_the_resolved_config_without_store_and_resources():
     json.dumps(d, allow_nan=False)  # plain JSON types
     d["study"].pop("store")
     d.pop("resources")
+    d["tests"].pop("backend"), d["pairs"].pop("backend")  # where it runs: not hashed
     d["features"].pop("projection")  # no dim: no projection (tests/test_sketch.py)
     for key in ("probe_size", "template_models", "template_iterations"):  # no cka, no aligned
         d["features"].pop(key)
@@ -348,13 +349,13 @@ def test_tests_section_builds_the_htt_options_the_stage_passes() -> None:
     from distsim.pipeline.significance import HTTJob, MatrixRefs, htt_chunk, htt_fit, htt_head
     from distsim.stats import HTTOptions, htt, htt_null_chunk
 
-    assert StatsSpec().htt_options() == HTTOptions()
+    assert StatsSpec().htt_options() == HTTOptions(backend="auto")  # resolved on the worker
     study = parse_study(study_toml(tests={
         "learner": "softmax", "train_fraction": 0.5, "train_task_fraction": 0.7, "n_query": 2,
         "k": 1, "permutations": 9, "chunk_size": 4, "seed": 3}))
     options = study.tests.htt_options()
     assert options == HTTOptions(learner="softmax", train_fraction=0.5, train_task_fraction=0.7,
-                                 n_query=2, k=1)
+                                 n_query=2, k=1, backend="auto")
 
     class Remote:  # a stand-in for a Ray remote function: records its calls
         def __init__(self) -> None:

@@ -241,6 +241,7 @@ def _legacy_hash(study) -> str:
     d["features"].pop("projection")
     for key in ("probe_size", "template_models", "template_iterations"):  # later keys,
         d["features"].pop(key)  # hashed only with their methods (cka, aligned)
+    d["tests"].pop("backend"), d["pairs"].pop("backend")  # later keys, never hashed
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -12,6 +12,7 @@ METHODS = ("chain-gram", "raw", "gram", "aligned", "cka")  # distsim.weights.fea
 SKETCHES = ("output", "input")  # where a feature is sketched (distsim.weights.features)
 PROJECTIONS = ("countsketch", "gaussian")  # the output sketch's map (distsim.weights.projection)
 METRICS = ("euclidean", "cosine")  # distsim.stats.distances
+BACKENDS = ("auto", "numpy", "torch")  # distsim.stats.backend
 PROTOCOLS = ("closed-set", "open-set")  # distsim.stats.hypothesis_training
 LEARNERS = ("lda", "softmax")  # distsim.stats.linear_embedding
 SOURCES = ("train", "import")  # where a study's models come from ([zoo] source)

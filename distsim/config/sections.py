@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from distsim.config.choices import LEARNERS, METHODS, METRICS, PROJECTIONS, PROTOCOLS, SKETCHES
+from distsim.config.choices import (
+    BACKENDS,
+    LEARNERS,
+    METHODS,
+    METRICS,
+    PROJECTIONS,
+    PROTOCOLS,
+    SKETCHES,
+)
 from distsim.config.training import TRAIN_PARAMS
 from distsim.errors import ConfigError
 from distsim.params import (
@@ -48,20 +56,23 @@ SWEEP_PARAMS: Table = {key: Array(TRAIN_PARAMS[key], nonempty=True, distinct=Tru
 
 @dataclass(frozen=True)
 class Resources:
-    """What one zoo trial and one feature actor ask Ray for (fractional GPUs share a device)."""
+    """What one zoo trial, one feature actor and one task of the pairs and tests stages ask Ray
+    for (fractional GPUs share a device)."""
 
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_failures: int = 2
     feature_actors: int = 1
     cpus_per_actor: float = 1.0
+    gpus_per_test: float = 0.0  # a GPU share for each pairs segment and test task
 
     def __post_init__(self) -> None:
         check_fields(self, "resources", RESOURCE_PARAMS)
-        gpus = self.gpus_per_trial
-        if gpus > 1 and gpus != int(gpus):
-            raise ConfigError.at("resources.gpus_per_trial",
-                                 f"a share above 1 GPU must be a whole number, got {gpus}")
+        for key in ("gpus_per_trial", "gpus_per_test"):
+            gpus = getattr(self, key)
+            if gpus > 1 and gpus != int(gpus):
+                raise ConfigError.at(f"resources.{key}",
+                                     f"a share above 1 GPU must be a whole number, got {gpus}")
 
 
 RESOURCE_PARAMS: Table = {
@@ -70,6 +81,7 @@ RESOURCE_PARAMS: Table = {
     "max_failures": Integer(lo=0),
     "feature_actors": Integer(lo=1),
     "cpus_per_actor": Number(lo=0.0, lo_open=True),
+    "gpus_per_test": Number(lo=0.0),
 }
 
 
@@ -150,6 +162,7 @@ class StatsSpec:
     factors: tuple[str, ...] | None = None
     permanova_terms: tuple[str, ...] | None = None
     permanova_by: str = "terms"
+    backend: str = "auto"  # numpy, torch, or auto: torch where the worker has a GPU
 
     def __post_init__(self) -> None:
         check_fields(self, "tests", STATS_PARAMS)
@@ -186,7 +199,8 @@ class StatsSpec:
         return HTTOptions(learner=self.learner, train_fraction=self.train_fraction,
                           train_task_fraction=self.train_task_fraction, n_query=self.n_query,
                           k=self.k, strata_split="cell" if self.strata is not None or (
-                              self.factors is not None and len(self.factors) > 1) else "stratum")
+                              self.factors is not None and len(self.factors) > 1) else "stratum",
+                          backend=self.backend)
 
 
 STATS_PARAMS: Table = {
@@ -207,6 +221,7 @@ STATS_PARAMS: Table = {
     "factors": Maybe(Array(Text(empty=False), nonempty=True, distinct=True)),
     "permanova_terms": Maybe(Array(Text(empty=False), nonempty=True, distinct=True)),
     "permanova_by": Options(("terms", "margin")),
+    "backend": Options(BACKENDS),
 }
 
 
@@ -217,6 +232,7 @@ class PairSpec:
     top_k: int = 10
     block: int = 512
     metric: str = "euclidean"
+    backend: str = "auto"  # numpy, torch, or auto: torch where the worker has a GPU
 
     def __post_init__(self) -> None:
         check_fields(self, "pairs", PAIR_PARAMS)
@@ -226,4 +242,5 @@ PAIR_PARAMS: Table = {
     "top_k": Integer(lo=1),
     "block": Integer(lo=1),
     "metric": Options(METRICS),
+    "backend": Options(BACKENDS),
 }

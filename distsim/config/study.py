@@ -290,8 +290,9 @@ class Study:
 
     @property
     def hash(self) -> str:
-        """sha256 of the resolved config minus study.store and resources: where a study runs
-        does not change what it computes, so a store can refuse a changed study.
+        """sha256 of the resolved config minus study.store, resources and the backends
+        (tests.backend, pairs.backend): where and on what a study runs does not change what it
+        computes, so a store can refuse a changed study.
 
         features.projection is hashed only where it changes what is computed and is not the
         map every store made before the key existed used: when the output projection is used
@@ -308,6 +309,7 @@ class Study:
         d = self.resolved()
         d["study"].pop("store")
         d.pop("resources")
+        d["tests"].pop("backend"), d["pairs"].pop("backend")  # how, not what, is computed
         if not self.features.projects or self.features.projection == "gaussian":
             d["features"].pop("projection")
         if "cka" not in self.features.methods:

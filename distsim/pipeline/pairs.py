@@ -37,6 +37,7 @@ from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.groups import labelled_models, study_groups
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.units import Units, error_text, run_refs
+from distsim.stats.backend import resolve
 from distsim.store import Store, lineage
 
 
@@ -126,11 +127,12 @@ def compute_tile(X: np.ndarray, tasks: np.ndarray, i: int, j: int, block: int, k
 
 def block_tile(X_i: np.ndarray, X_j: np.ndarray | None, groups_i: np.ndarray,
                groups_j: np.ndarray, start_i: int, start_j: int, k: int, metric: str,
-               seconds: dict[str, float] | None = None) -> TilePart:
+               seconds: dict[str, float] | None = None, backend: str = "numpy") -> TilePart:
     """:func:`compute_tile` of the row blocks themselves: X_i (n_I, D) and X_j (n_J, D), or
-    None for a diagonal tile, whose rows start at the global indices start_i / start_j."""
+    None for a diagonal tile, whose rows start at the global indices start_i / start_j.
+    ``backend``: where the distances' GEMM runs (distsim.stats.backend)."""
     t0 = time.perf_counter()
-    D = stats.distance_block(X_i, X_j, metric)
+    D = stats.distance_block(X_i, X_j, metric, backend=backend)
     t1 = time.perf_counter()
     summary = tile_summary(D, groups_i, groups_j, X_j is None)
     t2 = time.perf_counter()
@@ -184,7 +186,7 @@ class SegmentParts:
 
 def segment_parts(blocks: Mapping[int, np.ndarray], groups: np.ndarray, i: int,
                   js: tuple[int, ...], block: int, k: int, metric: str,
-                  before_tile: Any = None) -> SegmentParts:
+                  before_tile: Any = None, backend: str = "numpy") -> SegmentParts:
     """The tiles (i, j) for j in js, each as :func:`compute_tile`, from the row blocks they
     need (``blocks[b]``: rows b * block... of the matrix, (n_b, D)) and the groups (N,) of
     every row; the rows of I keep their lists merged across them. ``before_tile(j)``: called
@@ -201,7 +203,7 @@ def segment_parts(blocks: Mapping[int, np.ndarray], groups: np.ndarray, i: int,
         n_j = m if X_j is None else len(X_j)
         summary, rows, idx, dist = block_tile(
             X_i, X_j, groups[i * block:i * block + m], groups[j * block:j * block + n_j],
-            i * block, j * block, k, metric, seconds)
+            i * block, j * block, k, metric, seconds, backend)
         summaries.append({"block_j": j, **summary})
         idx_i.append(idx[:m])  # block_tile's rows: those of I, then those of J (off-diagonal)
         dist_i.append(dist[:m])
@@ -214,14 +216,16 @@ def segment_parts(blocks: Mapping[int, np.ndarray], groups: np.ndarray, i: int,
 
 
 def _segment_task(groups: np.ndarray, label: str, i: int, js: tuple[int, ...], block: int,
-                  k: int, metric: str, store_root: str, faults: dict[str, float],
+                  k: int, how: tuple[str, str], store_root: str, faults: dict[str, float],
                   X_i: np.ndarray, *X_js: np.ndarray) -> SegmentParts:
     """A Ray task: one segment, from the row blocks I and each J != I of js, in order (they
-    and the groups arrive from the object store without a copy)."""
+    and the groups arrive from the object store without a copy). how: (metric, backend), the
+    backend ([pairs] backend) resolved here, on the worker."""
     others = iter(X_js)
     blocks = {i: X_i, **{j: next(others) for j in js if j != i}}
+    metric, backend = how
     return segment_parts(blocks, groups, i, js, block, k, metric, lambda j: maybe_fail(
-        "tile", f"{label}-{i}-{j}", store_root, faults))
+        "tile", f"{label}-{i}-{j}", store_root, faults), resolve(backend))
 
 
 def _block_task(store_root: str, files: list[str], model_ids: list[str]
@@ -376,7 +380,8 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
         if not segments:
             return {**outcome, "failed": 0}
         read = ray.remote(num_cpus=1, max_retries=0)(_block_task).options(num_returns=2)
-        task = ray.remote(num_cpus=1, max_retries=0)(_segment_task)
+        gpus = study.resources.gpus_per_test  # a GPU share per segment, for backend torch
+        task = ray.remote(num_cpus=1, max_retries=0)(_segment_task).options(num_gpus=gpus)
         models, faults, root = labelled_models(study, store), plan(), str(store.root)
         spent = {"load": 0.0, "driver": 0.0}  # task seconds by step, and the driver's
 
@@ -416,8 +421,9 @@ def run_pairs(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
                     block_ref(g + 1, b)
             assert m.meta is not None
             label = str(m.key).replace("/", "-")
-            return task.remote(m.meta[2], label, i, js, block, k, metric, root, faults,
-                               block_ref(g, i), *(block_ref(g, j) for j in js if j != i))
+            return task.remote(m.meta[2], label, i, js, block, k,
+                               (metric, study.pairs.backend), root, faults, block_ref(g, i),
+                               *(block_ref(g, j) for j in js if j != i))
 
         def settle(seg: Segment, error: BaseException | None) -> None:
             g, i, js = seg

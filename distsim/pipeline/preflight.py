@@ -269,8 +269,9 @@ def check_cluster(
 
     Refused, in this order: ``train.device = "cuda"`` (any arch) on a cluster without GPU;
     ``"cuda"`` with ``resources.gpus_per_trial = 0``; ``gpus_per_trial > 0`` on a cluster
-    without GPU; one trial's {CPU: cpus_per_trial, GPU: gpus_per_trial} or one feature actor's
-    {CPU: cpus_per_actor} fitting on no node.
+    without GPU; ``gpus_per_test > 0`` on a cluster without GPU; one trial's {CPU:
+    cpus_per_trial, GPU: gpus_per_trial}, one feature actor's {CPU: cpus_per_actor} or one
+    pairs or tests task's {CPU: 1, GPU: gpus_per_test} fitting on no node.
     """
     if nodes is None:
         import ray
@@ -307,6 +308,13 @@ def check_cluster(
             f"of {len(alive)} nodes{scale}); trials would wait forever: set it to 0 (with "
             "train.device = 'cpu' or 'auto'), or add GPU nodes"
         )
+    tests_gpus = res.gpus_per_test
+    if tests_gpus > 0 and no_gpu:
+        raise LaunchError(
+            f"resources.gpus_per_test = {tests_gpus:g} but the Ray cluster has no GPU "
+            f"({gpu_nodes} of {len(alive)} nodes{scale}); the pairs and tests tasks would wait "
+            "forever: set it to 0 (pairs.backend and tests.backend 'auto' then run numpy), or "
+            "add GPU nodes")
     if unknown:
         return  # a node type of unknown size might fit anything
     where = f"fits on no node of the Ray cluster{scale}"
@@ -333,6 +341,11 @@ def check_cluster(
         raise LaunchError(f"resources.cpus_per_actor = {actor:g} {where} (largest: "
                           f"{_count(big[0], 'CPU')}); feature actors would wait forever: lower "
                           "it, or add larger nodes")
+    if not any(c + _EPS >= 1 and g + _EPS >= tests_gpus for c, g in shapes):
+        big = max(shapes, key=lambda s: (s[1], s[0]))
+        raise LaunchError(f"resources.gpus_per_test = {tests_gpus:g} with 1 CPU {where} "
+                          f"(largest: {_size(big)}); the pairs and tests tasks would wait "
+                          "forever: lower it, or add nodes with more GPUs")
 
 
 def _shape(resources: Any) -> tuple[float, float]:

@@ -60,6 +60,7 @@ is written when its last unit is in.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -364,8 +365,9 @@ class TermsTilesJob(TermsJob):
         frame = frame_task.remote(m.X, pairs.metric)
         orders = orders_task.remote(strata, n, B, spec.seed)
         columns = ray.put(design.columns)
-        units = [m.unit(PERMANOVA, f"tile{t[0]}-{t[2]}", stats.permanova_terms_tile, m.X, frame,
-                        t, pairs.metric, columns, orders)
+        tile = functools.partial(stats.permanova_terms_tile, backend=spec.backend)
+        units = [m.unit(PERMANOVA, f"tile{t[0]}-{t[2]}", tile, m.X, frame, t, pairs.metric,
+                        columns, orders)
                  for t in stats.upper_tiles(n, pairs.block)]
         return cls(m, PERMANOVA, B, units, design=design, terms=spec.terms, table=table,
                    strata=strata)
@@ -402,8 +404,9 @@ class TilesJob(Job):
         frame = frame_task.remote(m.X, metric)
         labels = [labels_task.remote(m.tasks, b, spec.seed, c)
                   for c, b in enumerate(chunk_sizes(B, spec.chunk_size))]
-        units = [m.unit(PERMANOVA, f"tile{t[0]}-{t[2]}", stats.permanova_tile, m.X, frame, t,
-                        metric, groups, *labels)
+        tile = functools.partial(stats.permanova_tile, backend=spec.backend)
+        units = [m.unit(PERMANOVA, f"tile{t[0]}-{t[2]}", tile, m.X, frame, t, metric, groups,
+                        *labels)
                  for t in stats.upper_tiles(len(tasks), pairs.block)]
         return cls(m, PERMANOVA, B, units, groups=groups)
 
@@ -478,7 +481,8 @@ def run_tests(study: Study, store: Store, ctx: RunContext) -> dict[str, Any]:
     test is given up (``distsim.pipeline.units``: its other units' results are dropped)."""
     import ray
 
-    task = ray.remote(num_cpus=1)(_chunk)
+    # a GPU share per unit (resources.gpus_per_test) for the torch backend (tests.backend)
+    task = ray.remote(num_cpus=1)(_chunk).options(num_gpus=study.resources.gpus_per_test)
     root, fault_plan = str(store.root), plan()
     remotes = {name: ray.remote(num_cpus=1)(fn) for name, fn in (
         ("basis", stats.euclidean_basis), ("fit", htt_fit), ("frame", stats.distance_frame),

@@ -95,12 +95,13 @@ class HTTOptions:
     re-fits (the reference; the same values). ``strata_split``: how strata enter the split
     (``make_split``): "stratum" (the strata are units split between the roles: init seeds) or
     "cell" (each (task, stratum) cell is split: strata that are another factor's cells).
-    Checked when a test runs (k against its tasks).
+    ``backend``: where the batched fits run (distsim.stats.backend: "numpy", "torch", "auto";
+    the same statistics). Checked when a test runs (k against its tasks).
 
     >>> HTTOptions()  # doctest: +NORMALIZE_WHITESPACE
     HTTOptions(learner='lda', train_fraction=0.6, train_task_fraction=0.6, n_query=None,
                k=None, ridge=1.0, tol=0.0001, max_iter=1000, solve='auto', batched=True,
-               strata_split='stratum')
+               strata_split='stratum', backend='numpy')
     >>> import dataclasses
     >>> softmax = HTTOptions(learner="softmax", k=1)
     >>> dataclasses.replace(softmax, ridge=10.0).ridge, softmax.ridge  # frozen: a changed copy
@@ -118,6 +119,7 @@ class HTTOptions:
     solve: str = "auto"
     batched: bool = True
     strata_split: str = "stratum"
+    backend: str = "numpy"
 
 
 # ----------------------------------------------------------------------------- validation & split
@@ -221,6 +223,7 @@ def _evaluate(
         batched=how.batched,
         fit=fit,
         train=split.protocol == "closed-set",  # open-set scores the evaluation rows only
+        backend=how.backend,
     )
     if split.protocol == "closed-set":
         return centroid_accuracy(Ztr, Zev, ytr, labels["test"], split.n_tasks), None

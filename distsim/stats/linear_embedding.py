@@ -426,6 +426,7 @@ def embed(
     batched: bool = True,
     fit: Fit | None = None,
     train: bool = True,
+    backend: str = "numpy",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of the training and evaluation rows learned from B label matrices at once.
 
@@ -437,7 +438,8 @@ def embed(
     ``fit``: `prepare_fit` of the same rows, learner and ridge, to share it between calls.
     ``batched=False``: a loop of full re-fits (the reference; the same values up to rounding).
     ``train=False`` with k=None: Z_train is not computed (returned with 0 rows), for callers that
-    only read the evaluation rows.
+    only read the evaluation rows. ``backend`` (distsim.stats.backend): "torch" runs the batched
+    fit on torch's device (distsim.stats.embedding_torch; the basis is computed here either way).
     """
     if not batched:
         pairs = [
@@ -450,6 +452,12 @@ def embed(
         Zev = np.concatenate([np.reshape(p[1], (-1, len(eval_idx), Y.shape[2])) for p in pairs])
         return _reduce(Ztr, Zev, k)
     fit = fit if fit is not None else prepare_fit(X, train_idx, eval_idx, learner, ridge, solve)
+    from distsim.stats.backend import resolve
+
+    if resolve(backend) == "torch":
+        from distsim.stats.embedding_torch import embed_fit
+
+        return embed_fit(fit, Y, k, tol, max_iter, train)
     if learner == "lda":
         beta = _lda(fit, Y)
     else:

@@ -65,7 +65,8 @@ def permanova_terms_orders(strata: Sequence[Any] | np.ndarray | None, n: int,
 
 
 def permanova_terms_tile(X: np.ndarray, frame: Frame, tile: tuple[int, ...], metric: str,
-                         columns: np.ndarray, orders: np.ndarray) -> np.ndarray:
+                         columns: np.ndarray, orders: np.ndarray, backend: str = "numpy"
+                         ) -> np.ndarray:
     """One upper tile (i0, i1, j0, j1) of the distances of features X (N, D) by `metric` (in
     the shared `frame`): its shares (B + 1, k + 1) of every design column's SS under every row
     order (`columns` (N, k), `orders` (B + 1, N)) and, in the last column, of N SS_total.
@@ -84,7 +85,8 @@ def permanova_terms_tile(X: np.ndarray, frame: Frame, tile: tuple[int, ...], met
     if (diagonal and i1 != j1) or not (0 <= i0 < i1 and j0 < j1 <= len(X)):
         raise ValueError(f"permanova_terms_tile needs a tile of rows within X ({len(X)}; "
                          f"diagonal tiles square), got {tile}")
-    d = distance_block(X[i0:i1], None if diagonal else X[j0:j1], metric, frame=frame)
+    d = distance_block(X[i0:i1], None if diagonal else X[j0:j1], metric, frame=frame,
+                       backend=backend)  # backend: where the GEMM runs (stats.backend)
     A = -0.5 * np.square(d, dtype=np.float64)  # (ti, tj)
     weight = 1.0 if diagonal else 2.0  # an off-diagonal tile stands for (I, J) and (J, I)
     b, k = len(orders), columns.shape[1]

@@ -250,13 +250,14 @@ class TileSums:
 
 
 def permanova_tile(X: np.ndarray, frame: Frame, tile: tuple[int, ...],
-                   metric: str, sizes: np.ndarray, *labels: np.ndarray
+                   metric: str, sizes: np.ndarray, *labels: np.ndarray, backend: str = "numpy"
                    ) -> tuple[np.ndarray, float]:
     """One tile (i0, i1, j0, j1) of `upper_tiles` for PERMANOVA on features X (N, D): its
     distances by `distance_block` in the shared `frame` (`distance_frame(X, metric)`), then
     `tile_within_sums` of the labellings of one or more (N, m_c) labels arrays, side by side
     -> (w (sum m_c,), t). Holds one tile of distances and the tile's rows of the labels; the
-    tests stage runs it as a Ray task per tile.
+    tests stage runs it as a Ray task per tile. ``backend``: where the distances' GEMM runs
+    (distsim.stats.backend).
 
     The observed pseudo-F of `permanova`'s example, added up over three tiles:
 
@@ -275,7 +276,8 @@ def permanova_tile(X: np.ndarray, frame: Frame, tile: tuple[int, ...],
     if not labels or (diagonal and i1 != j1) or not (0 <= i0 < i1 and j0 < j1 <= len(X)):
         raise ValueError(f"permanova_tile needs a tile of rows within X ({len(X)}; diagonal "
                          f"tiles square) and at least one labels array, got {tile}")
-    d = distance_block(X[i0:i1], None if diagonal else X[j0:j1], metric, frame=frame)
+    d = distance_block(X[i0:i1], None if diagonal else X[j0:j1], metric, frame=frame,
+                       backend=backend)
     li = np.concatenate([lab[i0:i1] for lab in labels], axis=1)
     lj = None if diagonal else np.concatenate([lab[j0:j1] for lab in labels], axis=1)
     return tile_within_sums(d, li, lj, sizes)
