@@ -43,8 +43,12 @@ def _left(M: Tensor, A: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-labelling inner products of (b, r, C) tensors -> (b,)."""
-    return torch.einsum("brc,brc->b", a, b)
+    """Per-labelling inner products of (b, r, C) tensors -> (b,). On the CPU by numpy's
+    einsum, one fused pass: torch's einsum, vecdot and bmm took 5-20 times as long there
+    (measured at (20, 2145, 45) float64)."""
+    if a.device.type == "cpu":
+        return torch.from_numpy(np.einsum("brc,brc->b", a.numpy(), b.numpy()))
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
 def _softmax_rows(z: Tensor, z0: Tensor | None, rows: Tensor, codes: Tensor,
@@ -142,11 +146,12 @@ def _lbfgs(objective: Objective, B: int, beta: Tensor, inverse: Tensor, tol: flo
         for lag in lags:  # newest to oldest
             slot = (it - lag) % MEMORY
             alpha[lag] = rho[slot] * _dot(hist_s[slot], q)
-            q -= alpha[lag][:, None, None] * hist_y[slot]
+            q.addcmul_(alpha[lag][:, None, None], hist_y[slot], value=-1.0)  # in place
         d = gamma[:, None, None] * inverse * q
         for lag in reversed(lags):  # oldest to newest
             slot = (it - lag) % MEMORY
-            d += (alpha[lag] - rho[slot] * _dot(hist_y[slot], d))[:, None, None] * hist_s[slot]
+            coef = alpha[lag] - rho[slot] * _dot(hist_y[slot], d)
+            d.addcmul_(coef[:, None, None], hist_s[slot])
         d = -d
         slope = _dot(grad, d)
         uphill = slope >= 0
