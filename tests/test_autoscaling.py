@@ -38,10 +38,10 @@ BIN = Path(sys.executable).parent
 FAKE_HEAD = "ray.head.default"  # the fake provider's name for the head's node type
 NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # each fake node's processes carry its id
 IDLE_S = 15  # idle_timeout_minutes: 0.25
-SECTIONS = {  # 4 tasks x 3 seeds, one model per trial: 12 trials queue on a 1-CPU head
+SECTIONS = {  # 4 tasks x 6 seeds, one model per trial: 24 trials queue on a 1-CPU head
     "data": {"dataset": "synthetic", "num_tasks": 4, "synthetic_samples": 100},
     "arch": [{"kind": "mlp", "widths": [8]}],
-    "train": {"seeds_per_task": 3, "seeds_per_trial": 1, "epochs": 20, "batch_size": 16},
+    "train": {"seeds_per_task": 6, "seeds_per_trial": 1, "epochs": 20, "batch_size": 16},
     "resources": {"feature_actors": 2, "max_failures": 3},
     "features": {"methods": ["chain-gram", "raw"]},
     "tests": {"permutations": 19, "permanova_permutations": 19},
@@ -112,7 +112,12 @@ def autoscaling() -> Iterator[Cluster]:
         while "Ray runtime started" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.5)
-        yield Cluster(f"127.0.0.1:{port}", proc.pid)
+        address = f"127.0.0.1:{port}"
+        # the head runs before its autoscaler reports (`ray status` shows no node until then)
+        while active(address) != {FAKE_HEAD: 1}:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(1)
+        yield Cluster(address, proc.pid)
     finally:
         survivors = kill_session(proc.pid, timeout=15)
         assert not survivors, f"processes of the cluster survived SIGKILL: {survivors}"
@@ -168,7 +173,7 @@ def test_an_autoscaled_launch_survives_killed_workers_and_scales_down(
     path = tmp_path / "study.toml"
     path.write_text(study_toml(study={"name": "autoscale", "store": str(tmp_path / "store")},
                                **SECTIONS))
-    assert active(autoscaling.address) == {FAKE_HEAD: 1}  # the head alone
+    assert active(autoscaling.address) == {FAKE_HEAD: 1}  # the head alone (the fixture waits)
     log = tmp_path / "launch.log"
     # every unit sleeps 2 s (trials queue long enough for the autoscaler); one actor per trial
     env = _env(DISTSIM_FAULTS="slow=2", DISTSIM_TUNE_REUSE_ACTORS="0")
@@ -188,9 +193,13 @@ def test_an_autoscaled_launch_survives_killed_workers_and_scales_down(
                 timeline.append(f"{time.monotonic() - start:.0f} s: {seen[-1]}")
             text = log.read_text()
             workers = sum(n for t, n in seen[-1].items() if t != FAKE_HEAD)
-            if "zoo" not in killed and "zoo " in text and workers >= 2:
-                killed["zoo"] = kill_node(autoscaling.session, "ImplicitFunc")
-                timeline.append(f"{time.monotonic() - start:.0f} s: killed {killed['zoo'][-5:]}")
+            if "zoo" not in killed and "zoo " in text and workers >= 1:
+                try:
+                    killed["zoo"] = kill_node(autoscaling.session, "ImplicitFunc")
+                    timeline.append(f"{time.monotonic() - start:.0f} s: killed "
+                                    f"{killed['zoo'][-5:]} (zoo)")
+                except AssertionError:
+                    pass  # its first trial is still starting: look again
             if "features" not in killed and "features  0/" in text and "zoo" in killed:
                 try:
                     killed["features"] = kill_node(autoscaling.session, "_FeatureWorker")
