@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,7 @@ def autoscaling() -> Iterator[Cluster]:
         yield Cluster(address, proc.pid)
     finally:
         survivors = kill_session(proc.pid, timeout=15)
+        shutil.rmtree(folder, ignore_errors=True)  # its logs, sockets and spilled objects
         assert not survivors, f"processes of the cluster survived SIGKILL: {survivors}"
 
 
