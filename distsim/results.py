@@ -35,6 +35,7 @@ from distsim.config.arch import ArchConfig
 from distsim.errors import DistsimError, StoreError
 from distsim.layout import Layout, from_study, from_tables
 from distsim.store import Store
+from distsim.store.study import RESTORE
 from distsim.store.tables import parse_model_id
 from distsim.zoo.tasks import Task, make_tasks
 
@@ -87,11 +88,11 @@ def open(path: str | os.PathLike[str] | Store) -> Results:  # distsim.open: shad
                          "run `distsim launch` first")
     problem = store.study_problem()
     if problem is not None:  # the tables are read all the same; what needs the config says so
-        warnings.warn(f"the study's config is unknown ({problem.split('; ')[0]}); the tables "
+        warnings.warn(f"the study's config is unknown ({problem}); the tables "
                       "are read as stored", stacklevel=2)
         if toml is not None:
-            raise StoreError(f"{problem}; open the store folder to read its tables")
-        return Results(store, None, problem)
+            raise StoreError(f"{problem}; {RESTORE}; open the store folder to read its tables")
+        return Results(store, None, f"{problem}; {RESTORE}")
     res = Results(store, held_study(store))
     if toml is not None and toml.hash != res.config_hash:
         raise StoreError(f"store {str(store.root)!r} holds study {res.study.name!r} with config "

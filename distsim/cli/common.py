@@ -106,7 +106,7 @@ def open_store(path: Path, reading: bool = False) -> Store:
                          "run `distsim launch` first")
     problem = store.study_problem() if reading else None
     if problem is not None:
-        typer.echo(f"distsim: the study's config is unknown ({problem.split('; ')[0]}); the "
+        typer.echo(f"distsim: the study's config is unknown ({problem}); the "
                    "tables are read as stored", err=True)
     return store
 

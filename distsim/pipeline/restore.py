@@ -24,7 +24,6 @@ import polars as pl
 from distsim.config import Study
 from distsim.errors import StoreError
 from distsim.store import Store
-from distsim.store.study import RESTORE
 
 
 def mismatch(study: Study, store: Store) -> str | None:
@@ -74,7 +73,6 @@ def restore_study(study: Study, store: Store, problem: str, out: TextIO) -> None
     (one line says so), else StoreError naming `problem` and the first mismatch."""
     found = mismatch(study, store)
     if found is not None:
-        problem = problem.removesuffix(f"; {RESTORE}")
         raise StoreError(f"{problem}; it cannot be rewritten from {study.source}: {found}; "
                          "launch with --fresh to start over, or restore study.json from a copy")
     store.bind(study, "created")

@@ -71,27 +71,30 @@ class Store(ShardStore):
     def read_study(self, strict: bool = True) -> dict[str, Any] | None:
         """The contents of study.json ({hash, name, source, created, config}), or None when
         there is none. An unreadable one (not JSON, not an object with a "hash") raises
-        StoreError saying how to restore it, or gives None when not ``strict``."""
+        StoreError saying why and how to restore it (RESTORE), or gives None when not
+        ``strict``."""
+        doc, problem = self._load_study()
+        if problem is not None and strict:
+            raise StoreError(f"{problem}; {RESTORE}")
+        return doc
+
+    def study_problem(self) -> str | None:
+        """Why study.json is unreadable ("<path>: unreadable study.json (<error>)"), or None
+        (readable, or none)."""
+        return self._load_study()[1]
+
+    def _load_study(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(contents, None); (None, None) without study.json; (None, why) when unreadable."""
         path = self.root / "study.json"
         if not path.is_file():
-            return None
+            return None, None
         try:
             doc = json.loads(path.read_text())
             if not isinstance(doc, dict) or not isinstance(doc.get("hash"), str):
                 raise ValueError('not an object with a "hash"')
         except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
-            if not strict:
-                return None
-            raise StoreError(f"{path}: unreadable study.json ({exc}); {RESTORE}") from None
-        return doc
-
-    def study_problem(self) -> str | None:
-        """Why study.json is unreadable (read_study's error), or None (readable, or none)."""
-        try:
-            self.read_study()
-        except StoreError as exc:
-            return str(exc)
-        return None
+            return None, f"{path}: unreadable study.json ({exc})"
+        return doc, None
 
     def check_study(self, study: Study, fresh: bool = False) -> str:
         """Bind this store to `study` (:meth:`binding`, then :meth:`bind`): "created",
