@@ -298,8 +298,6 @@ def _gemm_sq(a: _Prepared, b: _Prepared, backend: str) -> tuple[np.ndarray, np.n
         sb = sa if b is a else torch.from_numpy(b.sq.astype(np.float32)).to(dev)
         bound = sa[:, None] + sb[None, :]
         t += bound
-        if b is a:  # numpy's z z^T is exactly symmetric (syrk); torch's GEMM may not be
-            t = torch.triu(t) + torch.triu(t, diagonal=1).T
         bound *= np.float32(TAU32).item()
         return t.cpu().numpy(), (t < bound).cpu().numpy()
     d2 = a.z @ b.z.T
@@ -318,7 +316,9 @@ def _sq_block(a: _Prepared, b: _Prepared, diagonal: bool, backend: str = "numpy"
     if close.any():
         _refine(d2, close, a, b)
     np.maximum(d2, 0.0, out=d2)
-    if diagonal:
+    if diagonal:  # symmetric: the refinement may round (i, j) and (j, i) apart, as may a GEMM
+        lower = np.tril_indices(len(d2), -1)
+        d2[lower] = d2.T[lower]
         np.fill_diagonal(d2, 0.0)
     return d2
 
