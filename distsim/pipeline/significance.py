@@ -292,14 +292,18 @@ class FeaturesJob(ChunkedJob):
     def plan(cls, m: MatrixRefs, protocol: str, spec: StatsSpec,
              strata: np.ndarray | None = None) -> FeaturesJob:
         B, seed, y = spec.permanova_permutations, spec.seed, m.basis()
+        on = spec.backend  # where the null's sums run (tests.backend)
         if protocol == PERMDISP:
-            units = [m.unit(protocol, "0", permdisp_test, y, m.tasks, B, seed)]
+            units = [m.unit(protocol, "0", functools.partial(permdisp_test, backend=on), y,
+                            m.tasks, B, seed)]
         elif strata is not None:  # tests.strata: every permutation within the strata
             units = [m.unit(protocol, "0", permanova_within, y, m.tasks, strata, B, seed)]
         else:
             sizes = chunk_sizes(B, spec.chunk_size)
-            units = [m.unit(protocol, "0", permanova_head, y, m.tasks, sizes[0], seed)]
-            units += [m.unit(protocol, str(c), permanova_chunk, y, m.tasks, b, seed, c)
+            head = functools.partial(permanova_head, backend=on)
+            chunk = functools.partial(permanova_chunk, backend=on)
+            units = [m.unit(protocol, "0", head, y, m.tasks, sizes[0], seed)]
+            units += [m.unit(protocol, str(c), chunk, y, m.tasks, b, seed, c)
                       for c, b in enumerate(sizes[1:], 1)]
         return cls(m, protocol, B, units)
 

@@ -42,11 +42,12 @@ def htt_chunk(X: np.ndarray, tasks: np.ndarray, protocol: str, permutations: int
                           options=options, split_seed=seed, fit=fit, strata=strata)
 
 
-def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int,
-                   seed: int) -> dict[str, Any]:
+def permanova_head(Y: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
+                   backend: str = "numpy") -> dict[str, Any]:
     """Chunk 0 of PERMANOVA's features route: the pseudo-F and the first null chunk of
     ``permanova_features`` on the features' Euclidean basis Y (no N x N array)."""
-    r = stats.permanova_features(Y, tasks, permutations=permutations, seed=seed)
+    r = stats.permanova_features(Y, tasks, permutations=permutations, seed=seed,
+                                 backend=backend)
     return {"observed": r.statistic, "statistic": "pseudo-F", "chance": float("nan"),
             "null": r.null, "extra": {"n_groups": r.n_groups, "route": "features", "r2": r.r2}}
 
@@ -64,12 +65,13 @@ def permanova_within(Y: np.ndarray, tasks: np.ndarray, strata: np.ndarray, permu
                                                "strata": int(len(np.unique(strata)))}}
 
 
-def permdisp_test(Y: np.ndarray, tasks: np.ndarray, permutations: int,
-                  seed: int) -> dict[str, Any]:
+def permdisp_test(Y: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
+                  backend: str = "numpy") -> dict[str, Any]:
     """PERMDISP (distances to the task centroids, ``permdisp_features``) on the features'
     Euclidean basis Y, all B permutations in one task (O(N) each): whether the tasks' spreads
     differ, which PERMANOVA alone cannot tell from a difference of location."""
-    r = stats.permdisp_features(Y, tasks, permutations=permutations, seed=seed)
+    r = stats.permdisp_features(Y, tasks, permutations=permutations, seed=seed,
+                                backend=backend)
     spread = r.extra["dispersion"]
     return {"observed": r.statistic, "statistic": "F", "chance": float("nan"), "null": r.null,
             "extra": {"n_groups": r.n_groups, "route": "features", "test": "centroid",
@@ -78,10 +80,10 @@ def permdisp_test(Y: np.ndarray, tasks: np.ndarray, permutations: int,
 
 
 def permanova_chunk(Y: np.ndarray, tasks: np.ndarray, permutations: int, seed: int,
-                    chunk: int) -> np.ndarray:
+                    chunk: int, backend: str = "numpy") -> np.ndarray:
     """Null chunk c >= 1 of PERMANOVA's features route: permutations from seed (seed, c), the
     ones ``permanova_null_chunk`` draws."""
-    return stats.permanova_features(Y, tasks, permutations, (seed, chunk)).null
+    return stats.permanova_features(Y, tasks, permutations, (seed, chunk), backend=backend).null
 
 
 def chunk_labels(tasks: np.ndarray, permutations: int, seed: int, chunk: int) -> np.ndarray:

@@ -29,6 +29,7 @@ default_rng(seed), so the same seed gives the same permutations in both routes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse
 
+from distsim.stats.backend import resolve
 from distsim.stats.permutation import SeedLike, p_value
 from distsim.stats.permutational_anova import (
     PermanovaResult,
@@ -183,9 +185,10 @@ def _null_between(e: np.ndarray, codes: np.ndarray, sizes: np.ndarray, u: np.nda
 
 
 def _anova_test(z: np.ndarray, codes: np.ndarray, groups: list[Any], permutations: int,
-                seed: SeedLike, test: str) -> PermanovaResult:
+                seed: SeedLike, test: str, backend: str = "numpy") -> PermanovaResult:
     """PERMDISP's F of the distances z (N,) on the grouping codes (N,), and its null by
-    permuting the residuals z - zbar_g (module docstring)."""
+    permuting the residuals z - zbar_g (module docstring); the null's sums on numba or, for
+    backend "torch", on the torch device (the same permutations)."""
     n, a = len(z), len(groups)
     sizes = np.bincount(codes, minlength=a)
     means = np.bincount(codes, weights=z, minlength=a) / sizes  # (a,) mean distance per group
@@ -199,13 +202,19 @@ def _anova_test(z: np.ndarray, codes: np.ndarray, groups: list[Any], permutation
         statistic = float("nan") if ss_b <= tiny else float("inf")
     else:
         statistic = (ss_b / (a - 1)) / (ss_w / (n - a))
+    if backend == "torch" and permutations:
+        from distsim.stats.anova_torch import dispersion_between
+
+        kernel = dispersion_between(e, codes, sizes)
+    else:
+        kernel = functools.partial(_null_between, e, codes.astype(np.int32),
+                                   sizes.astype(np.int64))
     between = np.empty(permutations)
     rng = np.random.default_rng(seed)
     chunk = max(1, _UNIFORMS // max(n - 1, 1))
     for start in range(0, permutations, chunk):
         b = min(chunk, permutations - start)
-        _null_between(e, codes.astype(np.int32), sizes.astype(np.int64),
-                      rng.random((b, n - 1)), between[start : start + b])
+        kernel(rng.random((b, n - 1)), between[start : start + b])
     with np.errstate(divide="ignore", invalid="ignore"):
         null = (between / (a - 1)) / ((ss_w - between) / (n - a))
     if ss_w == 0.0:  # permuting all-zero residuals gives no null: no test
@@ -260,7 +269,8 @@ def permdisp(D: np.ndarray, labels: Sequence | np.ndarray, permutations: int = 9
 
 
 def permdisp_features(X: np.ndarray, labels: Sequence | np.ndarray, permutations: int = 999,
-                      seed: SeedLike = 0, test: str = "centroid") -> PermanovaResult:
+                      seed: SeedLike = 0, test: str = "centroid", backend: str = "numpy"
+                      ) -> PermanovaResult:
     """PERMDISP on the Euclidean distances of features X (N, D) without the N x N matrix:
     z_i = ||x_i - centre_g|| (the principal coordinates of Euclidean distances are the centred
     X up to rotation, and centroid and Weiszfeld median commute with rotations). O(N D) memory,
@@ -269,6 +279,9 @@ def permdisp_features(X: np.ndarray, labels: Sequence | np.ndarray, permutations
     Equals ``permdisp(pairwise Euclidean distances of X, labels, permutations, seed, test)``:
     the same permutations (same seed, same shuffle), F to float rounding (1e-9 relative; for
     "median" unless the Weiszfeld iteration's 1e-7 stopping test falls on another step).
+    ``backend`` (distsim.stats.backend): "torch" computes the centroid distances and the
+    null's group sums on the torch device (distsim.stats.anova_torch), in float64; the
+    spatial medians (test="median") stay numpy.
 
     >>> square = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [0.5, 0.5]])
     >>> X = np.vstack([square, 4 * square + 10])  # as permdisp's example
@@ -286,9 +299,14 @@ def permdisp_features(X: np.ndarray, labels: Sequence | np.ndarray, permutations
         raise ValueError("X contains NaN or infinite values")
     groups, codes = _grouping(labels, len(arr), "X", "PERMDISP")
     a = len(groups)
-    if test == "centroid":
+    backend = resolve(backend)
+    if test == "centroid" and backend == "torch":
+        from distsim.stats.anova_torch import centroid_distances
+
+        z = centroid_distances(arr, codes, a)
+    elif test == "centroid":
         z = _feature_centroid_distances(arr, codes, a)
     else:
         Y = np.asarray(arr, dtype=np.float64)
         z = _median_distances([Y - Y.mean(axis=0)], codes, a)
-    return _anova_test(z, codes, groups, permutations, seed, test)
+    return _anova_test(z, codes, groups, permutations, seed, test, backend)

@@ -26,6 +26,7 @@ Three routes give the same test (same seed: the same permutations, by the one sh
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -38,6 +39,7 @@ import numba
 import numpy as np
 import scipy.linalg
 
+from distsim.stats.backend import resolve
 from distsim.stats.permutation import SeedLike, p_value
 
 _CHUNK = 1024  # permutations drawn at a time: (1024, N - 1) float64 uniforms
@@ -421,13 +423,16 @@ def euclidean_basis(X: np.ndarray) -> np.ndarray:
 
 
 def permanova_features(
-    X: np.ndarray, labels: Sequence | np.ndarray, permutations: int = 999, seed: SeedLike = 0
+    X: np.ndarray, labels: Sequence | np.ndarray, permutations: int = 999, seed: SeedLike = 0,
+    backend: str = "numpy",
 ) -> PermanovaResult:
     """PERMANOVA of a grouping (N,) on the Euclidean distances of features X (N, D), without
     the distance matrix: O(N r) time per permutation and O(N r) memory, r <= min(N - 1, D).
 
     Equals ``permanova(pairwise_distances(X), labels, permutations, seed)``: the same
     permutations (same seed, same shuffle), pseudo-F to float rounding (1e-9 relative).
+    ``backend`` (distsim.stats.backend): "torch" sums the permuted groups on the torch device
+    (distsim.stats.anova_torch), the same permutations, in float64.
 
     >>> X = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [10, 0], [11, 0], [10, 1], [11, 1]])
     >>> res = permanova_features(X, list("aaaabbbb"), permutations=999, seed=0)
@@ -452,11 +457,17 @@ def permanova_features(
     S = np.zeros((a, Y.shape[1]))
     np.add.at(S, codes, Y)  # (a, r) the groups' row sums
     statistic = float(pseudo_f(np.array([((S * S).sum(axis=1) / sizes).sum()]))[0])
+    if resolve(backend) == "torch" and permutations:
+        from distsim.stats.anova_torch import permanova_between
+
+        kernel = permanova_between(Y, codes, sizes)
+    else:
+        kernel = functools.partial(_null_between, Y, codes, sizes)
     rng = np.random.default_rng(seed)
     between = np.empty(permutations)
     for start in range(0, permutations, _CHUNK):
         b = min(_CHUNK, permutations - start)
-        _null_between(Y, codes, sizes, rng.random((b, n - 1)), between[start : start + b])
+        kernel(rng.random((b, n - 1)), between[start : start + b])
     null = pseudo_f(between)
     p = p_value(statistic, null) if permutations else float("nan")
     return PermanovaResult(statistic=statistic, p_value=p, permutations=permutations, null=null,
