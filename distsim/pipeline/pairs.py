@@ -130,7 +130,19 @@ def block_tile(X_i: np.ndarray, X_j: np.ndarray | None, groups_i: np.ndarray,
                seconds: dict[str, float] | None = None, backend: str = "numpy") -> TilePart:
     """:func:`compute_tile` of the row blocks themselves: X_i (n_I, D) and X_j (n_J, D), or
     None for a diagonal tile, whose rows start at the global indices start_i / start_j.
-    ``backend``: where the distances' GEMM runs (distsim.stats.backend)."""
+    ``backend`` (distsim.stats.backend): "torch" on a GPU computes the distances, their sums
+    and the top-k lists there (distsim.stats.tiles_torch); on torch's CPU device only the
+    distances, the sums and lists being numpy's and numba's (on this project's 2-core VM
+    torch.topk over the lists' keys took 1.7-6 times numba's scan, tiles of 512-2,048 rows)."""
+    backend = resolve(backend)
+    if backend == "torch":
+        from distsim.stats.backend import device
+
+        if device().type != "cpu":
+            from distsim.stats.tiles_torch import tile_parts
+
+            return tile_parts(X_i, X_j, groups_i, groups_j, start_i, start_j, k, metric,
+                              seconds)
     t0 = time.perf_counter()
     D = stats.distance_block(X_i, X_j, metric, backend=backend)
     t1 = time.perf_counter()

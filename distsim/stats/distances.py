@@ -257,49 +257,30 @@ def _direct(a: _Prepared, b: _Prepared, ri: np.ndarray, ci: np.ndarray) -> np.nd
     return _direct_sq(a.x, sa, b.x, sb, ri.astype(np.int64), ci.astype(np.int64))
 
 
-def _refine(d2: np.ndarray, close: np.ndarray, a: _Prepared, b: _Prepared) -> None:
-    """Recompute the close pairs of a float32 d2 block in place.
+def _refined(ri: np.ndarray, ci: np.ndarray, a: _Prepared, b: _Prepared) -> np.ndarray:
+    """(P,) float64 squared distances of the close pairs (a rows ri, b rows ci), recomputed.
 
     Few close pairs (clustered data): each directly as sum((x - y)^2). Many (a dense patch):
     a float64 GEMM on the rows and columns that hold them, and directly only the pairs still
     close in float64. A direct pair costs about _DIRECT_COST float64 GEMM pairs (measured).
     """
-    ri, ci = np.nonzero(close)
     rows, cols = np.unique(ri), np.unique(ci)
     if len(ri) * _DIRECT_COST < len(rows) * len(cols):
-        d2[ri, ci] = _direct(a, b, ri, ci)
-        return
+        return _direct(a, b, ri, ci)
     za = a.exact(rows) - a.centre
     zb = b.exact(cols) - b.centre
     sqa = np.einsum("ij,ij->i", za, za)
     sqb = np.einsum("ij,ij->i", zb, zb)
-    sub = sqa[:, None] + sqb[None, :] - 2.0 * (za @ zb.T)
-    mask = close[np.ix_(rows, cols)]
-    vr, vc = np.nonzero(mask & (sub < TAU64 * (sqa[:, None] + sqb[None, :])))
-    sub[vr, vc] = _direct(a, b, rows[vr], cols[vc])
-    d2[close] = sub[mask]  # both sides list the close pairs in row-major order
+    li, lj = np.searchsorted(rows, ri), np.searchsorted(cols, ci)  # the pairs in the patch
+    out = sqa[li] + sqb[lj] - 2.0 * (za @ zb.T)[li, lj]
+    still = np.flatnonzero(out < TAU64 * (sqa[li] + sqb[lj]))
+    out[still] = _direct(a, b, ri[still], ci[still])
+    return out
 
 
-def _gemm_sq(a: _Prepared, b: _Prepared, backend: str) -> tuple[np.ndarray, np.ndarray]:
+def _gemm_sq(a: _Prepared, b: _Prepared) -> tuple[np.ndarray, np.ndarray]:
     """The float32 GEMM part of a block: d2 = |z_a|^2 + |z_b|^2 - 2 z_a z_b^T (n_a, n_b) and
-    the mask of its pairs below TAU32 of |z_a|^2 + |z_b|^2 (to recompute), by numpy or by
-    torch (distsim.stats.backend: on its device, then back as numpy arrays)."""
-    if backend == "torch":
-        import torch
-
-        from distsim.stats.backend import device
-
-        dev = device()
-        za = torch.from_numpy(a.z).to(dev)
-        zb = za if b is a else torch.from_numpy(b.z).to(dev)
-        t = za @ zb.T
-        t *= -2.0
-        sa = torch.from_numpy(a.sq.astype(np.float32)).to(dev)
-        sb = sa if b is a else torch.from_numpy(b.sq.astype(np.float32)).to(dev)
-        bound = sa[:, None] + sb[None, :]
-        t += bound
-        bound *= np.float32(TAU32).item()
-        return t.cpu().numpy(), (t < bound).cpu().numpy()
+    the mask of its pairs below TAU32 of |z_a|^2 + |z_b|^2 (to recompute)."""
     d2 = a.z @ b.z.T
     d2 *= -2.0
     limit = np.add.outer(a.sq.astype(np.float32), b.sq.astype(np.float32))
@@ -309,12 +290,18 @@ def _gemm_sq(a: _Prepared, b: _Prepared, backend: str) -> tuple[np.ndarray, np.n
 
 
 def _sq_block(a: _Prepared, b: _Prepared, diagonal: bool, backend: str = "numpy") -> np.ndarray:
-    """(n_a, n_b) float32 squared distances (halved for cosine: 1 - cos) of a block."""
-    d2, close = _gemm_sq(a, b, backend)
+    """(n_a, n_b) float32 squared distances (halved for cosine: 1 - cos) of a block; backend
+    "torch": the same steps on the torch device (distsim.stats.tiles_torch)."""
+    if backend == "torch":
+        from distsim.stats.tiles_torch import sq_block
+
+        return sq_block(a, b, diagonal).cpu().numpy()
+    d2, close = _gemm_sq(a, b)
     if diagonal:
         np.fill_diagonal(close, False)
     if close.any():
-        _refine(d2, close, a, b)
+        ri, ci = np.nonzero(close)
+        d2[ri, ci] = _refined(ri, ci, a, b)
     np.maximum(d2, 0.0, out=d2)
     if diagonal:  # symmetric: the refinement may round (i, j) and (j, i) apart, as may a GEMM
         lower = np.tril_indices(len(d2), -1)
