@@ -6,6 +6,7 @@ refused in one line."""
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from distsim.stats import (
     distance_block,
     distance_frame,
     htt,
+    permanova_features,
     permanova_groups,
+    permdisp_features,
     upper_tiles,
 )
 from distsim.stats.backend import resolve
@@ -58,6 +61,73 @@ def test_torch_distance_tiles_equal_numpy(n: int, m: int, d: int, metric: str, c
             assert (np.diag(got) == 0).all() and np.array_equal(got, got.T)
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), m=st.integers(1, 40), k=st.integers(1, 45),
+       values=st.integers(1, 4), diagonal=st.booleans(), start=st.integers(0, 10**6),
+       seed=st.integers(0, 2**31 - 1))
+def test_torch_tile_lists_and_sums_equal_numpy(n: int, m: int, k: int, values: int,
+                                               diagonal: bool, start: int, seed: int) -> None:
+    """On the same tile, the torch top-k lists equal neighbors' exactly (many ties: a few
+    distinct values; k beyond the candidates: padding; a diagonal tile: the own index out)
+    and its group sums equal pairs.tile_summary's to float64 rounding."""
+    import torch
+
+    from distsim.pipeline.pairs import tile_summary
+    from distsim.stats import block_topk, tile_topk
+    from distsim.stats.tiles_torch import group_sums, topk
+
+    rng = np.random.default_rng(seed)
+    m = n if diagonal else m
+    D = rng.integers(0, values, size=(n, m)).astype(np.float32) * np.float32(0.25)
+    if diagonal:
+        D = np.triu(D, 1) + np.triu(D, 1).T
+    col_start = start if diagonal else start + n
+    ri, rd, ci, cd = topk(torch.from_numpy(D), k, start, col_start, columns=not diagonal)
+    if diagonal:
+        want = [block_topk(D, k, start, col_start)]
+        got = [(ri, rd)]
+    else:
+        want = list(tile_topk(D, k, start, col_start))
+        got = [(ri, rd), (ci, cd)]
+    for (wi, wd), (gi, gd) in zip(want, got, strict=True):
+        np.testing.assert_array_equal(gi, wi)
+        np.testing.assert_array_equal(gd, wd)
+    gi_, gj_ = rng.integers(3, size=n), rng.integers(3, size=m)
+    gj_ = gi_ if diagonal else gj_
+    sums = group_sums(torch.from_numpy(D), gi_, gj_, diagonal)
+    want_sums = tile_summary(D, gi_, gj_, diagonal)
+    assert sums.keys() == want_sums.keys()
+    for key, value in want_sums.items():
+        assert sums[key] == pytest.approx(value, rel=1e-12, abs=1e-300), key
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 50), m=st.integers(1, 50), d=st.integers(1, 100),
+       metric=st.sampled_from(["euclidean", "cosine"]), diagonal=st.booleans(),
+       spread=st.sampled_from([1e-4, 1.0]), seed=st.integers(0, 2**31 - 1))
+def test_a_torch_tile_equals_numpy(n: int, m: int, d: int, metric: str, diagonal: bool,
+                                   spread: float, seed: int) -> None:
+    """A tile whole on the device (tiles_torch.tile_parts: what pairs.block_tile runs on a
+    GPU) against pairs.block_tile on numpy: the same rows, group counts, sums to the float32
+    GEMM's rounding, and the lists' distances (their indices may swap where two distances
+    tie to within that rounding)."""
+    from distsim.pipeline.pairs import block_tile
+    from distsim.stats.tiles_torch import tile_parts
+
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(3, d))[rng.integers(3, size=n + m)]
+         + spread * rng.normal(size=(n + m, d))).astype(np.float32)
+    groups = rng.integers(3, size=n + m)
+    args = ((X[:n], None, groups[:n], groups[:n], 7, 7) if diagonal
+            else (X[:n], X[n:], groups[:n], groups[n:], 7, 7 + n))
+    want = block_tile(*args, 5, metric)
+    got = tile_parts(*args, 5, metric)
+    np.testing.assert_array_equal(got[1], want[1])
+    for key, value in want[0].items():
+        assert got[0][key] == pytest.approx(value, rel=RTOL, abs=1e-6), key
+    np.testing.assert_allclose(got[3], want[3], rtol=RTOL, atol=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(learner=st.sampled_from(["lda", "softmax"]),
        protocol=st.sampled_from(["closed-set", "open-set"]), tasks=st.integers(4, 7),
@@ -78,6 +148,35 @@ def test_torch_htt_nulls_equal_numpy(learner: str, protocol: str, tasks: int, pe
     np.testing.assert_allclose(runs["torch"].null, runs["numpy"].null, rtol=1e-6, atol=1e-12)
     assert runs["torch"].statistic == pytest.approx(runs["numpy"].statistic, rel=1e-6)
     assert runs["torch"].p_value == runs["numpy"].p_value
+
+
+@settings(max_examples=30, deadline=None)
+@given(route=st.sampled_from(["permanova", "permdisp"]), groups=st.integers(2, 6),
+       per_group=st.integers(1, 12), d=st.sampled_from([1, 5, 80]),
+       separation=st.sampled_from([0.0, 0.5, 3.0]), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_torch_features_routes_equal_numpy(route: str, groups: int, per_group: int, d: int,
+                                           separation: float, scale: float, seed: int) -> None:
+    """PERMANOVA's and PERMDISP's features routes: the statistic, every null value and the
+    p-value on both backends, for any group sizes (singletons included), widths below and above
+    N, groups apart or not, any scale."""
+    rng = np.random.default_rng(seed)
+    codes = np.concatenate([np.full(rng.integers(1, per_group + 1), g) for g in range(groups)])
+    if len(codes) <= groups:
+        codes = np.append(codes, 0)  # N > a: a residual degree of freedom
+    X = scale * (rng.normal(size=(len(codes), d))
+                 + separation * rng.normal(size=(groups, d))[codes])
+    test = permanova_features if route == "permanova" else permdisp_features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # singleton groups warn, alike on both backends
+        runs = {be: test(X, codes, permutations=199, seed=seed % 1000, backend=be)
+                for be in ("numpy", "torch")}
+    want, got = runs["numpy"], runs["torch"]
+    finite = want.null[np.isfinite(want.null)]
+    np.testing.assert_allclose(got.null, want.null, rtol=1e-9,
+                               atol=1e-12 * np.abs(finite).max(initial=1.0))
+    np.testing.assert_allclose(got.statistic, want.statistic, rtol=1e-9)
+    np.testing.assert_equal(got.p_value, want.p_value)
 
 
 def test_torch_embeddings_equal_numpy() -> None:
