@@ -326,6 +326,30 @@ def test_project_cluster_yaml_runs_the_gpu_job(tmp_path: Path) -> None:
     assert bootstrap_node_types(tmp_path / "missing.yaml") is None
 
 
+def test_the_gpu_job_runs_its_tests_on_gpus_and_is_refused_without_them(tmp_path: Path
+                                                                          ) -> None:
+    """jobs/cifar100-gpu.toml asks a GPU share for its pairs and tests tasks, with the backends
+    left to "auto"; a cluster without GPUs refuses it in one line, and refuses the tests' share
+    itself once the zoo asks for none."""
+    text = (ROOT / "jobs" / "cifar100-gpu.toml").read_text().replace("/mnt/shared/stores",
+                                                                     str(tmp_path))
+    job = parse_study(text, base_dir=tmp_path)
+    assert job.resources.gpus_per_test == 0.25
+    assert (job.tests.backend, job.pairs.backend) == ("auto", "auto")
+    cpus = [node(4, head=True), node(16)]
+    with pytest.raises(LaunchError, match="no GPU") as refused:
+        check_cluster(job, cpus)
+    assert "\n" not in str(refused.value)
+    zoo_on_cpus = text.replace('device = "cuda"', 'device = "cpu"').replace(
+        "gpus_per_trial = 0.25", "gpus_per_trial = 0")
+    with pytest.raises(LaunchError, match=r"^resources\.gpus_per_test = 0\.25 but the Ray "
+                       r"cluster has no GPU \(0 of 2 nodes\); the pairs and tests tasks would "
+                       r"wait forever") as refused:
+        check_cluster(parse_study(zoo_on_cpus, base_dir=tmp_path), cpus)
+    assert "\n" not in str(refused.value)
+    check_cluster(job, [*cpus, node(8, gpus=1)])  # one GPU worker: trials and tests fit
+
+
 # ----------------------------------------------------------------------------- the real Ray
 
 
