@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -351,6 +352,58 @@ def test_quickstart_via_cli(tmp_path: Path) -> None:
         assert chain["observed"] >= chain["chance"] + 0.5, (arch, chain)
         assert raw["observed"] < chain["observed"] - 0.3, (arch, raw, chain)
     print(f"quickstart wall time: {wall:.1f} s")
+    _assert_tests_equal(_torch_rerun(tmp_path, lines, env), tmp_path / "store")
+
+
+def _torch_rerun(tmp_path: Path, lines: list[str], env: dict[str, str]) -> Path:
+    """The quickstart's pairs and tests stages again with pairs.backend and tests.backend
+    "torch" (torch's CPU device here), on a copy of its store without their tables."""
+    store, twin = tmp_path / "store", tmp_path / "store-torch"
+    dropped = {store: {"pairs", "neighbors", "tests"},
+               store / "_stages": {"pairs.json", "tests.json"}}
+    shutil.copytree(store, twin, ignore=lambda folder, names: [
+        name for name in names if name in dropped.get(Path(folder), ())])
+    text = "\n".join(f'store = "{twin}"' if line.startswith("store =") else line
+                     for line in lines).replace("[tests]\n", '[tests]\nbackend = "torch"\n')
+    text = text.replace("[pairs]\n", '[pairs]\nbackend = "torch"\n')
+    assert text.count('backend = "torch"') == 2
+    (tmp_path / "quickstart-torch.toml").write_text(text + "\n")
+    proc = subprocess.run([DISTSIM, "launch", str(tmp_path / "quickstart-torch.toml"),
+                           "--stages", "pairs,tests"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return twin
+
+
+def _assert_tests_equal(got_store: Path, want_store: Path) -> None:
+    """Two tests tables equal: every key, count and label alike, every statistic (the nulls
+    and the numbers in extra too) to 1e-6 relative, every p-value exactly (the run's seconds
+    aside)."""
+    keys = ["arch", "method", "layer", "protocol", "factor", "epoch"]
+    got, want = (Store(s).scan("tests").sort(keys).collect() for s in (got_store, want_store))
+    assert got.height == want.height > 0 and got.columns == want.columns
+
+    def close(g: object, w: object, what: str) -> None:
+        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                                   rtol=1e-6, atol=1e-12, err_msg=what)
+
+    for col in set(want.columns) - {"seconds"}:
+        if col == "extra":
+            for g, w in zip(got[col].to_list(), want[col].to_list(), strict=True):
+                g, w = json.loads(g), json.loads(w)
+                assert g.keys() == w.keys()
+                for key, value in w.items():
+                    if isinstance(value, float):
+                        close(g[key], value, f"extra.{key}")
+                    else:
+                        assert g[key] == value, f"extra.{key}"
+        elif want[col].dtype == pl.List(pl.Float64):
+            for g, w in zip(got[col].to_list(), want[col].to_list(), strict=True):
+                close(g, w, col)
+        elif want[col].dtype.is_float() and col != "p_value":
+            close(got[col].to_numpy(), want[col].to_numpy(), col)
+        else:
+            assert got[col].equals(want[col]), col
 
 
 def test_joining_an_address_nobody_serves_fails_fast() -> None:
