@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from distsim.lazy import attach
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 __getattr__, __dir__ = attach(__name__, {"open": "distsim.results", "Results": "distsim.results"})

@@ -6,10 +6,14 @@ work runs, on the Ray worker: torch when torch sees a CUDA device there, numpy o
 backend changes where and how fast, not what: the torch paths give the numpy paths' results to
 rounding (tests/test_backend.py), so it is not part of a study's hash.
 
-What runs on torch so far: the GEMM of the distance tiles (``distance_block``: the pairs
-stage, and PERMANOVA's tile route for a non-Euclidean metric) and HTT's batched fits, lda and
-softmax (distsim.stats.embedding_torch; the basis and the scoring stay numpy). PERMANOVA's and
-PERMDISP's Euclidean routes run numpy whatever the backend.
+What runs on torch: the pairs stage's tiles whole (distances, their sums by group and the
+top-k lists; distsim.stats.tiles_torch) and the distances of PERMANOVA's tile route (a
+non-Euclidean metric); HTT's batched fits, lda and softmax (distsim.stats.embedding_torch;
+the basis and the scoring stay numpy); the permuted group sums of PERMANOVA's and PERMDISP's
+features routes and PERMDISP's centroid distances (distsim.stats.anova_torch). What stays
+numpy whatever the backend: the permutations themselves (numba's shuffle, so both backends
+draw the same ones), the close pairs' float64 recomputation, the features' Euclidean basis,
+PERMDISP's spatial medians and the multi-term PERMANOVA (tests.factors, tests.strata).
 """
 
 from __future__ import annotations
