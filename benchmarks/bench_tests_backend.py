@@ -18,7 +18,7 @@ this CPU), and the largest relative difference between their results:
   (``htt_prepare``, not timed: computed once per test), per protocol and learner, on N
   features of width D in 45 tasks, reported as seconds per 100 permutations (best of
   ``--repeat`` after a warm-up, as the tiles).
-* ``PERMANOVA features``: ``permanova_features`` with ``--perms`` permutations on the same N
+* ``PERMANOVA features``: ``permanova_features`` with B = 199 permutations on the same N
   features' Euclidean basis (computed once per test by the tests stage, not timed here), per
   100 permutations; ``PERMDISP features``: ``permdisp_features`` whole (its centroid
   distances, then a null of B = 999, O(N) each).
@@ -137,7 +137,7 @@ def features_rows(X: np.ndarray, task: np.ndarray, perms: int, repeat: int
     Y = euclidean_basis(X)
     rows = []
     for what, test, data, b in (
-            ("PERMANOVA features, per 100 permutations", permanova_features, Y, perms),
+            ("PERMANOVA features (B = 199), per 100 permutations", permanova_features, Y, 199),
             ("PERMDISP features, whole test (B = 999)", permdisp_features, X, 999)):
         times, nulls = {}, {}
         for be in ("numpy", "torch"):

@@ -132,8 +132,9 @@ def block_tile(X_i: np.ndarray, X_j: np.ndarray | None, groups_i: np.ndarray,
     None for a diagonal tile, whose rows start at the global indices start_i / start_j.
     ``backend`` (distsim.stats.backend): "torch" on a GPU computes the distances, their sums
     and the top-k lists there (distsim.stats.tiles_torch); on torch's CPU device only the
-    distances, the sums and lists being numpy's and numba's (on this project's 2-core VM
-    torch.topk over the lists' keys took 1.7-6 times numba's scan, tiles of 512-2,048 rows)."""
+    distances run on torch, the sums and lists staying numpy's and numba's (on this project's
+    2-core VM torch.topk over the lists' keys took 1.7-6 times numba's scan, tiles of
+    512-2,048 rows)."""
     backend = resolve(backend)
     if backend == "torch":
         from distsim.stats.backend import device
