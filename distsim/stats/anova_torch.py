@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distsim.stats.backend import device
-from distsim.stats.permutational_anova import _shuffled
+from distsim.stats.permutational_anova import _CHUNK, _shuffled
 
 # feature rows moved to the device at a time by centroid_distances: on a CPU, 1,024 rows of
 # D = 2,145 took a quarter of the time of 4,096 (N = 100,000: 0.33 s against 1.22 s; larger
@@ -57,7 +57,7 @@ def permanova_between(Y: np.ndarray, codes: np.ndarray, sizes: np.ndarray) -> Ke
     dev = device()
     n, r = Y.shape
     a = len(sizes)
-    k = max(1, _BATCH // max(n * r, 1))  # labellings per index_add_: k copies of Y's rows
+    k = max(1, min(_CHUNK, _BATCH // max(n * r, 1)))  # labellings per index_add_: Y k times
     Yk = torch.from_numpy(np.ascontiguousarray(Y, dtype=np.float64)).to(dev).repeat(k, 1)
     inverse = torch.from_numpy(1.0 / np.asarray(sizes, np.float64)).to(dev)  # (a,)
     shift = torch.arange(k, device=dev)[:, None] * a  # (k, 1): labelling b's rows from b a
