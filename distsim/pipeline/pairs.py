@@ -37,7 +37,7 @@ from distsim.pipeline.faults import maybe_fail, plan
 from distsim.pipeline.groups import labelled_models, study_groups
 from distsim.pipeline.stage import Outputs, RunContext, Stage
 from distsim.pipeline.units import Units, error_text, run_refs
-from distsim.stats.backend import resolve
+from distsim.stats.backend import device, resolve
 from distsim.store import Store, lineage
 
 
@@ -136,14 +136,10 @@ def block_tile(X_i: np.ndarray, X_j: np.ndarray | None, groups_i: np.ndarray,
     2-core VM torch.topk over the lists' keys took 1.7-6 times numba's scan, tiles of
     512-2,048 rows)."""
     backend = resolve(backend)
-    if backend == "torch":
-        from distsim.stats.backend import device
+    if backend == "torch" and device().type != "cpu":
+        from distsim.stats.tiles_torch import tile_parts
 
-        if device().type != "cpu":
-            from distsim.stats.tiles_torch import tile_parts
-
-            return tile_parts(X_i, X_j, groups_i, groups_j, start_i, start_j, k, metric,
-                              seconds)
+        return tile_parts(X_i, X_j, groups_i, groups_j, start_i, start_j, k, metric, seconds)
     t0 = time.perf_counter()
     D = stats.distance_block(X_i, X_j, metric, backend=backend)
     t1 = time.perf_counter()

@@ -78,11 +78,14 @@ def group_sums(D: Tensor, groups_i: np.ndarray, groups_j: np.ndarray,
     gi = torch.from_numpy(np.asarray(groups_i)).to(dev)
     gj = torch.from_numpy(np.asarray(groups_j)).to(dev)
     same = gi[:, None] == gj[None, :]
-    counted = (torch.ones_like(same).triu_(diagonal=1) if diagonal
-               else torch.ones_like(same))
+    other = ~same
+    if diagonal:
+        upper = torch.ones_like(same).triu_(diagonal=1)
+        same &= upper
+        other &= upper
     d = D.to(torch.float64)
     out: dict[str, Any] = {}
-    for name, mask in (("intra", same & counted), ("inter", ~same & counted)):
+    for name, mask in (("intra", same), ("inter", other)):
         v = d[mask]
         out |= {f"{name}_count": int(v.numel()), f"{name}_sum": float(v.sum()),
                 f"{name}_sumsq": float(v.square().sum())}
@@ -109,12 +112,12 @@ def _lists(D: Tensor, k: int, row_start: int, col_start: int) -> tuple[np.ndarra
 
 
 def topk(D: Tensor, k: int, row_start: int, col_start: int, columns: bool
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The rows' top-k lists of a tile D on the device, and (columns=True) the columns' too:
-    neighbors.block_topk / tile_topk's results, exactly."""
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rows' top-k lists of a tile D on the device, and (columns=True) the columns' too,
+    else (0, k) ones: neighbors.block_topk / tile_topk's results, exactly."""
     ri, rd = _lists(D, k, row_start, col_start)
     if not columns:
-        return ri, rd, None, None
+        return ri, rd, np.empty((0, k), np.int64), np.empty((0, k), np.float32)
     ci, cd = _lists(D.T, k, col_start, row_start)
     return ri, rd, ci, cd
 
@@ -149,7 +152,7 @@ def tile_parts(X_i: np.ndarray, X_j: np.ndarray | None, groups_i: np.ndarray,
     t2 = _now(dev)
     ri, rd, ci, cd = topk(D, k, start_i, start_j, columns=X_j is not None)
     rows = np.arange(start_i, start_i + len(X_i))
-    if ci is not None and cd is not None and X_j is not None:
+    if X_j is not None:
         rows = np.concatenate([rows, np.arange(start_j, start_j + len(X_j))])
         ri, rd = np.concatenate([ri, ci]), np.concatenate([rd, cd])
     if seconds is not None:
